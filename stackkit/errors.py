@@ -1,0 +1,22 @@
+"""Errors a user can act on.
+
+Library code raises :class:`StackkitError` (or a subclass) for every problem caused by the
+input or the environment rather than by a bug. The CLI turns it into one line on stderr and
+exit code 2; anything else is a bug and keeps its traceback.
+"""
+
+
+class StackkitError(Exception):
+    """A known, user-facing error. ``str(exc)`` is a single line that says what is wrong and how to fix it."""
+
+    def __init__(self, message: str):
+        # One line, always: the CLI prints it as is.
+        super().__init__(" ".join(str(message).split()))
+
+
+class ContractError(StackkitError):
+    """An input file does not follow the stackkit contract (columns, dtypes, ids, folds)."""
+
+
+class LeakageError(ContractError):
+    """Inputs whose folds disagree with data/folds.parquet; using them would leak labels."""
