@@ -1,0 +1,69 @@
+"""`demo`: the whole pipeline on synthetic data, in a fresh work directory.
+
+synth -> prepare -> two small CNNs (one with neighbor context) -> features -> fit --tune ->
+submit. Every step is the same library call the individual commands make.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+from .contract import Workdir
+from .errors import StackkitError
+
+DEMO_MARKER = ".stackkit-demo"
+
+
+def _fresh_workdir(wd: Workdir) -> None:
+    root = wd.root
+    if root.exists() and any(root.iterdir()):
+        if not (root / DEMO_MARKER).is_file():
+            raise StackkitError(
+                f"{root}: work directory is not empty and was not made by `demo`; "
+                "pass --workdir to an empty folder (or use --reuse to keep its contents)"
+            )
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / DEMO_MARKER).write_text("made by `python cli.py demo`; the demo may delete this folder\n")
+
+
+def run_demo(wd: Workdir, *, patients: int = 40, trials: int = 8, seed: int = 0, fresh: bool = True,
+             progress: bool = True, epochs: int = 4) -> dict:
+    from base_models.train import train_base
+    from features.api import run_stack_features
+
+    from .fit import run_stack_fit
+    from .prepare import prepare_data
+    from .submit import write_submission
+    from .synth import synthesize
+
+    if fresh:
+        _fresh_workdir(wd)
+    timings: dict[str, float] = {}
+
+    def step(name, func, *args, **kwargs):
+        if progress:
+            print(f"== demo: {name}", flush=True)
+        start = time.perf_counter()
+        result = func(*args, **kwargs)
+        timings[name] = time.perf_counter() - start
+        return result
+
+    dicom_root = wd.root / "dicom"
+    step("synth", synthesize, dicom_root, patients=patients, seed=seed, progress=progress)
+    step("prepare", prepare_data, wd, dicom_dir=dicom_root / "stage_2_train", test_dicom_dir=dicom_root / "stage_2_test",
+         labels_csv=dicom_root / "stage_2_train.csv", n_folds=5, seed=seed, progress=progress)
+    trained = {}
+    for name, context in (("cnn_plain", 0), ("cnn_ctx1", 1)):
+        trained[name] = step(f"base train {name}", train_base, wd, name=name, context=context, epochs=epochs,
+                             seed=seed, progress=progress)
+    step("stack features", run_stack_features, wd, progress=progress)
+    fit_summary = step("stack fit --tune", run_stack_fit, wd, tune=True, trials=trials, seed=seed, progress=progress)
+    submit_summary = step("submit", write_submission, wd)
+
+    lines = [f"{name:>18}: {seconds:7.1f} s" for name, seconds in timings.items()]
+    lines.append(f"{'total':>18}: {sum(timings.values()):7.1f} s")
+    lines.append(f"submission: {submit_summary.get('path', wd.submission)}")
+    lines.append(f"report: {wd.report_html}")
+    return {"table": fit_summary.get("table", ""), "lines": lines, "timings": timings}
