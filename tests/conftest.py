@@ -91,3 +91,40 @@ def snapshot(root: Path) -> dict[str, bytes]:
     """Every file under root with its bytes: to prove a failed command changed nothing."""
     root = Path(root)
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A PostgreSQL URL: $STACKKIT_TEST_POSTGRES_URL (set by .ci/run), else a throwaway cluster.
+
+    Skips when no server can be had, unless $STACKKIT_REQUIRE_POSTGRES is set (CI), where it fails.
+    """
+    import os
+    import subprocess
+
+    url = os.environ.get("STACKKIT_TEST_POSTGRES_URL")
+    started = None
+    if not url:
+        proc = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "pg_throwaway.sh")], capture_output=True, text=True)
+        if proc.returncode == 0:
+            env = dict(
+                part.split("=", 1)
+                for line in proc.stdout.splitlines()
+                for part in line.replace("export ", "").split()
+            )
+            url = env["STACKKIT_TEST_POSTGRES_URL"]
+            started = env
+        elif os.environ.get("STACKKIT_REQUIRE_POSTGRES"):
+            pytest.fail(f"PostgreSQL required but could not be started: {proc.stderr.strip()}")
+        else:
+            pytest.skip(f"no PostgreSQL server available: {proc.stderr.strip()}")
+    yield url
+    if started:
+        owner = started["STACKKIT_PG_OWNER"]
+        cmd = [f"{started['STACKKIT_PG_BIN']}/pg_ctl", "-D", f"{started['STACKKIT_PG_DIR']}/data", "-m", "immediate", "stop"]
+        if owner != os.environ.get("USER", ""):
+            cmd = ["runuser", "-u", owner, "--", *cmd]
+        subprocess.run(cmd, capture_output=True)
