@@ -1,0 +1,124 @@
+"""`stack features`: read the work directory, build the features, write features/ atomically."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from stackkit.contract import CONTRACT_VERSION, Workdir, file_sha256, folds_hash
+from stackkit.errors import StackkitError
+from stackkit.io import atomic_path, write_json
+
+from .build import TEST_KEY_COLUMNS, TRAIN_KEY_COLUMNS, build_features
+
+log = logging.getLogger(__name__)
+
+
+def run_stack_features(workdir: Workdir, *, lags: int = 2, dicom_meta: bool = False, progress: bool = True) -> dict:
+    """Build study-aware features from every model under preds/ and write features/.
+
+    Writes features/train.parquet, features/test.parquet and features/manifest.json; each is
+    replaced atomically and only after all three were written in full (the manifest last).
+    Returns a summary: rows, columns, models, seconds and output paths.
+    """
+    from tqdm.auto import tqdm
+
+    from stackkit.validate import load_core, read_oof, read_test
+
+    started = time.perf_counter()
+    wd = workdir if isinstance(workdir, Workdir) else Workdir(Path(workdir))
+    if isinstance(lags, bool) or not isinstance(lags, (int, np.integer)) or lags < 0:
+        raise StackkitError(f"--lags: expected a non-negative integer, got {lags!r}")
+    metadata, _labels, folds = load_core(wd)
+    models = wd.model_names()
+    if not models:
+        raise StackkitError("no predictions under preds/: run base train or base import")
+
+    oof_by_model, test_by_model = {}, {}
+    for model in tqdm(models, desc="read predictions", unit="model", disable=not progress):
+        oof_by_model[model] = read_oof(wd.oof(model), folds, wd)
+        test_by_model[model] = read_test(wd.test(model), metadata, wd)
+    read_seconds = time.perf_counter() - started
+    log.info("read %d models in %.1fs", len(models), read_seconds)
+
+    train, test, definitions = build_features(
+        metadata, oof_by_model, test_by_model, folds, lags=lags, dicom_meta=dicom_meta, progress=progress
+    )
+    del oof_by_model, test_by_model
+    build_seconds = time.perf_counter() - started - read_seconds
+
+    inputs = [wd.metadata, wd.folds] + [p for m in models for p in (wd.oof(m), wd.test(m))]
+    manifest = {
+        "contract_version": CONTRACT_VERSION,
+        "folds_hash": folds_hash(folds["image_id"].to_numpy(dtype=object), folds["fold"].to_numpy()),
+        "lags": int(lags),
+        "dicom_meta": bool(dicom_meta),
+        "models": models,
+        "key_columns": {"train": list(TRAIN_KEY_COLUMNS), "test": list(TEST_KEY_COLUMNS)},
+        "feature_columns": list(definitions),
+        "columns": definitions,
+        "rows": {"train": len(train), "test": len(test)},
+        "inputs": {_relative(p, wd): file_sha256(p) for p in inputs},
+    }
+    # The manifest is the outermost context: the three temporaries are written first, then
+    # replaced innermost first (train, test, manifest), so a manifest never describes
+    # half-written tables; any failure removes every temporary and keeps the old files.
+    with atomic_path(wd.features_manifest) as manifest_tmp:
+        with atomic_path(wd.features_test) as test_tmp:
+            with atomic_path(wd.features_train) as train_tmp:
+                write_feature_table(train, train_tmp)
+                write_feature_table(test, test_tmp)
+        write_json(manifest, manifest_tmp)
+    seconds = time.perf_counter() - started
+    summary = {
+        "rows_train": len(train),
+        "rows_test": len(test),
+        "columns": len(definitions),
+        "models": ", ".join(models),
+        "lags": int(lags),
+        "seconds": round(seconds, 2),
+        "train": str(wd.features_train),
+        "test": str(wd.features_test),
+        "manifest": str(wd.features_manifest),
+        "lines": [
+            f"stack features: {len(definitions)} feature columns from {len(models)} model(s) ({', '.join(models)}), lags={lags}",
+            f"  train {len(train):,} rows -> {wd.features_train}",
+            f"  test  {len(test):,} rows -> {wd.features_test}",
+            f"  manifest -> {wd.features_manifest}",
+            f"  {seconds:.1f}s (read {read_seconds:.1f}s, build {build_seconds:.1f}s, write {seconds - read_seconds - build_seconds:.1f}s)",
+        ],
+    }
+    return summary
+
+
+def write_feature_table(frame: pd.DataFrame, path: os.PathLike) -> None:
+    """Write a features frame with pyarrow straight from its column arrays (no consolidated copy).
+
+    Float features are not dictionary-encoded (probabilities rarely repeat, and trying costs
+    time); study_id is.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    arrays, names = [], []
+    for name in frame.columns:
+        series = frame[name]
+        if series.dtype == np.float32:
+            arrays.append(pa.array(series.to_numpy(copy=False)))
+        else:
+            arrays.append(pa.array(series))
+        names.append(name)
+    table = pa.Table.from_arrays(arrays, names=names)
+    pq.write_table(table, path, compression="snappy", use_dictionary=["study_id"], row_group_size=1 << 20)
+
+
+def _relative(path: Path, wd: Workdir) -> str:
+    try:
+        return Path(path).relative_to(wd.root).as_posix()
+    except ValueError:
+        return str(path)

@@ -1,0 +1,447 @@
+"""Study-aware level-2 features from base-model predictions: pure functions over arrays.
+
+Every image of the train and test sets is placed once in a global order: train rows first,
+then test rows; inside each split by ``study_id``; inside a study by ``z`` (ties by
+``image_id``). In that order a study is one contiguous segment, so every feature is a whole-
+column numpy expression: shifted arrays masked at segment edges, segment reductions with
+``ufunc.reduceat``, ranks from one sort of (segment, value) keys. Nothing loops over studies or
+images; the loops are over models, labels and lag distances only.
+
+Definitions (also written, per column, into features/manifest.json):
+
+* ``slice__position``: slice_index / (n - 1), 0 at the lowest z and 1 at the highest; a
+  1-slice study gets 0.5 (its only slice is both ends).
+* ``study_rank``: the average 1-based rank of the prediction among the study's slices (ties
+  share the mean of the ranks they span), divided by n; the study maximum gets 1.0.
+* ``study_std`` and the across-model ``std`` are population standard deviations (ddof=0):
+  0 for a 1-slice study or a single model.
+* ``study_top3_mean``: mean of the min(3, n) largest predictions of the study.
+* ``roll<w>_mean``: centered mean over w slices, truncated at study edges (mean of the
+  slices available inside the study).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from stackkit.contract import LABELS
+from stackkit.errors import ContractError, LeakageError, StackkitError
+
+TOP_K = 3
+ROLL_WINDOWS = (3, 5)
+DICOM_META_COLUMNS = ("slice_thickness", "pixel_spacing", "window_center", "window_width")
+TRAIN_KEY_COLUMNS = ("image_id", "study_id", "fold", "slice_index")
+TEST_KEY_COLUMNS = ("image_id", "study_id", "slice_index")
+# Column-name prefixes of the non-model features; a model of that name would be ambiguous.
+SLICE_PREFIX = "slice"
+META_PREFIX = "meta"
+MODELS_PREFIX = "models"
+RESERVED_MODEL_NAMES = (SLICE_PREFIX, META_PREFIX, MODELS_PREFIX)
+
+SLICE_FEATURES = {
+    "position": "relative position in the study along z: slice_index / (n - 1), 0 = lowest z, 1 = highest z; 0.5 for a 1-slice study",
+    "index": "0-based position in the study ordered by z (ties by image_id)",
+    "reverse_index": "0-based position counted from the highest z: n - 1 - slice_index",
+    "count": "number of slices (images) in the study",
+    "z_gap_prev": "z of this slice minus z of the previous slice in z order (NaN for the first slice)",
+    "z_gap_next": "z of the next slice minus z of this slice in z order (NaN for the last slice)",
+    "z_duplicates": "number of slices of the study sharing this slice's z (1 when unique)",
+}
+
+
+def model_feature_names(lags: int) -> list[tuple[str, str]]:
+    """(feature, definition) pairs computed for every model and label, in column order."""
+    out = [("pred", "the model's predicted probability")]
+    out += [(f"lag{k}", f"prediction of the slice {k} below in z order (NaN past the study's first slice)") for k in range(1, lags + 1)]
+    out += [(f"lead{k}", f"prediction of the slice {k} above in z order (NaN past the study's last slice)") for k in range(1, lags + 1)]
+    out += [(f"diff_lag{k}", f"pred - lag{k}") for k in range(1, lags + 1)]
+    out += [(f"diff_lead{k}", f"pred - lead{k}") for k in range(1, lags + 1)]
+    out += [
+        ("study_max", "maximum prediction over the study's slices"),
+        ("study_mean", "mean prediction over the study's slices"),
+        ("study_std", "population standard deviation (ddof=0) of the predictions over the study's slices; 0 for a 1-slice study"),
+        (f"study_top{TOP_K}_mean", f"mean of the min({TOP_K}, n) largest predictions of the study"),
+        ("study_rank", "average 1-based rank of the prediction among the study's slices (ties share the mean of their ranks) divided by n; the maximum gets 1.0"),
+    ]
+    out += [(f"roll{w}_mean", f"centered mean over {w} slices in z order, truncated at the study's edges (mean of the available slices)") for w in ROLL_WINDOWS]
+    return out
+
+
+def feature_columns(models, lags: int, meta_columns=()) -> dict[str, str]:
+    """Ordered {column: definition} for the given models: slice, meta, across-model, per-model blocks.
+
+    Adding or removing a model adds or removes only its own block; every other name keeps its
+    relative order.
+    """
+    columns: dict[str, str] = {f"{SLICE_PREFIX}__{name}": text for name, text in SLICE_FEATURES.items()}
+    for col in meta_columns:
+        columns[f"{META_PREFIX}__{col}"] = f"data/metadata.parquet column '{col}' as a number (NaN where missing or not numeric)"
+    for label in LABELS:
+        columns[f"{MODELS_PREFIX}__{label}__mean"] = f"mean of the '{label}' prediction across models"
+        columns[f"{MODELS_PREFIX}__{label}__std"] = f"population standard deviation (ddof=0) of the '{label}' prediction across models; 0 with one model"
+    per_model = model_feature_names(lags)
+    for model in sorted(models):
+        for label in LABELS:
+            for feature, text in per_model:
+                columns[f"{model}__{label}__{feature}"] = f"{model}, {label}: {text}"
+    return columns
+
+
+# --- global order and study segments -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StudyLayout:
+    """Rows in output order and the study segments over them.
+
+    ``order[i]`` is the metadata row at output position i; train rows occupy ``[0, n_train)``.
+    Per-row arrays (``segment``, ``index``, ``reverse``) are in output order.
+    """
+
+    order: np.ndarray
+    n_train: int
+    starts: np.ndarray
+    counts: np.ndarray
+    segment: np.ndarray
+    index: np.ndarray
+    reverse: np.ndarray
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.order)
+
+
+def study_layout(study_codes: np.ndarray, z: np.ndarray, image_ids, is_test: np.ndarray) -> StudyLayout:
+    """Sort rows by (split, study, z, image_id) and describe the study segments.
+
+    ``study_codes`` must follow the sorted order of the study ids (``pd.factorize(sort=True)``).
+    Ties on z are rare, so only the tied rows are ordered by image_id (sorting every string id
+    would dominate the cost).
+    """
+    n = len(study_codes)
+    order = np.lexsort((z, study_codes, is_test))
+    s_sorted = study_codes[order]
+    z_sorted = z[order]
+    tied = (s_sorted[1:] == s_sorted[:-1]) & (z_sorted[1:] == z_sorted[:-1])
+    if tied.any():
+        in_tie = np.zeros(n, dtype=bool)
+        in_tie[1:] |= tied
+        in_tie[:-1] |= tied
+        tie_pos = np.flatnonzero(in_tie)
+        # a run of equal (study, z) starts where the previous row is not its tie
+        run_start = np.ones(len(tie_pos), dtype=bool)
+        run_start[1:] = ~tied[tie_pos[1:] - 1]
+        run_id = np.cumsum(run_start)
+        id_rank = np.asarray(pd.Index(np.asarray(image_ids, dtype=object)[order[tie_pos]]).argsort())
+        rank_of = np.empty_like(id_rank)
+        rank_of[id_rank] = np.arange(len(id_rank))
+        within = np.lexsort((rank_of, run_id))
+        order[tie_pos] = order[tie_pos][within]
+        s_sorted = study_codes[order]
+    is_start = np.empty(n, dtype=bool)
+    is_start[:1] = True
+    np.not_equal(s_sorted[1:], s_sorted[:-1], out=is_start[1:])
+    starts = np.flatnonzero(is_start)
+    counts = np.diff(np.append(starts, n))
+    segment = np.cumsum(is_start) - 1
+    index = np.arange(n) - starts[segment]
+    reverse = counts[segment] - 1 - index
+    n_train = int(n - np.count_nonzero(is_test))
+    return StudyLayout(order, n_train, starts, counts, segment, index, reverse)
+
+
+# --- feature kernels (arrays in output order) -------------------------------------------------
+
+
+def lag(values: np.ndarray, layout: StudyLayout, k: int, out: np.ndarray) -> np.ndarray:
+    """out[i] = values[i - k] inside the study, NaN before its first slice."""
+    out[:k] = np.nan
+    out[k:] = values[: len(values) - k]
+    out[layout.index < k] = np.nan
+    return out
+
+
+def lead(values: np.ndarray, layout: StudyLayout, k: int, out: np.ndarray) -> np.ndarray:
+    """out[i] = values[i + k] inside the study, NaN after its last slice."""
+    n = len(values)
+    out[n - k :] = np.nan
+    out[: n - k] = values[k:]
+    out[layout.reverse < k] = np.nan
+    return out
+
+
+class SegmentStats:
+    """Per-study reductions of one prediction column, shared by the study_* features."""
+
+    def __init__(self, values: np.ndarray, layout: StudyLayout, segment_key: np.ndarray):
+        starts, counts, seg = layout.starts, layout.counts, layout.segment
+        self.values = values
+        v64 = values.astype(np.float64)
+        self.max = np.maximum.reduceat(values, starts)
+        self.mean = np.add.reduceat(v64, starts) / counts
+        dev = v64 - self.mean[seg]
+        np.multiply(dev, dev, out=dev)
+        self.std = np.sqrt(np.add.reduceat(dev, starts) / counts)
+        # One sort orders every study by value: the segment id in the high 32 bits, the float32
+        # bit pattern (monotonic for non-negative floats) in the low 32 bits.
+        bits = (values + np.float32(0.0)).view(np.uint32)  # + 0 turns -0.0 into +0.0
+        key = segment_key | bits
+        by_value = np.argsort(key)
+        key_sorted = key[by_value]
+        v_sorted = v64[by_value]
+        # sorting keeps segments in place, so layout.reverse < K marks each study's top K
+        top = np.where(layout.reverse < TOP_K, v_sorted, 0.0)
+        self.top_mean = np.add.reduceat(top, starts) / np.minimum(counts, TOP_K)
+        n = len(values)
+        run_start = np.empty(n, dtype=bool)
+        run_start[:1] = True
+        np.not_equal(key_sorted[1:], key_sorted[:-1], out=run_start[1:])
+        first = np.flatnonzero(run_start)
+        last = np.append(first[1:], n) - 1
+        avg_rank = (layout.index[first] + layout.index[last]) / 2.0 + 1.0
+        rank_sorted = avg_rank[np.cumsum(run_start) - 1] / counts[seg]
+        self.rank = np.empty(n, dtype=np.float64)
+        self.rank[by_value] = rank_sorted
+
+
+def rolling_bounds(layout: StudyLayout, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """[lo, hi) of a centered window of ``window`` slices, clipped to the study."""
+    half = window // 2
+    pos = np.arange(layout.n_rows)
+    lo = pos - np.minimum(layout.index, half)
+    hi = pos + np.minimum(layout.reverse, half) + 1
+    return lo, hi
+
+
+# --- validation of the inputs at this boundary ------------------------------------------------
+
+
+def _positions(ids, id_index: pd.Index, inverse: np.ndarray, source: str) -> np.ndarray:
+    rows = id_index.get_indexer(pd.Index(ids))
+    if (rows < 0).any():
+        pos = int(np.argmax(rows < 0))
+        raise ContractError(f"{source}: image_id '{np.asarray(ids)[pos]}' at row {pos + 1} is not in data/metadata.parquet")
+    return inverse[rows]
+
+
+def _check_study_folds(fold_sorted: np.ndarray, layout: StudyLayout, study_sorted_ids: np.ndarray, source: str) -> None:
+    """Every study's train images must share one fold: its features mix its own slices' predictions."""
+    n_train_studies = int(np.searchsorted(layout.starts, layout.n_train))
+    if n_train_studies == 0:
+        return
+    starts = layout.starts[:n_train_studies]
+    lo = np.minimum.reduceat(fold_sorted, starts)
+    hi = np.maximum.reduceat(fold_sorted, starts)
+    bad = lo != hi
+    if bad.any():
+        s = int(np.argmax(bad))
+        raise LeakageError(
+            f"{source}: study '{study_sorted_ids[starts[s]]}' has images in folds {int(lo[s])} and {int(hi[s])}; "
+            "a study must lie in one fold or its neighbor/study features mix fold models (leakage): rebuild data/folds.parquet with `data prepare`"
+        )
+
+
+def _aligned_predictions(frame: pd.DataFrame, positions: np.ndarray, lo: int, hi: int, source: str, what: str) -> np.ndarray:
+    """(hi - lo, 6) float32 predictions placed at their output positions; refuses gaps and strays."""
+    missing_cols = [c for c in ("image_id", *LABELS) if c not in frame.columns]
+    if missing_cols:
+        raise ContractError(f"{source}: missing column(s) {', '.join(missing_cols)}; expected image_id plus the six label columns")
+    outside = (positions < lo) | (positions >= hi)
+    if outside.any():
+        pos = int(np.argmax(outside))
+        raise ContractError(f"{source}: image_id '{frame['image_id'].iloc[pos]}' at row {pos + 1} is not a {what} image")
+    local = positions - lo
+    seen = np.bincount(local, minlength=hi - lo)
+    if (seen != 1).any():
+        raise ContractError(f"{source}: expected every {what} image exactly once; {int((seen == 0).sum())} missing, {int((seen > 1).sum())} repeated")
+    out = np.empty((hi - lo, len(LABELS)), dtype=np.float32)
+    out[local] = frame[list(LABELS)].to_numpy(dtype=np.float32)
+    return out
+
+
+# --- the builder ------------------------------------------------------------------------------
+
+
+def build_features(
+    metadata: pd.DataFrame,
+    oof_by_model: dict[str, pd.DataFrame],
+    test_by_model: dict[str, pd.DataFrame],
+    folds: pd.DataFrame,
+    *,
+    lags: int = 2,
+    dicom_meta: bool = False,
+    progress: bool = True,
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, str]]:
+    """Train features, test features and {feature column: definition}.
+
+    ``metadata``: data/metadata.parquet (image_id, study_id, split, z, optional DICOM columns);
+    ``oof_by_model`` / ``test_by_model``: per model, the contract prediction tables (validated
+    by stackkit.validate); ``folds``: data/folds.parquet. Train rows are the metadata's
+    ``split == 'train'`` images; OOF predictions fill train rows and test predictions fill test
+    rows only. Frames are sorted by (study_id, slice_index); feature columns are float32.
+    """
+    from tqdm.auto import tqdm
+
+    if isinstance(lags, bool) or not isinstance(lags, (int, np.integer)) or lags < 0:
+        raise StackkitError(f"--lags: expected a non-negative integer, got {lags!r}")
+    lags = int(lags)
+    models = sorted(oof_by_model)
+    if not models:
+        raise StackkitError("no predictions under preds/: run base train or base import")
+    if sorted(test_by_model) != models:
+        raise StackkitError(f"models with OOF predictions {models} differ from models with test predictions {sorted(test_by_model)}")
+    for model in models:
+        if model in RESERVED_MODEL_NAMES:
+            raise StackkitError(f"preds/{model}: the model name '{model}' is reserved for feature columns; rename the model folder")
+    n_rows = len(metadata)
+    if n_rows == 0:
+        raise ContractError("data/metadata.parquet: no images")
+
+    steps = tqdm(total=len(models) + 2, desc="stack features", unit="step", disable=not progress, file=sys.stderr)
+
+    # -- global order -------------------------------------------------------------------------
+    image_ids = metadata["image_id"].to_numpy(dtype=object)
+    study_codes, study_names = pd.factorize(metadata["study_id"], sort=True)
+    study_names = np.asarray(study_names, dtype=object)
+    z = metadata["z"].to_numpy(dtype=np.float64)
+    is_test = (metadata["split"] == "test").to_numpy()
+    layout = study_layout(study_codes.astype(np.int64), z, image_ids, is_test)
+    order, n_train = layout.order, layout.n_train
+    inverse = np.empty(n_rows, dtype=np.int64)
+    inverse[order] = np.arange(n_rows)
+    id_index = pd.Index(image_ids)
+    sorted_ids = image_ids[order]
+    study_sorted = study_names[study_codes[order]]
+
+    # -- folds: one per train image, one per study ---------------------------------------------
+    fold_pos = _positions(folds["image_id"], id_index, inverse, "data/folds.parquet")
+    if ((fold_pos >= n_train)).any():
+        pos = int(np.argmax(fold_pos >= n_train))
+        raise ContractError(f"data/folds.parquet: image_id '{folds['image_id'].iloc[pos]}' at row {pos + 1} is a test image; folds cover train images only")
+    fold_sorted = np.full(n_train, -1, dtype=np.int16)
+    fold_sorted[fold_pos] = folds["fold"].to_numpy()
+    if (fold_sorted < 0).any():
+        pos = int(np.argmax(fold_sorted < 0))
+        raise ContractError(f"data/folds.parquet: train image_id '{sorted_ids[pos]}' has no fold; rebuild folds with `data prepare`")
+    _check_study_folds(fold_sorted, layout, study_sorted, "data/folds.parquet")
+
+    # -- columns ------------------------------------------------------------------------------
+    meta_columns = [c for c in DICOM_META_COLUMNS if c in metadata.columns] if dicom_meta else []
+    definitions = feature_columns(models, lags, meta_columns)
+    names = list(definitions)
+    column_of = {name: j for j, name in enumerate(names)}
+    # Fortran order: each feature column is one contiguous float32 array; the train and test
+    # frames are views of its two row blocks, so nothing is copied when the frames are built.
+    matrix = np.empty((n_rows, len(names)), dtype=np.float32, order="F")
+
+    def col(name: str) -> np.ndarray:
+        return matrix[:, column_of[name]]
+
+    index, reverse, counts_row = layout.index, layout.reverse, layout.counts[layout.segment]
+    col("slice__position")[:] = np.where(counts_row > 1, index / np.maximum(counts_row - 1, 1), 0.5)
+    col("slice__index")[:] = index
+    col("slice__reverse_index")[:] = reverse
+    col("slice__count")[:] = counts_row
+    z_sorted = z[order]
+    gap = np.diff(z_sorted)
+    prev_gap, next_gap = col("slice__z_gap_prev"), col("slice__z_gap_next")
+    prev_gap[0], prev_gap[1:] = np.nan, gap
+    prev_gap[index == 0] = np.nan
+    next_gap[-1], next_gap[:-1] = np.nan, gap
+    next_gap[reverse == 0] = np.nan
+    same_z_start = np.ones(n_rows, dtype=bool)
+    same_z_start[1:] = (index[1:] == 0) | (z_sorted[1:] != z_sorted[:-1])
+    run_first = np.flatnonzero(same_z_start)
+    run_len = np.diff(np.append(run_first, n_rows))
+    col("slice__z_duplicates")[:] = np.repeat(run_len, run_len)
+    for meta in meta_columns:
+        col(f"{META_PREFIX}__{meta}")[:] = pd.to_numeric(metadata[meta], errors="coerce").to_numpy(dtype=np.float64)[order]
+    steps.update(1)
+
+    # -- per model ----------------------------------------------------------------------------
+    segment_key = layout.segment.astype(np.uint64) << np.uint64(32)
+    bounds = {w: rolling_bounds(layout, w) for w in ROLL_WINDOWS}
+    across_sum = np.zeros((n_rows, len(LABELS)), dtype=np.float64)
+    across_sq = np.zeros((n_rows, len(LABELS)), dtype=np.float64)
+    for model in models:
+        steps.set_postfix_str(model)
+        oof, test = oof_by_model[model], test_by_model[model]
+        oof_source, test_source = f"preds/{model}/oof.parquet", f"preds/{model}/test.parquet"
+        oof_pos = _positions(oof["image_id"], id_index, inverse, oof_source)
+        test_pos = _positions(test["image_id"], id_index, inverse, test_source)
+        if "fold" in oof.columns:
+            given = oof["fold"].to_numpy()
+            bad = given != fold_sorted[np.clip(oof_pos, 0, n_train - 1)]
+            bad &= oof_pos < n_train
+            if bad.any():
+                pos = int(np.argmax(bad))
+                raise LeakageError(
+                    f"{oof_source}: fold {given[pos]} for image_id '{oof['image_id'].iloc[pos]}' disagrees with data/folds.parquet "
+                    f"(fold {fold_sorted[oof_pos[pos]]}); predictions made on other folds would leak: retrain on data/folds.parquet"
+                )
+        preds = np.empty((n_rows, len(LABELS)), dtype=np.float32)
+        preds[:n_train] = _aligned_predictions(oof, oof_pos, 0, n_train, oof_source, "train (labeled)")
+        preds[n_train:] = _aligned_predictions(test, test_pos, n_train, n_rows, test_source, "test")
+        if not np.isfinite(preds).all():
+            raise ContractError(f"preds/{model}: predictions must be finite probabilities")
+        for j, label in enumerate(LABELS):
+            p = np.ascontiguousarray(preds[:, j])
+            across_sum[:, j] += p
+            across_sq[:, j] += np.square(p, dtype=np.float64)
+            prefix = f"{model}__{label}__"
+            col(prefix + "pred")[:] = p
+            for k in range(1, lags + 1):
+                lagged = lag(p, layout, k, col(f"{prefix}lag{k}"))
+                np.subtract(p, lagged, out=col(f"{prefix}diff_lag{k}"))
+                led = lead(p, layout, k, col(f"{prefix}lead{k}"))
+                np.subtract(p, led, out=col(f"{prefix}diff_lead{k}"))
+            stats = SegmentStats(p, layout, segment_key)
+            seg = layout.segment
+            col(prefix + "study_max")[:] = stats.max[seg]
+            col(prefix + "study_mean")[:] = stats.mean[seg]
+            col(prefix + "study_std")[:] = stats.std[seg]
+            col(prefix + f"study_top{TOP_K}_mean")[:] = stats.top_mean[seg]
+            col(prefix + "study_rank")[:] = stats.rank
+            cumulative = np.zeros(n_rows + 1, dtype=np.float64)
+            np.cumsum(p, dtype=np.float64, out=cumulative[1:])
+            for w, (lo, hi) in bounds.items():
+                col(f"{prefix}roll{w}_mean")[:] = (cumulative[hi] - cumulative[lo]) / (hi - lo)
+        steps.update(1)
+
+    n_models = len(models)
+    for j, label in enumerate(LABELS):
+        mean = across_sum[:, j] / n_models
+        col(f"{MODELS_PREFIX}__{label}__mean")[:] = mean
+        # population variance from the sums; clip the tiny negatives of rounding
+        col(f"{MODELS_PREFIX}__{label}__std")[:] = np.sqrt(np.maximum(across_sq[:, j] / n_models - mean * mean, 0.0))
+    del across_sum, across_sq
+
+    # -- frames (views of the matrix) --------------------------------------------------------------
+    slice_index = index.astype(np.int32)
+    train = _frame(matrix[:n_train], names, {
+        "image_id": sorted_ids[:n_train],
+        "study_id": study_sorted[:n_train],
+        "fold": fold_sorted.astype(np.int8),
+        "slice_index": slice_index[:n_train],
+    })
+    test = _frame(matrix[n_train:], names, {
+        "image_id": sorted_ids[n_train:],
+        "study_id": study_sorted[n_train:],
+        "slice_index": slice_index[n_train:],
+    })
+    steps.update(1)
+    steps.close()
+    return train, test, definitions
+
+
+def _frame(block: np.ndarray, names: list[str], keys: dict[str, np.ndarray]) -> pd.DataFrame:
+    frame = pd.DataFrame(block, columns=names, copy=False)
+    for position, (name, values) in enumerate(keys.items()):
+        if values.dtype == object:
+            values = pd.array(values, dtype="str")
+        frame.insert(position, name, values)
+    return frame
