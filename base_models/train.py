@@ -1,0 +1,577 @@
+"""`base train`: one CNN per fold of data/folds.parquet -> preds/<name>/{oof,test}.parquet, model.json.
+
+Fold ``k``'s model is trained on the other folds' labeled images, predicts its own fold (the
+out-of-fold predictions) and the test set; test predictions are the mean over the fold models.
+Each fold's outcome is kept under ``preds/<name>/_work/`` (state_dict checkpoint with a sha256
+sidecar, small OOF/test parquet files, a JSON record), so ``resume=True`` continues at the first
+unfinished fold. Every fold is seeded from (seed, fold) alone, so a resumed run gives the same
+files as an uninterrupted one (on CPU, bit for bit). The contract files are written only once
+every fold is done.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from stackkit.contract import LABEL_WEIGHTS, LABELS, Workdir, file_sha256, folds_hash
+from stackkit.errors import StackkitError
+from stackkit.io import atomic_path, read_json, read_table, write_json, write_parquet, write_text
+from stackkit.metric import prior_score, weighted_log_loss
+from stackkit.validate import load_core, validate_predictions
+
+from . import DEFAULT_WINDOWS
+from .data import MAX_CONTEXT, SliceDataset, batch_identity, context_offsets, neighbor_table
+from .distributed import DistEnv, barrier, broadcast_object, gather_rows, init_distributed, shard, shutdown
+
+WORK_DIR = "_work"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+WEIGHT_DECAY = 1e-4
+WARMUP_FRACTION = 0.25
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    arch: str
+    context: int
+    epochs: int
+    batch_size: int
+    lr: float
+    img_size: int
+    seed: int
+    tta: bool
+    windows: tuple[tuple[float, float], ...]
+
+    @property
+    def in_channels(self) -> int:
+        return len(context_offsets(self.context)) * len(self.windows)
+
+    def as_dict(self) -> dict:
+        return {
+            "arch": self.arch, "context": self.context, "epochs": self.epochs, "batch_size": self.batch_size,
+            "lr": self.lr, "img_size": self.img_size, "seed": self.seed, "tta": self.tta,
+            "windows": [list(w) for w in self.windows], "in_channels": self.in_channels,
+            "optimizer": "AdamW", "weight_decay": WEIGHT_DECAY, "schedule": "onecycle", "augment": "hflip",
+        }
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+
+def save_checkpoint(state_dict: dict, path: Path) -> Path:
+    """state_dict -> ``path`` atomically, plus ``path.sha256`` (written after, so it vouches for it)."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, tmp)
+    write_text(f"{file_sha256(path)}  {path.name}\n", path.with_name(path.name + ".sha256"))
+    return path
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A state_dict checked against its sha256 sidecar, loaded with ``weights_only=True``."""
+    import torch
+
+    path = Path(path)
+    sidecar = path.with_name(path.name + ".sha256")
+    if not path.is_file() or not sidecar.is_file():
+        raise StackkitError(f"{path}: checkpoint or its .sha256 sidecar is missing; retrain this fold")
+    expected = sidecar.read_text(encoding="utf-8").split()[0] if sidecar.read_text(encoding="utf-8").strip() else ""
+    if file_sha256(path) != expected:
+        raise StackkitError(f"{path}: sha256 does not match {sidecar.name}; the file is corrupt or was replaced: retrain this fold")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# --- validation at the boundary ------------------------------------------------------------------
+
+
+def _check_params(name, arch, context, epochs, batch_size, lr, img_size, windows, workers) -> None:
+    from .archs import ARCHITECTURES
+
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise StackkitError(f"--name {name!r}: use letters, digits, '_', '-' or '.', starting with a letter or digit")
+    if arch not in ARCHITECTURES:
+        raise StackkitError(f"--arch {arch!r}: unknown architecture; choose one of {', '.join(ARCHITECTURES)}")
+    if context not in range(MAX_CONTEXT + 1):
+        raise StackkitError(f"--context {context!r}: expected 0, 1 or 2 (neighbor slices on each side)")
+    checks = (("--epochs", epochs, 1), ("--batch-size", batch_size, 2), ("--img-size", img_size, 16))
+    for option, value, low in checks:
+        if not isinstance(value, (int, np.integer)) or value < low:
+            raise StackkitError(f"{option} {value!r}: expected an integer >= {low}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise StackkitError(f"--lr {lr!r}: expected a positive number")
+    if not isinstance(workers, (int, np.integer)) or workers < 0:
+        raise StackkitError(f"--workers {workers!r}: expected an integer >= 0")
+    if not windows:
+        raise StackkitError("windows: expected at least one (center, width) pair")
+    for window in windows:
+        if not all(math.isfinite(v) for v in window) or window[1] <= 0:
+            raise StackkitError(f"window {window!r}: expected (center, width) in HU with width > 0")
+
+
+def _resolve_device(device: str):
+    import torch
+
+    text = str(device or "auto").strip().lower()
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise StackkitError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise StackkitError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise StackkitError(f"--device {device!r}: CUDA is not available on this machine; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise StackkitError(f"--device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return dev
+
+
+def _resolve_folds(folds, available: list[int]) -> list[int]:
+    if folds is None:
+        return list(available)
+    requested = sorted({int(f) for f in folds})
+    unknown = [f for f in requested if f not in available]
+    if not requested or unknown:
+        raise StackkitError(
+            f"--folds {','.join(map(str, folds)) or '(empty)'}: data/folds.parquet has folds "
+            f"{','.join(map(str, available))}; pick among them"
+        )
+    return requested
+
+
+# --- the training loop ------------------------------------------------------------------------------
+
+
+class _Runner:
+    """Everything one process needs to train and predict folds (one instance per train_base call)."""
+
+    def __init__(self, config: TrainConfig, dev, env: DistEnv, workers: int, progress: bool):
+        import torch
+
+        self.torch = torch
+        self.config = config
+        self.dev = dev
+        self.env = env
+        self.workers = workers
+        self.progress = progress and env.is_main
+        self.cuda = dev.type == "cuda"
+        self.amp_dtype = None
+        if self.cuda:
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    def _loader(self, dataset, sampler, batch_size, generator, drop_last=False):
+        from torch.utils.data import DataLoader
+
+        return DataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, num_workers=self.workers, collate_fn=batch_identity,
+            pin_memory=self.cuda, drop_last=drop_last, generator=generator, worker_init_fn=_seed_worker,
+            persistent_workers=False,
+        )
+
+    def _inputs(self, x):
+        torch = self.torch
+        x = x.to(self.dev, non_blocking=True).float().div_(127.5).sub_(1.0)
+        return x.contiguous(memory_format=torch.channels_last) if self.cuda else x
+
+    def _autocast(self):
+        import contextlib
+
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return self.torch.autocast("cuda", dtype=self.amp_dtype)
+
+    def train_fold(self, fold: int, dataset: SliceDataset, prior: np.ndarray):
+        """Train one model on ``dataset``; returns (model, seconds, images seen, mean last-epoch loss)."""
+        torch = self.torch
+        from torch.utils.data import DistributedSampler, RandomSampler
+        from tqdm.auto import tqdm
+
+        from .archs import create_model
+
+        cfg = self.config
+        fold_seed = cfg.seed * 1009 + fold  # depends on (seed, fold) only: resume-safe
+        torch.manual_seed(fold_seed)
+        generator = torch.Generator().manual_seed(fold_seed)
+        flip_generator = torch.Generator().manual_seed(fold_seed + 1)
+        model = create_model(cfg.arch, cfg.in_channels, len(LABELS))
+        model.init_weights(prior=torch.as_tensor(prior, dtype=torch.float32))
+        model = model.to(self.dev, memory_format=torch.channels_last) if self.cuda else model.to(self.dev)
+        trained = model
+        if self.env.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            trained = DistributedDataParallel(model, device_ids=[self.dev.index] if self.cuda else None)
+            sampler = DistributedSampler(dataset, num_replicas=self.env.world_size, rank=self.env.rank, shuffle=True, seed=fold_seed)
+        else:
+            sampler = RandomSampler(dataset, generator=generator)
+        per_rank = math.ceil(len(dataset) / self.env.world_size)
+        batch_size = min(cfg.batch_size, per_rank)
+        drop_last = per_rank > batch_size  # BatchNorm cannot train on a final batch of one
+        loader = self._loader(dataset, sampler, batch_size, generator, drop_last=drop_last)
+        steps = len(loader)
+        optimizer = torch.optim.AdamW(trained.parameters(), lr=cfg.lr, weight_decay=WEIGHT_DECAY)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=cfg.lr, total_steps=max(1, cfg.epochs * steps), pct_start=WARMUP_FRACTION
+        )
+        scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        weights = torch.as_tensor(LABEL_WEIGHTS, dtype=torch.float32, device=self.dev)
+        images = 0
+        epoch_loss = float("nan")
+        start = time.perf_counter()
+        for epoch in range(cfg.epochs):
+            trained.train()
+            if isinstance(sampler, DistributedSampler):
+                sampler.set_epoch(epoch)
+            total, count = 0.0, 0
+            bar = tqdm(loader, desc=f"fold {fold} epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
+                       disable=not self.progress, file=sys.stderr)
+            for x, y in bar:
+                flip = torch.rand(len(x), generator=flip_generator) < 0.5
+                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+                inputs = self._inputs(x)
+                targets = y.to(self.dev, non_blocking=True)
+                with self._autocast():
+                    logits = trained(inputs)
+                loss = weighted_bce(logits.float(), targets, weights)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                schedule.step()
+                total += float(loss.detach()) * len(x)
+                count += len(x)
+                images += len(x)
+                bar.set_postfix(loss=f"{total / count:.4f}")
+            bar.close()
+            epoch_loss = total / max(count, 1)
+        if self.cuda:
+            torch.cuda.synchronize(self.dev)
+        seconds = time.perf_counter() - start
+        return model, seconds, images * self.env.world_size, epoch_loss
+
+    def predict(self, model, dataset: SliceDataset, desc: str) -> np.ndarray | None:
+        """Sigmoid probabilities (n, 6) float32 for every sample, on rank 0 (None on other ranks)."""
+        torch = self.torch
+        from tqdm.auto import tqdm
+
+        positions = shard(np.arange(len(dataset)), self.env)
+        model.eval()
+        out = np.empty((len(positions), len(LABELS)), dtype=np.float32)
+        loader = self._loader(dataset, positions.tolist(), self.config.batch_size * 2, None)
+        done = 0
+        with torch.inference_mode():
+            for x, _ in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not self.progress, file=sys.stderr):
+                inputs = self._inputs(x)
+                with self._autocast():
+                    prob = torch.sigmoid(model(inputs).float())
+                    if self.config.tta:
+                        prob = 0.5 * (prob + torch.sigmoid(model(inputs.flip(-1)).float()))
+                out[done : done + len(x)] = prob.cpu().numpy()
+                done += len(x)
+        return gather_rows(self.env, positions, out, len(dataset))
+
+
+def weighted_bce(logits, targets, weights):
+    """The competition metric as a loss: per-label BCE-with-logits, weighted (any = 2), normalized."""
+    import torch.nn.functional as F
+
+    per_element = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    return (per_element * weights).sum(dim=1).mean() / weights.sum()
+
+
+def _seed_worker(worker_id: int) -> None:
+    import torch
+
+    # each worker's numpy seed follows torch's per-worker seed (itself from the loader's generator)
+    np.random.seed(torch.initial_seed() % 2**32)
+
+
+# --- work folder -----------------------------------------------------------------------------
+
+
+def _fold_paths(work: Path, fold: int) -> dict[str, Path]:
+    return {
+        "checkpoint": work / f"fold{fold}.pt",
+        "oof": work / f"fold{fold}_oof.parquet",
+        "test": work / f"fold{fold}_test.parquet",
+        "record": work / f"fold{fold}.json",  # written last: its presence means the fold is done
+    }
+
+
+def _fold_done(work: Path, fold: int) -> bool:
+    paths = _fold_paths(work, fold)
+    return all(p.is_file() for p in paths.values()) and paths["checkpoint"].with_name(paths["checkpoint"].name + ".sha256").is_file()
+
+
+def _prepare_work(work: Path, run_key: dict, resume: bool) -> None:
+    """Keep fold results made with the same settings and data; anything else is stale."""
+    config_path = work / "config.json"
+    previous = None
+    if config_path.is_file():
+        try:
+            previous = read_json(config_path)
+        except StackkitError:
+            previous = None
+    if previous != run_key:
+        if resume and previous is not None:
+            changed = sorted(k for k in run_key if previous.get(k) != run_key.get(k))
+            raise StackkitError(
+                f"{config_path}: --resume with different settings or data ({', '.join(changed)} changed); "
+                "rerun with the original options, or without --resume to start over"
+            )
+        if work.exists():
+            shutil.rmtree(work)
+        write_json(run_key, config_path)
+
+
+def _probability_frame(ids, probs: np.ndarray, fold=None) -> pd.DataFrame:
+    frame = pd.DataFrame(np.asarray(probs, dtype=np.float32), columns=list(LABELS))
+    if fold is not None:
+        frame.insert(0, "fold", np.asarray(fold, dtype=np.int8))
+    frame.insert(0, "image_id", np.asarray(ids, dtype=object))
+    return frame
+
+
+# --- the entry point ------------------------------------------------------------------------------
+
+
+def train_base(
+    workdir: Workdir,
+    *,
+    name: str,
+    arch: str = "resnet_tiny",
+    context: int = 0,
+    epochs: int = 4,
+    batch_size: int = 32,
+    lr: float = 2e-3,
+    img_size: int = 64,
+    folds: list[int] | None = None,
+    device: str = "auto",
+    seed: int = 0,
+    resume: bool = False,
+    tta: bool = False,
+    workers: int = 0,
+    windows: list[tuple[float, float]] | None = None,
+    progress: bool = True,
+    decode_workers: int | None = None,
+    on_fold_done=None,
+) -> dict:
+    """Train ``arch`` on every requested fold; write preds/<name>/ when all folds are done.
+
+    Returns a summary: per-fold and overall OOF weighted log loss, prior score, seconds,
+    training images/s, and ``lines`` to print. ``on_fold_done(fold)`` is called after each fold's
+    results are safely on disk (a hook for progress reporting and interruption tests).
+    """
+    wd = Workdir(Path(workdir.root)) if isinstance(workdir, Workdir) else Workdir.resolve(workdir)
+    try:
+        windows = tuple((float(c), float(w)) for c, w in (DEFAULT_WINDOWS if windows is None else windows))
+    except (TypeError, ValueError):
+        raise StackkitError(f"windows {windows!r}: expected a list of (center, width) pairs in HU") from None
+    _check_params(name, arch, context, epochs, batch_size, lr, img_size, windows, workers)
+    config = TrainConfig(arch, int(context), int(epochs), int(batch_size), float(lr), int(img_size), int(seed), bool(tta), windows)
+
+    existing = wd.model_json(name)
+    if existing.is_file():
+        try:
+            source = read_json(existing).get("source")
+        except StackkitError:
+            source = None
+        if source not in (None, "trained"):
+            raise StackkitError(f"{existing}: preds/{name} holds {source} predictions; choose another --name to keep them")
+
+    metadata, labels, fold_frame = load_core(wd)
+    available = sorted(int(f) for f in np.unique(fold_frame["fold"].to_numpy()))
+    requested = _resolve_folds(folds, available)
+    dev = _resolve_device(device)
+
+    import torch
+
+    env = init_distributed(dev.type)
+    previous_deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        if env.enabled and dev.type == "cuda":
+            dev = torch.device("cuda", env.local_rank)
+            torch.cuda.set_device(dev)
+        if dev.type == "cpu":
+            torch.use_deterministic_algorithms(True)
+        else:
+            torch.backends.cudnn.benchmark = True
+        return _train(wd, name, config, metadata, labels, fold_frame, available, requested, dev, env,
+                      resume, workers, progress, decode_workers, on_fold_done)
+    finally:
+        torch.use_deterministic_algorithms(previous_deterministic)
+        shutdown(env)
+
+
+def _say(env: DistEnv, progress: bool, text: str) -> None:
+    if env.is_main and progress:
+        from tqdm.auto import tqdm
+
+        tqdm.write(text, file=sys.stderr)
+
+
+def _train(wd, name, config, metadata, labels, fold_frame, available, requested, dev, env, resume, workers, progress,
+           decode_workers, on_fold_done) -> dict:
+    from .cache import load_or_build_cache
+
+    # the pixel cache: rank 0 decodes, the others wait and map the same file
+    cache = None
+    if env.is_main:
+        cache = load_or_build_cache(wd, metadata, size=config.img_size, windows=config.windows, workers=decode_workers,
+                                    progress=progress)
+    barrier(env)
+    if cache is None:
+        cache = load_or_build_cache(wd, metadata, size=config.img_size, windows=config.windows, build=False, progress=False)
+    lines: list[str] = []
+    if cache.bad:
+        listed = "; ".join(f"{i} ({why})" for i, why in list(cache.bad.items())[:5])
+        more = f" and {len(cache.bad) - 5} more" if len(cache.bad) > 5 else ""
+        message = (f"warning: {len(cache.bad)} slice(s) could not be decoded; they get predictions from a blank "
+                   f"image (still in oof/test): {listed}{more}")
+        lines.append(message)
+        if env.is_main:
+            print(message, file=sys.stderr)
+
+    # samples: rows of metadata -> their context slices' cache rows
+    pixel_rows = cache.rows(metadata["image_id"].to_numpy(dtype=object))[neighbor_table(metadata, config.context)]
+    row_of = pd.Series(np.arange(len(metadata)), index=metadata["image_id"].to_numpy(dtype=object))
+    train = fold_frame.merge(labels, on="image_id", validate="1:1").sort_values("image_id", kind="stable").reset_index(drop=True)
+    test_ids = np.sort(metadata.loc[metadata["split"] == "test", "image_id"].to_numpy(dtype=object))
+    train_rows = pixel_rows[row_of.reindex(train["image_id"]).to_numpy()]
+    test_rows = pixel_rows[row_of.reindex(test_ids).to_numpy()]
+    y = train[list(LABELS)].to_numpy(dtype=np.float32)
+    fold_of = train["fold"].to_numpy()
+    test_set = SliceDataset(cache.pixels, test_rows)
+
+    fhash = folds_hash(fold_frame["image_id"], fold_frame["fold"])
+    work = wd.preds_dir(name) / WORK_DIR
+    run_key = {**config.as_dict(), "folds_hash": fhash, "pixels": cache.path.name if cache.path else None,
+               "n_test": int(len(test_ids))}
+    if env.is_main:
+        _prepare_work(work, run_key, resume)
+    barrier(env)
+    todo = [f for f in requested if not (resume and _fold_done(work, f))]
+    todo = broadcast_object(env, todo)
+    skipped = [f for f in requested if f not in todo]
+    if skipped:
+        _say(env, progress, f"resume: folds {','.join(map(str, skipped))} already done, continuing with "
+                            f"{','.join(map(str, todo)) or 'none'}")
+
+    runner = _Runner(config, dev, env, workers, progress)
+    for fold in todo:
+        held = fold_of == fold
+        prior = y[~held].mean(axis=0)
+        model, seconds, images, last_loss = runner.train_fold(fold, SliceDataset(cache.pixels, train_rows[~held], y[~held]), prior)
+        start = time.perf_counter()
+        oof = runner.predict(model, SliceDataset(cache.pixels, train_rows[held]), f"fold {fold} predict oof")
+        test = runner.predict(model, test_set, f"fold {fold} predict test")
+        predict_seconds = time.perf_counter() - start
+        if env.is_main:
+            score = weighted_log_loss(y[held], oof)
+            paths = _fold_paths(work, fold)
+            save_checkpoint(model.state_dict(), paths["checkpoint"])
+            write_parquet(_probability_frame(train["image_id"].to_numpy()[held], oof, fold_of[held]), paths["oof"])
+            write_parquet(_probability_frame(test_ids, test), paths["test"])
+            record = {
+                "fold": fold, "oof_logloss": score.overall, "oof_per_label": score.per_label,
+                "fold_prior_logloss": prior_score(y[held]).overall, "train_images": int((~held).sum()),
+                "train_seconds": seconds, "train_images_per_second": images / max(seconds, 1e-9),
+                "predict_seconds": predict_seconds, "last_epoch_loss": last_loss,
+            }
+            write_json(record, paths["record"])
+            _say(env, progress, f"fold {fold}: OOF weighted log loss {score.overall:.4f} "
+                                f"(prior {record['fold_prior_logloss']:.4f}), {seconds:.1f} s, "
+                                f"{record['train_images_per_second']:.0f} img/s")
+        barrier(env)
+        if on_fold_done is not None:
+            on_fold_done(fold)
+
+    if not env.is_main:
+        return {"name": name, "rank": env.rank}
+    return _finish(wd, name, config, train, test_ids, fold_frame, available, requested, work, fhash, dev, env, lines, cache)
+
+
+def _finish(wd, name, config, train, test_ids, fold_frame, available, requested, work, fhash, dev, env, lines, cache) -> dict:
+    import torch
+
+    done = [f for f in available if _fold_done(work, f)]
+    records = {f: read_json(_fold_paths(work, f)["record"]) for f in done}
+    for f in requested:
+        r = records[f]
+        lines.append(f"fold {f}: OOF weighted log loss {r['oof_logloss']:.4f} (fold prior {r['fold_prior_logloss']:.4f})")
+    summary = {
+        "name": name, "arch": config.arch, "context": config.context,
+        "folds": {f: records[f]["oof_logloss"] for f in done},
+        "seconds": float(sum(r["train_seconds"] + r["predict_seconds"] for r in records.values())),
+        "images_per_second": float(
+            sum(r["train_images"] for r in records.values()) * config.epochs / max(sum(r["train_seconds"] for r in records.values()), 1e-9)
+        ),
+    }
+    missing = [f for f in available if f not in done]
+    if missing:
+        summary["complete"] = False
+        lines.append(
+            f"partial: folds {','.join(map(str, done))} of {len(available)} done and kept in {work}; "
+            f"preds/{name}/oof.parquet needs every fold: run again with --folds {','.join(map(str, missing))} "
+            "(same options) or --resume"
+        )
+        summary["lines"] = lines
+        return summary
+
+    y = train[list(LABELS)].to_numpy(dtype=np.float64)
+    oof_parts = [read_table(_fold_paths(work, f)["oof"], what="fold OOF file") for f in available]
+    oof = pd.concat(oof_parts, ignore_index=True).sort_values("image_id", kind="stable").reset_index(drop=True)
+    oof = validate_predictions(oof, str(wd.oof(name)), expected_ids=fold_frame["image_id"], what="labeled", folds=fold_frame)
+    test_stack = np.stack([
+        read_table(_fold_paths(work, f)["test"], what="fold test file").set_index("image_id").reindex(test_ids)[list(LABELS)].to_numpy(np.float64)
+        for f in available
+    ])
+    test = validate_predictions(_probability_frame(test_ids, test_stack.mean(axis=0)), str(wd.test(name)),
+                                expected_ids=test_ids, what="test")
+    aligned = oof.set_index("image_id").reindex(train["image_id"])[list(LABELS)].to_numpy(np.float64)
+    score = weighted_log_loss(y, aligned)
+    prior = prior_score(y)
+
+    write_parquet(oof, wd.oof(name))
+    write_parquet(test, wd.test(name))
+    seconds = summary["seconds"]
+    model_info = {
+        "source": "trained",
+        "architecture": config.arch,
+        "parameters": config.as_dict(),
+        "folds_hash": fhash,
+        "folds": available,
+        "oof_logloss": score.overall,
+        "oof_per_label": score.per_label,
+        "oof_logloss_per_fold": {str(f): records[f]["oof_logloss"] for f in available},
+        "prior_logloss": prior.overall,
+        "train_seconds": float(sum(r["train_seconds"] for r in records.values())),
+        "seconds": seconds,
+        "train_images_per_second": summary["images_per_second"],
+        "undecodable_images": dict(cache.bad),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch_version": torch.__version__,
+        "device": str(dev),
+        "world_size": env.world_size,
+        "checkpoints": {str(f): str(_fold_paths(work, f)["checkpoint"].relative_to(wd.root)) for f in available},
+    }
+    write_json(model_info, wd.model_json(name))
+    summary.update(complete=True, oof_logloss=score.overall, prior_logloss=prior.overall, per_label=score.per_label)
+    lines.append(
+        f"{name}: OOF weighted log loss {score.overall:.4f} vs prior {prior.overall:.4f} "
+        f"({score.overall / prior.overall:.2f} x prior); {seconds:.1f} s, {summary['images_per_second']:.0f} train img/s "
+        f"-> {wd.preds_dir(name)}"
+    )
+    summary["lines"] = lines
+    return summary
