@@ -171,7 +171,9 @@ def _dicom_files(folder, option: str) -> list[str]:
         raise StackkitError(f"{folder}: {option} folder does not exist")
     if not folder.is_dir():
         raise StackkitError(f"{folder}: {option} is not a folder")
-    paths = sorted(os.path.abspath(p) for p in folder.glob("*.dcm"))
+    absolute = os.path.abspath(folder)
+    with os.scandir(absolute) as entries:  # scandir: no pathlib objects for 100,000s of files
+        paths = sorted(os.path.join(absolute, e.name) for e in entries if e.name.endswith(".dcm") and e.is_file())
     if not paths:
         raise StackkitError(f"{folder}: {option} folder contains no .dcm files")
     return paths

@@ -1,0 +1,99 @@
+"""Header-scan throughput of `data prepare` on >= 20,000 synthetic RSNA DICOM files.
+
+    python bench/bench_prepare.py [--patients 750] [--repeats 3]
+
+The dataset is generated once into bench/out/ (gitignored) and reused. The page cache is
+warmed with one untimed scan, then each configuration is timed (best of --repeats):
+the fast reader with workers=1 and workers=all cores, a pydicom ``dcmread(stop_before_pixels)``
+baseline on a sample, and the whole ``prepare_data`` (scan + labels + folds + writes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stackkit.contract import Workdir  # noqa: E402
+from stackkit.dicom import scan_headers  # noqa: E402
+from stackkit.prepare import prepare_data  # noqa: E402
+from stackkit.synth import TEST_DIR, TRAIN_CSV, TRAIN_DIR, synthesize  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "out"
+
+
+def dataset(patients: int, size: int) -> Path:
+    root = OUT / f"prepare_p{patients}_s{size}"
+    marker = root / "summary.json"
+    if marker.is_file():
+        return root
+    OUT.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=OUT, prefix=".tmp-"))
+    start = time.perf_counter()
+    summary = synthesize(tmp, patients=patients, size=size, seed=0, progress=True)
+    print(f"synth: {summary['train_images'] + summary['test_images']} files in {time.perf_counter() - start:.1f} s")
+    (tmp / "summary.json").write_text(json.dumps(summary))
+    shutil.rmtree(root, ignore_errors=True)
+    os.replace(tmp, root)
+    return root
+
+
+def best_of(repeats: int, fn) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--patients", type=int, default=750)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    root = dataset(args.patients, args.size)
+    paths = sorted(str(p) for p in root.glob("stage_2_*/*.dcm"))
+    cores = os.cpu_count() or 1
+    print(f"dataset: {root} ({len(paths)} files), {cores} cores")
+
+    scan_headers(paths, workers=cores, progress=False)  # warm the page cache
+    for workers in (1, cores):
+        seconds = best_of(args.repeats, lambda: scan_headers(paths, workers=workers, progress=False))
+        print(f"scan_headers workers={workers}: {len(paths) / seconds:,.0f} files/s ({seconds:.2f} s)")
+
+    import pydicom
+
+    sample = paths[:2000]
+
+    def plain_pydicom():
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Invalid value for VR UI")
+            for path in sample:
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
+                ds.SOPInstanceUID, ds.ImagePositionPatient  # noqa: B018 - force value conversion
+
+    seconds = best_of(1, plain_pydicom)
+    print(f"baseline pydicom.dcmread(stop_before_pixels) workers=1: {len(sample) / seconds:,.0f} files/s")
+
+    with tempfile.TemporaryDirectory(dir=OUT) as work:
+        def whole():
+            prepare_data(Workdir(Path(work)), dicom_dir=root / TRAIN_DIR, test_dicom_dir=root / TEST_DIR,
+                         labels_csv=root / TRAIN_CSV, progress=False)
+
+        seconds = best_of(1, whole)
+        print(f"prepare_data end to end (workers={cores}): {seconds:.2f} s = {len(paths) / seconds:,.0f} files/s")
+
+
+if __name__ == "__main__":
+    main()
