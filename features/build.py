@@ -220,6 +220,24 @@ def rolling_bounds(layout: StudyLayout, window: int) -> tuple[np.ndarray, np.nda
 # --- validation of the inputs at this boundary ------------------------------------------------
 
 
+class _PositionCache:
+    """Output positions of id columns; models written by one tool share the row order, so an
+    id column equal to the previous one reuses its positions (a string compare, not a hash lookup)."""
+
+    def __init__(self, id_index: pd.Index, inverse: np.ndarray):
+        self.id_index, self.inverse = id_index, inverse
+        self.seen: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def __call__(self, ids, source: str) -> np.ndarray:
+        ids = np.asarray(ids, dtype=object)
+        for known_ids, positions in self.seen:
+            if len(known_ids) == len(ids) and (known_ids is ids or np.array_equal(known_ids, ids)):
+                return positions
+        positions = _positions(ids, self.id_index, self.inverse, source)
+        self.seen = [*self.seen[-3:], (ids, positions)]
+        return positions
+
+
 def _positions(ids, id_index: pd.Index, inverse: np.ndarray, source: str) -> np.ndarray:
     rows = id_index.get_indexer(pd.Index(ids))
     if (rows < 0).any():
@@ -318,7 +336,8 @@ def build_features(
     study_sorted = study_names[study_codes[order]]
 
     # -- folds: one per train image, one per study ---------------------------------------------
-    fold_pos = _positions(folds["image_id"], id_index, inverse, "data/folds.parquet")
+    positions_of = _PositionCache(id_index, inverse)
+    fold_pos = positions_of(folds["image_id"], "data/folds.parquet")
     if ((fold_pos >= n_train)).any():
         pos = int(np.argmax(fold_pos >= n_train))
         raise ContractError(f"data/folds.parquet: image_id '{folds['image_id'].iloc[pos]}' at row {pos + 1} is a test image; folds cover train images only")
@@ -371,8 +390,8 @@ def build_features(
         steps.set_postfix_str(model)
         oof, test = oof_by_model[model], test_by_model[model]
         oof_source, test_source = f"preds/{model}/oof.parquet", f"preds/{model}/test.parquet"
-        oof_pos = _positions(oof["image_id"], id_index, inverse, oof_source)
-        test_pos = _positions(test["image_id"], id_index, inverse, test_source)
+        oof_pos = positions_of(oof["image_id"], oof_source)
+        test_pos = positions_of(test["image_id"], test_source)
         if "fold" in oof.columns:
             given = oof["fold"].to_numpy()
             bad = given != fold_sorted[np.clip(oof_pos, 0, n_train - 1)]
