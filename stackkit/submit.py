@@ -1,0 +1,162 @@
+"""`submit`: the blend of stack/blend.json applied to the test predictions -> Kaggle CSV.
+
+Format (RSNA 2019): header ``ID,Label``; six rows per test image, ``ID`` =
+``<image_id>_<label>`` (image ids already start with ``ID_``: ``ID_63eb1e259_epidural``),
+labels in the contract order, ``Label`` a probability. ``.csv.gz`` output is gzip-compressed.
+Everything is checked before anything is written; the file is replaced atomically.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .blend import BlendParams
+from .contract import LABELS, Workdir, file_sha256
+from .errors import ContractError, StackkitError
+from .io import atomic_path, read_json
+
+ID_PATTERN = re.compile(r"^(ID_[0-9A-Za-z]+)_(" + "|".join(LABELS) + r")$")
+FLOAT_FORMAT = "%.7g"
+HEADER = ["ID", "Label"]
+
+
+def load_blend(workdir: Workdir) -> tuple[dict, list[dict], BlendParams]:
+    """blend.json, its sources and the BlendParams; one-line errors for a missing or malformed file."""
+    path = workdir.blend
+    if not path.is_file():
+        raise StackkitError(f"{path}: not found; run `python cli.py stack fit` first")
+    record = read_json(path)
+    try:
+        sources = list(record["sources"])
+        names = [s["name"] for s in sources]
+        for s in sources:
+            str(s["test"])
+        params = BlendParams.from_json(record, names)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ContractError(f"{path}: malformed blend record ({type(exc).__name__}: {exc}); rerun `python cli.py stack fit`") from None
+    if not sources:
+        raise ContractError(f"{path}: lists no sources; rerun `python cli.py stack fit`")
+    return record, sources, params
+
+
+def blended_test_predictions(workdir: Workdir) -> tuple[pd.DataFrame, dict]:
+    """(image_id + six labels) for every test image, blended as recorded in blend.json."""
+    from .validate import read_metadata, read_test
+
+    record, sources, params = load_blend(workdir)
+    metadata = read_metadata(workdir)
+    test_ids = np.sort(metadata.loc[metadata["split"] == "test", "image_id"].to_numpy(dtype=object))
+    if len(test_ids) == 0:
+        raise ContractError(f"{workdir.metadata}: no test images (split == 'test'); nothing to submit")
+    stacked = np.empty((len(sources), len(test_ids), len(LABELS)), dtype=np.float64)
+    for s, source in enumerate(sources):
+        path = workdir.root / source["test"]
+        if not path.is_file():
+            raise StackkitError(f"{workdir.blend}: source '{source['name']}' refers to {path}, which does not exist; rerun `stack fit`")
+        expected = source.get("test_sha256")
+        if expected and file_sha256(path) != expected:
+            raise StackkitError(
+                f"{path}: changed since stack/blend.json was fitted (sha256 differs); rerun `python cli.py stack fit` before submitting"
+            )
+        frame = read_test(path, metadata, workdir)  # every test image exactly once, finite probabilities
+        stacked[s] = frame.set_index("image_id").reindex(test_ids)[list(LABELS)].to_numpy(dtype=np.float64)
+    blended = params.apply(stacked)
+    out = pd.DataFrame(blended, columns=list(LABELS))
+    out.insert(0, "image_id", test_ids)
+    return out, record
+
+
+def to_long(frame: pd.DataFrame) -> pd.DataFrame:
+    """Wide (image_id + six labels) -> Kaggle long ``ID,Label``, six rows per image in LABELS order."""
+    ids = frame["image_id"].to_numpy(dtype=object).astype(str)
+    n = len(ids)
+    id_column = np.char.add(np.char.add(np.repeat(ids, len(LABELS)), "_"), np.tile(np.array(LABELS), n))
+    values = frame[list(LABELS)].to_numpy(dtype=np.float64).reshape(-1)  # row-major: image by image, labels in order
+    return pd.DataFrame({"ID": id_column.astype(object), "Label": values})
+
+
+def _check_wide(frame: pd.DataFrame, source: str) -> None:
+    values = frame[list(LABELS)].to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(values) | (values < 0) | (values > 1)
+    if bad.any():
+        row, col = map(int, np.argwhere(bad)[0])
+        raise ContractError(f"{source}: blended '{LABELS[col]}' is {values[row, col]} for image_id {frame['image_id'].iloc[row]}; expected a probability")
+    ids = frame["image_id"].astype(str)
+    bad_ids = ~ids.str.fullmatch(r"ID_[0-9A-Za-z]+").to_numpy()
+    if bad_ids.any():
+        raise ContractError(
+            f"{source}: image_id '{ids.iloc[int(np.argmax(bad_ids))]}' does not look like an RSNA id (ID_ + letters/digits); "
+            "Kaggle ids are ID_<image>_<label>"
+        )
+
+
+def write_submission(workdir: Workdir, out: str | None = None) -> dict:
+    """Write the Kaggle submission (default ``WORKDIR/submission.csv``; ``.gz`` -> gzip). Atomic; refuses bad input before writing."""
+    target = Path(out) if out else workdir.submission
+    if target.is_dir():
+        raise StackkitError(f"{target}: is a directory; pass --out with a file name such as submission.csv")
+    name = target.name.lower()
+    if not (name.endswith(".csv") or name.endswith(".csv.gz")):
+        raise StackkitError(f"{target}: expected a .csv or .csv.gz file name")
+    wide, record = blended_test_predictions(workdir)
+    _check_wide(wide, str(workdir.blend))
+    long = to_long(wide)
+    compression = {"method": "gzip", "mtime": 0} if name.endswith(".gz") else None  # mtime 0: same bytes for same input
+    with atomic_path(target) as tmp:
+        long.to_csv(tmp, index=False, float_format=FLOAT_FORMAT, compression=compression, lineterminator="\n")
+        # checked before the rename: a file that fails the format never replaces a good one
+        validate_submission(tmp, wide["image_id"], compressed=compression is not None)
+    return {
+        "path": str(target),
+        "images": int(len(wide)),
+        "rows": int(len(long)),
+        "sources": [s["name"] for s in record["sources"]],
+        "lines": [f"submission: {target} ({len(wide)} test images, {len(long)} rows; blend of {', '.join(s['name'] for s in record['sources'])})"],
+    }
+
+
+def validate_submission(path, test_image_ids, *, compressed: bool | None = None) -> None:
+    """Check a file against the Kaggle RSNA 2019 submission format; raise ContractError (one line) if it does not match.
+
+    Header exactly ``ID,Label``; every ``ID`` is ``ID_<image>_<label>`` with a known label; no
+    duplicate ``ID``; each test image has exactly its six rows and no other image appears;
+    ``Label`` is a number in [0, 1]. ``compressed``: gzip or not (default: from the ``.gz`` suffix).
+    """
+    path = Path(path)
+    if compressed is None:
+        compressed = path.name.lower().endswith(".gz")
+    try:
+        frame = pd.read_csv(path, dtype={"ID": str}, keep_default_na=False, na_values=[""], compression="gzip" if compressed else None)
+    except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise ContractError(f"{path}: not a readable CSV ({' '.join(str(exc).split())[:160]})") from None
+    if list(frame.columns) != HEADER:
+        raise ContractError(f"{path}: header is {list(frame.columns)}; expected exactly ID,Label")
+    ids = frame["ID"].astype(str)
+    parts = ids.str.extract(ID_PATTERN)
+    bad = parts[0].isna().to_numpy()
+    if bad.any():
+        pos = int(np.argmax(bad))
+        raise ContractError(f"{path}: ID '{ids.iloc[pos]}' at row {pos + 1} is not ID_<image>_<label> with a label in {', '.join(LABELS)}")
+    dup = ids.duplicated().to_numpy()
+    if dup.any():
+        pos = int(np.argmax(dup))
+        raise ContractError(f"{path}: ID '{ids.iloc[pos]}' at row {pos + 1} appears twice")
+    label = pd.to_numeric(frame["Label"], errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(label) | (label < 0) | (label > 1)
+    if bad.any():
+        pos = int(np.argmax(bad))
+        raise ContractError(f"{path}: Label {frame['Label'].iloc[pos]!r} at row {pos + 1} (ID {ids.iloc[pos]}) is not a probability in [0, 1]")
+    expected = pd.Index(np.asarray(test_image_ids, dtype=object).astype(str))
+    images = pd.Index(parts[0])
+    unknown = ~images.isin(expected)
+    if unknown.any():
+        pos = int(np.argmax(unknown))
+        raise ContractError(f"{path}: ID '{ids.iloc[pos]}' at row {pos + 1} is not a test image")
+    counts = images.value_counts().reindex(expected, fill_value=0)
+    wrong = counts[counts != len(LABELS)]
+    if len(wrong):
+        raise ContractError(f"{path}: test image '{wrong.index[0]}' has {int(wrong.iloc[0])} rows; expected {len(LABELS)} (one per label)")
