@@ -239,7 +239,9 @@ def _parse_pydicom(path: str) -> tuple[dict, int, int, int]:
         raise CorruptDicomError(path, f"not a DICOM Part 10 file ({_short(exc)})") from None
     except (ValueError, TypeError) as exc:
         raise CorruptDicomError(path, f"unreadable tag value ({_short(exc)})") from None
-    except (EOFError, struct.error, KeyError, IndexError, AttributeError, NotImplementedError) as exc:
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure inside pydicom's parser means a damaged file
         raise CorruptDicomError(path, f"unreadable DICOM ({type(exc).__name__}: {_short(exc)})") from None
 
 
@@ -252,14 +254,16 @@ def _short(exc: BaseException) -> str:
 
 def _header_row(path: str) -> tuple:
     try:
-        raw, pixel_offset, pixel_length, size = _parse_fast(path)
         try:
-            values = {keyword: _decode_fast(kind, value) for keyword, (kind, value) in raw.items()}
-        except (ValueError, struct.error) as exc:
-            bad = next((k for k, (kind, v) in raw.items() if not _decodes(kind, v)), "a tag")
-            raise CorruptDicomError(path, f"{bad} is not readable ({_short(exc)})") from None
-    except _UseFallback:
-        values, pixel_offset, pixel_length, size = _parse_pydicom(path)
+            raw, pixel_offset, pixel_length, size = _parse_fast(path)
+        except _UseFallback:
+            values, pixel_offset, pixel_length, size = _parse_pydicom(path)
+        else:
+            try:
+                values = {keyword: _decode_fast(kind, value) for keyword, (kind, value) in raw.items()}
+            except (ValueError, struct.error) as exc:
+                bad = next((k for k, (kind, v) in raw.items() if not _decodes(kind, v)), "a tag")
+                raise CorruptDicomError(path, f"{bad} is not readable ({_short(exc)})") from None
     except OSError as exc:
         raise CorruptDicomError(path, f"cannot read the file ({exc.strerror or exc})") from None
     return _validated_row(path, values, pixel_offset, pixel_length, size)

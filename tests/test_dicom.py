@@ -171,3 +171,30 @@ def test_scan_headers_reads_no_pixel_data(dataset, monkeypatch):
 def test_scan_headers_rejects_bad_workers(dataset):
     with pytest.raises(dicom.StackkitError, match="workers must be >= 1"):
         scan_headers(_paths(dataset), workers=0, progress=False)
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    edits=st.lists(st.tuples(st.integers(128, 900), st.integers(0, 255)), min_size=1, max_size=4),
+    keep=st.one_of(st.none(), st.floats(0.0, 1.0)),
+)
+def test_damaged_bytes_give_a_header_or_corrupt_dicom_error_never_a_crash(dataset, tmp_path, edits, keep):
+    data = bytearray(h.first_train_file(dataset).read_bytes())
+    for position, value in edits:
+        data[position % len(data)] = value
+    if keep is not None:
+        data = data[: int(len(data) * keep)]
+    path = tmp_path / "fuzz.dcm"
+    path.write_bytes(bytes(data))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the garbage it tolerates
+        try:
+            header = read_header(path)
+        except CorruptDicomError as exc:
+            assert str(exc).startswith(str(path)) and "\n" not in str(exc)
+        else:
+            assert set(header) == set(HEADER_COLUMNS) and math.isfinite(header["z"])
