@@ -119,7 +119,7 @@ def _parse_fast(path: str) -> tuple[dict, int, int, int]:
                 base = offset
                 start = 0
                 if len(buf) < length:
-                    raise _UseFallback("element runs past the end of the file")
+                    raise CorruptDicomError(path, f"truncated: the file ends at byte {size}, inside the header")
             return buf[start : start + length]
 
         if len(buf) < 132 or buf[128:132] != b"DICM":
@@ -174,6 +174,9 @@ def _parse_fast(path: str) -> tuple[dict, int, int, int]:
             elif tag > _PIXEL_DATA:
                 break
             pos += length
+        else:
+            if pos != size:
+                raise CorruptDicomError(path, f"truncated: the file ends at byte {size}, inside the header")
         return raw, -1, 0, size
 
 

@@ -109,6 +109,8 @@ CORRUPTIONS = [
     (h.strip_preamble, r"no 'DICM' preamble"),
     (h.truncate, r"pixel data has \d+ bytes, expected 512 .*truncated"),
     (lambda p: h.truncate(p, drop=400), r"pixel data has \d+ bytes, expected 512"),
+    (lambda p: p.write_bytes(p.read_bytes()[:300]), r"truncated: the file ends at byte 300, inside the header"),
+    (lambda p: p.write_bytes(p.read_bytes()[:140]), r"truncated: the file ends at byte 140, inside the header"),
     (h.delete_tag("ImagePositionPatient"), r"required tag ImagePositionPatient \(0020,0032\) is missing"),
     (h.delete_tag("SOPInstanceUID"), r"required tag SOPInstanceUID \(0008,0018\) is missing"),
     (h.delete_tag("StudyInstanceUID"), r"required tag StudyInstanceUID"),
