@@ -11,6 +11,7 @@ baseline on a sample, and the whole ``prepare_data`` (scan + labels + folds + wr
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -25,13 +26,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from stackkit.contract import Workdir  # noqa: E402
 from stackkit.dicom import scan_headers  # noqa: E402
 from stackkit.prepare import prepare_data  # noqa: E402
+from stackkit import synth as synth_module  # noqa: E402
 from stackkit.synth import TEST_DIR, TRAIN_CSV, TRAIN_DIR, synthesize  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 
 
 def dataset(patients: int, size: int) -> Path:
-    root = OUT / f"prepare_p{patients}_s{size}"
+    # keyed by the generator's source too: a changed generator never reuses a stale dataset
+    version = hashlib.sha256(Path(synth_module.__file__).read_bytes()).hexdigest()[:8]
+    root = OUT / f"prepare_p{patients}_s{size}_{version}"
     marker = root / "summary.json"
     if marker.is_file():
         return root

@@ -84,7 +84,7 @@ SUBTYPE_PROBABILITY = {
     "subarachnoid": 0.40,
     "subdural": 0.40,
 }
-STUDY_HEMORRHAGE_PROBABILITY = 0.6
+STUDY_HEMORRHAGE_PROBABILITY = 0.66
 
 
 def _check_arguments(patients, size, slices, test_fraction) -> tuple[int, int]:
