@@ -21,6 +21,10 @@ from .io import read_table, write_parquet
 from .validate import validate_folds, validate_labels, validate_metadata
 
 
+# Warn file by file up to this many skipped files, then once for the rest.
+MAX_LISTED_SKIPS = 20
+
+
 class SkippedDicomWarning(UserWarning):
     """A DICOM file that could not be read was skipped (``--strict`` makes it an error)."""
 
@@ -214,8 +218,14 @@ def prepare_data(
         path, reason = skipped[0]
         more = f" ({len(skipped) - 1} more unreadable file(s))" if len(skipped) > 1 else ""
         raise StackkitError(f"{path}: {reason}{more}; fix or remove it, or run without --strict to skip unreadable files")
-    for path, reason in skipped:
+    for path, reason in skipped[:MAX_LISTED_SKIPS]:
         warnings.warn(f"skipped unreadable DICOM {path}: {reason}", SkippedDicomWarning, stacklevel=2)
+    if len(skipped) > MAX_LISTED_SKIPS:
+        warnings.warn(
+            f"skipped {len(skipped) - MAX_LISTED_SKIPS} more unreadable DICOM file(s); the summary lists them all",
+            SkippedDicomWarning,
+            stacklevel=2,
+        )
 
     train_set = set(train_paths)
     headers.insert(3, "split", np.where(headers["path"].isin(train_set), "train", "test"))
@@ -233,7 +243,7 @@ def prepare_data(
 
     # Labels of skipped files go with them; any other mismatch between labels and images is an error.
     skipped_ids = _ids_of_skipped(skipped, labels)
-    dropped = labels["image_id"].isin(skipped_ids).to_numpy()
+    dropped = _isin(labels["image_id"], list(skipped_ids))
     if dropped.any():
         warnings.warn(
             f"dropped the labels of {int(dropped.sum())} skipped image(s), e.g. {labels['image_id'][dropped].iloc[0]}",
@@ -256,7 +266,7 @@ def prepare_data(
             "test images must not be labeled here"
         )
     train_ids = metadata.loc[metadata["split"] == "train", "image_id"]
-    unlabeled = ~train_ids.isin(labels["image_id"]).to_numpy()
+    unlabeled = ~_isin(train_ids, labels["image_id"])
     if unlabeled.any():
         image = train_ids.iloc[int(np.argmax(unlabeled))]
         path = metadata.loc[metadata["image_id"] == image, "path"].iloc[0]
@@ -291,6 +301,21 @@ def prepare_data(
         "dropped_labels": int(dropped.sum()),
         "skipped": [(path, reason) for path, reason in skipped],
     }
+
+
+def _isin(values, allowed) -> np.ndarray:
+    """Membership of string ids via Arrow's hash join: pandas 3's ``isin`` on Arrow strings
+    turns every allowed value into a pyarrow scalar one by one, seconds for 100,000s of ids."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    def strings(items) -> pa.Array:
+        if isinstance(items, (pd.Series, pd.Index)):
+            items = items.to_numpy(dtype=object)
+        return pa.array(list(items) if isinstance(items, (set, frozenset)) else items, type=pa.large_string(), from_pandas=True)
+
+    found = pc.is_in(strings(values), value_set=strings(allowed))
+    return pc.fill_null(found, False).to_numpy(zero_copy_only=False).astype(bool)
 
 
 def _ids_of_skipped(skipped, labels: pd.DataFrame) -> set[str]:
