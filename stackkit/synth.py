@@ -397,10 +397,9 @@ def synthesize(
                     Columns=size,
                     PixelSpacing=[pixel_spacing, pixel_spacing],
                     BitsAllocated=16,
-                    **{key: val for key, val in pixel_tags.items() if key != "RescaleIntercept"},
+                    **pixel_tags,  # PixelRepresentation, BitsStored, HighBit, RescaleIntercept
                     WindowCenter=[center, center] if multi_window else center,
                     WindowWidth=[width, width] if multi_window else width,
-                    RescaleIntercept=pixel_tags["RescaleIntercept"],
                     RescaleSlope=1,
                 )
                 _write_file(folder / f"{image_id}.dcm", _dicom_bytes(header, pixel_bytes, bool(explicit[k])))
