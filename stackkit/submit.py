@@ -105,11 +105,17 @@ def write_submission(workdir: Workdir, out: str | None = None) -> dict:
     wide, record = blended_test_predictions(workdir)
     _check_wide(wide, str(workdir.blend))
     long = to_long(wide)
-    compression = {"method": "gzip", "mtime": 0} if name.endswith(".gz") else None  # mtime 0: same bytes for same input
+    compressed = name.endswith(".gz")
+    data = long.to_csv(index=False, float_format=FLOAT_FORMAT, lineterminator="\n").encode("ascii")
+    if compressed:
+        import gzip
+
+        # no file name and mtime 0 in the gzip header: the same predictions give the same bytes
+        data = gzip.compress(data, compresslevel=6, mtime=0)
     with atomic_path(target) as tmp:
-        long.to_csv(tmp, index=False, float_format=FLOAT_FORMAT, compression=compression, lineterminator="\n")
+        tmp.write_bytes(data)
         # checked before the rename: a file that fails the format never replaces a good one
-        validate_submission(tmp, wide["image_id"], compressed=compression is not None)
+        validate_submission(tmp, wide["image_id"], compressed=compressed)
     return {
         "path": str(target),
         "images": int(len(wide)),
