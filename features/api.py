@@ -32,7 +32,7 @@ def run_stack_features(workdir: Workdir, *, lags: int = 2, dicom_meta: bool = Fa
 
     from stackkit.validate import load_core, read_oof, read_test
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     wd = workdir if isinstance(workdir, Workdir) else Workdir(Path(workdir))
     if isinstance(lags, bool) or not isinstance(lags, (int, np.integer)) or lags < 0:
         raise StackkitError(f"--lags: expected a non-negative integer, got {lags!r}")
@@ -45,7 +45,7 @@ def run_stack_features(workdir: Workdir, *, lags: int = 2, dicom_meta: bool = Fa
         for model in tqdm(models, desc="read predictions", unit="model", disable=not progress):
             oof_by_model[model] = read_oof(wd.oof(model), folds, wd)
             test_by_model[model] = read_test(wd.test(model), metadata, wd)
-    read_seconds = time.perf_counter() - started
+    read_seconds, read_cpu = time.perf_counter() - started, time.process_time() - cpu_started
     log.info("read %d models in %.1fs", len(models), read_seconds)
 
     train, test, definitions = build_features(
@@ -53,6 +53,7 @@ def run_stack_features(workdir: Workdir, *, lags: int = 2, dicom_meta: bool = Fa
     )
     del oof_by_model, test_by_model
     build_seconds = time.perf_counter() - started - read_seconds
+    build_cpu = time.process_time() - cpu_started - read_cpu
 
     inputs = [wd.metadata, wd.folds] + [p for m in models for p in (wd.oof(m), wd.test(m))]
     manifest = {
@@ -76,7 +77,7 @@ def run_stack_features(workdir: Workdir, *, lags: int = 2, dicom_meta: bool = Fa
                 write_feature_table(train, train_tmp)
                 write_feature_table(test, test_tmp)
         write_json(manifest, manifest_tmp)
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     summary = {
         "rows_train": len(train),
         "rows_test": len(test),
@@ -92,7 +93,8 @@ def run_stack_features(workdir: Workdir, *, lags: int = 2, dicom_meta: bool = Fa
             f"  train {len(train):,} rows -> {wd.features_train}",
             f"  test  {len(test):,} rows -> {wd.features_test}",
             f"  manifest -> {wd.features_manifest}",
-            f"  {seconds:.1f}s (read {read_seconds:.1f}s, build {build_seconds:.1f}s, write {seconds - read_seconds - build_seconds:.1f}s)",
+            f"  {seconds:.1f}s (read {read_seconds:.1f}s, build {build_seconds:.1f}s, write {seconds - read_seconds - build_seconds:.1f}s); "
+            f"CPU {cpu:.1f}s (read {read_cpu:.1f}s, build {build_cpu:.1f}s, write {cpu - read_cpu - build_cpu:.1f}s)",
         ],
     }
     return summary

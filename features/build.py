@@ -145,6 +145,9 @@ def study_layout(study_codes: np.ndarray, z: np.ndarray, image_ids, is_test: np.
     is_start = np.empty(n, dtype=bool)
     is_start[:1] = True
     np.not_equal(s_sorted[1:], s_sorted[:-1], out=is_start[1:])
+    # a study listed in both splits (refused upstream) still never mixes train and test rows
+    test_sorted = is_test[order]
+    is_start[1:] |= test_sorted[1:] != test_sorted[:-1]
     starts = np.flatnonzero(is_start)
     counts = np.diff(np.append(starts, n))
     segment = np.cumsum(is_start) - 1
@@ -371,6 +374,9 @@ def build_features(
     inverse = np.empty(n_rows, dtype=np.int64)
     inverse[order] = np.arange(n_rows)
     id_index = pd.Index(image_ids)
+    if not id_index.is_unique:
+        dup = id_index[id_index.duplicated()][0]
+        raise ContractError(f"data/metadata.parquet: duplicate image_id '{dup}'; each image must appear once")
     sorted_ids = image_ids[order]
     study_sorted = study_names[study_codes[order]]
 
@@ -394,7 +400,7 @@ def build_features(
     column_of = {name: j for j, name in enumerate(names)}
     # Fortran order: each feature column is one contiguous float32 array; the train and test
     # frames are views of its two row blocks, so nothing is copied when the frames are built.
-    matrix = np.empty((n_rows, len(names)), dtype=np.float32, order="F")
+    matrix = _empty_matrix(n_rows, len(names))
 
     def col(name: str) -> np.ndarray:
         return matrix[:, column_of[name]]
@@ -497,6 +503,22 @@ def build_features(
     steps.update(1)
     steps.close()
     return train, test, definitions
+
+
+def _empty_matrix(n_rows: int, n_columns: int) -> np.ndarray:
+    """Uninitialized (n_rows, n_columns) float32 in Fortran order, without transparent huge pages.
+
+    numpy madvises large allocations for huge pages; where the kernel compacts memory on such
+    faults (THP defrag=madvise, common on VMs) the first write to a multi-GB array costs 3x the
+    CPU and stalls for seconds. Small pages are faster for an array written once, column by column.
+    """
+    toggle = getattr(getattr(np, "_core", np.core).multiarray, "_set_madvise_hugepage", None)
+    previous = toggle(False) if toggle is not None else None
+    try:
+        return np.empty((n_rows, n_columns), dtype=np.float32, order="F")
+    finally:
+        if toggle is not None:
+            toggle(previous)
 
 
 def _frame(block: np.ndarray, names: list[str], keys: dict[str, np.ndarray]) -> pd.DataFrame:
