@@ -72,16 +72,26 @@ def _temperature_vector(temperature) -> np.ndarray:
 def apply_blend(preds: np.ndarray, weights, temperature=1.0, clip: float = DEFAULT_CLIP, any_consistency: bool = True) -> np.ndarray:
     """Blend ``preds`` (n_sources, n, 6) probabilities into (n, 6) probabilities (see module docstring)."""
     preds = np.asarray(preds, dtype=np.float64)
-    if preds.ndim != 3 or preds.shape[2] != N_LABELS:
-        raise ValueError(f"preds must have shape (n_sources, n, {N_LABELS}), got {preds.shape}")
-    w = normalize_weights(weights, preds.shape[0])
+    _check_preds(preds)
+    return blend_logits(logit(preds), weights, temperature, clip, any_consistency)
+
+
+def blend_logits(source_logits: np.ndarray, weights, temperature=1.0, clip: float = DEFAULT_CLIP, any_consistency: bool = True) -> np.ndarray:
+    """:func:`apply_blend` on ``logit(preds)`` computed once (weight searches evaluate many blends of the same sources)."""
+    _check_preds(source_logits)
+    w = normalize_weights(weights, source_logits.shape[0])
     if not 0.0 <= clip < 0.5:
         raise ValueError(f"clip must be in [0, 0.5), got {clip}")
-    z = np.einsum("snl,sl->nl", logit(preds), w)
+    z = np.einsum("snl,sl->nl", source_logits, w)
     blended = sigmoid(z / _temperature_vector(temperature))
     if any_consistency:
         enforce_any_consistency(blended, out=blended)
-    return np.clip(blended, clip, 1.0 - clip)
+    return np.clip(blended, clip, 1.0 - clip, out=blended)
+
+
+def _check_preds(preds: np.ndarray) -> None:
+    if preds.ndim != 3 or preds.shape[2] != N_LABELS:
+        raise ValueError(f"preds must have shape (n_sources, n, {N_LABELS}), got {preds.shape}")
 
 
 def enforce_any_consistency(p: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -112,8 +122,14 @@ class BlendParams:
     def apply(self, preds: np.ndarray) -> np.ndarray:
         return apply_blend(preds, self.weights, self.temperature, self.clip, self.any_consistency)
 
+    def apply_logits(self, source_logits: np.ndarray) -> np.ndarray:
+        return blend_logits(source_logits, self.weights, self.temperature, self.clip, self.any_consistency)
+
     def score(self, preds: np.ndarray, y: np.ndarray):
         return weighted_log_loss(y, self.apply(preds))
+
+    def score_logits(self, source_logits: np.ndarray, y: np.ndarray):
+        return weighted_log_loss(y, self.apply_logits(source_logits))
 
     def to_json(self, source_names: list[str]) -> dict:
         return {
@@ -177,16 +193,16 @@ def _fit_label_group(logits: np.ndarray, y: np.ndarray, label_weights: np.ndarra
 
 
 def fit_blend(preds: np.ndarray, y: np.ndarray, *, per_label: bool = True, any_consistency: bool = True,
-              clip_grid=CLIP_GRID) -> BlendParams:
+              clip_grid=CLIP_GRID, source_logits: np.ndarray | None = None) -> BlendParams:
     """Weights and temperatures by L-BFGS (per label or shared over labels), then the clip by grid search.
 
     Deterministic: no random start. The post-steps (any-consistency, clip) are not in the smooth
-    objective; the clip is chosen afterwards on the full blend pipeline.
+    objective; the clip is chosen afterwards on the full blend pipeline. ``source_logits``:
+    ``logit(preds)`` when the caller has it already.
     """
-    preds = np.asarray(preds, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
-    x = logit(preds)
-    n_sources = preds.shape[0]
+    x = logit(preds) if source_logits is None else source_logits
+    n_sources = x.shape[0]
     weights = np.empty((n_sources, N_LABELS))
     temperature = np.empty(N_LABELS)
     if per_label:
@@ -200,7 +216,7 @@ def fit_blend(preds: np.ndarray, y: np.ndarray, *, per_label: bool = True, any_c
     best = None
     for clip in clip_grid:
         params = BlendParams(weights, temperature, clip, any_consistency)
-        score = params.score(preds, y).overall
+        score = params.score_logits(x, y).overall
         if best is None or score < best[0] - 1e-12:
             best = (score, params)
     return best[1]

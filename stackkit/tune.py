@@ -31,6 +31,7 @@ from .blend import (
     TEMPERATURE_BOUNDS,
     BlendParams,
     fit_blend,
+    logit,
 )
 from .errors import StackkitError
 
@@ -231,9 +232,10 @@ def search_blend(preds: np.ndarray, y: np.ndarray, source_names: list[str], *, p
     """
     import optuna
 
-    fitted = fit_blend(preds, y, per_label=per_label, any_consistency=any_consistency)
+    source_logits = logit(preds)  # once: every trial below blends the same sources
+    fitted = fit_blend(preds, y, per_label=per_label, any_consistency=any_consistency, source_logits=source_logits)
     equal = BlendParams.equal(len(source_names), any_consistency=any_consistency)
-    candidates = [(fitted.score(preds, y).overall, fitted), (equal.score(preds, y).overall, equal)]
+    candidates = [(fitted.score_logits(source_logits, y).overall, fitted), (equal.score_logits(source_logits, y).overall, equal)]
     if trials <= 0:
         return min(candidates, key=lambda c: c[0])[1], None
     inputs_key = digest(source_names, per_label, any_consistency, preds.astype(np.float32), y.astype(np.int8))
@@ -241,7 +243,7 @@ def search_blend(preds: np.ndarray, y: np.ndarray, source_names: list[str], *, p
     def objective(trial):
         trial.set_user_attr("inputs_key", inputs_key)
         params = suggest_blend(trial, source_names, per_label=per_label, any_consistency=any_consistency)
-        return params.score(preds, y).overall
+        return params.score_logits(source_logits, y).overall
 
     with optuna_logging(verbose):
         if storage is None:
