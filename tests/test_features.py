@@ -208,22 +208,32 @@ def _oof_fold_disagrees(metadata, folds, preds):
     oof, test = preds["cnn_a"]
     oof = oof.copy()
     oof.loc[0, "fold"] = (oof.loc[0, "fold"] + 1) % 3
-    return {**preds, "cnn_a": (oof, test)}
+    return metadata, folds, {**preds, "cnn_a": (oof, test)}
 
 
 def _oof_missing_image(metadata, folds, preds):
     oof, test = preds["cnn_b"]
-    return {**preds, "cnn_b": (oof.iloc[1:], test)}
+    return metadata, folds, {**preds, "cnn_b": (oof.iloc[1:], test)}
 
 
 def _test_pred_on_train_image(metadata, folds, preds):
     oof, test = preds["cnn_b"]
     stray = oof.iloc[:1].drop(columns="fold")
-    return {**preds, "cnn_b": (oof, pd.concat([test, stray], ignore_index=True))}
+    return metadata, folds, {**preds, "cnn_b": (oof, pd.concat([test, stray], ignore_index=True))}
 
 
 def _reserved_model_name(metadata, folds, preds):
-    return {**preds, "slice": preds["cnn_a"]}
+    return metadata, folds, {**preds, "slice": preds["cnn_a"]}
+
+
+def _duplicate_metadata_image(metadata, folds, preds):
+    return pd.concat([metadata, metadata.iloc[[5]]], ignore_index=True), folds, preds
+
+
+def _fold_for_a_test_image(metadata, folds, preds):
+    test_id = metadata.loc[metadata["split"] == "test", "image_id"].iloc[0]
+    extra = pd.DataFrame({"image_id": [test_id], "fold": np.array([0], dtype=np.int8)})
+    return metadata, pd.concat([folds, extra], ignore_index=True), preds
 
 
 @pytest.mark.parametrize(
@@ -233,12 +243,14 @@ def _reserved_model_name(metadata, folds, preds):
         (_oof_missing_image, ContractError, r"preds/cnn_b/oof.parquet: expected every train \(labeled\) image exactly once; 1 missing"),
         (_test_pred_on_train_image, ContractError, r"preds/cnn_b/test.parquet: image_id 'ID_\w+' at row \d+ is not a test image"),
         (_reserved_model_name, StackkitError, r"preds/slice: the model name 'slice' is reserved"),
+        (_duplicate_metadata_image, ContractError, r"data/metadata.parquet: duplicate image_id 'ID_\w+'"),
+        (_fold_for_a_test_image, ContractError, r"data/folds.parquet: image_id 'ID_\w+' at row \d+ is a test image"),
     ],
 )
 def test_bad_predictions_are_refused_in_one_line(breaker, error, match):
     metadata, _labels, folds, preds = make_data(8)
     with pytest.raises(error, match=match) as info:
-        build(metadata, folds, breaker(metadata, folds, preds))
+        build(*breaker(metadata, folds, preds))
     assert "\n" not in str(info.value)
 
 
