@@ -100,7 +100,7 @@ def child(workdir: str, lags: int) -> None:
     summary = run_stack_features(Workdir(Path(workdir)), lags=lags, dicom_meta=True, progress=False)
     wall = time.perf_counter() - started
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    print(json.dumps({"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "peak_kb": usage.ru_maxrss, "lines": summary["lines"], "columns": summary["columns"]}))
+    print(json.dumps({"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "peak_kb": usage.ru_maxrss, "lines": summary["lines"], "columns": summary["columns"], "timing": summary["timing"]}))
 
 
 # --- the pandas way ---------------------------------------------------------------------------
@@ -194,8 +194,7 @@ def main() -> None:
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         child_peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         rows = pd.read_parquet(wd.metadata, columns=["image_id"]).shape[0]
-        build_line = [line for line in result["lines"] if "build" in line][0]
-        build_seconds = float(build_line.split("build ")[1].split("s")[0])
+        build_seconds, build_cpu = result["timing"]["build_seconds"], result["timing"]["build_cpu"]
         print("\n".join(result["lines"]))
         peak_gib = max(result["peak_kb"], child_peak_kb) / 2**20
         print(f"run_stack_features: {result['wall']:.1f}s wall ({result['cpu']:.1f}s CPU) for {rows:,} rows x {result['columns']} features, "
@@ -205,7 +204,8 @@ def main() -> None:
         scale = rows / sample_rows
         print(f"pandas groupby baseline: {pandas_wall:.1f}s wall ({pandas_cpu:.1f}s CPU) on {sample_rows:,} rows ({args.sample:.0%} of studies) "
               f"-> {pandas_wall * scale:.0f}s extrapolated, {sample_rows / pandas_wall:,.0f} rows/s (feature computation only, no I/O)")
-        print(f"speedup, feature computation: {pandas_wall * scale / build_seconds:.1f}x wall (build {build_seconds:.1f}s vs pandas {pandas_wall * scale:.0f}s)")
+        print(f"speedup, feature computation: {pandas_wall * scale / build_seconds:.1f}x wall (build {build_seconds:.1f}s vs pandas {pandas_wall * scale:.0f}s), "
+              f"{pandas_cpu * scale / build_cpu:.1f}x CPU (build {build_cpu:.1f}s vs pandas {pandas_cpu * scale:.0f}s)")
         print(f"speedup, whole step incl. reading/validation and Parquet write: {pandas_wall * scale / result['wall']:.1f}x wall, "
               f"{pandas_cpu * scale / result['cpu']:.1f}x CPU")
         load = os.getloadavg()[0]

@@ -85,6 +85,10 @@ def run_stack_features(workdir: Workdir, *, lags: int = 2, dicom_meta: bool = Fa
         "models": ", ".join(models),
         "lags": int(lags),
         "seconds": round(seconds, 2),
+        "timing": {
+            "read_seconds": read_seconds, "build_seconds": build_seconds, "write_seconds": seconds - read_seconds - build_seconds,
+            "read_cpu": read_cpu, "build_cpu": build_cpu, "write_cpu": cpu - read_cpu - build_cpu,
+        },
         "train": str(wd.features_train),
         "test": str(wd.features_test),
         "manifest": str(wd.features_manifest),
