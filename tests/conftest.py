@@ -128,3 +128,44 @@ def postgres_url():
         if owner != os.environ.get("USER", ""):
             cmd = ["runuser", "-u", owner, "--", *cmd]
         subprocess.run(cmd, capture_output=True)
+
+
+CLI = [__import__("sys").executable, str(REPO_ROOT / "cli.py")]
+
+
+def run_cli(*args, check=True):
+    """Run cli.py in a real process, as a user would."""
+    import subprocess
+
+    proc = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def pipeline_workdir(tmp_path_factory):
+    """A complete work directory: synth -> prepare -> two imported models -> features -> fit -> submit."""
+    root = tmp_path_factory.mktemp("pipeline")
+    dicom = root / "dicom"
+    wd = Workdir(root / "work")
+    run_cli("data", "synth", "--out", dicom, "--patients", 14, "--size", 32, "--seed", 3, "--quiet")
+    run_cli("data", "prepare", "--workdir", wd.root, "--dicom-dir", dicom / "stage_2_train", "--test-dicom-dir", dicom / "stage_2_test",
+            "--labels", dicom / "stage_2_train.csv", "--folds", 3, "--quiet")
+    from stackkit.validate import load_core
+
+    metadata, labels, folds = load_core(wd)
+    test_ids = metadata.loc[metadata["split"] == "test", "image_id"]
+    for seed, name in ((1, "m1"), (2, "m2")):
+        write_parquet(noisy_predictions(labels, folds["image_id"], seed=seed), root / f"{name}_oof.parquet")
+        write_parquet(noisy_predictions(labels, test_ids, seed=seed + 10), root / f"{name}_test.parquet")
+        run_cli("base", "import", name, "--workdir", wd.root, "--oof", root / f"{name}_oof.parquet", "--test", root / f"{name}_test.parquet")
+    # a third prediction set, so that a re-import really changes the files
+    write_parquet(noisy_predictions(labels, folds["image_id"], seed=7), root / "m1b_oof.parquet")
+    write_parquet(noisy_predictions(labels, test_ids, seed=17), root / "m1b_test.parquet")
+    run_cli("stack", "features", "--workdir", wd.root, "--quiet")
+    run_cli("stack", "fit", "--workdir", wd.root, "--stackers", "lgbm", "--quiet")
+    run_cli("submit", "--workdir", wd.root)
+    return root, wd
+
+
