@@ -117,14 +117,12 @@ def _rdb(url: str, scheme: str, heartbeat_interval: int | None, *, shown: str):
         kwargs = dict(
             heartbeat_interval=interval,
             grace_period=2 * interval,
-            heartbeat_stale_trial_callback=None,
             engine_kwargs={"pool_pre_ping": True},
         )
     elif heartbeat_interval:
         kwargs = dict(heartbeat_interval=heartbeat_interval, grace_period=2 * heartbeat_interval)
     if kwargs.get("heartbeat_interval"):
-        with _quiet_experimental():
-            kwargs["heartbeat_stale_trial_callback"] = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=DEFAULT_MAX_RETRY)
+        kwargs.update(_retry_callback_kwarg(optuna))
     if scheme.startswith("sqlite"):
         db_path = url.split(":///", 1)[1] if ":///" in url else ""
         if db_path and db_path != ":memory:":
@@ -145,6 +143,18 @@ def _rdb(url: str, scheme: str, heartbeat_interval: int | None, *, shown: str):
         raise StackkitError(f"storage '{shown}': database error ({_first_line(exc, url)})") from None
     except (ImportError, ModuleNotFoundError) as exc:
         raise StackkitError(f"storage '{shown}': the database driver is not installed ({exc}); install it or use another URL") from None
+
+
+def _retry_callback_kwarg(optuna) -> dict:
+    """The retry-on-stale-heartbeat callback under its Optuna >= 4.9 name, else the older one."""
+    import inspect
+
+    storages = optuna.storages
+    with _quiet_experimental(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        if "heartbeat_stale_trial_callback" in inspect.signature(storages.RDBStorage.__init__).parameters:
+            return {"heartbeat_stale_trial_callback": storages.RetryHeartbeatStaleTrialCallback(max_retry=DEFAULT_MAX_RETRY)}
+        return {"failed_trial_callback": storages.RetryFailedTrialCallback(max_retry=DEFAULT_MAX_RETRY)}
 
 
 def _first_line(exc: Exception, url: str) -> str:
