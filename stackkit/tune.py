@@ -4,9 +4,9 @@ Studies are opened with ``load_if_exists=True``: a rerun with the same study nam
 or a second worker started beside the first (same journal file, or the same database from
 another machine), adds its trials to the same study. Each call runs ``trials`` more trials
 (or until ``timeout``). TPE is seeded for reproducibility and uses ``constant_liar`` so
-concurrent workers do not all sample around the same point (two workers started together with
-one seed still draw the same random start-up trials; give them different ``--seed`` values to
-avoid that).
+concurrent workers do not all sample around the same point (see :func:`open_study` for how the
+sampler is seeded; workers started at the same instant with one seed may still draw the same
+random start-up trials: give them different ``--seed`` values to avoid that).
 
 Every trial records an ``inputs_key`` (a digest of what it was fitted on). The best trial is
 picked only among trials with the current key, so a study continued after the features or
@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Callable
@@ -53,13 +54,23 @@ def optuna_logging(verbose: bool = False):
 
 
 def open_study(study_name: str, storage, *, seed: int = 0):
-    """Create or continue ``study_name`` in ``storage`` (minimizing)."""
+    """Create or continue ``study_name`` in ``storage`` (minimizing), with a TPE sampler seeded for this call.
+
+    The sampler seed mixes ``seed`` with the number of trials already in the study, so a rerun
+    does not redraw the first run's random start-up points yet stays reproducible; when another
+    worker has a trial running, the process id is mixed in too (concurrent work is not
+    reproducible anyway, and identical draws would be wasted trials).
+    """
     import optuna
 
-    sampler = optuna.samplers.TPESampler(seed=seed, constant_liar=True)
     try:
         with _storage_errors(study_name):
-            return optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, direction="minimize", load_if_exists=True)
+            study = optuna.create_study(study_name=study_name, storage=storage, direction="minimize", load_if_exists=True)
+            existing = study.get_trials(deepcopy=False)
+            others_running = any(t.state == optuna.trial.TrialState.RUNNING for t in existing)
+            sampler_seed = int(digest(int(seed), len(existing), os.getpid() if others_running else 0)[:8], 16)
+            study.sampler = optuna.samplers.TPESampler(seed=sampler_seed, constant_liar=True)
+            return study
     except ValueError as exc:  # e.g. an existing study of that name that maximizes
         raise StackkitError(f"study '{study_name}': cannot be continued ({exc}); pass another --study-name") from None
 
