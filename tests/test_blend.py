@@ -254,3 +254,27 @@ def test_two_tune_processes_share_the_default_journal(tmp_path):
     assert not [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.FAIL]
     record = json.loads(wd.blend.read_text())
     assert record["optuna"]["studies"]["blend"]["name"] == "shared-blend"
+
+
+def test_blend_output_properties_hold_for_any_parameters():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    from hypothesis.extra.numpy import arrays
+
+    probabilities = arrays(np.float64, (3, 5, 6), elements=st.floats(0.0, 1.0))
+    weights = arrays(np.float64, (3, 6), elements=st.floats(0.0, 10.0))
+    temperatures = arrays(np.float64, (6,), elements=st.floats(0.1, 10.0))
+
+    @settings(max_examples=60, deadline=None)
+    @given(probabilities, weights, temperatures, st.floats(0.0, 0.1), st.booleans())
+    def check(preds, w, t, clip, consistent):
+        out = apply_blend(preds, w, t, clip, consistent)
+        assert out.shape == (5, 6) and np.isfinite(out).all()
+        assert (out >= clip).all() and (out <= 1 - clip).all()
+        if consistent:
+            assert (out[:, ANY] >= out[:, [i for i in range(6) if i != ANY]].max(axis=1)).all()
+        # the blend is monotone in each source: raising every input never lowers the output
+        raised = apply_blend(np.minimum(preds + 0.05, 1.0), w, t, clip, consistent)
+        assert (raised >= out - 1e-12).all()
+
+    check()
