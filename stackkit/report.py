@@ -2,8 +2,8 @@
 
 ``render_table`` prints one row per base model, stacker and blend (in-sample and
 cross-validated), the overall weighted log loss and each label's log loss. The HTML report
-embeds its PNG plots as base64 (one self-contained file); matplotlib is imported only here,
-with the Agg backend, and only when the report is written.
+embeds its PNG plots as base64 (one self-contained file); matplotlib is imported only when the
+report is written, and draws on the Agg canvas directly (no pyplot, no global backend switch).
 """
 
 from __future__ import annotations
@@ -65,28 +65,25 @@ def render_table(rows) -> str:
 # --- plots ------------------------------------------------------------------------------------------
 
 
-def _figure_png(fig) -> str:
-    import matplotlib.pyplot as plt
+def _figure(figsize):
+    """A figure on the Agg canvas, without pyplot: no global backend switch, nothing to close."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots()
+
+
+def _figure_png(fig) -> str:
     buffer = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buffer, format="png", dpi=90)
-    plt.close(fig)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_label_losses(rows: list[ScoreRow]) -> str:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(10, 4))
+    fig, ax = _figure((10, 4))
     width = 0.8 / max(1, len(rows))
     x = np.arange(len(LABELS) + 1)
     for i, r in enumerate(rows):
@@ -112,9 +109,8 @@ def importance_by_feature(importance) -> pd.Series:
 
 
 def plot_importance(name: str, importance) -> str:
-    plt = _plt()
     top = importance_by_feature(importance).head(TOP_FEATURES)[::-1]
-    fig, ax = plt.subplots(figsize=(8, max(2.5, 0.28 * len(top) + 1)))
+    fig, ax = _figure((8, max(2.5, 0.28 * len(top) + 1)))
     ax.barh([str(i) for i in top.index], top.to_numpy())
     ax.set_title(f"{name}: top {len(top)} features (gain, all labels)")
     ax.tick_params(axis="y", labelsize=7)
@@ -122,9 +118,8 @@ def plot_importance(name: str, importance) -> str:
 
 
 def plot_history(study_name: str, history: list) -> str:
-    plt = _plt()
     values = np.array([np.nan if v is None else v for v in history], dtype=np.float64)
-    fig, ax = plt.subplots(figsize=(7, 3))
+    fig, ax = _figure((7, 3))
     trials = np.arange(len(values))
     ax.plot(trials, values, "o", ms=3, label="trial")
     best = np.fmin.accumulate(np.where(np.isnan(values), np.inf, values))
@@ -138,9 +133,8 @@ def plot_history(study_name: str, history: list) -> str:
 
 def plot_weights(weights: dict) -> str:
     """``weights``: {label: {source: weight}} as in blend.json; one stacked bar per label."""
-    plt = _plt()
     sources = list(next(iter(weights.values())).keys())
-    fig, ax = plt.subplots(figsize=(8, 3.5))
+    fig, ax = _figure((8, 3.5))
     bottom = np.zeros(len(LABELS))
     for source in sources:
         values = np.array([weights[l][source] for l in LABELS])
