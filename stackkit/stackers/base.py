@@ -37,6 +37,23 @@ from ..io import write_bytes, write_text
 N_LABELS = len(LABELS)
 STACKER_JSON = "stacker.json"
 SIDECAR_SUFFIX = ".sha256"
+# Threads per fit. One by default: OpenMP (LightGBM, XGBoost) and torch spin-wait on a shared or
+# oversubscribed machine, where 2 threads measured 10x slower than 1 (bench/bench_stackers.py).
+# Set STACKKIT_THREADS=2 (or pass num_threads / nthread) on a dedicated machine.
+THREADS_ENV = "STACKKIT_THREADS"
+
+
+def default_threads() -> int:
+    value = os.environ.get(THREADS_ENV, "1")
+    try:
+        threads = int(value)
+    except ValueError:
+        raise StackkitError(f"${THREADS_ENV}={value!r}: expected a positive integer number of threads") from None
+    if threads < 1:
+        raise StackkitError(f"${THREADS_ENV}={value!r}: expected a positive integer number of threads")
+    return threads
+
+
 # Predicted probabilities are kept away from 0/1 so that one confident miss cannot dominate a score.
 PROB_EPS = 1e-6
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import StackkitError
-from .base import PerLabelStacker
+from .base import default_threads, PerLabelStacker
 
 
 class LGBMStacker(PerLabelStacker):
@@ -21,16 +21,17 @@ class LGBMStacker(PerLabelStacker):
 
     def default_params(self) -> dict:
         return {
-            "learning_rate": 0.05,
+            "learning_rate": 0.08,
             "num_leaves": 15,
             "min_data_in_leaf": 20,
             "feature_fraction": 0.8,
             "bagging_fraction": 0.8,
             "bagging_freq": 1,
             "lambda_l2": 1.0,
-            "num_boost_round": 400,
-            "early_stopping_rounds": 30,
-            "num_threads": 2,
+            "max_bin": 63,
+            "num_boost_round": 300,
+            "early_stopping_rounds": 20,
+            "num_threads": default_threads(),
         }
 
     def suggest_params(self, trial) -> dict:

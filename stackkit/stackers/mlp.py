@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import NeuralStacker
+from .base import default_threads, NeuralStacker
 
 
 def _mlp_module(n_inputs: int, params: dict):
@@ -34,7 +34,7 @@ class MLPStacker(NeuralStacker):
             "batch_size": 256,
             "max_epochs": 60,
             "patience": 6,
-            "num_threads": 2,
+            "num_threads": default_threads(),
         }
 
     def suggest_params(self, trial) -> dict:

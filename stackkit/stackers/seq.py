@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import NeuralStacker
+from .base import default_threads, NeuralStacker
 
 
 def _seq_module(n_inputs: int, params: dict):
@@ -73,7 +73,7 @@ class SeqStacker(NeuralStacker):
             "batch_size": 16,  # studies per batch
             "max_epochs": 40,
             "patience": 5,
-            "num_threads": 2,
+            "num_threads": default_threads(),
         }
 
     def suggest_params(self, trial) -> dict:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import StackkitError
-from .base import PerLabelStacker
+from .base import default_threads, PerLabelStacker
 
 
 class XGBStacker(PerLabelStacker):
@@ -20,16 +20,16 @@ class XGBStacker(PerLabelStacker):
 
     def default_params(self) -> dict:
         return {
-            "eta": 0.05,
+            "eta": 0.08,
             "max_depth": 4,
             "min_child_weight": 1.0,
             "subsample": 0.8,
             "colsample_bytree": 0.8,
             "lambda": 1.0,
-            "max_bin": 128,
-            "num_boost_round": 400,
-            "early_stopping_rounds": 30,
-            "nthread": 2,
+            "max_bin": 64,
+            "num_boost_round": 300,
+            "early_stopping_rounds": 20,
+            "nthread": default_threads(),
         }
 
     def suggest_params(self, trial) -> dict:
