@@ -556,6 +556,7 @@ class NeuralStacker(Stacker):
 
     def _load_models(self, directory: Path, state: dict) -> None:
         import io
+        import pickle  # only for its error type: weights_only=True never unpickles objects
 
         import torch
 
@@ -565,7 +566,7 @@ class NeuralStacker(Stacker):
         module = self._build_module(int(state["n_inputs"]), self.params)
         try:
             module.load_state_dict(torch.load(io.BytesIO(raw), weights_only=True))
-        except (RuntimeError, ValueError, KeyError, EOFError) as exc:
+        except (RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as exc:
             raise StackkitError(f"{model_path}: not a readable {self.name} state_dict ({' '.join(str(exc).split())[:160]}); refit with `stack fit`") from exc
         module.eval()
         self.module = module

@@ -87,7 +87,12 @@ class LGBMStacker(PerLabelStacker):
     def _booster_from_bytes(self, raw: bytes, source: Path):
         import lightgbm as lgb
 
+        text = raw.decode("utf-8", errors="replace")
+        # LightGBM aborts the whole process (C++ Fatal) on a cut model string, even one whose
+        # sidecar was regenerated: require the markers a complete model_to_string() writes.
+        if not text.startswith("tree\n") or "\nend of trees\n" not in text or "\nend of parameters\n" not in text:
+            raise StackkitError(f"{source}: incomplete LightGBM model text (no 'end of trees' / 'end of parameters'); refit with `stack fit`")
         try:
-            return lgb.Booster(model_str=raw.decode("utf-8"))
+            return lgb.Booster(model_str=text)
         except (lgb.basic.LightGBMError, UnicodeDecodeError) as exc:
             raise StackkitError(f"{source}: not a readable LightGBM model ({' '.join(str(exc).split())[:160]}); refit with `stack fit`") from exc

@@ -83,5 +83,5 @@ class XGBStacker(PerLabelStacker):
         try:
             booster.load_model(bytearray(raw))
         except xgb.core.XGBoostError as exc:
-            raise StackkitError(f"{source}: not a readable XGBoost model ({' '.join(str(exc).split())[:160]}); refit with `stack fit`") from exc
+            raise StackkitError(f"{source}: not a readable XGBoost model ({' '.join(str(exc).split('Stack trace')[0].split())[:160]}); refit with `stack fit`") from exc
         return booster
