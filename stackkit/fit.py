@@ -14,7 +14,11 @@ Order of work (each artifact written atomically):
    refitted on the other folds' OOF rows and scored on fold k (the in-memory Optuna part uses as
    many trials as the in-sample study ran in this call); tuned weights flatter themselves
    in-sample, the CV number is the honest one;
-5. stack/blend.json, then stack/report.html.
+5. with ``--tune``, if the tuned blend's CV score is worse than equal weights (which fit nothing,
+   so their in-sample score is honest), blend.json keeps equal weights and records the tuned
+   blend and its scores under ``fallback_to_equal_weights``: on small data a fitted blend can
+   overfit that badly;
+6. stack/blend.json, then stack/report.html.
 """
 
 from __future__ import annotations
@@ -130,6 +134,19 @@ def run_stack_fit(
     in_sample = params.score(preds, y)
     pooled, per_fold = cross_validated_blend(preds, y, fold_of_row, _with_progress(refit, fold_of_row, progress))
     cv_score = weighted_log_loss(y, pooled)
+    fallback = None
+    if tune:
+        # On small data a fitted blend can overfit so badly that its honest (CV) score is worse than
+        # plain equal weights, which fit nothing. Keep the tuned weights only when CV says they help.
+        equal = BlendParams.equal(len(source_names), any_consistency=any_consistency)
+        equal_score = equal.score(preds, y)
+        if equal_score.overall < cv_score.overall:
+            fallback = {"reason": "the tuned blend's cross-validated score was worse than equal weights",
+                        "tuned_params": params.to_json(source_names),
+                        "tuned_scores": {"in_sample": in_sample.as_dict(), "cv": cv_score.as_dict()}}
+            params, in_sample, cv_score = equal, equal_score, equal_score
+            per_fold = [{**f, "score": weighted_log_loss(y[fold_of_row == f["fold"]], equal.apply(preds[:, fold_of_row == f["fold"]])).overall}
+                        for f in per_fold]
     source_scores = [weighted_log_loss(y, preds[s]) for s in range(len(source_names))]
 
     record = {
@@ -150,6 +167,7 @@ def run_stack_fit(
         },
         "cv_method": cv_method,
         "tuned": bool(tune),
+        "fallback_to_equal_weights": fallback,
         "seed": int(seed),
         "folds_hash": current_folds_hash,
         "optuna": None if not tune else {
@@ -163,6 +181,9 @@ def run_stack_fit(
 
     rows = [ScoreRow.from_score(n, k, sc) for n, k, sc in zip(source_names, source_kinds, source_scores)]
     rows.sort(key=lambda r: (r.kind != "base", 0))  # base models first, then stackers, in given order
+    if fallback:
+        tuned = fallback["tuned_scores"]
+        rows += [ScoreRow.from_score("tuned blend", "blend", tuned["in_sample"]), ScoreRow.from_score("tuned blend-cv", "blend-cv", tuned["cv"])]
     rows += [ScoreRow.from_score("blend", "blend", in_sample), ScoreRow.from_score("blend-cv", "blend-cv", cv_score)]
     table = render_table(rows)
     histories = {info.name: info.history for info in studies.values()}
@@ -181,6 +202,8 @@ def run_stack_fit(
         f"blend: in-sample {in_sample.overall:.5f}, cross-validated {cv_score.overall:.5f} ({len(source_names)} sources)",
         f"wrote {wd.blend} and {wd.report_html} in {seconds:.1f} s",
     ]
+    if fallback:
+        lines.insert(1, "the tuned blend overfits (its cross-validated score is worse than equal weights): blend.json keeps equal weights")
     if tune:
         lines.insert(1, f"optuna storage: {describe_storage(storage, wd)}; studies: "
                         + ", ".join(f"{i['name']} ({i['trials_total']} trials)" for i in record["optuna"]["studies"].values() if i))

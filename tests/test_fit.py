@@ -81,9 +81,38 @@ def test_fit_tune_records_studies_and_a_rerun_continues_them(wd):
     assert np.allclose(weights.sum(axis=0), 1.0) and (weights >= 0).all()
     assert _images_in_report(wd) >= 4  # + one optimization history per study
 
+    # the kept blend is never worse, cross-validated, than equal weights (which fit nothing)
+    assert scores["cv"]["overall"] <= _equal_weight_score(wd, record) + 1e-12
+
     run_stack_fit(wd, stackers=[FAST], tune=True, trials=1, study_name="t", progress=False)
     again = read_json(wd.blend)["optuna"]["studies"]
     assert again[FAST]["trials_total"] == 3 and again["blend"]["trials_total"] == 3
+
+
+def _equal_weight_score(wd, record) -> float:
+    from stackkit.blend import BlendParams
+
+    _, labels, folds = load_core(wd)
+    ids = folds["image_id"].to_numpy(dtype=object)
+    y = labels.set_index("image_id").reindex(ids)[list(LABELS)].to_numpy()
+    preds = np.stack([pd.read_parquet(wd.root / s["oof"]).set_index("image_id").reindex(ids)[list(LABELS)].to_numpy(dtype=float)
+                      for s in record["sources"]])
+    return BlendParams.equal(len(preds), any_consistency=record["any_consistency"]).score(preds, y).overall
+
+
+def test_tuned_blend_that_overfits_falls_back_to_equal_weights(tmp_path):
+    """Two pure-noise models on a few patients: fitted weights and temperatures only chase noise."""
+    wd = base_model_workdir(tmp_path / "work", n_patients=8, models=(("noise_a", 1, 0.0), ("noise_b", 2, 0.0)))
+    summary = run_stack_fit(wd, stackers=[], tune=True, trials=3, progress=False)
+    record = read_json(wd.blend)
+    fallback = record["fallback_to_equal_weights"]
+    assert fallback is not None
+    assert fallback["tuned_scores"]["cv"]["overall"] > record["scores"]["cv"]["overall"]
+    assert fallback["tuned_scores"]["in_sample"]["overall"] < record["scores"]["in_sample"]["overall"]  # it did flatter itself
+    for label in LABELS:
+        assert record["weights"][label] == {"preds/noise_a": 0.5, "preds/noise_b": 0.5}
+    assert np.isclose(record["scores"]["cv"]["overall"], _equal_weight_score(wd, record))
+    assert "tuned blend-cv" in summary["table"] and any("keeps equal weights" in line for line in summary["lines"])
 
 
 def _other_folds_hash(wd):
