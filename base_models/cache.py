@@ -144,8 +144,11 @@ def _fill(pixels, image_ids, paths, windows, size, workers, progress, bad) -> No
         else:
             import multiprocessing
 
-            # spawn: the parent may hold torch/OpenMP threads that forked children must not inherit
-            with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            # fork where the OS has it (as torch's DataLoader does): children only run numpy/pydicom,
+            # and unlike spawn it works from scripts without an `if __name__ == "__main__"` guard
+            methods = multiprocessing.get_all_start_methods()
+            context = multiprocessing.get_context("fork" if "fork" in methods else None)
+            with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
                 results = pool.map(_decode_chunk, [list(paths[s : s + CHUNK]) for s in starts], [windows] * len(starts), [size] * len(starts))
                 _store(results, starts, pixels, image_ids, paths, bad, bar)
     finally:

@@ -70,5 +70,15 @@ class BaseArch(nn.Module, abc.ABC):
             with torch.no_grad():
                 self.head.bias.copy_(torch.log(p / (1 - p)))
 
+    def scale_input_channels(self, channels, factor: float) -> None:
+        """Multiply the first convolution's weights on ``channels`` by ``factor``.
+
+        With ``factor`` 0 for the neighbor slices of a context model, training starts from a
+        model that looks at the center slice only and learns how much the neighbors add.
+        """
+        first = next(m for m in self.modules() if isinstance(m, nn.Conv2d))
+        with torch.no_grad():
+            first.weight[:, list(channels)] *= factor
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
