@@ -245,12 +245,14 @@ def stack_features(wd, lags, dicom_meta, quiet):
 @click.option("--timeout", default=None, type=click.FloatRange(0, None, min_open=True), help="Seconds per study.")
 @click.option("--storage", default=None, help="Optuna storage URL (default: a journal file under the work directory; postgresql://... for many machines).")
 @click.option("--study-name", default=None, help="Study name prefix; reruns and other workers continue it.")
+@click.option("--heartbeat", default=None, type=click.IntRange(1, None),
+              help="Seconds between worker heartbeats (database storages; default 60): a killed worker's trial is retried after 2x this.")
 @click.option("--no-base-in-blend", is_flag=True, help="Blend only the stackers, not the base models.")
 @click.option("--shared-weights", is_flag=True, help="One blend weight per source instead of one per label.")
 @click.option("--no-any-consistency", is_flag=True, help="Do not enforce any >= max(subtypes).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @progress_option
-def stack_fit(wd, stackers, tune, trials, timeout, storage, study_name, no_base_in_blend, shared_weights,
+def stack_fit(wd, stackers, tune, trials, timeout, storage, study_name, heartbeat, no_base_in_blend, shared_weights,
               no_any_consistency, seed, quiet):
     """Fit stackers on the base models' folds, blend them, print the report table."""
     from stackkit.fit import run_stack_fit
@@ -258,7 +260,7 @@ def stack_fit(wd, stackers, tune, trials, timeout, storage, study_name, no_base_
     summary = run_stack_fit(wd, stackers=_str_list(stackers), tune=tune, trials=trials, timeout=timeout,
                             storage=storage, study_name=study_name, blend_base_models=not no_base_in_blend,
                             per_label_weights=not shared_weights, any_consistency=not no_any_consistency,
-                            seed=seed, progress=not quiet)
+                            seed=seed, progress=not quiet, heartbeat_interval=heartbeat)
     _print_summary("stack fit", summary)
 
 

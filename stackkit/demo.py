@@ -42,12 +42,12 @@ def run_demo(wd: Workdir, *, patients: int = 40, trials: int = 8, seed: int = 0,
         _fresh_workdir(wd)
     timings: dict[str, float] = {}
 
-    def step(name, func, *args, **kwargs):
+    def step(title, func, *args, **kwargs):
         if progress:
-            print(f"== demo: {name}", flush=True)
+            print(f"== demo: {title}", flush=True)
         start = time.perf_counter()
         result = func(*args, **kwargs)
-        timings[name] = time.perf_counter() - start
+        timings[title] = time.perf_counter() - start
         return result
 
     dicom_root = wd.root / "dicom"

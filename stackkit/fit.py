@@ -58,6 +58,7 @@ def run_stack_fit(
     any_consistency: bool = True,
     seed: int = 0,
     progress: bool = True,
+    heartbeat_interval: int | None = None,
 ) -> dict:
     """Fit the stackers, blend them (and the base models), write stack/ + blend.json + report.html.
 
@@ -84,7 +85,7 @@ def run_stack_fit(
         raise StackkitError("nothing to blend: no stackers given and no models under preds/; pass --stackers lgbm (or run base train/import)")
 
     prefix = study_name or DEFAULT_STUDY
-    storage_obj = make_storage(storage, wd) if tune else None
+    storage_obj = make_storage(storage, wd, heartbeat_interval=heartbeat_interval) if tune else None
     studies: dict = {}
     results: dict = {}
     if names:
