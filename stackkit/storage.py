@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 import warnings
 from pathlib import Path
 
@@ -131,8 +132,16 @@ def _rdb(url: str, scheme: str, heartbeat_interval: int | None, *, shown: str):
             except OSError as exc:
                 raise StackkitError(f"storage '{shown}': cannot create its folder ({exc.strerror or exc})") from exc
     try:
-        with _quiet_experimental():
-            return optuna.storages.RDBStorage(url, **kwargs)
+        # Workers started at once on a fresh database race to create Optuna's tables; the loser
+        # gets a duplicate-key error from the catalog, and on retry finds the tables in place.
+        for attempt in range(5):
+            try:
+                with _quiet_experimental():
+                    return optuna.storages.RDBStorage(url, **kwargs)
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+                if attempt == 4:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
     except sqlalchemy.exc.ArgumentError:
         raise StackkitError(f"storage '{shown}': not a valid database URL; accepted: {ACCEPTED}") from None
     except sqlalchemy.exc.OperationalError as exc:
