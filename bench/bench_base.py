@@ -22,13 +22,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def measure(arch: str, in_channels: int, size: int, batch_size: int, device: str, seconds: float) -> dict:
+def measure(arch: str, in_channels: int, size: int, batch_size: int, device: str, seconds: float, threads: int = 0) -> dict:
     import torch
 
     from base_models.archs import create_model
     from base_models.train import weighted_bce
 
+    from base_models.train import cpu_threads_for
+
     torch.manual_seed(0)
+    if device == "cpu":
+        # the same intra-op thread count `base train` uses for this image size
+        torch.set_num_threads(threads or cpu_threads_for(size, torch.get_num_threads()))
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     model = create_model(arch, in_channels).to(dev)
@@ -81,7 +86,7 @@ def measure(arch: str, in_channels: int, size: int, batch_size: int, device: str
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         what = "peak RSS"
     return {"device": device, "size": size, "train_img_s": train_rate, "infer_img_s": infer_rate, "peak_mib": peak, "memory": what,
-            "params": sum(p.numel() for p in model.parameters())}
+            "params": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads()}
 
 
 def _child(args, queue):
@@ -96,6 +101,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="64,128,256")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per measurement")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: the rule `base train` uses)")
     parser.add_argument("--json", action="store_true", help="also print one JSON line per measurement")
     options = parser.parse_args()
 
@@ -105,12 +111,12 @@ def main() -> None:
     sizes = [int(s) for s in options.sizes.split(",")]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     print(f"arch {options.arch}, {in_channels} input channels, batch {options.batch_size}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} CPU threads")
-    print(f"{'device':>6} {'px':>5} {'train img/s':>12} {'infer img/s':>12} {'peak MiB':>9}  memory")
+          f"{torch.get_num_threads()} CPU threads available")
+    print(f"{'device':>6} {'px':>5} {'threads':>7} {'train img/s':>12} {'infer img/s':>12} {'peak MiB':>9}  memory")
     context = multiprocessing.get_context("spawn")
     for device in devices:
         for size in sizes:
-            args = (options.arch, in_channels, size, options.batch_size, device, options.seconds)
+            args = (options.arch, in_channels, size, options.batch_size, device, options.seconds, options.threads)
             if device == "cpu":
                 queue = context.Queue()
                 process = context.Process(target=_child, args=(args, queue))
@@ -119,7 +125,8 @@ def main() -> None:
                 process.join()
             else:
                 result = measure(*args)
-            print(f"{device:>6} {size:>5} {result['train_img_s']:>12.1f} {result['infer_img_s']:>12.1f} "
+            threads = result["threads"] if device == "cpu" else "-"
+            print(f"{device:>6} {size:>5} {threads:>7} {result['train_img_s']:>12.1f} {result['infer_img_s']:>12.1f} "
                   f"{result['peak_mib']:>9.0f}  {result['memory']}", flush=True)
             if options.json:
                 print(json.dumps(result))
