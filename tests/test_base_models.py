@@ -94,12 +94,12 @@ def test_synth_quirk_files_decode_like_healthy_ones(small_dataset):
     metadata = pd.read_parquet(small_dataset.metadata)
     kinds = {"quirk": [], "healthy": []}
     for path in metadata["path"].iloc[:120]:
+        ds = pydicom.dcmread(path)
+        quirk = needs_12bit_fix(ds.BitsStored, ds.PixelRepresentation, ds.RescaleIntercept)
         try:
-            ds = pydicom.dcmread(path)
             hu = dicom_to_hu(ds)
-        except Exception:  # the one truncated file
+        except ValueError:  # the one truncated file
             continue
-        quirk = needs_12bit_fix(ds.BitsStored, ds.PixelRepresentation, 0.0 if ds.RescaleIntercept == -1000 else ds.RescaleIntercept)
         kinds["quirk" if quirk else "healthy"].append(hu[:3, :3].mean())
     assert kinds["quirk"] and kinds["healthy"], "the synthetic set should hold both kinds of file"
     for corner in kinds["quirk"] + kinds["healthy"]:
@@ -413,3 +413,10 @@ def test_torchrun_two_cpu_processes(small_dataset, tmp_path):
     info = json.loads(wd.model_json("ddp").read_text())
     assert info["world_size"] == 2 and info["oof_logloss"] < info["prior_logloss"] * 1.2
     assert not list(wd.preds_dir("ddp").glob(".stackkit-tmp-*"))
+
+
+def test_light_modules_do_not_import_torch_or_pydicom():
+    code = ("import sys, base_models, base_models.pixels, base_models.cache, base_models.data, base_models.train; "
+            "heavy = [m for m in ('torch', 'pydicom') if m in sys.modules]; assert not heavy, heavy")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
