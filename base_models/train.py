@@ -522,15 +522,17 @@ def _train(wd, name, config, metadata, labels, fold_frame, available, requested,
 
     if not env.is_main:
         return {"name": name, "rank": env.rank}
-    return _finish(wd, name, config, train, test_ids, fold_frame, available, requested, work, fhash, dev, env, lines, cache)
+    return _finish(wd, name, config, train, test_ids, fold_frame, available, requested, work, fhash, dev, env, lines, cache,
+                   progress)
 
 
-def _finish(wd, name, config, train, test_ids, fold_frame, available, requested, work, fhash, dev, env, lines, cache) -> dict:
+def _finish(wd, name, config, train, test_ids, fold_frame, available, requested, work, fhash, dev, env, lines, cache,
+            progress) -> dict:
     import torch
 
     done = [f for f in available if _fold_done(work, f)]
     records = {f: read_json(_fold_paths(work, f)["record"]) for f in done}
-    for f in requested:
+    for f in requested if not progress else []:  # with progress on, each line was shown as its fold ended
         r = records[f]
         lines.append(f"fold {f}: OOF weighted log loss {r['oof_logloss']:.4f} (fold prior {r['fold_prior_logloss']:.4f})")
     summary = {
@@ -545,7 +547,7 @@ def _finish(wd, name, config, train, test_ids, fold_frame, available, requested,
     if missing:
         summary["complete"] = False
         lines.append(
-            f"partial: folds {','.join(map(str, done))} of {len(available)} done and kept in {work}; "
+            f"partial: {len(done)} of {len(available)} folds done (folds {','.join(map(str, done))}), kept in {work}; "
             f"preds/{name}/oof.parquet needs every fold: run again with --folds {','.join(map(str, missing))} "
             "(same options) or --resume"
         )
