@@ -32,6 +32,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise StackkitError(f"{path}: cannot write here ({exc.strerror or exc}); choose a writable location") from exc
     os.close(fd)
     tmp = Path(tmp_name)
+    # mkstemp creates 0600; artifacts get the permissions an ordinary open() would give them
+    os.chmod(tmp, 0o666 & ~_current_umask())
     try:
         yield tmp
         with open(tmp, "rb+") as handle:
@@ -42,6 +44,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -138,3 +138,12 @@ def test_predictions_fill_missing_fold_and_keep_order(contract_workdir):
     assert checked["image_id"].tolist() == shuffled["image_id"].tolist()
     assert checked["fold"].tolist() == shuffled["fold"].tolist()
     assert checked[list(LABELS)].dtypes.eq(np.float32).all()
+
+
+def test_atomic_write_gives_ordinary_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = write_parquet(pd.DataFrame({"a": [1]}), tmp_path / "p.parquet")
+    finally:
+        os.umask(old)
+    assert (path.stat().st_mode & 0o777) == 0o644
