@@ -172,16 +172,16 @@ def base():
 @click.option("--name", required=True, help="Model name: predictions go to preds/NAME/.")
 @click.option("--arch", default="resnet_tiny", show_default=True, help="Architecture (see base_models.archs).")
 @click.option("--context", default=0, show_default=True, type=click.IntRange(0, 2), help="Neighbor slices as channels: 0 none, 1 st-1/st/st+1, 2 st-2/st/st+2.")
-@click.option("--epochs", default=4, show_default=True, type=click.IntRange(1, None))
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, None))
-@click.option("--lr", default=2e-3, show_default=True, type=click.FloatRange(0, None, min_open=True))
+@click.option("--epochs", default=6, show_default=True, type=click.IntRange(1, None))
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1, None))
+@click.option("--lr", default=5e-3, show_default=True, type=click.FloatRange(0, None, min_open=True))
 @click.option("--img-size", default=64, show_default=True, type=click.IntRange(16, 1024))
 @click.option("--folds", "folds", default=None, help="Folds to train, e.g. 0,1,2 (default: all).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--resume", is_flag=True, help="Continue at the first unfinished fold.")
 @click.option("--tta", is_flag=True, help="Average predictions with horizontally flipped images.")
-@click.option("--workers", default=0, show_default=True, type=click.IntRange(0, None), help="DataLoader worker processes.")
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(0, None), help="DataLoader worker processes. On CPU, training uses one thread per 128x128 pixels of input; set OMP_NUM_THREADS to override.")
 @progress_option
 def base_train(wd, name, arch, context, epochs, batch_size, lr, img_size, folds, device, seed, resume, tta, workers, quiet):
     """Train a CNN over the folds of data/folds.parquet and write preds/NAME/.
@@ -282,14 +282,16 @@ def submit(wd, out):
 @workdir_option
 @click.option("--patients", default=40, show_default=True, type=click.IntRange(6, None))
 @click.option("--trials", default=8, show_default=True, type=click.IntRange(1, None))
+@click.option("--epochs", default=6, show_default=True, type=click.IntRange(1, None), help="Epochs per base CNN.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--fresh/--reuse", default=True, show_default=True, help="Start from an empty work directory.")
 @progress_option
-def demo(wd, patients, trials, seed, fresh, quiet):
+def demo(wd, patients, trials, epochs, seed, fresh, quiet):
     """The whole pipeline on synthetic data: synth, prepare, two CNNs, features, fit --tune, submit."""
     from stackkit.demo import run_demo
 
-    summary = run_demo(wd, patients=patients, trials=trials, seed=seed, fresh=fresh, progress=not quiet)
+    summary = run_demo(wd, patients=patients, trials=trials, epochs=epochs, seed=seed, fresh=fresh,
+                       progress=not quiet)
     _print_summary("demo", summary)
 
 
