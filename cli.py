@@ -152,10 +152,20 @@ def data_synth(out_dir, patients, size, slices, test_fraction, seed, quiet):
 @progress_option
 def data_prepare(wd, dicom_dir, test_dicom_dir, labels_csv, n_folds, seed, strict, workers, quiet):
     """Scan DICOM headers and write data/metadata, data/labels and data/folds."""
-    from stackkit.prepare import prepare_data
+    import warnings
 
-    summary = prepare_data(wd, dicom_dir=dicom_dir, test_dicom_dir=test_dicom_dir, labels_csv=labels_csv,
-                           n_folds=n_folds, seed=seed, strict=strict, workers=workers, progress=not quiet)
+    from stackkit.prepare import SkippedDicomWarning, prepare_data
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SkippedDicomWarning)
+        summary = prepare_data(wd, dicom_dir=dicom_dir, test_dicom_dir=test_dicom_dir, labels_csv=labels_csv,
+                               n_folds=n_folds, seed=seed, strict=strict, workers=workers, progress=not quiet)
+    for warning in caught:
+        if issubclass(warning.category, SkippedDicomWarning):
+            # one plain line per skipped file, not Python's two-line warning format
+            click.echo(f"warning: {warning.message}", err=True)
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     _print_summary("data prepare", summary)
 
 

@@ -275,3 +275,22 @@ def test_bad_input_one_line_exit_2_nothing_changed(pipeline_workdir, tmp_path, c
 
 def test_table_is_large_enough():
     assert len(CASES) >= 30
+
+
+def test_prepare_without_strict_skips_bad_dicom_files_naming_each_on_one_line(pipeline_workdir, tmp_path):
+    root, _ = pipeline_workdir
+    wd = Workdir(tmp_path / "work")
+    ctx = Ctx(root, wd, tmp_path)
+    train_files = sorted((ctx.copy_dicom() / "stage_2_train").glob("*.dcm"))
+    no_preamble, short = train_files[0], train_files[1]
+    no_preamble.write_bytes(no_preamble.read_bytes()[132:])
+    _truncate(short, 100)
+    result = CliRunner().invoke(cli, ctx.prepare_args(strict=False), catch_exceptions=False)
+    assert result.exit_code == 0, result.output[-3000:]
+    warning_lines = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert any(no_preamble.name in line for line in warning_lines), result.stderr
+    assert any(short.name in line for line in warning_lines), result.stderr
+    assert "warnings.warn" not in result.stderr and "Traceback" not in result.output
+    metadata, labels, folds = load_core(wd)
+    assert not {no_preamble.stem, short.stem} & set(metadata["image_id"])
+    assert len(folds) == len(train_files) - 2
