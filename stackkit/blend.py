@@ -1,6 +1,9 @@
 """Blend math: pure numpy over (n_sources, n_images, 6) probability arrays.
 
-The blend averages in **logit space**: ``z = sum_s w[s, l] * logit(p_s[:, l])``, then
+A blend averages in one of two spaces. **Probability space** (the linear pool,
+``q = sum_s w[s, l] * p_s[:, l]``, then ``z = logit(q)``) is what equal weights use: log loss is
+convex, so the pool never scores worse than the weighted mean of its sources' losses, and
+one overconfident source cannot drag it far. Fitted weights average in **logit space**: ``z = sum_s w[s, l] * logit(p_s[:, l])``, then
 ``p = sigmoid(z / T[l])``, then (optionally) ``any = max(any, max(subtypes))``, then
 clipping to ``[c, 1 - c]``. A weighted mean of logits is a weighted geometric mean of odds:
 a source that is confidently right is not pulled halfway back to 0.5 by one that is unsure,
@@ -32,6 +35,7 @@ LOGIT_EPS = 1e-7
 DEFAULT_CLIP = 1e-6
 CLIP_GRID = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 3e-3, 1e-2)
 TEMPERATURE_BOUNDS = (0.25, 4.0)
+SPACES = ("logit", "probability")
 
 
 def logit(p: np.ndarray, eps: float = LOGIT_EPS) -> np.ndarray:
@@ -69,20 +73,27 @@ def _temperature_vector(temperature) -> np.ndarray:
     return t
 
 
-def apply_blend(preds: np.ndarray, weights, temperature=1.0, clip: float = DEFAULT_CLIP, any_consistency: bool = True) -> np.ndarray:
+def apply_blend(preds: np.ndarray, weights, temperature=1.0, clip: float = DEFAULT_CLIP, any_consistency: bool = True,
+                space: str = "logit") -> np.ndarray:
     """Blend ``preds`` (n_sources, n, 6) probabilities into (n, 6) probabilities (see module docstring)."""
     preds = np.asarray(preds, dtype=np.float64)
     _check_preds(preds)
-    return blend_logits(logit(preds), weights, temperature, clip, any_consistency)
+    return blend_logits(logit(preds), weights, temperature, clip, any_consistency, space)
 
 
-def blend_logits(source_logits: np.ndarray, weights, temperature=1.0, clip: float = DEFAULT_CLIP, any_consistency: bool = True) -> np.ndarray:
+def blend_logits(source_logits: np.ndarray, weights, temperature=1.0, clip: float = DEFAULT_CLIP, any_consistency: bool = True,
+                 space: str = "logit") -> np.ndarray:
     """:func:`apply_blend` on ``logit(preds)`` computed once (weight searches evaluate many blends of the same sources)."""
     _check_preds(source_logits)
     w = normalize_weights(weights, source_logits.shape[0])
     if not 0.0 <= clip < 0.5:
         raise ValueError(f"clip must be in [0, 0.5), got {clip}")
-    z = np.einsum("snl,sl->nl", source_logits, w)
+    if space == "logit":
+        z = np.einsum("snl,sl->nl", source_logits, w)
+    elif space == "probability":
+        z = logit(np.einsum("snl,sl->nl", sigmoid(source_logits), w))
+    else:
+        raise ValueError(f"blend space must be one of {SPACES}, got {space!r}")
     blended = sigmoid(z / _temperature_vector(temperature))
     if any_consistency:
         enforce_any_consistency(blended, out=blended)
@@ -103,27 +114,37 @@ def enforce_any_consistency(p: np.ndarray, out: np.ndarray | None = None) -> np.
 
 @dataclass
 class BlendParams:
-    """A fitted blend: weights (n_sources, 6), per-label temperature, clip, any-consistency."""
+    """A blend: weights (n_sources, 6), per-label temperature, clip, any-consistency, averaging space."""
 
     weights: np.ndarray
     temperature: np.ndarray = field(default_factory=lambda: np.ones(N_LABELS))
     clip: float = DEFAULT_CLIP
     any_consistency: bool = True
+    space: str = "logit"
 
     def __post_init__(self):
         self.weights = normalize_weights(self.weights)
         self.temperature = _temperature_vector(self.temperature)
         self.clip = float(self.clip)
+        if self.space not in SPACES:
+            raise ValueError(f"blend space must be one of {SPACES}, got {self.space!r}")
 
     @classmethod
-    def equal(cls, n_sources: int, *, clip: float = DEFAULT_CLIP, any_consistency: bool = True) -> "BlendParams":
-        return cls(np.ones((n_sources, N_LABELS)), np.ones(N_LABELS), clip, any_consistency)
+    def equal(cls, n_sources: int, *, clip: float = DEFAULT_CLIP, any_consistency: bool = True,
+              space: str = "probability") -> "BlendParams":
+        """Equal weights, no recalibration: the blend that fits nothing (a linear pool by default)."""
+        return cls(np.ones((n_sources, N_LABELS)), np.ones(N_LABELS), clip, any_consistency, space)
 
     def apply(self, preds: np.ndarray) -> np.ndarray:
-        return apply_blend(preds, self.weights, self.temperature, self.clip, self.any_consistency)
+        return apply_blend(preds, self.weights, self.temperature, self.clip, self.any_consistency, self.space)
 
     def apply_logits(self, source_logits: np.ndarray) -> np.ndarray:
-        return blend_logits(source_logits, self.weights, self.temperature, self.clip, self.any_consistency)
+        return blend_logits(source_logits, self.weights, self.temperature, self.clip, self.any_consistency, self.space)
+
+    @property
+    def formula(self) -> str:
+        mix = "sum_s w[s,label] * logit(p_s)" if self.space == "logit" else "logit(sum_s w[s,label] * p_s)"
+        return f"p = clip(any_consistency(sigmoid({mix} / temperature[label])), clip, 1 - clip)"
 
     def score(self, preds: np.ndarray, y: np.ndarray):
         return weighted_log_loss(y, self.apply(preds))
@@ -137,6 +158,7 @@ class BlendParams:
             "temperature": {label: float(self.temperature[l]) for l, label in enumerate(LABELS)},
             "clip": self.clip,
             "any_consistency": bool(self.any_consistency),
+            "space": self.space,
         }
 
     @classmethod
@@ -144,7 +166,8 @@ class BlendParams:
         """Inverse of :meth:`to_json`; raises KeyError/TypeError/ValueError on a malformed record."""
         weights = np.array([[float(record["weights"][label][name]) for label in LABELS] for name in source_names])
         temperature = np.array([float(record["temperature"][label]) for label in LABELS])
-        return cls(weights, temperature, float(record["clip"]), bool(record["any_consistency"]))
+        # records written before the space was recorded all averaged logits
+        return cls(weights, temperature, float(record["clip"]), bool(record["any_consistency"]), str(record.get("space", "logit")))
 
 
 # --- fitting ------------------------------------------------------------------------------------

@@ -36,7 +36,6 @@ from .metric import weighted_log_loss
 
 DEFAULT_STACKERS = ("lgbm", "xgb", "mlp", "seq")
 DEFAULT_STUDY = "stackkit"
-BLEND_SPACE = "logit"
 CV_METHOD_TUNED = (
     "per fold k: L-BFGS weights/temperature + grid clip + an in-memory Optuna study with the same number of trials "
     "as the in-sample blend study ran, fitted on the other folds' OOF rows, scored on fold k; pooled over folds"
@@ -153,8 +152,7 @@ def run_stack_fit(
     record = {
         "contract_version": CONTRACT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "space": BLEND_SPACE,
-        "formula": "p = clip(any_consistency(sigmoid(sum_s w[s,label] * logit(p_s) / temperature[label])), clip, 1 - clip)",
+        "formula": params.formula,
         "sources": [
             {"name": n, "kind": k, "oof": _relative(o, wd), "test": _relative(t, wd), "test_sha256": file_sha256(t),
              "oof_score": sc.as_dict()}
@@ -182,6 +180,10 @@ def run_stack_fit(
 
     rows = [ScoreRow.from_score(n, k, sc) for n, k, sc in zip(source_names, source_kinds, source_scores)]
     rows.sort(key=lambda r: (r.kind != "base", 0))  # base models first, then stackers, in given order
+    base_rows = [s for s, kind in enumerate(source_kinds) if kind == "base"]
+    if len(base_rows) >= 2:
+        # the baseline a blend must beat: the plain average of the base models' probabilities
+        rows.insert(len(base_rows), ScoreRow.from_score("mean of base models", "mean", weighted_log_loss(y, preds[base_rows].mean(axis=0))))
     if fallback:
         tuned = fallback["tuned_scores"]
         rows += [ScoreRow.from_score("tuned blend", "blend", tuned["in_sample"]), ScoreRow.from_score("tuned blend-cv", "blend-cv", tuned["cv"])]
@@ -195,7 +197,7 @@ def run_stack_fit(
         importances={f"stack/{n}": r.importance for n, r in results.items() if r.importance is not None},
         histories=histories,
         blend_weights=record["weights"],
-        notes=[f"blend in logit space; temperature {', '.join(f'{l}={t:.3g}' for l, t in record['temperature'].items())}; "
+        notes=[f"blend in {params.space} space; temperature {', '.join(f'{l}={t:.3g}' for l, t in record['temperature'].items())}; "
                f"clip {params.clip:.3g}; any >= max(subtypes): {any_consistency}", f"cross-validation: {cv_method}"],
     )
     seconds = time.perf_counter() - started
@@ -203,6 +205,10 @@ def run_stack_fit(
         f"blend: in-sample {in_sample.overall:.5f}, cross-validated {cv_score.overall:.5f} ({len(source_names)} sources)",
         f"wrote {wd.blend} and {wd.report_html} in {seconds:.1f} s",
     ]
+    if base_rows:
+        best_base = min(base_rows, key=lambda s: source_scores[s].overall)
+        gain = 1.0 - cv_score.overall / source_scores[best_base].overall
+        lines.insert(1, f"blend-cv is {gain:.1%} below the best base model ({source_names[best_base]}: {source_scores[best_base].overall:.5f})")
     if fallback:
         lines.insert(1, "the tuned blend overfits (its cross-validated score is worse than equal weights): blend.json keeps equal weights")
     if tune:

@@ -25,7 +25,7 @@ TOP_FEATURES = 20
 
 @dataclass(frozen=True)
 class ScoreRow:
-    """One line of the table: ``kind`` is base, stacker, blend or blend-cv."""
+    """One line of the table: ``kind`` is base, mean (of the base models), stacker, blend or blend-cv."""
 
     name: str
     kind: str

@@ -239,14 +239,16 @@ def search_blend(preds: np.ndarray, y: np.ndarray, source_names: list[str], *, p
     1. ``fit_blend``: L-BFGS weights and temperatures, grid clip (deterministic).
     2. ``trials`` Optuna trials over weights/temperature/clip, started from equal weights and from
        step 1's solution (enqueued). In a persistent ``storage`` the study continues across runs.
-    Returns the best in-sample candidate among step 1, equal weights and the matching trials.
+    Returns the best in-sample candidate among step 1, equal weights (logit mean and linear pool) and
+    the matching trials.
     """
     import optuna
 
     source_logits = logit(preds)  # once: every trial below blends the same sources
     fitted = fit_blend(preds, y, per_label=per_label, any_consistency=any_consistency, source_logits=source_logits)
-    equal = BlendParams.equal(len(source_names), any_consistency=any_consistency)
-    candidates = [(fitted.score_logits(source_logits, y).overall, fitted), (equal.score_logits(source_logits, y).overall, equal)]
+    equal = BlendParams.equal(len(source_names), any_consistency=any_consistency, space="logit")
+    pool = BlendParams.equal(len(source_names), any_consistency=any_consistency, space="probability")
+    candidates = [(params.score_logits(source_logits, y).overall, params) for params in (fitted, equal, pool)]
     if trials <= 0:
         return min(candidates, key=lambda c: c[0])[1], None
     inputs_key = digest(source_names, per_label, any_consistency, preds.astype(np.float32), y.astype(np.int8))

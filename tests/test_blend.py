@@ -58,6 +58,19 @@ def test_blend_is_a_weighted_logit_average_with_temperature():
     assert np.allclose(apply_blend(preds[:1], np.ones((1, 6)), 1.0, clip=0.0, any_consistency=False), preds[0], atol=1e-9)
 
 
+def test_probability_space_is_a_linear_pool_never_worse_than_its_sources_on_average():
+    preds, y, _ = synthetic_sources(300, [2.0, 0.3, 1.0], seed=4)
+    w = np.array([[0.5] * 6, [0.3] * 6, [0.2] * 6])
+    pooled = apply_blend(preds, w, clip=0.0, any_consistency=False, space="probability")
+    assert np.allclose(pooled, np.einsum("snl,s->nl", preds, w[:, 0]), atol=1e-9)
+    equal = BlendParams.equal(3, clip=0.0, any_consistency=False)
+    assert equal.space == "probability"
+    # log loss is convex in p: the equal pool scores at most the mean of the sources' scores
+    assert equal.score(preds, y).overall <= np.mean([weighted_log_loss(y, p).overall for p in preds]) + 1e-12
+    # the two spaces really differ when sources disagree
+    assert not np.allclose(pooled, apply_blend(preds, w, clip=0.0, any_consistency=False, space="logit"))
+
+
 def test_any_consistency_and_clip():
     p = np.full((1, 4, 6), 0.1)
     p[0, 0, 2] = 0.9  # a subtype above `any`
@@ -82,6 +95,7 @@ def test_any_consistency_and_clip():
         (dict(temperature=np.array([1, 1, 1, 1, 1, -1.0])), "temperature"),
         (dict(clip=0.5), "clip"),
         (dict(clip=-0.1), "clip"),
+        (dict(space="geometric"), "space"),
     ],
 )
 def test_apply_blend_refuses_bad_parameters(kwargs, match):
@@ -96,7 +110,14 @@ def test_blend_params_json_round_trip():
     names = ["stack/lgbm", "preds/m1"]
     back = BlendParams.from_json(json.loads(json.dumps(params.to_json(names))), names)
     assert np.allclose(back.weights, params.weights) and np.allclose(back.temperature, params.temperature)
-    assert back.clip == params.clip and back.any_consistency is False
+    assert back.clip == params.clip and back.any_consistency is False and back.space == "logit"
+    pool = BlendParams.equal(2)
+    assert BlendParams.from_json(json.loads(json.dumps(pool.to_json(names))), names).space == "probability"
+    # blend.json files written before the space was recorded averaged logits
+    old_record = {k: v for k, v in params.to_json(names).items() if k != "space"}
+    assert BlendParams.from_json(old_record, names).space == "logit"
+    with pytest.raises(ValueError, match="space"):
+        BlendParams.from_json({**params.to_json(names), "space": "odds"}, names)
 
 
 # --- fitting -----------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ def test_fit_without_tune_writes_stackers_blend_and_report(wd):
     assert names == [f"stack/{FAST}", "preds/m1", "preds/m2"]
     for label in LABELS:  # untuned: equal weights over stackers and base models
         assert np.allclose([record["weights"][label][n] for n in names], 1 / 3)
-    assert record["tuned"] is False and record["optuna"] is None and record["space"] == "logit"
+    assert record["tuned"] is False and record["optuna"] is None and record["space"] == "probability"
     # the stacker's recorded OOF score is the metric on its OOF file
     merged = labels.merge(oof, on="image_id", suffixes=("", "_p"))
     expected = weighted_log_loss(merged[list(LABELS)].to_numpy(), merged[[f"{l}_p" for l in LABELS]].to_numpy()).overall
