@@ -62,7 +62,8 @@ def run_demo(wd: Workdir, *, patients: int = 40, trials: int = 8, seed: int = 0,
     fit_summary = step("stack fit --tune", run_stack_fit, wd, tune=True, trials=trials, seed=seed, progress=progress)
     submit_summary = step("submit", write_submission, wd)
 
-    lines = [f"{name:>18}: {seconds:7.1f} s" for name, seconds in timings.items()]
+    lines = [line for line in fit_summary.get("lines", []) if line.startswith(("blend", "the tuned blend"))]
+    lines += [f"{name:>18}: {seconds:7.1f} s" for name, seconds in timings.items()]
     lines.append(f"{'total':>18}: {sum(timings.values()):7.1f} s")
     lines.append(f"submission: {submit_summary.get('path', wd.submission)}")
     lines.append(f"report: {wd.report_html}")

@@ -30,6 +30,7 @@ def test_demo_runs_every_step_and_writes_a_valid_submission(tmp_path):
         assert abs(sum(blend["weights"][label].values()) - 1) < 1e-6
     assert wd.report_html.is_file()
     assert "total" in proc.stdout and str(wd.submission) in proc.stdout
+    assert "below the best base model" in proc.stdout
 
 
 def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
