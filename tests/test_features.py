@@ -346,3 +346,13 @@ def test_bad_workdirs_fail_in_one_line_and_keep_previous_features(tmp_path, brea
         run_stack_features(wd, progress=False, **kwargs)
     assert "\n" not in str(info.value)
     assert {p.name: p.read_bytes() for p in wd.features_dir.iterdir()} == before
+
+
+def test_threads_do_not_change_a_single_bit(monkeypatch):
+    metadata, _labels, folds, preds = make_data(5, models=("m_a", "m_b", "m_c"))
+    built = {}
+    for threads in ("1", "3"):
+        monkeypatch.setenv("STACKKIT_THREADS", threads)
+        built[threads] = build(metadata, folds, preds, lags=2)
+    for one, many in zip(built["1"][:2], built["3"][:2]):
+        pd.testing.assert_frame_equal(one, many, check_exact=True)
