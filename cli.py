@@ -9,8 +9,6 @@ message with exit code 2 (datasette style); all work lives in the packages. Heav
 from __future__ import annotations
 
 import functools
-import os
-import sys
 
 import click
 

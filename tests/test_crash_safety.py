@@ -7,22 +7,17 @@ next, uninterrupted run must succeed.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 
 from stackkit.contract import LABELS, Workdir
-from stackkit.io import write_parquet
-from stackkit.validate import load_core
 
 from conftest import CLI, run_cli, snapshot
 
