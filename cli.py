@@ -180,7 +180,7 @@ def base():
 @click.option("--name", required=True, help="Model name: predictions go to preds/NAME/.")
 @click.option("--arch", default="resnet_tiny", show_default=True, help="Architecture (see base_models.archs).")
 @click.option("--context", default=0, show_default=True, type=click.IntRange(0, 2), help="Neighbor slices as channels: 0 none, 1 st-1/st/st+1, 2 st-2/st/st+2.")
-@click.option("--epochs", default=6, show_default=True, type=click.IntRange(1, None))
+@click.option("--epochs", default=9, show_default=True, type=click.IntRange(1, None))
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1, None))
 @click.option("--lr", default=5e-3, show_default=True, type=click.FloatRange(0, None, min_open=True))
 @click.option("--img-size", default=64, show_default=True, type=click.IntRange(16, 1024))
@@ -290,7 +290,7 @@ def submit(wd, out):
 @workdir_option
 @click.option("--patients", default=40, show_default=True, type=click.IntRange(6, None))
 @click.option("--trials", default=8, show_default=True, type=click.IntRange(1, None))
-@click.option("--epochs", default=6, show_default=True, type=click.IntRange(1, None), help="Epochs per base CNN.")
+@click.option("--epochs", default=9, show_default=True, type=click.IntRange(1, None), help="Epochs per base CNN.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--fresh/--reuse", default=True, show_default=True, help="Start from an empty work directory.")
 @progress_option

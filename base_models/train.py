@@ -361,7 +361,7 @@ def train_base(
     name: str,
     arch: str = "resnet_tiny",
     context: int = 0,
-    epochs: int = 6,
+    epochs: int = 9,
     batch_size: int = 16,
     lr: float = 5e-3,
     img_size: int = 64,

@@ -29,7 +29,7 @@ def _fresh_workdir(wd: Workdir) -> None:
 
 
 def run_demo(wd: Workdir, *, patients: int = 40, trials: int = 8, seed: int = 0, fresh: bool = True,
-             progress: bool = True, epochs: int = 6) -> dict:
+             progress: bool = True, epochs: int = 9) -> dict:
     from base_models.train import train_base
     from features.api import run_stack_features
 
