@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from stackkit.contract import LABELS
+from stackkit.contract import LABELS, env_threads
 from stackkit.errors import ContractError, LeakageError, StackkitError
 
 TOP_K = 3
@@ -523,13 +523,11 @@ def build_features(
 
 
 def _feature_threads(n_models: int) -> int:
-    """Threads for the per-model kernels: STACKKIT_THREADS if set, else the usable cores, at most one per model."""
+    """Threads for the per-model kernels: $STACKKIT_THREADS, else the usable cores; at most one per model."""
     import os
 
-    configured = os.environ.get("STACKKIT_THREADS")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    wanted = int(configured) if configured and configured.isdigit() and int(configured) > 0 else cores
-    return max(1, min(wanted, n_models))
+    return max(1, min(env_threads(cores), n_models))
 
 
 def _empty_matrix(n_rows: int, n_columns: int) -> np.ndarray:

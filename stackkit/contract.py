@@ -43,6 +43,23 @@ METADATA_OPTIONAL = (
 
 DEFAULT_WORKDIR = "artifacts"
 WORKDIR_ENV = "STACKKIT_WORKDIR"
+THREADS_ENV = "STACKKIT_THREADS"
+
+
+def env_threads(default: int) -> int:
+    """Threads from $STACKKIT_THREADS, else ``default``; a value that is not a positive integer is an error."""
+    value = os.environ.get(THREADS_ENV)
+    if value is None:
+        return int(default)
+    try:
+        threads = int(value)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        from .errors import StackkitError
+
+        raise StackkitError(f"${THREADS_ENV}={value!r}: expected a positive integer number of threads")
+    return threads
 
 
 def resolve_workdir(option: str | os.PathLike | None) -> Path:

@@ -30,7 +30,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..contract import LABEL_WEIGHTS, LABELS, file_sha256
+from ..contract import LABEL_WEIGHTS, LABELS, env_threads, file_sha256
 from ..errors import StackkitError
 from ..io import write_bytes, write_text
 
@@ -40,18 +40,8 @@ SIDECAR_SUFFIX = ".sha256"
 # Threads per fit. One by default: OpenMP (LightGBM, XGBoost) and torch spin-wait on a shared or
 # oversubscribed machine, where 2 threads measured 10x slower than 1 (bench/bench_stackers.py).
 # Set STACKKIT_THREADS=2 (or pass num_threads / nthread) on a dedicated machine.
-THREADS_ENV = "STACKKIT_THREADS"
-
-
 def default_threads() -> int:
-    value = os.environ.get(THREADS_ENV, "1")
-    try:
-        threads = int(value)
-    except ValueError:
-        raise StackkitError(f"${THREADS_ENV}={value!r}: expected a positive integer number of threads") from None
-    if threads < 1:
-        raise StackkitError(f"${THREADS_ENV}={value!r}: expected a positive integer number of threads")
-    return threads
+    return env_threads(1)
 
 
 # Predicted probabilities are kept away from 0/1 so that one confident miss cannot dominate a score.
