@@ -38,9 +38,11 @@ WORK_DIR = "_work"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 WEIGHT_DECAY = 1e-4
 WARMUP_FRACTION = 0.25
-# A context model starts as the center-slice model (neighbor weights scaled by this) and learns
-# how much the neighbors add: measured on the synthetic data, an ordinary init lost to context 0.
-NEIGHBOR_INIT_SCALE = 0.0
+# A context model starts as the center-slice model (its neighbor weights are zero) and learns
+# what the neighbors add at this fraction of the learning rate. On the demo data (9 epochs, OOF
+# weighted log loss): one learning rate for all weights 0.187, x0.3 0.199, x0.1 0.182, and the
+# center-slice model 0.183; each of these with the z-order flip below.
+NEIGHBOR_LR_SCALE = 0.1
 
 
 @dataclass(frozen=True)
@@ -56,15 +58,29 @@ class TrainConfig:
     windows: tuple[tuple[float, float], ...]
 
     @property
+    def n_slices(self) -> int:
+        return len(context_offsets(self.context))
+
+    @property
     def in_channels(self) -> int:
-        return len(context_offsets(self.context)) * len(self.windows)
+        return self.n_slices * len(self.windows)
+
+    @property
+    def center_channels(self) -> tuple[int, int] | None:
+        """(start, stop) of the center slice's channels in the neighbor-major input (None: no context)."""
+        if not self.context:
+            return None
+        center = self.n_slices // 2
+        return center * len(self.windows), (center + 1) * len(self.windows)
 
     def as_dict(self) -> dict:
         return {
             "arch": self.arch, "context": self.context, "epochs": self.epochs, "batch_size": self.batch_size,
             "lr": self.lr, "img_size": self.img_size, "seed": self.seed, "tta": self.tta,
             "windows": [list(w) for w in self.windows], "in_channels": self.in_channels,
-            "optimizer": "AdamW", "weight_decay": WEIGHT_DECAY, "schedule": "onecycle", "augment": "hflip",
+            "optimizer": "AdamW", "weight_decay": WEIGHT_DECAY, "schedule": "onecycle",
+            "augment": "hflip+zflip" if self.context else "hflip",
+            "neighbor_lr_scale": NEIGHBOR_LR_SCALE if self.context else None,
         }
 
 
@@ -208,13 +224,9 @@ class _Runner:
         torch.manual_seed(fold_seed)
         generator = torch.Generator().manual_seed(fold_seed)
         flip_generator = torch.Generator().manual_seed(fold_seed + 1)
-        model = create_model(cfg.arch, cfg.in_channels, len(LABELS))
+        zflip_generator = torch.Generator().manual_seed(fold_seed + 2)
+        model = create_model(cfg.arch, cfg.in_channels, len(LABELS), center_channels=cfg.center_channels)
         model.init_weights(prior=torch.as_tensor(prior, dtype=torch.float32))
-        if cfg.context:
-            n_windows = len(cfg.windows)
-            center = len(context_offsets(cfg.context)) // 2
-            neighbors = [c for c in range(cfg.in_channels) if c // n_windows != center]
-            model.scale_input_channels(neighbors, NEIGHBOR_INIT_SCALE)
         model = model.to(self.dev, memory_format=torch.channels_last) if self.cuda else model.to(self.dev)
         trained = model
         if self.env.enabled:
@@ -229,9 +241,10 @@ class _Runner:
         drop_last = per_rank > batch_size  # BatchNorm cannot train on a final batch of one
         loader = self._loader(dataset, sampler, batch_size, generator, drop_last=drop_last)
         steps = len(loader)
-        optimizer = torch.optim.AdamW(trained.parameters(), lr=cfg.lr, weight_decay=WEIGHT_DECAY)
+        groups = optimizer_groups(model, cfg.lr)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=WEIGHT_DECAY)
         schedule = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.lr, total_steps=max(1, cfg.epochs * steps), pct_start=WARMUP_FRACTION
+            optimizer, max_lr=[g["lr"] for g in groups], total_steps=max(1, cfg.epochs * steps), pct_start=WARMUP_FRACTION
         )
         scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         weights = torch.as_tensor(LABEL_WEIGHTS, dtype=torch.float32, device=self.dev)
@@ -248,6 +261,9 @@ class _Runner:
             for x, y in bar:
                 flip = torch.rand(len(x), generator=flip_generator) < 0.5
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+                if cfg.context:
+                    zflip = torch.rand(len(x), generator=zflip_generator) < 0.5
+                    x = reverse_slices(x, cfg.n_slices, zflip)
                 inputs = self._inputs(x)
                 targets = y.to(self.dev, non_blocking=True)
                 with self._autocast():
@@ -289,6 +305,30 @@ class _Runner:
                 out[done : done + len(x)] = prob.cpu().numpy()
                 done += len(x)
         return gather_rows(self.env, positions, out, len(dataset))
+
+
+def optimizer_groups(model, lr: float) -> list[dict]:
+    """AdamW parameter groups: the neighbor-slice weights (if any) at ``NEIGHBOR_LR_SCALE * lr``."""
+    neighbor = model.neighbor_parameters()
+    neighbor_ids = {id(p) for p in neighbor}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in neighbor_ids], "lr": lr}]
+    if neighbor:
+        groups.append({"params": neighbor, "lr": lr * NEIGHBOR_LR_SCALE})
+    return groups
+
+
+def reverse_slices(x, n_slices: int, mask):
+    """Reverse the slice order (st-k <-> st+k) of the samples where ``mask`` is true.
+
+    (B, n_slices * windows, H, W) in the neighbor-major layout. Labels do not depend on the
+    direction of the z axis (series come stored both ways), so this doubles the context
+    patterns a model sees; on the demo data it cut the context model's OOF loss from 0.208 to 0.187.
+    """
+    import torch
+
+    b, channels, h, w = x.shape
+    reversed_ = x.reshape(b, n_slices, channels // n_slices, h, w).flip(1).reshape(b, channels, h, w)
+    return torch.where(mask.reshape(-1, 1, 1, 1), reversed_, x)
 
 
 def weighted_bce(logits, targets, weights):

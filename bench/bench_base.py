@@ -22,7 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def measure(arch: str, in_channels: int, size: int, batch_size: int, device: str, seconds: float, threads: int = 0) -> dict:
+def measure(arch: str, in_channels: int, size: int, batch_size: int, device: str, seconds: float, threads: int = 0,
+            center_channels: tuple[int, int] | None = None) -> dict:
     import torch
 
     from base_models.archs import create_model
@@ -36,7 +37,7 @@ def measure(arch: str, in_channels: int, size: int, batch_size: int, device: str
         torch.set_num_threads(threads or cpu_threads_for(size, torch.get_num_threads()))
     dev = torch.device(device)
     cuda = dev.type == "cuda"
-    model = create_model(arch, in_channels).to(dev)
+    model = create_model(arch, in_channels, center_channels=center_channels).to(dev)
     if cuda:
         model = model.to(memory_format=torch.channels_last)
         torch.cuda.reset_peak_memory_stats(dev)
@@ -116,7 +117,9 @@ def main() -> None:
     context = multiprocessing.get_context("spawn")
     for device in devices:
         for size in sizes:
-            args = (options.arch, in_channels, size, options.batch_size, device, options.seconds, options.threads)
+            # a context model's split first layer, as `base train` builds it
+            center = None if options.context == 0 else (options.windows, 2 * options.windows)
+            args = (options.arch, in_channels, size, options.batch_size, device, options.seconds, options.threads, center)
             if device == "cpu":
                 queue = context.Queue()
                 process = context.Process(target=_child, args=(args, queue))

@@ -212,6 +212,26 @@ class TestArchitecture:
         loss.backward()
         assert all(p.grad is not None for p in model.parameters())
 
+    def test_context_model_starts_as_the_center_slice_model(self, arch):
+        """Neighbor weights start at zero: the output ignores the neighbors until they are trained,
+        and gradients still reach them."""
+        from base_models.archs import create_model
+        from base_models.train import weighted_bce
+
+        model = create_model(arch, in_channels=9, center_channels=(3, 6))
+        model.init_weights()
+        x = torch.randn(2, 9, 32, 32)
+        other = x.clone()
+        other[:, :3], other[:, 6:] = 0.0, 3.0
+        with torch.no_grad():
+            torch.testing.assert_close(model.eval()(x), model(other))
+        neighbor = model.neighbor_parameters()
+        assert [tuple(p.shape[:2]) for p in neighbor] == [(neighbor[0].shape[0], 6)]
+        loss = weighted_bce(model.train()(x), torch.ones(2, 6), torch.tensor([1.0, 1, 1, 1, 1, 2]))
+        loss.backward()
+        assert neighbor[0].grad is not None and neighbor[0].grad.abs().sum() > 0
+        assert create_model(arch, in_channels=3).neighbor_parameters() == []
+
     def test_state_dict_round_trip_weights_only(self, arch, tmp_path):
         from base_models.archs import create_model
         from base_models.train import load_checkpoint, save_checkpoint
@@ -228,6 +248,38 @@ class TestArchitecture:
         path.write_bytes(bytes(data))
         with pytest.raises(StackkitError, match="sha256 does not match"):
             load_checkpoint(path)
+
+
+@pytest.mark.parametrize("center", [(0, 9), (3, 3), (-1, 2), (6, 10)])
+def test_context_conv_rejects_a_center_that_is_not_a_proper_part_of_the_input(center):
+    from base_models.archs.base import ContextConv
+
+    with pytest.raises(ValueError, match="proper sub-range"):
+        ContextConv(9, 8, 3, 1, center)
+
+
+def test_neighbor_weights_get_their_own_learning_rate():
+    from base_models.archs import create_model
+    from base_models.train import NEIGHBOR_LR_SCALE, optimizer_groups
+
+    model = create_model("resnet_tiny", in_channels=9, center_channels=(3, 6))
+    groups = optimizer_groups(model, 0.01)
+    assert [g["lr"] for g in groups] == [0.01, pytest.approx(0.01 * NEIGHBOR_LR_SCALE)] and NEIGHBOR_LR_SCALE < 1
+    assert groups[1]["params"] == model.neighbor_parameters()
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    plain = optimizer_groups(create_model("resnet_tiny", in_channels=3), 0.01)
+    assert len(plain) == 1 and len(plain[0]["params"]) == len(list(create_model("resnet_tiny", in_channels=3).parameters()))
+
+
+def test_reverse_slices_swaps_neighbors_of_the_masked_samples_only():
+    from base_models.train import reverse_slices
+
+    # 2 samples, 3 slices x 2 windows; channel c of sample b holds 10 * b + c
+    x = (torch.arange(2)[:, None] * 10 + torch.arange(6)[None, :]).reshape(2, 6, 1, 1).expand(2, 6, 2, 2)
+    out = reverse_slices(x, 3, torch.tensor([True, False]))
+    assert out[0, :, 0, 0].tolist() == [4, 5, 2, 3, 0, 1]  # st+k, st, st-k; windows keep their order
+    assert out[1, :, 0, 0].tolist() == [10, 11, 12, 13, 14, 15]
+    assert torch.equal(reverse_slices(x[:, :2], 1, torch.tensor([True, True])), x[:, :2])
 
 
 def test_weighted_bce_is_the_competition_metric():
@@ -357,7 +409,7 @@ def test_context_model_is_at_least_as_good_as_no_context(trained, small_dataset,
     wd = fresh_workdir(small_dataset, tmp_path / "w")
     with_context = train_base(wd, name="ctx1", context=1, **SMALL)
     info = json.loads(wd.model_json("ctx1").read_text())
-    assert info["parameters"]["in_channels"] == 9
+    assert info["parameters"]["in_channels"] == 9 and info["parameters"]["augment"] == "hflip+zflip"
     assert with_context["oof_logloss"] <= 0.85 * with_context["prior_logloss"]
     assert with_context["oof_logloss"] < 1.05 * plain["oof_logloss"], (with_context["lines"], plain["lines"])
 

@@ -38,9 +38,12 @@ class ResNet(BaseArch):
     stem_kernel: int = 3
     stem_pool: bool = False
 
-    def __init__(self, in_channels: int, n_outputs: int = 6, *, dropout: float = 0.1):
-        super().__init__(in_channels, n_outputs, feature_dim=self.widths[-1], dropout=dropout)
-        stem: list[nn.Module] = [conv_bn_act(in_channels, self.widths[0], self.stem_kernel, stride=2)]
+    def __init__(self, in_channels: int, n_outputs: int = 6, *, dropout: float = 0.1,
+                 center_channels: tuple[int, int] | None = None):
+        super().__init__(in_channels, n_outputs, feature_dim=self.widths[-1], dropout=dropout,
+                         center_channels=center_channels)
+        first = self.input_conv(self.widths[0], self.stem_kernel, stride=2)
+        stem: list[nn.Module] = [conv_bn_act(in_channels, self.widths[0], self.stem_kernel, stride=2, conv=first)]
         if self.stem_pool:
             stem.append(nn.MaxPool2d(3, stride=2, padding=1))
         self.stem = nn.Sequential(*stem)
