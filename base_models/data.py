@@ -21,6 +21,15 @@ def context_offsets(context: int) -> tuple[int, ...]:
     return (0,) if context == 0 else (-context, 0, context)
 
 
+def center_channels(context: int, n_windows: int) -> tuple[int, int] | None:
+    """(start, stop) of the center slice's channels in the neighbor-major input; None without context."""
+    n_slices = len(context_offsets(context))
+    if n_slices == 1:
+        return None
+    center = n_slices // 2
+    return center * n_windows, (center + 1) * n_windows
+
+
 def slice_positions(metadata: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(order, position, study_start): rows sorted by (study_id, z, image_id), each row's 0-based
     position in its study, and the sorted index where its study starts."""

@@ -31,7 +31,7 @@ from stackkit.metric import prior_score, weighted_log_loss
 from stackkit.validate import load_core, validate_predictions
 
 from . import DEFAULT_WINDOWS
-from .data import MAX_CONTEXT, SliceDataset, batch_identity, context_offsets, neighbor_table
+from .data import MAX_CONTEXT, SliceDataset, batch_identity, center_channels, context_offsets, neighbor_table
 from .distributed import DistEnv, barrier, broadcast_object, gather_rows, init_distributed, shard, shutdown
 
 WORK_DIR = "_work"
@@ -67,11 +67,7 @@ class TrainConfig:
 
     @property
     def center_channels(self) -> tuple[int, int] | None:
-        """(start, stop) of the center slice's channels in the neighbor-major input (None: no context)."""
-        if not self.context:
-            return None
-        center = self.n_slices // 2
-        return center * len(self.windows), (center + 1) * len(self.windows)
+        return center_channels(self.context, len(self.windows))
 
     def as_dict(self) -> dict:
         return {

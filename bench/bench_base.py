@@ -108,7 +108,10 @@ def main() -> None:
 
     import torch
 
-    in_channels = options.windows * (1 if options.context == 0 else 3)
+    from base_models.data import center_channels, context_offsets
+
+    in_channels = options.windows * len(context_offsets(options.context))
+    center = center_channels(options.context, options.windows)  # the split first layer `base train` builds
     sizes = [int(s) for s in options.sizes.split(",")]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     print(f"arch {options.arch}, {in_channels} input channels, batch {options.batch_size}, torch {torch.__version__}, "
@@ -117,8 +120,6 @@ def main() -> None:
     context = multiprocessing.get_context("spawn")
     for device in devices:
         for size in sizes:
-            # a context model's split first layer, as `base train` builds it
-            center = None if options.context == 0 else (options.windows, 2 * options.windows)
             args = (options.arch, in_channels, size, options.batch_size, device, options.seconds, options.threads, center)
             if device == "cpu":
                 queue = context.Queue()

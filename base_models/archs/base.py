@@ -14,11 +14,16 @@ import torch
 from torch import nn
 
 
+def conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1) -> nn.Conv2d:
+    """Bias-free (a BatchNorm follows), size-preserving padding."""
+    return nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=False)
+
+
 def conv_bn_act(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, act: bool = True,
                 conv: nn.Module | None = None) -> nn.Sequential:
     """Convolution (``conv`` if given, else a plain bias-free one) + BatchNorm (+ ReLU)."""
     if conv is None:
-        conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=False)
+        conv = conv2d(in_channels, out_channels, kernel_size, stride)
     layers: list[nn.Module] = [conv, nn.BatchNorm2d(out_channels)]
     if act:
         layers.append(nn.ReLU(inplace=True))
@@ -41,9 +46,8 @@ class ContextConv(nn.Module):
         if not 0 <= lo < hi <= in_channels or hi - lo == in_channels:
             raise ValueError(f"center channels {center!r} must be a proper sub-range of 0..{in_channels}")
         self.center_range = (lo, hi)
-        padding = kernel_size // 2
-        self.center = nn.Conv2d(hi - lo, out_channels, kernel_size, stride=stride, padding=padding, bias=False)
-        self.neighbors = nn.Conv2d(in_channels - (hi - lo), out_channels, kernel_size, stride=stride, padding=padding, bias=False)
+        self.center = conv2d(hi - lo, out_channels, kernel_size, stride)
+        self.neighbors = conv2d(in_channels - (hi - lo), out_channels, kernel_size, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lo, hi = self.center_range
@@ -73,7 +77,7 @@ class BaseArch(nn.Module, abc.ABC):
     def input_conv(self, out_channels: int, kernel_size: int, stride: int) -> nn.Module:
         """The first convolution over the input: a :class:`ContextConv` for a context model."""
         if self.center_channels is None:
-            return nn.Conv2d(self.in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=False)
+            return conv2d(self.in_channels, out_channels, kernel_size, stride)
         return ContextConv(self.in_channels, out_channels, kernel_size, stride, self.center_channels)
 
     def neighbor_parameters(self) -> list[nn.Parameter]:
