@@ -24,9 +24,9 @@ import pandas as pd
 
 from stackkit.contract import Workdir
 from stackkit.errors import ContractError
-from stackkit.io import atomic_path, write_json
+from stackkit.contract.io import atomic_path, write_json
 
-from .pixels import read_windowed
+from base_models.pixels import read_windowed
 
 CACHE_VERSION = 1
 CHUNK = 64  # slices per decode task: big enough to amortize inter-process transfer
@@ -58,7 +58,7 @@ def resolve_paths(metadata: pd.DataFrame, wd: Workdir, source: str = "data/metad
     if "path" not in metadata.columns:
         raise ContractError(
             f"{source}: no 'path' column, so base train cannot find the DICOM files; "
-            "run `python cli.py data prepare` (it records each file's path)"
+            "run `data prepare` (it records each file's path)"
         )
     paths = metadata["path"].astype("string").fillna("").to_numpy(dtype=object)
     relative = np.array([bool(p) and not os.path.isabs(p) for p in paths])

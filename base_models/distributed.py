@@ -98,17 +98,6 @@ def gather_rows(env: DistEnv, positions: np.ndarray, values: np.ndarray, total: 
     return out
 
 
-def reduce_mean(env: DistEnv, value: float, device=None) -> float:
-    if not env.enabled:
-        return value
-    import torch
-    import torch.distributed as dist
-
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return float(tensor.item()) / env.world_size
-
-
 def shutdown(env: DistEnv) -> None:
     if env.owns_group:
         import torch.distributed as dist

@@ -17,6 +17,7 @@ import warnings
 from typing import Sequence
 
 import numpy as np
+from stackkit.errors import one_line
 
 # The RSNA 2019 repair (see module docstring).
 QUIRK_BITS_STORED = 12
@@ -103,7 +104,7 @@ def read_windowed(path: str | os.PathLike, windows: Sequence[tuple[float, float]
             ds = pydicom.dcmread(path)
             hu = dicom_to_hu(ds)
     except Exception as exc:  # noqa: BLE001 - any decode failure is a bad slice, not a crash
-        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+        reason = one_line(exc)
         return blank, f"{type(exc).__name__}: {reason}"
     if hu.ndim != 2:
         return blank, f"expected one 2-D slice, got pixel array of shape {hu.shape}"

@@ -24,15 +24,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stackkit.contract import LABEL_WEIGHTS, LABELS, Workdir, file_sha256, folds_hash
+from stackkit.contract import LABEL_WEIGHTS, LABELS, Workdir, folds_hash
 from stackkit.errors import StackkitError
-from stackkit.io import atomic_path, read_json, read_table, write_json, write_parquet, write_text
-from stackkit.metric import prior_score, weighted_log_loss
-from stackkit.validate import load_core, validate_predictions
+from stackkit.contract.io import read_json, read_table, write_artifact, write_json, write_parquet
+from stackkit.metric import prior_score, weighted_bce, weighted_log_loss
+from stackkit.contract.validate import load_core, validate_predictions
 
-from . import DEFAULT_WINDOWS
-from .data import MAX_CONTEXT, SliceDataset, batch_identity, center_channels, context_offsets, neighbor_table
-from .distributed import DistEnv, barrier, broadcast_object, gather_rows, init_distributed, shard, shutdown
+from base_models import DEFAULT_WINDOWS
+from base_models.data import MAX_CONTEXT, SliceDataset, batch_identity, center_channels, context_offsets, neighbor_table
+from base_models.distributed import DistEnv, barrier, broadcast_object, gather_rows, init_distributed, shard, shutdown
 
 WORK_DIR = "_work"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -84,34 +84,22 @@ class TrainConfig:
 
 
 def save_checkpoint(state_dict: dict, path: Path) -> Path:
-    """state_dict -> ``path`` atomically, plus ``path.sha256`` (written after, so it vouches for it)."""
+    """state_dict -> ``path`` atomically with a sha256 sidecar; read back with
+    ``torch.load(io.BytesIO(read_artifact(path)), weights_only=True)``."""
+    import io
+
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, tmp)
-    write_text(f"{file_sha256(path)}  {path.name}\n", path.with_name(path.name + ".sha256"))
-    return path
-
-
-def load_checkpoint(path: Path) -> dict:
-    """A state_dict checked against its sha256 sidecar, loaded with ``weights_only=True``."""
-    import torch
-
-    path = Path(path)
-    sidecar = path.with_name(path.name + ".sha256")
-    if not path.is_file() or not sidecar.is_file():
-        raise StackkitError(f"{path}: checkpoint or its .sha256 sidecar is missing; retrain this fold")
-    expected = sidecar.read_text(encoding="utf-8").split()[0] if sidecar.read_text(encoding="utf-8").strip() else ""
-    if file_sha256(path) != expected:
-        raise StackkitError(f"{path}: sha256 does not match {sidecar.name}; the file is corrupt or was replaced: retrain this fold")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, buffer)
+    return write_artifact(path, buffer.getvalue())
 
 
 # --- validation at the boundary ------------------------------------------------------------------
 
 
 def _check_params(name, arch, context, epochs, batch_size, lr, img_size, windows, workers) -> None:
-    from .archs import ARCHITECTURES
+    from base_models.archs import ARCHITECTURES
 
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
         raise StackkitError(f"--name {name!r}: use letters, digits, '_', '-' or '.', starting with a letter or digit")
@@ -213,7 +201,7 @@ class _Runner:
         from torch.utils.data import DistributedSampler, RandomSampler
         from tqdm.auto import tqdm
 
-        from .archs import create_model
+        from base_models.archs import create_model
 
         cfg = self.config
         fold_seed = cfg.seed * 1009 + fold  # depends on (seed, fold) only: resume-safe
@@ -327,14 +315,6 @@ def reverse_slices(x, n_slices: int, mask):
     return torch.where(mask.reshape(-1, 1, 1, 1), reversed_, x)
 
 
-def weighted_bce(logits, targets, weights):
-    """The competition metric as a loss: per-label BCE-with-logits, weighted (any = 2), normalized."""
-    import torch.nn.functional as F
-
-    per_element = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    return (per_element * weights).sum(dim=1).mean() / weights.sum()
-
-
 def _seed_worker(worker_id: int) -> None:
     import torch
 
@@ -418,7 +398,7 @@ def train_base(
     training images/s, and ``lines`` to print. ``on_fold_done(fold)`` is called after each fold's
     results are safely on disk (a hook for progress reporting and interruption tests).
     """
-    wd = Workdir(Path(workdir.root)) if isinstance(workdir, Workdir) else Workdir.resolve(workdir)
+    wd = Workdir.of(workdir)
     try:
         windows = tuple((float(c), float(w)) for c, w in (DEFAULT_WINDOWS if windows is None else windows))
     except (TypeError, ValueError):
@@ -482,7 +462,7 @@ def _say(env: DistEnv, progress: bool, text: str) -> None:
 
 def _train(wd, name, config, metadata, labels, fold_frame, available, requested, dev, env, resume, workers, progress,
            decode_workers, on_fold_done) -> dict:
-    from .cache import load_or_build_cache
+    from base_models.cache import load_or_build_cache
 
     # the pixel cache: rank 0 decodes, the others wait and map the same file
     cache = None

@@ -15,11 +15,7 @@ import argparse
 import json
 import multiprocessing
 import resource
-import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def measure(arch: str, in_channels: int, size: int, batch_size: int, device: str, seconds: float, threads: int = 0,

@@ -17,14 +17,10 @@ from __future__ import annotations
 import argparse
 import gzip
 import resource
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import numpy as np
+import pandas as pd
 
 
 def sources(n: int, n_sources: int, rng, y=None):
@@ -47,10 +43,10 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5)
     args = parser.parse_args()
 
-    from stackkit.blend import cross_validated_blend, fit_blend
+    from stackkit.stack.blend import cross_validated_blend, fit_blend
     from stackkit.metric import weighted_log_loss
     from stackkit.submit import to_long
-    from stackkit.tune import search_blend
+    from stackkit.stack.tune import search_blend
     from stackkit.contract import LABELS
 
     rng = np.random.default_rng(0)

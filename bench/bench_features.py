@@ -33,10 +33,8 @@ import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from stackkit.contract import LABELS, Workdir  # noqa: E402
-from stackkit.io import write_parquet  # noqa: E402
+from stackkit.contract import LABELS, Workdir
+from stackkit.contract.io import write_parquet
 
 FULL_IMAGES = 870_000
 

@@ -15,19 +15,16 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from stackkit.contract import Workdir  # noqa: E402
-from stackkit.dicom import scan_headers  # noqa: E402
-from stackkit.prepare import prepare_data  # noqa: E402
-from stackkit import synth as synth_module  # noqa: E402
-from stackkit.synth import TEST_DIR, TRAIN_CSV, TRAIN_DIR, synthesize  # noqa: E402
+from stackkit.contract import Workdir
+from stackkit.data.dicom import scan_headers
+from stackkit.data.prepare import prepare_data
+from stackkit.data import synth as synth_module
+from stackkit.data.synth import TEST_DIR, TRAIN_CSV, TRAIN_DIR, synthesize
 
 OUT = Path(__file__).resolve().parent / "out"
 

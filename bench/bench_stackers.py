@@ -9,7 +9,6 @@ layout by tests/helpers_stack.py, default stacker parameters. Usage:
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -17,14 +16,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+from stackkit.testing.stack import write_stack_workdir
 
-from helpers_stack import write_stack_workdir  # noqa: E402
-
-from stackkit.io import read_json, write_json, write_parquet  # noqa: E402
-from stackkit.metric import prior_score  # noqa: E402
-from stackkit.stacking import fit_stacker, load_stack_inputs  # noqa: E402
+from stackkit.contract.io import read_json, write_json, write_parquet
+from stackkit.metric import prior_score
+from stackkit.stack.crossfit import fit_stacker, load_stack_inputs
 
 
 def _widen(wd, extra: int, seed: int = 0) -> None:

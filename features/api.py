@@ -14,9 +14,9 @@ import pandas as pd
 
 from stackkit.contract import CONTRACT_VERSION, Workdir, file_sha256, folds_hash
 from stackkit.errors import StackkitError
-from stackkit.io import atomic_path, write_json
+from stackkit.contract.io import atomic_path, write_json
 
-from .build import TEST_KEY_COLUMNS, TRAIN_KEY_COLUMNS, build_features
+from features.build import TEST_KEY_COLUMNS, TRAIN_KEY_COLUMNS, build_features
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +30,10 @@ def run_stack_features(workdir: Workdir, *, lags: int = 2, dicom_meta: bool = Fa
     """
     from tqdm.auto import tqdm
 
-    from stackkit.validate import load_core, read_oof, read_test
+    from stackkit.contract.validate import load_core, read_oof, read_test
 
     started, cpu_started = time.perf_counter(), time.process_time()
-    wd = workdir if isinstance(workdir, Workdir) else Workdir(Path(workdir))
+    wd = Workdir.of(workdir)
     if isinstance(lags, bool) or not isinstance(lags, (int, np.integer)) or lags < 0:
         raise StackkitError(f"--lags: expected a non-negative integer, got {lags!r}")
     models = wd.model_names()
@@ -109,7 +109,7 @@ def _object_strings():
     """Read ids as object strings while the validators run.
 
     pandas 3's Arrow-backed ``str`` arrays implement ``Index.isin`` with one Python scalar per
-    value (~4 us each); stackkit.validate.check_id_coverage calls it on every id column, which
+    value (~4 us each); stackkit.contract.validate.check_id_coverage calls it on every id column, which
     costs ~3 s per 650,000-row file, most of the step's budget at RSNA scale. Object strings
     hash in C (~15x faster). Drop this once check_id_coverage converts ids to object itself.
     """

@@ -341,7 +341,7 @@ def build_features(
 
     ``metadata``: data/metadata.parquet (image_id, study_id, split, z, optional DICOM columns);
     ``oof_by_model`` / ``test_by_model``: per model, the contract prediction tables (validated
-    by stackkit.validate); ``folds``: data/folds.parquet. Train rows are the metadata's
+    by stackkit.contract.validate); ``folds``: data/folds.parquet. Train rows are the metadata's
     ``split == 'train'`` images; OOF predictions fill train rows and test predictions fill test
     rows only. Frames are sorted by (study_id, slice_index); feature columns are float32.
     """

@@ -9,8 +9,8 @@ from __future__ import annotations
 import shutil
 import time
 
-from .contract import Workdir
-from .errors import StackkitError
+from stackkit.contract import Workdir
+from stackkit.errors import StackkitError
 
 DEMO_MARKER = ".stackkit-demo"
 
@@ -25,7 +25,7 @@ def _fresh_workdir(wd: Workdir) -> None:
             )
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
-    (root / DEMO_MARKER).write_text("made by `python cli.py demo`; the demo may delete this folder\n")
+    (root / DEMO_MARKER).write_text("made by `demo`; the demo may delete this folder\n")
 
 
 def run_demo(wd: Workdir, *, patients: int = 40, trials: int = 8, seed: int = 0, fresh: bool = True,
@@ -33,10 +33,10 @@ def run_demo(wd: Workdir, *, patients: int = 40, trials: int = 8, seed: int = 0,
     from base_models.train import train_base
     from features.api import run_stack_features
 
-    from .fit import run_stack_fit
-    from .prepare import prepare_data
-    from .submit import write_submission
-    from .synth import synthesize
+    from stackkit.stack.fit import run_stack_fit
+    from stackkit.data.prepare import prepare_data
+    from stackkit.submit import write_submission
+    from stackkit.data.synth import synthesize
 
     if fresh:
         _fresh_workdir(wd)

@@ -6,6 +6,12 @@ exit code 2; anything else is a bug and keeps its traceback.
 """
 
 
+def one_line(detail, limit: int = 160) -> str:
+    """``detail`` (an exception or text) as one line of at most ``limit`` characters, for an error message."""
+    text = " ".join(str(detail).split())[:limit]
+    return text or type(detail).__name__
+
+
 class StackkitError(Exception):
     """A known, user-facing error. ``str(exc)`` is a single line that says what is wrong and how to fix it."""
 

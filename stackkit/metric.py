@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .contract import LABEL_WEIGHTS, LABELS
+from stackkit.contract import LABEL_WEIGHTS, LABELS
 
 EPS = 1e-7
 
@@ -48,19 +48,21 @@ def weighted_log_loss(y_true, y_prob, weights: np.ndarray = LABEL_WEIGHTS) -> Sc
     return Score(overall, {label: float(v) for label, v in zip(LABELS, per_label_mean)})
 
 
-def score_frame(labels_frame, preds_frame) -> Score:
-    """Score two frames keyed by ``image_id`` (joined on it; both must cover the same ids)."""
-    merged = labels_frame[["image_id", *LABELS]].merge(
-        preds_frame[["image_id", *LABELS]], on="image_id", suffixes=("_true", "_pred"), validate="1:1"
-    )
-    if len(merged) != len(labels_frame):
-        raise ValueError("predictions do not cover every labeled image")
-    y_true = merged[[f"{l}_true" for l in LABELS]].to_numpy()
-    y_pred = merged[[f"{l}_pred" for l in LABELS]].to_numpy()
-    return weighted_log_loss(y_true, y_pred)
-
-
 def prior_score(y_true) -> Score:
     """Score of predicting each label's frequency: the floor any model must beat."""
     y_true = np.asarray(y_true, dtype=np.float64)
     return weighted_log_loss(y_true, np.broadcast_to(y_true.mean(axis=0), y_true.shape))
+
+
+def weighted_bce(logits, targets, weights, mask=None):
+    """The metric as a torch training loss: BCE-with-logits per label, weighted by ``weights``
+    (any = 2) and normalized by their sum, averaged over rows; ``mask`` (the rows' leading shape,
+    1 = a real slice) drops padding. torch comes with the tensors: nothing is imported here."""
+    import torch.nn.functional as F
+
+    per_label = F.binary_cross_entropy_with_logits(logits, targets, reduction="none") * weights
+    per_row = per_label.sum(dim=-1) / weights.sum()
+    if mask is None:
+        return per_row.mean()
+    mask = mask.to(per_row.dtype)
+    return (per_row * mask).sum() / mask.sum().clamp_min(1.0)

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .blend import BlendParams
-from .contract import LABELS, Workdir, file_sha256
-from .errors import ContractError, StackkitError
-from .io import atomic_path, read_json
+from stackkit.stack.blend import BlendParams
+from stackkit.contract import LABELS, Workdir, file_sha256
+from stackkit.errors import ContractError, StackkitError, one_line
+from stackkit.contract.io import atomic_path, read_json
 
 ID_PATTERN = re.compile(r"^(ID_[0-9A-Za-z]+)_(" + "|".join(LABELS) + r")$")
 FLOAT_FORMAT = "%.7g"
@@ -28,7 +28,7 @@ def load_blend(workdir: Workdir) -> tuple[dict, list[dict], BlendParams]:
     """blend.json, its sources and the BlendParams; one-line errors for a missing or malformed file."""
     path = workdir.blend
     if not path.is_file():
-        raise StackkitError(f"{path}: not found; run `python cli.py stack fit` first")
+        raise StackkitError(f"{path}: not found; run `stack fit` first")
     record = read_json(path)
     try:
         sources = list(record["sources"])
@@ -37,15 +37,15 @@ def load_blend(workdir: Workdir) -> tuple[dict, list[dict], BlendParams]:
             str(s["test"])
         params = BlendParams.from_json(record, names)
     except (KeyError, TypeError, ValueError) as exc:
-        raise ContractError(f"{path}: malformed blend record ({type(exc).__name__}: {exc}); rerun `python cli.py stack fit`") from None
+        raise ContractError(f"{path}: malformed blend record ({type(exc).__name__}: {exc}); rerun `stack fit`") from None
     if not sources:
-        raise ContractError(f"{path}: lists no sources; rerun `python cli.py stack fit`")
+        raise ContractError(f"{path}: lists no sources; rerun `stack fit`")
     return record, sources, params
 
 
 def blended_test_predictions(workdir: Workdir) -> tuple[pd.DataFrame, dict]:
     """(image_id + six labels) for every test image, blended as recorded in blend.json."""
-    from .validate import read_metadata, read_test
+    from stackkit.contract.validate import read_metadata, read_test
 
     record, sources, params = load_blend(workdir)
     metadata = read_metadata(workdir)
@@ -60,7 +60,7 @@ def blended_test_predictions(workdir: Workdir) -> tuple[pd.DataFrame, dict]:
         expected = source.get("test_sha256")
         if expected and file_sha256(path) != expected:
             raise StackkitError(
-                f"{path}: changed since stack/blend.json was fitted (sha256 differs); rerun `python cli.py stack fit` before submitting"
+                f"{path}: changed since stack/blend.json was fitted (sha256 differs); rerun `stack fit` before submitting"
             )
         frame = read_test(path, metadata, workdir)  # every test image exactly once, finite probabilities
         stacked[s] = frame.set_index("image_id").reindex(test_ids)[list(LABELS)].to_numpy(dtype=np.float64)
@@ -138,7 +138,7 @@ def validate_submission(path, test_image_ids, *, compressed: bool | None = None)
     try:
         frame = pd.read_csv(path, dtype={"ID": str}, keep_default_na=False, na_values=[""], compression="gzip" if compressed else None)
     except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise ContractError(f"{path}: not a readable CSV ({' '.join(str(exc).split())[:160]})") from None
+        raise ContractError(f"{path}: not a readable CSV ({one_line(exc)})") from None
     if list(frame.columns) != HEADER:
         raise ContractError(f"{path}: header is {list(frame.columns)}; expected exactly ID,Label")
     ids = frame["ID"].astype(str)

@@ -16,12 +16,12 @@ import pydicom
 import pytest
 from click.testing import CliRunner
 
-from cli import cli
+from stackkit.cli import cli
 from stackkit.contract import LABELS, Workdir
-from stackkit.io import write_parquet
-from stackkit.validate import load_core
+from stackkit.contract.io import write_parquet
+from stackkit.contract.validate import load_core
 
-from conftest import noisy_predictions, snapshot
+from stackkit.testing.contract import noisy_predictions, snapshot
 
 
 class Case:

@@ -19,7 +19,8 @@ import pytest
 
 from stackkit.contract import LABELS, Workdir
 
-from conftest import CLI, run_cli, snapshot
+from stackkit.testing.cli import CLI, run_cli
+from stackkit.testing.contract import snapshot
 
 
 def _commands(root: Path, wd: Workdir):

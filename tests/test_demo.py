@@ -6,7 +6,8 @@ import json
 
 import pandas as pd
 
-from conftest import run_cli, snapshot
+from stackkit.testing.cli import run_cli
+from stackkit.testing.contract import snapshot
 from stackkit.contract import LABELS, Workdir
 
 

@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 
 from stackkit.contract import LABELS, Workdir
-from stackkit.io import read_json, write_parquet
-from stackkit.validate import load_core
+from stackkit.contract.io import read_json, write_parquet
+from stackkit.contract.validate import load_core
 
-from conftest import make_contract_frames
+from stackkit.testing.contract import make_contract_frames
 
 
 def study_correlated_predictions(metadata, labels, ids, *, strength, seed):
@@ -46,8 +46,8 @@ def unusual_workdir(tmp_path):
 
 def test_stacking_imported_predictions_on_unusual_studies(unusual_workdir, tmp_path):
     from features.api import run_stack_features
-    from stackkit.fit import run_stack_fit
-    from stackkit.importer import import_predictions
+    from stackkit.stack.fit import run_stack_fit
+    from base_models.importer import import_predictions
     from stackkit.submit import validate_submission, write_submission
 
     wd = unusual_workdir

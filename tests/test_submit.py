@@ -9,16 +9,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stackkit.blend import apply_blend
+from stackkit.stack.blend import apply_blend
 from stackkit.contract import LABELS, Workdir, file_sha256
 from stackkit.errors import ContractError, StackkitError
-from stackkit.fit import run_stack_fit
-from stackkit.io import read_json, write_json, write_parquet
+from stackkit.stack.fit import run_stack_fit
+from stackkit.contract.io import read_json, write_json, write_parquet
 from stackkit.submit import validate_submission, write_submission
-from stackkit.validate import read_metadata
+from stackkit.contract.validate import read_metadata
 
-from conftest import snapshot
-from helpers_stackfit import base_model_workdir, read_submission
+from stackkit.testing.contract import snapshot
+from stackkit.testing.stack import base_model_workdir, read_submission
 
 
 @pytest.fixture(scope="module")

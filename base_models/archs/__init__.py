@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from stackkit.errors import StackkitError
 
-from .base import BaseArch
-from .resnet import ResNet18, ResNetSmall, ResNetTiny
+from base_models.archs.base import BaseArch
+from base_models.archs.resnet import ResNet18, ResNetSmall, ResNetTiny
 
 ARCHITECTURES: dict[str, type[BaseArch]] = {cls.name: cls for cls in (ResNetTiny, ResNetSmall, ResNet18)}
 

@@ -115,6 +115,3 @@ class BaseArch(nn.Module, abc.ABC):
             p = prior.clamp(1e-4, 1 - 1e-4).to(self.head.bias.dtype)
             with torch.no_grad():
                 self.head.bias.copy_(torch.log(p / (1 - p)))
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())

@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .base import BaseArch, conv_bn_act
+from base_models.archs.base import BaseArch, conv_bn_act
 
 
 class BasicBlock(nn.Module):

@@ -1,0 +1,331 @@
+#!/usr/bin/env python
+"""stackkit command line: one command per pipeline step.
+
+The CLI only turns options into one library call and library errors into a one-line
+message with exit code 2 (datasette style); all work lives in the packages. Heavy libraries
+(torch, pydicom, lightgbm) are imported inside the commands that need them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import click
+
+from stackkit.contract import DEFAULT_WORKDIR, WORKDIR_ENV, Workdir
+
+EXIT_BAD_INPUT = 2
+
+
+class StackkitGroup(click.Group):
+    """Runs subcommands with known errors turned into one line and exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.exceptions.Exit:
+            raise
+        except click.ClickException:
+            raise
+        except click.Abort:
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped below, re-raised otherwise
+            from stackkit.errors import StackkitError
+
+            debug = (ctx.find_root().obj or {}).get("debug")
+            if debug:
+                raise
+            if isinstance(exc, StackkitError):
+                raise StackkitCliError(str(exc)) from exc
+            if isinstance(exc, OSError) and exc.filename:
+                # disk full, permissions, a path that vanished: the user's to fix, not a bug
+                raise StackkitCliError(f"{exc.filename}: {exc.strerror or exc}") from exc
+            raise
+
+
+class StackkitCliError(click.ClickException):
+    exit_code = EXIT_BAD_INPUT
+
+    def show(self, file=None):
+        click.echo(f"Error: {self.format_message()}", err=True)
+
+
+def workdir_option(func):
+    """``--workdir`` shared by every command."""
+
+    @click.option(
+        "--workdir",
+        type=click.Path(file_okay=False),
+        default=None,
+        help=f"Work directory (default: ${WORKDIR_ENV}, else {DEFAULT_WORKDIR}/).",
+    )
+    @functools.wraps(func)
+    def wrapper(*args, workdir=None, **kwargs):
+        return func(*args, wd=Workdir.resolve(workdir), **kwargs)
+
+    return wrapper
+
+
+def progress_option(func):
+    return click.option("--quiet", "-q", is_flag=True, help="No progress bars.")(func)
+
+
+def _int_list(value: str | None) -> list[int] | None:
+    if value is None or value == "":
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip() != ""]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers such as 0,1,2, got {value!r}")
+
+
+def _str_list(value: str | None) -> list[str] | None:
+    if value is None or value == "":
+        return None
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+@click.group(cls=StackkitGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.pass_context
+def cli(ctx, debug):
+    """stackkit: leakage-free stacking of CNN predictions over CT studies.
+
+    \b
+    Pipeline (RSNA 2019 intracranial hemorrhage layout):
+      data synth      synthetic DICOM dataset in the RSNA layout
+      data prepare    DICOM folders + label CSV -> metadata, labels, folds
+      base train      CNN base models -> out-of-fold and test predictions
+      base import     predictions made elsewhere -> preds/NAME/
+      stack features  study-aware features from every model's predictions
+      stack fit       level-2 stackers + Optuna-tuned blend
+      submit          Kaggle submission CSV
+      demo            everything above on synthetic data
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+@cli.group(cls=StackkitGroup)
+def data():
+    """Create or ingest DICOM data: `synth`, `prepare`."""
+
+
+@data.command("synth")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder to write the dataset into.")
+@click.option("--patients", default=40, show_default=True, type=click.IntRange(2, None), help="Number of patients.")
+@click.option("--size", default=64, show_default=True, type=click.IntRange(16, 1024), help="Image size in pixels.")
+@click.option("--slices", default="16,32", show_default=True, help="Range of slices per study: MIN,MAX.")
+@click.option("--test-fraction", default=0.25, show_default=True, type=click.FloatRange(0.0, 0.9), help="Share of patients in stage_2_test.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@progress_option
+def data_synth(out_dir, patients, size, slices, test_fraction, seed, quiet):
+    """Write a synthetic dataset in the RSNA 2019 layout.
+
+    OUT/stage_2_train/*.dcm, OUT/stage_2_test/*.dcm and OUT/stage_2_train.csv (long ID,Label
+    format): real CT DICOM files with head-like anatomy and 3D hemorrhages of the five subtypes.
+    """
+    from stackkit.data.synth import synthesize
+
+    bounds = _int_list(slices)
+    if not bounds or len(bounds) != 2 or bounds[0] < 1 or bounds[0] > bounds[1]:
+        raise click.BadParameter(f"expected MIN,MAX with 1 <= MIN <= MAX, got {slices!r}", param_hint="--slices")
+    summary = synthesize(out_dir, patients=patients, size=size, slices=(bounds[0], bounds[1]),
+                         test_fraction=test_fraction, seed=seed, progress=not quiet)
+    _print_summary("data synth", summary)
+
+
+@data.command("prepare")
+@workdir_option
+@click.option("--dicom-dir", required=True, type=click.Path(), help="Folder of training DICOM files (stage_2_train).")
+@click.option("--test-dicom-dir", required=True, type=click.Path(), help="Folder of test DICOM files (stage_2_test).")
+@click.option("--labels", "labels_csv", required=True, type=click.Path(), help="Label CSV: RSNA long ID,Label or wide image_id + six labels.")
+@click.option("--folds", "n_folds", default=5, show_default=True, type=click.IntRange(2, 100), help="Number of patient-grouped folds.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the fold assignment.")
+@click.option("--strict", is_flag=True, help="Fail on the first corrupt DICOM instead of skipping it.")
+@click.option("--workers", default=None, type=click.IntRange(1, None), help="Header-reading processes (default: all cores).")
+@progress_option
+def data_prepare(wd, dicom_dir, test_dicom_dir, labels_csv, n_folds, seed, strict, workers, quiet):
+    """Scan DICOM headers and write data/metadata, data/labels and data/folds."""
+    import warnings
+
+    from stackkit.data.prepare import SkippedDicomWarning, prepare_data
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SkippedDicomWarning)
+        summary = prepare_data(wd, dicom_dir=dicom_dir, test_dicom_dir=test_dicom_dir, labels_csv=labels_csv,
+                               n_folds=n_folds, seed=seed, strict=strict, workers=workers, progress=not quiet)
+    for warning in caught:
+        if issubclass(warning.category, SkippedDicomWarning):
+            # one plain line per skipped file, not Python's two-line warning format
+            click.echo(f"warning: {warning.message}", err=True)
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+    _print_summary("data prepare", summary)
+
+
+# --- base ------------------------------------------------------------------------------------
+
+
+@cli.group(cls=StackkitGroup)
+def base():
+    """Level-1 models: `train` a CNN or `import` predictions made elsewhere."""
+
+
+@base.command("train")
+@workdir_option
+@click.option("--name", required=True, help="Model name: predictions go to preds/NAME/.")
+@click.option("--arch", default="resnet_tiny", show_default=True, help="Architecture (see base_models.archs).")
+@click.option("--context", default=0, show_default=True, type=click.IntRange(0, 2), help="Neighbor slices as channels: 0 none, 1 st-1/st/st+1, 2 st-2/st/st+2.")
+@click.option("--epochs", default=9, show_default=True, type=click.IntRange(1, None))
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1, None))
+@click.option("--lr", default=5e-3, show_default=True, type=click.FloatRange(0, None, min_open=True))
+@click.option("--img-size", default=64, show_default=True, type=click.IntRange(16, 1024))
+@click.option("--folds", "folds", default=None, help="Folds to train, e.g. 0,1,2 (default: all).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--resume", is_flag=True, help="Continue at the first unfinished fold.")
+@click.option("--tta", is_flag=True, help="Average predictions with horizontally flipped images.")
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(0, None), help="DataLoader worker processes. On CPU, training uses one thread per 128x128 pixels of input; set OMP_NUM_THREADS to override.")
+@progress_option
+def base_train(wd, name, arch, context, epochs, batch_size, lr, img_size, folds, device, seed, resume, tta, workers, quiet):
+    """Train a CNN over the folds of data/folds.parquet and write preds/NAME/.
+
+    One model per fold, trained on the other folds: it predicts its own fold (out-of-fold)
+    and the test set (mean over fold models). Runs under torchrun for several GPUs.
+    """
+    from base_models.train import train_base
+
+    summary = train_base(wd, name=name, arch=arch, context=context, epochs=epochs, batch_size=batch_size, lr=lr,
+                         img_size=img_size, folds=_int_list(folds), device=device, seed=seed, resume=resume,
+                         tta=tta, workers=workers, progress=not quiet)
+    _print_summary("base train", summary)
+
+
+@base.command("import")
+@workdir_option
+@click.argument("name")
+@click.option("--oof", "oof_path", required=True, type=click.Path(), help="Out-of-fold predictions (Parquet or CSV, wide or RSNA long).")
+@click.option("--test", "test_path", required=True, type=click.Path(), help="Test predictions (same formats).")
+@click.option("--logits", is_flag=True, help="The files hold logits: apply a sigmoid.")
+@click.option("--force", is_flag=True, help="Replace an existing preds/NAME/.")
+def base_import(wd, name, oof_path, test_path, logits, force):
+    """Register predictions made anywhere else as preds/NAME/.
+
+    A missing `fold` column is filled from data/folds.parquet; a fold that disagrees with it
+    is refused, because stacking on it would leak labels.
+    """
+    from base_models.importer import import_predictions
+
+    summary = import_predictions(wd, name, oof_path=oof_path, test_path=test_path, logits=logits, force=force)
+    _print_summary("base import", summary)
+
+
+# --- stack -----------------------------------------------------------------------------------
+
+
+@cli.group(cls=StackkitGroup)
+def stack():
+    """Level 2: `features` from all models, `fit` stackers and the blend."""
+
+
+@stack.command("features")
+@workdir_option
+@click.option("--lags", default=2, show_default=True, type=click.IntRange(0, 64), help="Neighbor distances 1..L along z.")
+@click.option("--dicom-meta", is_flag=True, help="Add DICOM metadata columns (slice thickness, spacing, window).")
+@progress_option
+def stack_features(wd, lags, dicom_meta, quiet):
+    """Build study-aware features from every model under preds/."""
+    from features.api import run_stack_features
+
+    summary = run_stack_features(wd, lags=lags, dicom_meta=dicom_meta, progress=not quiet)
+    _print_summary("stack features", summary)
+
+
+@stack.command("fit")
+@workdir_option
+@click.option("--stackers", default=None, help="Comma-separated stackers (default: the registry's default set, see stackkit/stack/stackers).")
+@click.option("--tune", is_flag=True, help="Tune stacker parameters and blend weights with Optuna.")
+@click.option("--trials", default=20, show_default=True, type=click.IntRange(1, None), help="Optuna trials per study.")
+@click.option("--timeout", default=None, type=click.FloatRange(0, None, min_open=True), help="Seconds per study.")
+@click.option("--storage", default=None, help="Optuna storage URL (default: a journal file under the work directory; postgresql://... for many machines).")
+@click.option("--study-name", default=None, help="Study name prefix; reruns and other workers continue it.")
+@click.option("--heartbeat", default=None, type=click.IntRange(1, None),
+              help="Seconds between worker heartbeats (database storages; default 60): a killed worker's trial is retried after 2x this.")
+@click.option("--no-base-in-blend", is_flag=True, help="Blend only the stackers, not the base models.")
+@click.option("--shared-weights", is_flag=True, help="One blend weight per source instead of one per label.")
+@click.option("--no-any-consistency", is_flag=True, help="Do not enforce any >= max(subtypes).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@progress_option
+def stack_fit(wd, stackers, tune, trials, timeout, storage, study_name, heartbeat, no_base_in_blend, shared_weights,
+              no_any_consistency, seed, quiet):
+    """Fit stackers on the base models' folds, blend them, print the report table."""
+    from stackkit.stack.fit import run_stack_fit
+
+    summary = run_stack_fit(wd, stackers=_str_list(stackers), tune=tune, trials=trials, timeout=timeout,
+                            storage=storage, study_name=study_name, blend_base_models=not no_base_in_blend,
+                            per_label_weights=not shared_weights, any_consistency=not no_any_consistency,
+                            seed=seed, progress=not quiet, heartbeat_interval=heartbeat)
+    _print_summary("stack fit", summary)
+
+
+# --- submit, demo ----------------------------------------------------------------------------
+
+
+@cli.command("submit")
+@workdir_option
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Output CSV (.csv or .csv.gz); default WORKDIR/submission.csv.")
+def submit(wd, out):
+    """Write the blended test predictions as a Kaggle submission (ID,Label)."""
+    from stackkit.submit import write_submission
+
+    summary = write_submission(wd, out)
+    _print_summary("submit", summary)
+
+
+@cli.command("demo")
+@workdir_option
+@click.option("--patients", default=40, show_default=True, type=click.IntRange(6, None))
+@click.option("--trials", default=8, show_default=True, type=click.IntRange(1, None))
+@click.option("--epochs", default=9, show_default=True, type=click.IntRange(1, None), help="Epochs per base CNN.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--fresh/--reuse", default=True, show_default=True, help="Start from an empty work directory.")
+@progress_option
+def demo(wd, patients, trials, epochs, seed, fresh, quiet):
+    """The whole pipeline on synthetic data: synth, prepare, two CNNs, features, fit --tune, submit."""
+    from stackkit.demo import run_demo
+
+    summary = run_demo(wd, patients=patients, trials=trials, epochs=epochs, seed=seed, fresh=fresh,
+                       progress=not quiet)
+    _print_summary("demo", summary)
+
+
+def _print_summary(step: str, summary) -> None:
+    if not isinstance(summary, dict):
+        return
+    table = summary.get("table")
+    if table:
+        click.echo(table)
+    lines = summary.get("lines") or []
+    for line in lines:
+        click.echo(line)
+    if not table and not lines:
+        shown = {k: v for k, v in summary.items() if isinstance(v, (int, float, str)) and k != "table"}
+        if shown:
+            click.echo(f"{step}: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
+
+
+def main() -> None:
+    # usage lines and hints name the command the way the user typed it
+    invoked = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    prog = "python -m stackkit" if invoked == "__main__.py" else ("python cli.py" if invoked == "cli.py" else "stackkit")
+    cli(prog_name=prog)
+
+
+if __name__ == "__main__":
+    main()

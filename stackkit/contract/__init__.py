@@ -1,0 +1,189 @@
+"""The stackkit contract (v1): label order, metric weights and the work-directory layout.
+
+See ``docs/contract.md`` (and ``../shared/contract.md``) for the formats themselves; this module
+is the single place in the code that names files and columns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+CONTRACT_VERSION = 1
+
+LABELS: tuple[str, ...] = (
+    "epidural",
+    "intraparenchymal",
+    "intraventricular",
+    "subarachnoid",
+    "subdural",
+    "any",
+)
+# Metric weight per label, in LABELS order: `any` counts twice.
+LABEL_WEIGHTS = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 2.0])
+
+SPLITS = ("train", "test")
+METADATA_REQUIRED = ("image_id", "patient_id", "study_id", "split", "z")
+METADATA_OPTIONAL = (
+    "series_id",
+    "slice_thickness",
+    "pixel_spacing",
+    "window_center",
+    "window_width",
+    "rescale_slope",
+    "rescale_intercept",
+    "rows",
+    "columns",
+    "path",
+)
+
+DEFAULT_WORKDIR = "artifacts"
+WORKDIR_ENV = "STACKKIT_WORKDIR"
+THREADS_ENV = "STACKKIT_THREADS"
+
+
+def env_threads(default: int) -> int:
+    """Threads from $STACKKIT_THREADS, else ``default``; a value that is not a positive integer is an error."""
+    value = os.environ.get(THREADS_ENV)
+    if value is None:
+        return int(default)
+    try:
+        threads = int(value)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        from stackkit.errors import StackkitError
+
+        raise StackkitError(f"${THREADS_ENV}={value!r}: expected a positive integer number of threads")
+    return threads
+
+
+def resolve_workdir(option: str | os.PathLike | None) -> Path:
+    """``--workdir`` if given, else ``$STACKKIT_WORKDIR``, else ``artifacts/``."""
+    if option:
+        return Path(option)
+    env = os.environ.get(WORKDIR_ENV)
+    return Path(env) if env else Path(DEFAULT_WORKDIR)
+
+
+@dataclass(frozen=True)
+class Workdir:
+    """Paths of every contract file under one work directory."""
+
+    root: Path
+
+    @classmethod
+    def resolve(cls, option: str | os.PathLike | None = None) -> "Workdir":
+        return cls(resolve_workdir(option))
+
+    @classmethod
+    def of(cls, workdir: "Workdir | str | os.PathLike") -> "Workdir":
+        """``workdir`` itself, or a path turned into one: what every library entry point accepts."""
+        return workdir if isinstance(workdir, cls) else cls(Path(workdir))
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def metadata(self) -> Path:
+        return self.data_dir / "metadata.parquet"
+
+    @property
+    def labels(self) -> Path:
+        return self.data_dir / "labels.parquet"
+
+    @property
+    def folds(self) -> Path:
+        return self.data_dir / "folds.parquet"
+
+    @property
+    def preds_root(self) -> Path:
+        return self.root / "preds"
+
+    def preds_dir(self, model: str) -> Path:
+        return self.preds_root / model
+
+    def oof(self, model: str) -> Path:
+        return self.preds_dir(model) / "oof.parquet"
+
+    def test(self, model: str) -> Path:
+        return self.preds_dir(model) / "test.parquet"
+
+    def model_json(self, model: str) -> Path:
+        return self.preds_dir(model) / "model.json"
+
+    def model_names(self) -> list[str]:
+        """Models under preds/ that have both an oof and a test file, sorted by name."""
+        if not self.preds_root.is_dir():
+            return []
+        return sorted(
+            p.name
+            for p in self.preds_root.iterdir()
+            if p.is_dir() and (p / "oof.parquet").is_file() and (p / "test.parquet").is_file()
+        )
+
+    @property
+    def features_dir(self) -> Path:
+        return self.root / "features"
+
+    @property
+    def features_train(self) -> Path:
+        return self.features_dir / "train.parquet"
+
+    @property
+    def features_test(self) -> Path:
+        return self.features_dir / "test.parquet"
+
+    @property
+    def features_manifest(self) -> Path:
+        return self.features_dir / "manifest.json"
+
+    @property
+    def stack_root(self) -> Path:
+        return self.root / "stack"
+
+    def stack_dir(self, stacker: str) -> Path:
+        return self.stack_root / stacker
+
+    @property
+    def blend(self) -> Path:
+        return self.stack_root / "blend.json"
+
+    @property
+    def report_html(self) -> Path:
+        return self.stack_root / "report.html"
+
+    @property
+    def submission(self) -> Path:
+        return self.root / "submission.csv"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def optuna_journal(self) -> Path:
+        return self.root / "optuna" / "journal.log"
+
+
+def folds_hash(image_ids, folds) -> str:
+    """sha256 of the (image_id, fold) pairs sorted by image_id: identifies one fold assignment."""
+    ids = np.asarray(image_ids, dtype=object)
+    fold_values = np.asarray(folds, dtype=np.int64)
+    order = np.argsort(ids, kind="stable")
+    digest = hashlib.sha256()
+    digest.update("\n".join(f"{i},{f}" for i, f in zip(ids[order], fold_values[order])).encode())
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

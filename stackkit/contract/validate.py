@@ -1,0 +1,275 @@
+"""Readers that validate contract files once, at the boundary.
+
+Every check names the file, the column and the first offending row (1-based data row) and
+image id, says what was expected and how to fix it. Downstream code trusts what these return.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from stackkit.contract import LABELS, METADATA_REQUIRED, SPLITS, Workdir
+from stackkit.errors import ContractError, LeakageError
+from stackkit.contract.io import read_table
+
+
+def _row_ref(frame: pd.DataFrame, position: int) -> str:
+    ident = frame["image_id"].iloc[position] if "image_id" in frame.columns else None
+    return f"row {position + 1}" + (f" (image_id {ident})" if ident is not None else "")
+
+
+def require_columns(frame: pd.DataFrame, columns, source, hint: str = "") -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        got = ", ".join(map(str, list(frame.columns)[:12]))
+        raise ContractError(
+            f"{source}: missing column(s) {', '.join(missing)}; found [{got}]" + (f"; {hint}" if hint else "")
+        )
+
+
+def check_ids(frame: pd.DataFrame, source, column: str = "image_id") -> pd.DataFrame:
+    """Ids must be non-empty strings and unique."""
+    ids = frame[column]
+    null = ids.isna().to_numpy()
+    if null.any():
+        raise ContractError(f"{source}: column '{column}' is empty at {_row_ref(frame, int(np.argmax(null)))}")
+    frame = frame.copy()
+    frame[column] = ids.astype(str)
+    dup = frame[column].duplicated().to_numpy()
+    if dup.any():
+        pos = int(np.argmax(dup))
+        raise ContractError(f"{source}: duplicate {column} '{frame[column].iloc[pos]}' at row {pos + 1}; each id must appear once")
+    return frame
+
+
+def check_numeric(frame: pd.DataFrame, columns, source, *, finite: bool = True) -> pd.DataFrame:
+    frame = frame.copy()
+    for col in columns:
+        values = pd.to_numeric(frame[col], errors="coerce")
+        bad = values.isna().to_numpy() & frame[col].notna().to_numpy()
+        if bad.any():
+            pos = int(np.argmax(bad))
+            raise ContractError(f"{source}: column '{col}' has non-numeric value {frame[col].iloc[pos]!r} at {_row_ref(frame, pos)}")
+        arr = values.to_numpy(dtype=np.float64)
+        if finite:
+            nonfinite = ~np.isfinite(arr)
+            if nonfinite.any():
+                pos = int(np.argmax(nonfinite))
+                raise ContractError(f"{source}: column '{col}' has {arr[pos]} at {_row_ref(frame, pos)}; expected a finite number")
+        frame[col] = arr
+    return frame
+
+
+def check_probabilities(frame: pd.DataFrame, source, *, logits_hint: bool = True) -> pd.DataFrame:
+    frame = check_numeric(frame, LABELS, source)
+    for col in LABELS:
+        arr = frame[col].to_numpy()
+        bad = (arr < 0.0) | (arr > 1.0)
+        if bad.any():
+            pos = int(np.argmax(bad))
+            hint = "; these look like logits: pass --logits" if logits_hint else ""
+            raise ContractError(
+                f"{source}: column '{col}' has {arr[pos]:.6g} at {_row_ref(frame, pos)}; expected a probability in [0, 1]{hint}"
+            )
+        frame[col] = arr.astype(np.float32)
+    return frame
+
+
+def check_id_coverage(ids: pd.Series, expected: pd.Series | np.ndarray, source, what: str) -> None:
+    """``ids`` must equal ``expected`` as sets: no unknown id, none missing.
+
+    Arrow's hash set, because pandas 3 string-dtype ``isin`` converts value by value (slow at RSNA scale).
+    """
+    given = pa.array(np.asarray(ids, dtype=object), type=pa.string())
+    wanted = pa.array(np.asarray(expected, dtype=object), type=pa.string())
+    known = pc.is_in(given, value_set=wanted).to_numpy(zero_copy_only=False)
+    if not known.all():
+        pos = int(np.argmax(~known))
+        raise ContractError(f"{source}: image_id '{ids.iloc[pos]}' at row {pos + 1} is not a {what} image in data/metadata.parquet")
+    present = pc.is_in(wanted, value_set=given).to_numpy(zero_copy_only=False)
+    expected_index = pd.Index(np.asarray(expected, dtype=object))
+    if not present.all():
+        missing = expected_index[~present]
+        raise ContractError(
+            f"{source}: {len(missing)} {what} image(s) missing, e.g. image_id '{missing[0]}'; every {what} image must appear exactly once"
+        )
+
+
+# --- the contract files --------------------------------------------------------------------
+
+
+def validate_metadata(frame: pd.DataFrame, source) -> pd.DataFrame:
+    require_columns(frame, METADATA_REQUIRED, source, "run `data prepare` or add them")
+    frame = check_ids(frame, source)
+    for col in ("patient_id", "study_id"):
+        null = frame[col].isna().to_numpy()
+        if null.any():
+            raise ContractError(f"{source}: column '{col}' is empty at {_row_ref(frame, int(np.argmax(null)))}")
+        frame[col] = frame[col].astype(str)
+    split = frame["split"].astype(str)
+    bad = ~split.isin(SPLITS).to_numpy()
+    if bad.any():
+        pos = int(np.argmax(bad))
+        raise ContractError(f"{source}: column 'split' has {split.iloc[pos]!r} at {_row_ref(frame, pos)}; expected 'train' or 'test'")
+    frame["split"] = split
+    frame = check_numeric(frame, ["z"], source)
+    # a study belongs to one patient and one split
+    per_study = frame.groupby("study_id", sort=False).agg(patients=("patient_id", "nunique"), splits=("split", "nunique"))
+    if (per_study["patients"] > 1).any():
+        study = per_study.index[(per_study["patients"] > 1).to_numpy()][0]
+        raise ContractError(f"{source}: study_id '{study}' has several patient_id values; a study belongs to one patient")
+    if (per_study["splits"] > 1).any():
+        study = per_study.index[(per_study["splits"] > 1).to_numpy()][0]
+        raise ContractError(f"{source}: study_id '{study}' is in both train and test splits")
+    return frame
+
+
+def validate_labels(frame: pd.DataFrame, source, metadata: pd.DataFrame | None = None) -> pd.DataFrame:
+    require_columns(frame, ("image_id", *LABELS), source, "expected image_id plus the six label columns")
+    frame = check_ids(frame[["image_id", *LABELS]], source)
+    frame = check_numeric(frame, LABELS, source)
+    for col in LABELS:
+        arr = frame[col].to_numpy()
+        bad = (arr != 0) & (arr != 1)
+        if bad.any():
+            pos = int(np.argmax(bad))
+            raise ContractError(f"{source}: column '{col}' has {arr[pos]:g} at {_row_ref(frame, pos)}; labels must be 0 or 1")
+        frame[col] = arr.astype(np.int8)
+    if metadata is not None:
+        train_ids = metadata.loc[metadata["split"] == "train", "image_id"]
+        check_id_coverage(frame["image_id"], train_ids, source, "train")
+    return frame.reset_index(drop=True)
+
+
+def validate_folds(frame: pd.DataFrame, source, metadata: pd.DataFrame | None = None, labels: pd.DataFrame | None = None) -> pd.DataFrame:
+    require_columns(frame, ("image_id", "fold"), source)
+    frame = check_ids(frame[["image_id", "fold"]], source)
+    frame = check_numeric(frame, ["fold"], source)
+    fold = frame["fold"].to_numpy()
+    bad = (fold != np.round(fold)) | (fold < 0) | (fold > 127)
+    if bad.any():
+        pos = int(np.argmax(bad))
+        raise ContractError(f"{source}: column 'fold' has {fold[pos]:g} at {_row_ref(frame, pos)}; expected an integer 0..K-1")
+    frame["fold"] = fold.astype(np.int8)
+    k = int(frame["fold"].max()) + 1
+    present = np.unique(frame["fold"].to_numpy())
+    if len(present) != k:
+        raise ContractError(f"{source}: folds must be numbered 0..{k - 1} without gaps; found {present.tolist()}")
+    if labels is not None:
+        check_id_coverage(frame["image_id"], labels["image_id"], source, "labeled")
+    if metadata is not None:
+        merged = frame.merge(metadata[["image_id", "patient_id", "study_id"]], on="image_id", how="left")
+        if merged["patient_id"].isna().any():
+            pos = int(np.argmax(merged["patient_id"].isna().to_numpy()))
+            raise ContractError(f"{source}: image_id '{merged['image_id'].iloc[pos]}' at row {pos + 1} is not in data/metadata.parquet")
+        for group in ("patient_id", "study_id"):
+            spread = merged.groupby(group, sort=False)["fold"].nunique()
+            if (spread > 1).any():
+                which = spread.index[(spread > 1).to_numpy()][0]
+                raise LeakageError(
+                    f"{source}: {group.replace('_id', '')} '{which}' is spread over several folds; all images of a patient must share one fold"
+                )
+    return frame.reset_index(drop=True)
+
+
+def validate_predictions(
+    frame: pd.DataFrame,
+    source,
+    *,
+    expected_ids,
+    what: str,
+    folds: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """Check a prediction table (oof when ``folds`` is given, else test) and return it clean.
+
+    Returns image_id (+ fold) + the six labels as float32, in the input's row order.
+    """
+    require_columns(frame, ("image_id", *LABELS), source, "expected image_id plus the six label columns")
+    keep = ["image_id", *(["fold"] if folds is not None and "fold" in frame.columns else []), *LABELS]
+    frame = check_ids(frame[keep], source)
+    frame = check_probabilities(frame, source)
+    check_id_coverage(frame["image_id"], expected_ids, source, what)
+    if folds is not None:
+        frame = attach_folds(frame, folds, source)
+        frame = frame[["image_id", "fold", *LABELS]]
+    return frame.reset_index(drop=True)
+
+
+def attach_folds(frame: pd.DataFrame, folds: pd.DataFrame, source) -> pd.DataFrame:
+    """Fill a missing ``fold`` column from folds.parquet; refuse one that disagrees (it would leak)."""
+    fold_of = folds.set_index("image_id")["fold"]
+    expected = fold_of.reindex(frame["image_id"]).to_numpy()
+    if "fold" not in frame.columns:
+        frame = frame.copy()
+        frame["fold"] = expected.astype(np.int8)
+        return frame
+    frame = check_numeric(frame, ["fold"], source)
+    given = frame["fold"].to_numpy()
+    bad = given != expected
+    if bad.any():
+        pos = int(np.argmax(bad))
+        raise LeakageError(
+            f"{source}: fold {given[pos]:g} at {_row_ref(frame, pos)} disagrees with data/folds.parquet (fold {expected[pos]}); "
+            "predictions made on other folds would leak labels into stacking: retrain on data/folds.parquet"
+        )
+    frame["fold"] = given.astype(np.int8)
+    return frame
+
+
+# --- readers over a work directory -----------------------------------------------------------
+
+
+def _source(path: Path, workdir: Workdir | None) -> str:
+    if workdir is not None:
+        try:
+            return str(Path(path).relative_to(workdir.root))
+        except ValueError:
+            pass
+    return str(path)
+
+
+def _require_file(path: Path, hint: str) -> None:
+    if not Path(path).is_file():
+        raise ContractError(f"{path}: not found; {hint}")
+
+
+def read_metadata(workdir: Workdir) -> pd.DataFrame:
+    _require_file(workdir.metadata, "run `data prepare` first")
+    return validate_metadata(read_table(workdir.metadata, what="metadata file"), _source(workdir.metadata, workdir))
+
+
+def read_labels(workdir: Workdir, metadata: pd.DataFrame | None = None) -> pd.DataFrame:
+    _require_file(workdir.labels, "run `data prepare` first")
+    return validate_labels(read_table(workdir.labels, what="labels file"), _source(workdir.labels, workdir), metadata)
+
+
+def read_folds(workdir: Workdir, metadata: pd.DataFrame | None = None, labels: pd.DataFrame | None = None) -> pd.DataFrame:
+    _require_file(workdir.folds, "run `data prepare` first")
+    return validate_folds(read_table(workdir.folds, what="folds file"), _source(workdir.folds, workdir), metadata, labels)
+
+
+def read_oof(path: os.PathLike, folds: pd.DataFrame, workdir: Workdir | None = None) -> pd.DataFrame:
+    _require_file(Path(path), "write it with `base train` or `base import`")
+    source = _source(Path(path), workdir)
+    return validate_predictions(read_table(path, what="OOF prediction file"), source, expected_ids=folds["image_id"], what="labeled", folds=folds)
+
+
+def read_test(path: os.PathLike, metadata: pd.DataFrame, workdir: Workdir | None = None) -> pd.DataFrame:
+    _require_file(Path(path), "write it with `base train` or `base import`")
+    source = _source(Path(path), workdir)
+    test_ids = metadata.loc[metadata["split"] == "test", "image_id"]
+    return validate_predictions(read_table(path, what="test prediction file"), source, expected_ids=test_ids, what="test")
+
+
+def load_core(workdir: Workdir) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """metadata, labels, folds: read and cross-checked."""
+    metadata = read_metadata(workdir)
+    labels = read_labels(workdir, metadata)
+    folds = read_folds(workdir, metadata, labels)
+    return metadata, labels, folds

@@ -1,0 +1,324 @@
+"""``data prepare``: DICOM folders + a label CSV -> data/metadata, data/labels, data/folds.
+
+Layers: ``parse_label_csv`` and ``make_folds`` are pure functions over files/DataFrames;
+``prepare_data`` scans the folders (``stackkit.data.dicom.scan_headers``), checks everything, and
+writes the three contract files only once all of them have validated, so a failed run leaves
+the work directory exactly as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from stackkit.contract import LABELS, Workdir
+from stackkit.errors import ContractError, StackkitError
+from stackkit.contract.io import read_table, write_parquet
+from stackkit.contract.validate import validate_folds, validate_labels, validate_metadata
+
+
+# Warn file by file up to this many skipped files, then once for the rest.
+MAX_LISTED_SKIPS = 20
+
+
+class SkippedDicomWarning(UserWarning):
+    """A DICOM file that could not be read was skipped (``--strict`` makes it an error)."""
+
+
+# --- labels ----------------------------------------------------------------------------------
+
+
+def parse_label_csv(path) -> pd.DataFrame:
+    """The label file as ``image_id`` + six int8 label columns (contract order).
+
+    Accepts the RSNA long format (``ID,Label`` with ``ID`` = ``ID_<image>_<label>``, six rows
+    per image) or a wide table (``image_id`` plus the six label columns), CSV or Parquet.
+    """
+    path = Path(path)
+    frame = read_table(path, what="label file")
+    columns = [str(c).strip() for c in frame.columns]
+    frame.columns = columns
+    if columns == ["ID", "Label"]:
+        return _parse_long(frame, path)
+    if "image_id" in columns and all(label in columns for label in LABELS):
+        return _parse_wide(frame, path)
+    raise ContractError(
+        f"{path}: header is {','.join(columns[:8])}; expected 'ID,Label' (RSNA long format) "
+        f"or image_id,{','.join(LABELS)} (wide)"
+    )
+
+
+def _check_binary(values: pd.Series, path: Path, where, column: str) -> np.ndarray:
+    numeric = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~np.isin(numeric, (0.0, 1.0))
+    if bad.any():
+        pos = int(np.argmax(bad))
+        value = values.iloc[pos]
+        shown = f"{value:g}" if isinstance(value, (int, float, np.number)) and not isinstance(value, bool) else repr(str(value))
+        raise ContractError(f"{path}: {where(pos)} has {column} {shown}; labels must be 0 or 1")
+    return numeric.astype(np.int8)
+
+
+def _parse_long(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
+    if frame.empty:
+        raise ContractError(f"{path}: no label rows under the 'ID,Label' header")
+    ids = frame["ID"].astype(str).str.strip()
+
+    def where(pos: int) -> str:
+        return f"row {pos + 1} (ID {ids.iloc[pos]})"
+
+    parts = ids.str.rpartition("_")
+    image_ids, labels = parts[0], parts[2]
+    malformed = (image_ids == "").to_numpy() | frame["ID"].isna().to_numpy()
+    if malformed.any():
+        pos = int(np.argmax(malformed))
+        raise ContractError(f"{path}: {where(pos)} is not of the form ID_<image>_<label>")
+    unknown = ~labels.isin(LABELS).to_numpy()
+    if unknown.any():
+        pos = int(np.argmax(unknown))
+        raise ContractError(f"{path}: {where(pos)} names label '{labels.iloc[pos]}'; expected one of {', '.join(LABELS)}")
+    values = _check_binary(frame["Label"], path, where, "Label")
+    duplicate = ids.duplicated().to_numpy()
+    if duplicate.any():
+        pos = int(np.argmax(duplicate))
+        raise ContractError(f"{path}: {where(pos)} repeats an earlier row; each ID must appear once")
+    counts = image_ids.value_counts(sort=False)
+    incomplete = counts[counts != len(LABELS)]
+    if len(incomplete):
+        image = incomplete.index[0]
+        have = set(labels[image_ids == image])
+        missing = [label for label in LABELS if label not in have]
+        raise ContractError(
+            f"{path}: image {image} has {incomplete.iloc[0]} of the {len(LABELS)} labels (missing {', '.join(missing)}); "
+            "every image needs one row per label"
+        )
+    wide = (
+        pd.DataFrame({"image_id": image_ids.to_numpy(), "label": labels.to_numpy(), "value": values})
+        .pivot(index="image_id", columns="label", values="value")
+        .reindex(columns=list(LABELS))
+    )
+    wide = wide.astype(np.int8).reset_index()
+    wide.columns.name = None
+    return wide
+
+
+def _parse_wide(frame: pd.DataFrame, path: Path) -> pd.DataFrame:
+    if frame.empty:
+        raise ContractError(f"{path}: no label rows")
+    ids = frame["image_id"]
+    if ids.isna().any():
+        pos = int(np.argmax(ids.isna().to_numpy()))
+        raise ContractError(f"{path}: row {pos + 1} has an empty image_id")
+    ids = ids.astype(str).str.strip()
+
+    def where(pos: int) -> str:
+        return f"row {pos + 1} (image_id {ids.iloc[pos]})"
+
+    out = pd.DataFrame({"image_id": ids.to_numpy()})
+    for label in LABELS:
+        out[label] = _check_binary(frame[label], path, where, label)
+    duplicate = ids.duplicated().to_numpy()
+    if duplicate.any():
+        pos = int(np.argmax(duplicate))
+        raise ContractError(f"{path}: {where(pos)} repeats an earlier image_id; each image must appear once")
+    return out
+
+
+# --- folds -----------------------------------------------------------------------------------
+
+
+def make_folds(metadata: pd.DataFrame, labels: pd.DataFrame, n_folds: int, seed: int) -> pd.DataFrame:
+    """``image_id``, ``fold`` (int8): patients never straddle folds; stratified on study-level ``any``.
+
+    sklearn's ``StratifiedGroupKFold(shuffle=True, random_state=seed)`` with groups =
+    patient_id and y = the maximum of ``any`` over each image's study. Rows are put in
+    image_id order first, so the folds depend only on the data and the seed, never on the
+    order in which files were scanned.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    n_folds = int(n_folds)
+    if n_folds < 2:
+        raise StackkitError(f"--folds {n_folds}: need at least 2 folds")
+    train = metadata.loc[metadata["split"] == "train", ["image_id", "patient_id", "study_id"]].merge(
+        labels[["image_id", "any"]], on="image_id", how="inner", validate="one_to_one"
+    )
+    train = train.sort_values("image_id", kind="stable").reset_index(drop=True)
+    n_patients = train["patient_id"].nunique()
+    if n_patients < n_folds:
+        raise StackkitError(
+            f"--folds {n_folds}: only {n_patients} labeled patient(s); need at least one patient per fold (lower --folds)"
+        )
+    study_any = train.groupby("study_id", sort=False)["any"].transform("max").to_numpy()
+    fold = np.full(len(train), -1, dtype=np.int8)
+    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        # few positive studies is legitimate for small data; the split is still grouped
+        warnings.filterwarnings("ignore", message=r"The least populated class", category=UserWarning)
+        for k, (_, held_out) in enumerate(splitter.split(np.zeros(len(train)), study_any, groups=train["patient_id"])):
+            fold[held_out] = k
+    return pd.DataFrame({"image_id": train["image_id"].to_numpy(), "fold": fold})
+
+
+# --- the command -----------------------------------------------------------------------------
+
+
+def _dicom_files(folder, option: str) -> list[str]:
+    if folder is None:
+        raise StackkitError(f"{option} is required")
+    folder = Path(folder)
+    if not folder.exists():
+        raise StackkitError(f"{folder}: {option} folder does not exist")
+    if not folder.is_dir():
+        raise StackkitError(f"{folder}: {option} is not a folder")
+    absolute = os.path.abspath(folder)
+    with os.scandir(absolute) as entries:  # scandir: no pathlib objects for 100,000s of files
+        paths = sorted(os.path.join(absolute, e.name) for e in entries if e.name.endswith(".dcm") and e.is_file())
+    if not paths:
+        raise StackkitError(f"{folder}: {option} folder contains no .dcm files")
+    return paths
+
+
+def prepare_data(
+    workdir: Workdir,
+    *,
+    dicom_dir,
+    test_dicom_dir,
+    labels_csv,
+    n_folds: int = 5,
+    seed: int = 0,
+    strict: bool = False,
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Scan both DICOM folders, parse the labels, make folds, validate, then write all three files.
+
+    Unreadable DICOM files are skipped with a :class:`SkippedDicomWarning` per file and listed
+    under ``summary["skipped"]``; with ``strict=True`` the first one is an error. Nothing is
+    written unless every check passes.
+    """
+    from stackkit.data.dicom import scan_headers
+
+    workdir = Workdir.of(workdir)
+    if int(n_folds) < 2:
+        raise StackkitError(f"--folds {n_folds}: need at least 2 folds")
+    train_paths = _dicom_files(dicom_dir, "--dicom-dir")
+    test_paths = _dicom_files(test_dicom_dir, "--test-dicom-dir")
+    overlap = set(train_paths) & set(test_paths)
+    if overlap:
+        raise StackkitError(f"{sorted(overlap)[0]}: is in both --dicom-dir and --test-dicom-dir; use two different folders")
+    labels = parse_label_csv(labels_csv)
+
+    headers, skipped = scan_headers(train_paths + test_paths, workers=workers, progress=progress)
+    if skipped and strict:
+        path, reason = skipped[0]
+        more = f" ({len(skipped) - 1} more unreadable file(s))" if len(skipped) > 1 else ""
+        raise StackkitError(f"{path}: {reason}{more}; fix or remove it, or run without --strict to skip unreadable files")
+    for path, reason in skipped[:MAX_LISTED_SKIPS]:
+        warnings.warn(f"skipped unreadable DICOM {path}: {reason}", SkippedDicomWarning, stacklevel=2)
+    if len(skipped) > MAX_LISTED_SKIPS:
+        warnings.warn(
+            f"skipped {len(skipped) - MAX_LISTED_SKIPS} more unreadable DICOM file(s); the summary lists them all",
+            SkippedDicomWarning,
+            stacklevel=2,
+        )
+
+    train_set = set(train_paths)
+    headers.insert(3, "split", np.where(headers["path"].isin(train_set), "train", "test"))
+    duplicate = headers["image_id"].duplicated(keep=False).to_numpy()
+    if duplicate.any():
+        clash = headers.loc[duplicate].sort_values(["image_id", "path"])
+        image = clash["image_id"].iloc[0]
+        files = clash.loc[clash["image_id"] == image, "path"].tolist()
+        raise StackkitError(f"{files[1]}: SOPInstanceUID {image} is also used by {files[0]}; every image needs its own id")
+
+    source = "data prepare (DICOM headers)"
+    metadata = validate_metadata(headers.sort_values(["split", "study_id", "z", "image_id"]).reset_index(drop=True), source)
+    if not (metadata["split"] == "train").any():
+        raise StackkitError(f"{dicom_dir}: no readable training DICOM files (all {len(train_paths)} skipped)")
+
+    # Labels of skipped files go with them; any other mismatch between labels and images is an error.
+    skipped_ids = _ids_of_skipped(skipped, labels)
+    dropped = _isin(labels["image_id"], list(skipped_ids))
+    if dropped.any():
+        warnings.warn(
+            f"dropped the labels of {int(dropped.sum())} skipped image(s), e.g. {labels['image_id'][dropped].iloc[0]}",
+            SkippedDicomWarning,
+            stacklevel=2,
+        )
+        labels = labels.loc[~dropped].reset_index(drop=True)
+    split_of = metadata.set_index("image_id")["split"]
+    label_split = labels["image_id"].map(split_of)
+    if label_split.isna().any():
+        pos = int(np.argmax(label_split.isna().to_numpy()))
+        raise ContractError(
+            f"{labels_csv}: labels for image {labels['image_id'].iloc[pos]}, which is not in {dicom_dir}; "
+            "the label file and the DICOM folder must describe the same images"
+        )
+    if (label_split == "test").any():
+        pos = int(np.argmax((label_split == "test").to_numpy()))
+        raise ContractError(
+            f"{labels_csv}: labels for image {labels['image_id'].iloc[pos]}, which is in the test folder {test_dicom_dir}; "
+            "test images must not be labeled here"
+        )
+    train_ids = metadata.loc[metadata["split"] == "train", "image_id"]
+    unlabeled = ~_isin(train_ids, labels["image_id"])
+    if unlabeled.any():
+        image = train_ids.iloc[int(np.argmax(unlabeled))]
+        path = metadata.loc[metadata["image_id"] == image, "path"].iloc[0]
+        raise ContractError(f"{labels_csv}: no labels for training image {image} ({path}); {int(unlabeled.sum())} training image(s) unlabeled")
+
+    order = pd.Series(np.arange(len(train_ids)), index=train_ids.to_numpy())
+    labels = labels.iloc[np.argsort(order.reindex(labels["image_id"]).to_numpy(), kind="stable")].reset_index(drop=True)
+    labels = validate_labels(labels, f"{labels_csv}", metadata)
+    folds = make_folds(metadata, labels, n_folds, seed)
+    folds = folds.set_index("image_id").reindex(labels["image_id"]).reset_index()
+    folds = validate_folds(folds, "data prepare (folds)", metadata, labels)
+
+    # Everything checked: only now touch the work directory.
+    write_parquet(metadata, workdir.metadata)
+    write_parquet(labels, workdir.labels)
+    write_parquet(folds, workdir.folds)
+
+    fold_studies = folds.merge(metadata[["image_id", "study_id"]], on="image_id").merge(labels[["image_id", "any"]], on="image_id")
+    per_fold = fold_studies.groupby("fold").agg(images=("image_id", "size"), any_rate=("any", "mean"))
+    return {
+        "metadata": str(workdir.metadata),
+        "labels": str(workdir.labels),
+        "folds": str(workdir.folds),
+        "train_images": int((metadata["split"] == "train").sum()),
+        "test_images": int((metadata["split"] == "test").sum()),
+        "patients": int(metadata["patient_id"].nunique()),
+        "studies": int(metadata["study_id"].nunique()),
+        "n_folds": int(n_folds),
+        "fold_images": per_fold["images"].astype(int).tolist(),
+        "fold_any_rate": [round(float(v), 4) for v in per_fold["any_rate"]],
+        "prevalence": {label: round(float(labels[label].mean()), 4) for label in LABELS},
+        "dropped_labels": int(dropped.sum()),
+        "skipped": [(path, reason) for path, reason in skipped],
+    }
+
+
+def _isin(values, allowed) -> np.ndarray:
+    """Membership of string ids via Arrow's hash join: pandas 3's ``isin`` on Arrow strings
+    turns every allowed value into a pyarrow scalar one by one, seconds for 100,000s of ids."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    def strings(items) -> pa.Array:
+        if isinstance(items, (pd.Series, pd.Index)):
+            items = items.to_numpy(dtype=object)
+        return pa.array(list(items) if isinstance(items, (set, frozenset)) else items, type=pa.large_string(), from_pandas=True)
+
+    found = pc.is_in(strings(values), value_set=strings(allowed))
+    return pc.fill_null(found, False).to_numpy(zero_copy_only=False).astype(bool)
+
+
+def _ids_of_skipped(skipped, labels: pd.DataFrame) -> set[str]:
+    """Image ids of skipped files, from their file names (RSNA names files <SOPInstanceUID>.dcm)."""
+    stems = {Path(path).stem for path, _ in skipped}
+    return stems & set(labels["image_id"])

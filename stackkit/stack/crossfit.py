@@ -1,0 +1,272 @@
+"""Fitting one level-2 stacker over the contract's folds: the plain library layer.
+
+``load_stack_inputs`` reads features/ + data/ and refuses features built on other folds;
+``fit_stacker`` fits one model per fold on the other folds (early stopping on an inner split of
+those training folds, grouped by patient, never on the held-out fold) and collects OOF and test
+predictions; ``save_stacker_result`` / ``load_stacker_models`` write and read stack/<name>/.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from stackkit.contract import CONTRACT_VERSION, LABELS, Workdir, folds_hash
+from stackkit.errors import ContractError, LeakageError, StackkitError
+from stackkit.contract.io import read_json, read_table, write_json, write_parquet
+from stackkit.metric import Score, weighted_log_loss
+from stackkit.stack.stackers import STACKERS, StackData, Stacker, get_stacker
+from stackkit.contract.validate import check_id_coverage, check_ids, load_core, require_columns, validate_predictions
+
+# Share of the training folds' patients held out for early stopping.
+EARLY_STOPPING_FRACTION = 0.15
+RERUN_FEATURES = "rerun `stack features`"
+
+
+@dataclass
+class StackInputs:
+    """Everything a stacker fit needs, aligned row by row with features/train.parquet."""
+
+    train_keys: pd.DataFrame  # image_id, study_id, patient_id, fold, slice_index
+    test_keys: pd.DataFrame  # image_id, study_id, slice_index
+    train: StackData  # features + labels (joined from data/labels.parquet on image_id)
+    test: StackData
+    feature_columns: list[str]
+    manifest: dict
+    folds_hash: str
+
+    @property
+    def folds(self) -> np.ndarray:
+        return self.train_keys["fold"].to_numpy()
+
+    @property
+    def groups(self) -> np.ndarray:
+        """Patient id per train row: the unit no split may cut."""
+        return self.train_keys["patient_id"].to_numpy()
+
+    @property
+    def n_folds(self) -> int:
+        return int(self.folds.max()) + 1
+
+
+@dataclass
+class StackerResult:
+    name: str
+    oof: pd.DataFrame  # image_id, fold, six float32 labels (contract prediction format)
+    test: pd.DataFrame  # image_id, six float32 labels: mean over the fold models
+    score: Score
+    fold_scores: list[float]
+    models: list[Stacker]
+    importance: pd.DataFrame | None  # feature + six labels: mean gain over folds (GBDTs only)
+    params: dict
+    seconds: float
+    feature_columns: list[str]
+    folds_hash: str
+
+
+def _features_frame(path: Path, key_columns, feature_columns, wd: Workdir) -> pd.DataFrame:
+    source = os.path.relpath(path, wd.root)
+    frame = read_table(path, what="features file")
+    require_columns(frame, key_columns, source, RERUN_FEATURES)
+    require_columns(frame, feature_columns, source, f"features/manifest.json lists them; {RERUN_FEATURES}")
+    frame = check_ids(frame, source)
+    for column in feature_columns:
+        if not (pd.api.types.is_numeric_dtype(frame[column]) or pd.api.types.is_bool_dtype(frame[column])):
+            raise ContractError(f"{source}: feature column '{column}' has dtype {frame[column].dtype}; expected float32: {RERUN_FEATURES}")
+    return frame
+
+
+def load_stack_inputs(workdir) -> StackInputs:
+    """features/*.parquet + manifest + data/ -> :class:`StackInputs`, checked for fold leakage."""
+    wd = Workdir.of(workdir)
+    metadata, labels, folds = load_core(wd)
+    for path in (wd.features_manifest, wd.features_train, wd.features_test):
+        if not path.is_file():
+            raise StackkitError(f"{path}: not found; run `stack features` first")
+    manifest = read_json(wd.features_manifest)
+    current_hash = folds_hash(folds["image_id"].to_numpy(dtype=object), folds["fold"].to_numpy())
+    if manifest.get("folds_hash") != current_hash:
+        raise LeakageError(
+            f"features/manifest.json: folds_hash {str(manifest.get('folds_hash'))[:12]}... differs from data/folds.parquet "
+            f"({current_hash[:12]}...): features were built from a different folds file: {RERUN_FEATURES}"
+        )
+    feature_columns = manifest.get("feature_columns")
+    if not isinstance(feature_columns, list) or not feature_columns or not all(isinstance(c, str) for c in feature_columns):
+        raise ContractError(f"features/manifest.json: 'feature_columns' must be a non-empty list of column names; {RERUN_FEATURES}")
+
+    train = _features_frame(wd.features_train, ("image_id", "study_id", "fold", "slice_index"), feature_columns, wd)
+    test = _features_frame(wd.features_test, ("image_id", "study_id", "slice_index"), feature_columns, wd)
+    check_id_coverage(train["image_id"], folds["image_id"], "features/train.parquet", "labeled")
+    test_ids = metadata.loc[metadata["split"] == "test", "image_id"]
+    check_id_coverage(test["image_id"], test_ids, "features/test.parquet", "test")
+
+    fold_of = folds.set_index("image_id")["fold"]
+    expected_fold = fold_of.reindex(train["image_id"]).to_numpy()
+    given_fold = pd.to_numeric(train["fold"], errors="coerce").to_numpy()
+    disagree = given_fold != expected_fold
+    if disagree.any():
+        pos = int(np.argmax(disagree))
+        raise LeakageError(
+            f"features/train.parquet: fold {given_fold[pos]:g} at row {pos + 1} (image_id {train['image_id'].iloc[pos]}) disagrees "
+            f"with data/folds.parquet (fold {expected_fold[pos]}): features were built from a different folds file: {RERUN_FEATURES}"
+        )
+
+    patient_of = metadata.set_index("image_id")["patient_id"]
+    train_keys = pd.DataFrame(
+        {
+            "image_id": train["image_id"].to_numpy(dtype=object),
+            "study_id": train["study_id"].astype(str).to_numpy(dtype=object),
+            "patient_id": patient_of.reindex(train["image_id"]).to_numpy(dtype=object),
+            "fold": expected_fold.astype(np.int8),
+            "slice_index": train["slice_index"].to_numpy(dtype=np.int64),
+        }
+    )
+    test_keys = pd.DataFrame(
+        {
+            "image_id": test["image_id"].to_numpy(dtype=object),
+            "study_id": test["study_id"].astype(str).to_numpy(dtype=object),
+            "slice_index": test["slice_index"].to_numpy(dtype=np.int64),
+        }
+    )
+    Y = labels.set_index("image_id").reindex(train["image_id"])[list(LABELS)].to_numpy(dtype=np.float32)
+    study_codes, _ = pd.factorize(pd.concat([train_keys["study_id"], test_keys["study_id"]], ignore_index=True))
+    train_data = StackData(
+        X=train[feature_columns].to_numpy(dtype=np.float32),
+        study_codes=study_codes[: len(train)],
+        slice_index=train_keys["slice_index"].to_numpy(),
+        Y=Y,
+        image_ids=train_keys["image_id"].to_numpy(),
+    )
+    test_data = StackData(
+        X=test[feature_columns].to_numpy(dtype=np.float32),
+        study_codes=study_codes[len(train) :],
+        slice_index=test_keys["slice_index"].to_numpy(),
+        image_ids=test_keys["image_id"].to_numpy(),
+    )
+    from stackkit.stack.stackers.base import check_labels
+
+    check_labels(train_data, "training")  # labels.parquet is validated already; this guards the join
+    return StackInputs(train_keys, test_keys, train_data, test_data, list(feature_columns), manifest, current_hash)
+
+
+def early_stopping_split(
+    folds: np.ndarray, groups: np.ndarray, held_out_fold: int, seed: int = 0, valid_fraction: float = EARLY_STOPPING_FRACTION
+) -> tuple[np.ndarray, np.ndarray]:
+    """Row positions (fit, early-stopping) inside the training folds of ``held_out_fold``.
+
+    Patients (``groups``) are never split between the two parts, and no row of the held-out
+    fold appears in either: early stopping on it would leak that fold's labels into its OOF.
+    """
+    from sklearn.model_selection import GroupShuffleSplit
+
+    training_rows = np.flatnonzero(np.asarray(folds) != held_out_fold)
+    if len(training_rows) == 0:
+        raise StackkitError(f"fold {held_out_fold}: no training rows in the other folds; data/folds.parquet needs at least 2 folds")
+    training_groups = np.asarray(groups)[training_rows]
+    if len(np.unique(training_groups)) < 2:
+        raise StackkitError(f"fold {held_out_fold}: the other folds hold one patient only; need several for an early-stopping split")
+    splitter = GroupShuffleSplit(n_splits=1, test_size=valid_fraction, random_state=int(seed) * 1000 + int(held_out_fold))
+    fit_part, valid_part = next(splitter.split(training_rows, groups=training_groups))
+    return training_rows[np.sort(fit_part)], training_rows[np.sort(valid_part)]
+
+
+def fit_stacker(name: str, params: dict | None, inputs: StackInputs, *, seed: int = 0, progress: bool = True) -> StackerResult:
+    """K-fold fit of stacker ``name``: OOF for every train image, test = mean of the fold models."""
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
+    resolved = get_stacker(name).resolve_params(params)
+    folds = inputs.folds
+    n_folds = inputs.n_folds
+    oof = np.full((len(inputs.train), len(LABELS)), np.nan, dtype=np.float32)
+    test_sum = np.zeros((len(inputs.test), len(LABELS)), dtype=np.float64)
+    models, fold_scores, gains = [], [], []
+    for k in tqdm(range(n_folds), desc=f"stack fit {name}", unit="fold", disable=not progress):
+        fit_rows, valid_rows = early_stopping_split(folds, inputs.groups, k, seed)
+        held_rows = np.flatnonzero(folds == k)
+        stacker = get_stacker(name).fit(inputs.train.take(fit_rows), inputs.train.take(valid_rows), resolved, seed=seed + k)
+        oof[held_rows] = stacker.predict(inputs.train.take(held_rows))
+        test_sum += stacker.predict(inputs.test)
+        fold_scores.append(weighted_log_loss(inputs.train.Y[held_rows], oof[held_rows]).overall)
+        models.append(stacker)
+        gain = stacker.feature_importance()
+        if gain is not None:
+            gains.append(gain)
+
+    oof_frame = pd.DataFrame(oof, columns=list(LABELS))
+    oof_frame.insert(0, "fold", folds.astype(np.int8))
+    oof_frame.insert(0, "image_id", inputs.train_keys["image_id"].to_numpy())
+    test_frame = pd.DataFrame((test_sum / n_folds).astype(np.float32), columns=list(LABELS))
+    test_frame.insert(0, "image_id", inputs.test_keys["image_id"].to_numpy())
+    importance = None
+    if gains:
+        importance = pd.DataFrame(np.mean(gains, axis=0), columns=list(LABELS))
+        importance.insert(0, "feature", inputs.feature_columns)
+    return StackerResult(
+        name=name,
+        oof=oof_frame,
+        test=test_frame,
+        score=weighted_log_loss(inputs.train.Y, oof),
+        fold_scores=fold_scores,
+        models=models,
+        importance=importance,
+        params=resolved,
+        seconds=time.perf_counter() - started,
+        feature_columns=list(inputs.feature_columns),
+        folds_hash=inputs.folds_hash,
+    )
+
+
+def save_stacker_result(workdir, result: StackerResult) -> None:
+    """stack/<name>/: oof.parquet, test.parquet, fold<k>/ models (+ sha256 sidecars), meta.json (last)."""
+    wd = Workdir.of(workdir)
+    metadata, _labels, folds = load_core(wd)
+    if result.folds_hash != folds_hash(folds["image_id"].to_numpy(dtype=object), folds["fold"].to_numpy()):
+        raise LeakageError(f"stacker '{result.name}' was fitted on other folds than data/folds.parquet; refit with `stack fit`")
+    directory = wd.stack_dir(result.name)
+    source = os.path.relpath(directory, wd.root)
+    oof = validate_predictions(result.oof, f"{source}/oof.parquet", expected_ids=folds["image_id"], what="labeled", folds=folds)
+    test_ids = metadata.loc[metadata["split"] == "test", "image_id"]
+    test = validate_predictions(result.test, f"{source}/test.parquet", expected_ids=test_ids, what="test")
+    for k, model in enumerate(result.models):
+        model.save(directory / f"fold{k}")
+    write_parquet(oof, directory / "oof.parquet")
+    write_parquet(test, directory / "test.parquet")
+    if result.importance is not None:
+        write_parquet(result.importance, directory / "importance.parquet")
+    write_json(
+        {
+            "contract_version": CONTRACT_VERSION,
+            "stacker": result.name,
+            "params": result.params,
+            "score": result.score.as_dict(),
+            "fold_scores": result.fold_scores,
+            "seconds": result.seconds,
+            "n_folds": len(result.models),
+            "feature_columns": result.feature_columns,
+            "folds_hash": result.folds_hash,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
+        directory / "meta.json",
+    )
+
+
+def load_stacker_models(workdir, name: str) -> list[Stacker]:
+    """The fold models of stack/<name>/, each verified against its sha256 sidecars."""
+    wd = Workdir.of(workdir)
+    if name not in STACKERS:
+        get_stacker(name)  # raises the one-line "unknown stacker" error
+    directory = wd.stack_dir(name)
+    meta_path = directory / "meta.json"
+    if not meta_path.is_file():
+        raise StackkitError(f"{meta_path}: not found; run `stack fit --stackers {name}` first")
+    meta = read_json(meta_path)
+    n_folds = meta.get("n_folds")
+    if not isinstance(n_folds, int) or n_folds < 1:
+        raise ContractError(f"{meta_path}: 'n_folds' must be a positive integer; refit with `stack fit`")
+    return [STACKERS[name].load(directory / f"fold{k}") for k in range(n_folds)]

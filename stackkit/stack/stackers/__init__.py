@@ -1,0 +1,40 @@
+"""Level-2 stackers: one small abstract base (:mod:`.base`) and one module per implementation.
+
+``STACKERS`` maps each registered name to its class; :func:`get_stacker` returns a fresh,
+unfitted instance. Importing this package imports neither torch, LightGBM nor XGBoost.
+"""
+
+from __future__ import annotations
+
+from stackkit.errors import StackkitError
+from stackkit.stack.stackers.base import NeuralStacker, PerLabelStacker, Stacker, StackData
+from stackkit.stack.stackers.lgbm import LGBMStacker
+from stackkit.stack.stackers.mlp import MLPStacker
+from stackkit.stack.stackers.seq import SeqStacker
+from stackkit.stack.stackers.xgb import XGBStacker
+
+STACKERS: dict[str, type[Stacker]] = {cls.name: cls for cls in (LGBMStacker, XGBStacker, MLPStacker, SeqStacker)}
+DEFAULT_STACKERS: tuple[str, ...] = ("lgbm", "xgb", "mlp", "seq")
+
+
+def get_stacker(name: str) -> Stacker:
+    """A new, unfitted stacker by registry name."""
+    try:
+        return STACKERS[name]()
+    except KeyError:
+        raise StackkitError(f"unknown stacker '{name}'; valid stackers: {', '.join(STACKERS)}") from None
+
+
+__all__ = [
+    "DEFAULT_STACKERS",
+    "STACKERS",
+    "LGBMStacker",
+    "MLPStacker",
+    "NeuralStacker",
+    "PerLabelStacker",
+    "SeqStacker",
+    "StackData",
+    "Stacker",
+    "XGBStacker",
+    "get_stacker",
+]

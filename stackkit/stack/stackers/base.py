@@ -1,0 +1,526 @@
+"""The level-2 stacker interface and the helpers every implementation shares.
+
+One small abstract base (:class:`Stacker`), one module per implementation, helpers written once
+here: input validation, label weights, missing-value handling for neural stackers, and saving /
+loading model files with sha256 sidecars.
+
+Data passed to a stacker is a :class:`StackData`: the per-slice feature matrix plus the study
+structure (study code and slice position) so that sequence models see whole studies, and the
+labels when fitting. Every stacker takes the same ``fit(train, valid, params, seed)`` /
+``predict(data)`` signature whether it uses the study structure or not.
+
+Missing features: GBDT stackers (``lgbm``, ``xgb``) take NaN as "missing" natively. Neural
+stackers (``mlp``, ``seq``) standardize every feature with the training mean / std, replace NaN
+by 0 (the training mean after standardization) and append one 0/1 missing-indicator column for
+each feature that had a NaN in the training rows. Infinite features are refused by every stacker.
+
+Saved files: each model file ``F`` gets a sidecar ``F.sha256`` holding its hex digest. Loading
+reads the bytes once, checks the digest and only then hands the bytes to the library (never
+the path: a truncated LightGBM model file passed by path can abort the process).
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from stackkit.contract import LABEL_WEIGHTS, LABELS, env_threads
+from stackkit.metric import weighted_bce
+from stackkit.errors import StackkitError, one_line
+from stackkit.contract.io import read_artifact, write_artifact
+
+N_LABELS = len(LABELS)
+STACKER_JSON = "stacker.json"
+# Threads per fit. One by default: OpenMP (LightGBM, XGBoost) and torch spin-wait on a shared or
+# oversubscribed machine, where 2 threads measured 10x slower than 1 (bench/bench_stackers.py).
+# Set STACKKIT_THREADS=2 (or pass num_threads / nthread) on a dedicated machine.
+def default_threads() -> int:
+    return env_threads(1)
+
+
+# Predicted probabilities are kept away from 0/1 so that one confident miss cannot dominate a score.
+PROB_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class StackData:
+    """Rows (CT slices) handed to a stacker.
+
+    ``X``: float32 (n, f) features. ``study_codes``: int (n,) one code per study.
+    ``slice_index``: int (n,) position of the slice in its study (ordered by z).
+    ``Y``: (n, 6) 0/1 labels in LABELS order, ``None`` for prediction.
+    ``image_ids``: optional (n,) ids, used only to name rows in error messages.
+    """
+
+    X: np.ndarray
+    study_codes: np.ndarray
+    slice_index: np.ndarray
+    Y: np.ndarray | None = None
+    image_ids: np.ndarray | None = None
+
+    def __post_init__(self):
+        n = len(self.X)
+        if np.ndim(self.X) != 2:
+            raise StackkitError(f"features must be a 2-D (rows, features) array, got shape {np.shape(self.X)}")
+        for name in ("study_codes", "slice_index", "Y", "image_ids"):
+            value = getattr(self, name)
+            if value is not None and len(value) != n:
+                raise StackkitError(f"StackData.{name} has {len(value)} rows but X has {n}; they must align row by row")
+
+    def __len__(self) -> int:
+        return len(self.X)
+
+    @property
+    def n_features(self) -> int:
+        return int(self.X.shape[1])
+
+    def take(self, rows: np.ndarray) -> "StackData":
+        """The subset ``rows`` (integer positions or a boolean mask), every array sliced alike."""
+        rows = np.asarray(rows)
+        return StackData(
+            X=self.X[rows],
+            study_codes=self.study_codes[rows],
+            slice_index=self.slice_index[rows],
+            Y=None if self.Y is None else self.Y[rows],
+            image_ids=None if self.image_ids is None else self.image_ids[rows],
+        )
+
+
+# --- validation -------------------------------------------------------------------------------
+
+
+def _row_name(data: StackData, position: int) -> str:
+    ident = f" (image_id {data.image_ids[position]})" if data.image_ids is not None else ""
+    return f"row {position + 1}{ident}"
+
+
+def check_labels(data: StackData, what: str = "training") -> np.ndarray:
+    """Labels as float32 (n, 6); refuses missing labels, NaN and anything but 0/1.
+
+    LightGBM would silently train on a NaN label as 0, so this runs before every fit.
+    """
+    if data.Y is None:
+        raise StackkitError(f"{what} data has no labels; join data/labels.parquet on image_id")
+    Y = np.asarray(data.Y, dtype=np.float64)
+    if Y.ndim != 2 or Y.shape[1] != N_LABELS:
+        raise StackkitError(f"{what} labels have shape {Y.shape}; expected (rows, {N_LABELS}) in order {', '.join(LABELS)}")
+    bad = ~((Y == 0) | (Y == 1))
+    if bad.any():
+        row, col = map(int, np.argwhere(bad)[0])
+        raise StackkitError(
+            f"{what} label '{LABELS[col]}' is {Y[row, col]:g} at {_row_name(data, row)}; labels must be 0 or 1: "
+            "fix data/labels.parquet (every labeled image needs all six labels)"
+        )
+    return Y.astype(np.float32)
+
+
+def check_features(data: StackData, n_features: int | None = None, what: str = "training") -> np.ndarray:
+    """Features as float32; refuses infinities and a column count that differs from the model's."""
+    X = np.asarray(data.X, dtype=np.float32)
+    if n_features is not None and X.shape[1] != n_features:
+        raise StackkitError(
+            f"{what} features have {X.shape[1]} columns but the model was fitted on {n_features}; "
+            "rebuild features with the same models and lags (stack features) or refit (stack fit)"
+        )
+    inf = np.isinf(X)
+    if inf.any():
+        row, col = map(int, np.argwhere(inf)[0])
+        raise StackkitError(f"{what} feature column {col} is {X[row, col]} at {_row_name(data, row)}; expected a finite number or NaN")
+    return X
+
+
+def label_weights() -> np.ndarray:
+    """Per-label loss weights of the competition metric (``any`` counts twice), normalized to sum 1."""
+    return (LABEL_WEIGHTS / LABEL_WEIGHTS.sum()).astype(np.float32)
+
+
+def label_priors(Y: np.ndarray) -> np.ndarray:
+    """Smoothed per-label frequency: the prediction for a label with one class only in training."""
+    return ((Y.sum(axis=0) + 0.5) / (len(Y) + 1.0)).astype(np.float64)
+
+
+def clip_probabilities(P: np.ndarray) -> np.ndarray:
+    return np.clip(np.asarray(P, dtype=np.float64), PROB_EPS, 1.0 - PROB_EPS).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class FeatureScaler:
+    """Standardization + NaN handling for neural stackers (see the module docstring)."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+    indicator_columns: np.ndarray  # features that had a NaN in training: get a 0/1 missing column
+
+    @classmethod
+    def fit(cls, X: np.ndarray) -> "FeatureScaler":
+        X = np.asarray(X, dtype=np.float64)
+        missing = np.isnan(X)
+        all_missing = missing.all(axis=0)
+        with np.errstate(invalid="ignore"):
+            mean = np.where(all_missing, 0.0, np.nanmean(np.where(all_missing, 0.0, X), axis=0))
+            std = np.where(all_missing, 1.0, np.nanstd(np.where(all_missing, 0.0, X), axis=0))
+        # constant columns would divide by zero; they carry no signal anyway
+        scale = np.where(std > 1e-12, std, 1.0)
+        return cls(mean.astype(np.float32), scale.astype(np.float32), np.flatnonzero(missing.any(axis=0)).astype(np.int64))
+
+    @property
+    def n_outputs(self) -> int:
+        return len(self.mean) + len(self.indicator_columns)
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X, dtype=np.float32)
+        missing = np.isnan(X)
+        Z = (X - self.mean) / self.scale
+        Z[missing] = 0.0
+        if len(self.indicator_columns):
+            Z = np.concatenate([Z, missing[:, self.indicator_columns].astype(np.float32)], axis=1)
+        return np.ascontiguousarray(Z, dtype=np.float32)
+
+    def to_bytes(self) -> bytes:
+        import io
+
+        buffer = io.BytesIO()
+        np.savez(buffer, mean=self.mean, scale=self.scale, indicator_columns=self.indicator_columns)
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, source) -> "FeatureScaler":
+        import io
+        import zipfile
+
+        try:
+            with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
+                return cls(npz["mean"], npz["scale"], npz["indicator_columns"])
+        except (ValueError, KeyError, OSError, zipfile.BadZipFile) as exc:
+            raise StackkitError(f"{source}: not a readable feature-scaler file ({exc}); refit with `stack fit`") from exc
+
+
+def write_json_artifact(obj: dict, path: str | os.PathLike) -> Path:
+    return write_artifact(path, (json.dumps(obj, indent=2, default=_json_default) + "\n").encode("utf-8"))
+
+
+def read_json_artifact(path: str | os.PathLike) -> dict:
+    raw = read_artifact(path)
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise StackkitError(f"{path}: not valid JSON ({exc}); refit with `stack fit`") from exc
+
+
+def _json_default(value):
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+# --- the interface ----------------------------------------------------------------------------
+
+
+class Stacker(abc.ABC):
+    """A level-2 model: slice features -> six probabilities.
+
+    Subclasses set ``name`` and ``per_label`` and implement the abstract methods; ``save`` /
+    ``load`` write ``stacker.json`` (name, parameters, feature count and whatever
+    :meth:`_state` returns) plus the files of :meth:`_save_models`, every one with a sha256
+    sidecar.
+    """
+
+    name: ClassVar[str]
+    per_label: ClassVar[bool]  # one model per label (GBDT) or one multi-output model (NN)
+
+    def __init__(self):
+        self.params: dict | None = None
+        self.n_features: int | None = None
+
+    # -- parameters
+    @abc.abstractmethod
+    def default_params(self) -> dict:
+        """Parameters used when none are given: CPU-friendly, a few seconds per fold on the demo."""
+
+    @abc.abstractmethod
+    def suggest_params(self, trial) -> dict:
+        """Full parameter dict with the main parameters drawn from ``trial`` (an Optuna trial)."""
+
+    def resolve_params(self, params: dict | None) -> dict:
+        """Defaults overridden by ``params``; unknown names are refused (a typo would be silently ignored)."""
+        merged = self.default_params()
+        unknown = sorted(set(params or {}) - set(merged))
+        if unknown:
+            raise StackkitError(
+                f"stacker '{self.name}': unknown parameter(s) {', '.join(unknown)}; valid: {', '.join(sorted(merged))}"
+            )
+        merged.update(params or {})
+        return merged
+
+    # -- fitting
+    def fit(self, train: StackData, valid: StackData, params: dict | None = None, seed: int = 0) -> "Stacker":
+        """Fit on ``train``; ``valid`` is the inner early-stopping split (never the held-out fold)."""
+        params = self.resolve_params(params)
+        Y_train = check_labels(train, "training")
+        Y_valid = check_labels(valid, "early-stopping")
+        X_train = check_features(train, what="training")
+        X_valid = check_features(valid, X_train.shape[1], what="early-stopping")
+        self.params = params
+        self.n_features = int(X_train.shape[1])
+        self._fit(train, valid, X_train, Y_train, X_valid, Y_valid, params, int(seed))
+        return self
+
+    def predict(self, data: StackData) -> np.ndarray:
+        """(n, 6) float32 probabilities in LABELS order."""
+        if self.n_features is None:
+            raise StackkitError(f"stacker '{self.name}' is not fitted; call fit() or load() first")
+        X = check_features(data, self.n_features, what="prediction")
+        if len(X) == 0:
+            return np.zeros((0, N_LABELS), dtype=np.float32)
+        return clip_probabilities(self._predict(data, X))
+
+    def feature_importance(self) -> np.ndarray | None:
+        """(n_features, 6) total gain per feature and label for tree models, else None."""
+        return None
+
+    @abc.abstractmethod
+    def _fit(self, train, valid, X_train, Y_train, X_valid, Y_valid, params: dict, seed: int) -> None: ...
+
+    @abc.abstractmethod
+    def _predict(self, data: StackData, X: np.ndarray) -> np.ndarray: ...
+
+    # -- persistence
+    def save(self, directory: str | os.PathLike) -> list[Path]:
+        """Write the fitted model into ``directory``; returns the files written (sidecars excluded)."""
+        if self.n_features is None:
+            raise StackkitError(f"stacker '{self.name}' is not fitted; nothing to save")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        written = self._save_models(directory)
+        meta = {"stacker": self.name, "params": self.params, "n_features": self.n_features, "state": self._state()}
+        # stacker.json last: its presence marks a complete model directory
+        written.append(write_json_artifact(meta, directory / STACKER_JSON))
+        return written
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "Stacker":
+        directory = Path(directory)
+        meta = read_json_artifact(directory / STACKER_JSON)
+        if meta.get("stacker") != cls.name:
+            raise StackkitError(f"{directory / STACKER_JSON}: holds a '{meta.get('stacker')}' model, expected '{cls.name}'")
+        stacker = cls()
+        stacker.params = dict(meta["params"])
+        stacker.n_features = int(meta["n_features"])
+        stacker._load_models(directory, meta.get("state") or {})
+        return stacker
+
+    def _state(self) -> dict:
+        """Small JSON-able state saved in stacker.json besides the model files."""
+        return {}
+
+    @abc.abstractmethod
+    def _save_models(self, directory: Path) -> list[Path]: ...
+
+    @abc.abstractmethod
+    def _load_models(self, directory: Path, state: dict) -> None: ...
+
+
+# --- shared helpers for per-label GBDT stackers ---------------------------------------------------
+
+
+class PerLabelStacker(Stacker):
+    """One booster per label; a label with one class only in training is predicted by its prior."""
+
+    per_label = True
+
+    def __init__(self):
+        super().__init__()
+        self.boosters: list = []  # one per label, None where the label had one class only
+        self.priors: list[float] = []
+
+    def _fit(self, train, valid, X_train, Y_train, X_valid, Y_valid, params, seed) -> None:
+        priors = label_priors(Y_train)
+        self.priors = [float(p) for p in priors]
+        self.boosters = []
+        for j in range(N_LABELS):
+            if Y_train[:, j].min() == Y_train[:, j].max():
+                self.boosters.append(None)
+                continue
+            self.boosters.append(self._fit_label(X_train, Y_train[:, j], X_valid, Y_valid[:, j], params, seed, j))
+
+    def _predict(self, data, X) -> np.ndarray:
+        out = np.empty((len(X), N_LABELS), dtype=np.float64)
+        for j, booster in enumerate(self.boosters):
+            out[:, j] = self.priors[j] if booster is None else self._predict_label(booster, X)
+        return out
+
+    def feature_importance(self) -> np.ndarray | None:
+        gain = np.zeros((self.n_features, N_LABELS), dtype=np.float64)
+        for j, booster in enumerate(self.boosters):
+            if booster is not None:
+                gain[:, j] = self._label_gain(booster)
+        return gain
+
+    def _state(self) -> dict:
+        return {"priors": self.priors, "has_booster": [b is not None for b in self.boosters]}
+
+    def _model_file(self, j: int) -> str:
+        return f"{LABELS[j]}{self.model_suffix}"
+
+    def _save_models(self, directory: Path) -> list[Path]:
+        return [
+            write_artifact(directory / self._model_file(j), self._booster_bytes(b))
+            for j, b in enumerate(self.boosters)
+            if b is not None
+        ]
+
+    def _load_models(self, directory: Path, state: dict) -> None:
+        self.priors = [float(p) for p in state["priors"]]
+        self.boosters = []
+        for j, present in enumerate(state["has_booster"]):
+            if not present:
+                self.boosters.append(None)
+                continue
+            path = directory / self._model_file(j)
+            self.boosters.append(self._booster_from_bytes(read_artifact(path), path))
+
+    model_suffix: ClassVar[str]
+
+    @abc.abstractmethod
+    def _fit_label(self, X_train, y_train, X_valid, y_valid, params, seed, label_position): ...
+
+    @abc.abstractmethod
+    def _predict_label(self, booster, X) -> np.ndarray: ...
+
+    @abc.abstractmethod
+    def _label_gain(self, booster) -> np.ndarray: ...
+
+    @abc.abstractmethod
+    def _booster_bytes(self, booster) -> bytes: ...
+
+    @abc.abstractmethod
+    def _booster_from_bytes(self, raw: bytes, source: Path): ...
+
+
+# --- shared helpers for torch stackers (torch imported inside the functions only) -----------------
+
+
+class NeuralStacker(Stacker):
+    """One multi-output torch network; subclasses say how to build it and how to batch rows.
+
+    Training: weighted BCE (metric weights, ``any`` twice), Adam, early stopping on the inner
+    split's loss with the best epoch's weights kept. Inputs go through :class:`FeatureScaler`.
+    Randomness comes from ``seed`` only (a forked torch RNG), so a fit is repeatable.
+    """
+
+    per_label = False
+    MODEL_FILE = "model.pt"
+    SCALER_FILE = "scaler.npz"
+
+    def __init__(self):
+        super().__init__()
+        self.scaler: FeatureScaler | None = None
+        self.module = None
+
+    @abc.abstractmethod
+    def _build_module(self, n_inputs: int, params: dict): ...
+
+    @abc.abstractmethod
+    def _prepare(self, Z: np.ndarray, data: StackData, Y: np.ndarray | None):
+        """Arrays/tensors the batching and prediction below work on."""
+
+    @abc.abstractmethod
+    def _train_batches(self, module, prepared, params: dict, generator):
+        """Yield (logits, targets, mask-or-None) for one shuffled epoch."""
+
+    @abc.abstractmethod
+    def _predict_logits(self, module, prepared, params: dict, tta: bool):
+        """(n, 6) logits tensor in the rows' original order."""
+
+    def _fit(self, train, valid, X_train, Y_train, X_valid, Y_valid, params, seed) -> None:
+        import copy
+
+        import torch
+
+        self.scaler = FeatureScaler.fit(X_train)
+        prepared_train = self._prepare(self.scaler.transform(X_train), train, Y_train)
+        prepared_valid = self._prepare(self.scaler.transform(X_valid), valid, None)
+        targets_valid = torch.from_numpy(Y_valid)
+        weights = torch.from_numpy(label_weights())
+        previous_threads = torch.get_num_threads()
+        torch.set_num_threads(int(params["num_threads"]))
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                generator = torch.Generator().manual_seed(seed)
+                module = self._build_module(self.scaler.n_outputs, params)
+                optimizer = torch.optim.AdamW(module.parameters(), lr=float(params["lr"]), weight_decay=float(params["weight_decay"]))
+                best_loss, best_state, stale = float("inf"), copy.deepcopy(module.state_dict()), 0
+                for _epoch in range(int(params["max_epochs"])):
+                    module.train()
+                    for logits, targets, mask in self._train_batches(module, prepared_train, params, generator):
+                        loss = weighted_bce(logits, targets, weights, mask)
+                        optimizer.zero_grad()
+                        loss.backward()
+                        optimizer.step()
+                    module.eval()
+                    with torch.no_grad():
+                        valid_loss = float(weighted_bce(self._predict_logits(module, prepared_valid, params, False), targets_valid, weights))
+                    if valid_loss < best_loss - 1e-5:
+                        best_loss, best_state, stale = valid_loss, copy.deepcopy(module.state_dict()), 0
+                    else:
+                        stale += 1
+                        if stale >= int(params["patience"]):
+                            break
+                module.load_state_dict(best_state)
+                module.eval()
+        finally:
+            torch.set_num_threads(previous_threads)
+        self.module = module
+
+    def _predict(self, data, X) -> np.ndarray:
+        import torch
+
+        previous_threads = torch.get_num_threads()
+        torch.set_num_threads(int(self.params["num_threads"]))
+        try:
+            prepared = self._prepare(self.scaler.transform(X), data, None)
+            with torch.no_grad():
+                return torch.sigmoid(self._predict_logits(self.module, prepared, self.params, True)).numpy()
+        finally:
+            torch.set_num_threads(previous_threads)
+
+    def _state(self) -> dict:
+        return {"n_inputs": self.scaler.n_outputs}
+
+    def _save_models(self, directory: Path) -> list[Path]:
+        import io
+
+        import torch
+
+        buffer = io.BytesIO()
+        torch.save(self.module.state_dict(), buffer)
+        return [
+            write_artifact(directory / self.MODEL_FILE, buffer.getvalue()),
+            write_artifact(directory / self.SCALER_FILE, self.scaler.to_bytes()),
+        ]
+
+    def _load_models(self, directory: Path, state: dict) -> None:
+        import io
+        import pickle  # only for its error type: weights_only=True never unpickles objects
+
+        import torch
+
+        scaler_path, model_path = directory / self.SCALER_FILE, directory / self.MODEL_FILE
+        self.scaler = FeatureScaler.from_bytes(read_artifact(scaler_path), scaler_path)
+        raw = read_artifact(model_path)
+        module = self._build_module(int(state["n_inputs"]), self.params)
+        try:
+            module.load_state_dict(torch.load(io.BytesIO(raw), weights_only=True))
+        except (RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as exc:
+            raise StackkitError(f"{model_path}: not a readable {self.name} state_dict ({one_line(exc)}); refit with `stack fit`") from exc
+        module.eval()
+        self.module = module

@@ -1,0 +1,165 @@
+"""Sequence stacker: each whole study is one sequence of slices ordered by ``slice_index``.
+
+Per-slice standardized features -> linear projection -> 1-D convolution along the slices ->
+bidirectional GRU (packed, so padding never enters the recurrence) -> six logits per slice.
+Studies are padded to the longest one in a batch; the loss is masked to real slices.
+Training flips half of the studies (a study read bottom-up is as valid as top-down) and
+prediction averages the forward and the reversed study (test-time augmentation).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from stackkit.stack.stackers.base import default_threads, NeuralStacker
+
+
+def _seq_module(n_inputs: int, params: dict):
+    import torch
+    from torch import nn
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    hidden = int(params["hidden"])
+    kernel = int(params["kernel_size"])
+
+    class StudySequenceNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.project = nn.Linear(n_inputs, hidden)
+            self.conv = nn.Conv1d(hidden, hidden, kernel, padding=kernel // 2)
+            self.gru = nn.GRU(hidden, hidden, batch_first=True, bidirectional=True)
+            self.dropout = nn.Dropout(float(params["dropout"]))
+            self.head = nn.Linear(3 * hidden, 6)
+
+        def forward(self, x, lengths, mask):
+            keep = mask.unsqueeze(-1).to(x.dtype)
+            projected = torch.relu(self.project(x)) * keep
+            # zeroed padding acts as the convolution's zero padding at the study's end
+            local = torch.relu(self.conv(projected.transpose(1, 2))).transpose(1, 2) * keep
+            packed = pack_padded_sequence(local, lengths, batch_first=True, enforce_sorted=False)
+            context, _ = self.gru(packed)
+            context, _ = pad_packed_sequence(context, batch_first=True, total_length=x.shape[1])
+            return self.head(self.dropout(torch.cat([local, context], dim=-1)))
+
+    return StudySequenceNet()
+
+
+def study_layout(study_codes: np.ndarray, slice_index: np.ndarray):
+    """Per row: its study number (0..S-1) and position in the study; per study: its length.
+
+    Rows need not be sorted; positions follow ``slice_index`` order within each study.
+    """
+    order = np.lexsort((np.asarray(slice_index), np.asarray(study_codes)))
+    codes_sorted = np.asarray(study_codes)[order]
+    _, starts, lengths = np.unique(codes_sorted, return_index=True, return_counts=True)
+    study_sorted = np.repeat(np.arange(len(lengths)), lengths)
+    row_study = np.empty(len(order), dtype=np.int64)
+    row_position = np.empty(len(order), dtype=np.int64)
+    row_study[order] = study_sorted
+    row_position[order] = np.arange(len(order)) - starts[study_sorted]
+    return row_study, row_position, lengths.astype(np.int64)
+
+
+class SeqStacker(NeuralStacker):
+    name = "seq"
+
+    def default_params(self) -> dict:
+        return {
+            "hidden": 32,
+            "kernel_size": 3,
+            "dropout": 0.1,
+            "lr": 3e-3,
+            "weight_decay": 1e-4,
+            "batch_size": 16,  # studies per batch
+            "max_epochs": 40,
+            "patience": 5,
+            "num_threads": default_threads(),
+        }
+
+    def suggest_params(self, trial) -> dict:
+        params = self.default_params()
+        params.update(
+            hidden=trial.suggest_categorical("hidden", [16, 32, 64]),
+            kernel_size=trial.suggest_categorical("kernel_size", [3, 5]),
+            dropout=trial.suggest_float("dropout", 0.0, 0.4),
+            lr=trial.suggest_float("lr", 5e-4, 1e-2, log=True),
+            weight_decay=trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True),
+        )
+        return params
+
+    def _build_module(self, n_inputs, params):
+        return _seq_module(n_inputs, params)
+
+    def _prepare(self, Z, data, Y):
+        import torch
+
+        row_study, row_position, lengths = study_layout(data.study_codes, data.slice_index)
+        reversed_position = lengths[row_study] - 1 - row_position
+        shape = (len(lengths), int(lengths.max()) if len(lengths) else 0)
+        forward = np.zeros((*shape, Z.shape[1]), dtype=np.float32)
+        backward = np.zeros_like(forward)
+        forward[row_study, row_position] = Z
+        backward[row_study, reversed_position] = Z
+        prepared = {
+            "forward": torch.from_numpy(forward),
+            "backward": torch.from_numpy(backward),
+            "lengths": torch.from_numpy(lengths),
+            "row_study": torch.from_numpy(row_study),
+            "row_position": torch.from_numpy(row_position),
+            "reversed_position": torch.from_numpy(reversed_position),
+        }
+        if Y is not None:
+            targets_forward = np.zeros((*shape, 6), dtype=np.float32)
+            targets_backward = np.zeros_like(targets_forward)
+            targets_forward[row_study, row_position] = Y
+            targets_backward[row_study, reversed_position] = Y
+            prepared["targets_forward"] = torch.from_numpy(targets_forward)
+            prepared["targets_backward"] = torch.from_numpy(targets_backward)
+        return prepared
+
+    @staticmethod
+    def _batch_mask(lengths, width):
+        import torch
+
+        return torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)
+
+    def _train_batches(self, module, prepared, params, generator):
+        import torch
+
+        lengths_all = prepared["lengths"]
+        order = torch.randperm(len(lengths_all), generator=generator)
+        flip_all = torch.rand(len(lengths_all), generator=generator) < 0.5
+        for studies in torch.split(order, int(params["batch_size"])):
+            lengths = lengths_all[studies]
+            width = int(lengths.max())
+            flip = flip_all[studies].view(-1, 1, 1)
+            x = torch.where(flip, prepared["backward"][studies, :width], prepared["forward"][studies, :width])
+            y = torch.where(flip, prepared["targets_backward"][studies, :width], prepared["targets_forward"][studies, :width])
+            mask = self._batch_mask(lengths, width)
+            yield module(x, lengths, mask), y, mask
+
+    def _predict_logits(self, module, prepared, params, tta):
+        import torch
+
+        lengths_all = prepared["lengths"]
+        n_studies = len(lengths_all)
+        width = int(lengths_all.max())
+        logits_forward = torch.zeros((n_studies, width, 6))
+        logits_backward = torch.zeros((n_studies, width, 6))
+        # longer batches at prediction time: no gradients to hold
+        step = max(1, 4 * int(params["batch_size"]))
+        for start in range(0, n_studies, step):
+            studies = torch.arange(start, min(start + step, n_studies))
+            lengths = lengths_all[studies]
+            w = int(lengths.max())
+            mask = self._batch_mask(lengths, w)
+            logits_forward[studies, :w] = module(prepared["forward"][studies, :w], lengths, mask)
+            if tta:
+                logits_backward[studies, :w] = module(prepared["backward"][studies, :w], lengths, mask)
+        rows_forward = logits_forward[prepared["row_study"], prepared["row_position"]]
+        if not tta:
+            return rows_forward
+        rows_backward = logits_backward[prepared["row_study"], prepared["reversed_position"]]
+        # average probabilities, returned as logits so the caller applies one sigmoid
+        probability = 0.5 * (torch.sigmoid(rows_forward) + torch.sigmoid(rows_backward))
+        return torch.logit(probability, eps=1e-7)

@@ -1,0 +1,96 @@
+"""XGBoost stacker: one ``hist`` booster per label, early stopping on the inner split.
+
+Boosters are cut to their best iteration and saved as UBJSON (``save_raw("ubj")``); loaded from
+the verified bytes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from stackkit.errors import StackkitError, one_line
+from stackkit.stack.stackers.base import default_threads, PerLabelStacker
+
+
+def _xgboost():
+    """The xgboost module, or a one-line error saying which of the two builds to install."""
+    try:
+        import xgboost
+    except ImportError:
+        raise StackkitError("XGBoost is not installed: pip install 'stackkit[cpu]' (xgboost-cpu) or 'stackkit[gpu]' (xgboost with CUDA)") from None
+    return xgboost
+
+
+class XGBStacker(PerLabelStacker):
+    name = "xgb"
+    model_suffix = ".xgb.ubj"
+
+    def default_params(self) -> dict:
+        return {
+            "eta": 0.08,
+            "max_depth": 4,
+            "min_child_weight": 1.0,
+            "subsample": 0.8,
+            "colsample_bytree": 0.8,
+            "lambda": 1.0,
+            "max_bin": 64,
+            "num_boost_round": 300,
+            "early_stopping_rounds": 20,
+            "nthread": default_threads(),
+        }
+
+    def suggest_params(self, trial) -> dict:
+        params = self.default_params()
+        params.update(
+            eta=trial.suggest_float("eta", 0.02, 0.2, log=True),
+            max_depth=trial.suggest_int("max_depth", 2, 7),
+            min_child_weight=trial.suggest_float("min_child_weight", 0.5, 20.0, log=True),
+            subsample=trial.suggest_float("subsample", 0.5, 1.0),
+            colsample_bytree=trial.suggest_float("colsample_bytree", 0.3, 1.0),
+            **{"lambda": trial.suggest_float("lambda", 1e-3, 10.0, log=True)},
+        )
+        return params
+
+    def _fit_label(self, X_train, y_train, X_valid, y_valid, params, seed, label_position):
+        xgb = _xgboost()
+
+        booster_params = {k: v for k, v in params.items() if k not in ("num_boost_round", "early_stopping_rounds")}
+        booster_params.update(objective="binary:logistic", eval_metric="logloss", tree_method="hist", seed=seed, verbosity=0)
+        train_matrix = xgb.QuantileDMatrix(X_train, label=y_train, max_bin=int(params["max_bin"]), nthread=int(params["nthread"]))
+        valid_matrix = xgb.DMatrix(X_valid, label=y_valid, nthread=int(params["nthread"]))
+        booster = xgb.train(
+            booster_params,
+            train_matrix,
+            num_boost_round=int(params["num_boost_round"]),
+            evals=[(valid_matrix, "valid")],
+            early_stopping_rounds=int(params["early_stopping_rounds"]),
+            verbose_eval=False,
+        )
+        # keep only the trees up to the best iteration so saved and in-memory models agree
+        return booster[: booster.best_iteration + 1]
+
+    def _predict_label(self, booster, X) -> np.ndarray:
+        xgb = _xgboost()
+
+        return booster.predict(xgb.DMatrix(X, nthread=int(self.params.get("nthread", 2))))
+
+    def _label_gain(self, booster) -> np.ndarray:
+        gain = np.zeros(self.n_features, dtype=np.float64)
+        for key, value in booster.get_score(importance_type="total_gain").items():
+            gain[int(key[1:])] = value  # keys are "f<column>"
+        return gain
+
+    def _booster_bytes(self, booster) -> bytes:
+        return bytes(booster.save_raw("ubj"))
+
+    def _booster_from_bytes(self, raw: bytes, source: Path):
+        xgb = _xgboost()
+
+        booster = xgb.Booster()
+        try:
+            booster.load_model(bytearray(raw))
+        except xgb.core.XGBoostError as exc:
+            raise StackkitError(f"{source}: not a readable XGBoost model ({one_line(str(exc).split('Stack trace')[0])}); refit with `stack fit`") from exc
+        return booster

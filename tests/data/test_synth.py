@@ -1,0 +1,172 @@
+"""The synthetic RSNA dataset: real DICOM files, RSNA long CSV, determinism, label structure."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from stackkit.contract import LABELS
+from stackkit.errors import StackkitError
+from stackkit.data.synth import TEST_DIR, TRAIN_CSV, TRAIN_DIR, synthesize
+
+pydicom = pytest.importorskip("pydicom")
+# RSNA ids (ID_xxx) are not valid UIDs; pydicom warns whenever it converts one.
+pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+
+REQUIRED_TAGS = (
+    "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality", "ImagePositionPatient",
+    "ImageOrientationPatient", "PixelSpacing", "SliceThickness", "WindowCenter", "WindowWidth", "Rows", "Columns",
+    "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "PhotometricInterpretation", "SamplesPerPixel",
+    "RescaleIntercept", "RescaleSlope", "InstanceNumber",
+)
+
+
+def _read(path):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Invalid value for VR UI")
+        return pydicom.dcmread(path)
+
+
+def hounsfield(ds) -> np.ndarray:
+    """HU with the documented fix for the RSNA 12-bit quirk (see stackkit.data.synth docstring)."""
+    x = ds.pixel_array.astype(np.int32)
+    if ds.PixelRepresentation == 0 and ds.BitsStored == 12 and float(ds.RescaleIntercept) > -100:
+        x[x >= 2048] -= 4096
+    return x * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth") / "data"
+    summary = synthesize(out, patients=10, size=32, slices=(10, 16), seed=3, progress=False)
+    records = []
+    for split, folder in (("train", TRAIN_DIR), ("test", TEST_DIR)):
+        for path in sorted((out / folder).glob("*.dcm")):
+            ds = _read(path)
+            records.append(
+                dict(path=path, split=split, ds=ds, image_id=ds.SOPInstanceUID, study=ds.StudyInstanceUID,
+                     patient=ds.PatientID, z=float(ds.ImagePositionPatient[2]))
+            )
+    return out, summary, pd.DataFrame(records)
+
+
+def _wide_labels(out) -> pd.DataFrame:
+    long = pd.read_csv(out / TRAIN_CSV)
+    parts = long["ID"].str.extract(r"^(ID_[0-9a-f]+)_(\w+)$")
+    long["image_id"], long["label"] = parts[0], parts[1]
+    return long.pivot(index="image_id", columns="label", values="Label")[list(LABELS)]
+
+
+def test_every_file_is_a_readable_ct_with_the_rsna_tags(dataset):
+    out, summary, files = dataset
+    assert len(files) == summary["train_images"] + summary["test_images"]
+    assert (files["split"] == "train").sum() == summary["train_images"]
+    for record in files.itertuples():
+        ds = record.ds
+        assert ds.preamble is not None and ds.file_meta.TransferSyntaxUID in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
+        missing = [tag for tag in REQUIRED_TAGS if tag not in ds]
+        assert not missing, (record.path, missing)
+        assert ds.Modality == "CT" and ds.PhotometricInterpretation == "MONOCHROME2"
+        assert record.path.name == f"{ds.SOPInstanceUID}.dcm"
+        assert ds.SOPInstanceUID.startswith("ID_") and len(ds.SOPInstanceUID) == 12
+        assert ds.StudyInstanceUID.startswith("ID_") and ds.PatientID.startswith("ID_")
+        assert ds.pixel_array.shape == (32, 32) == (ds.Rows, ds.Columns)
+    # both transfer syntaxes, several studies per patient sometimes, multi-valued windows sometimes
+    syntaxes = {r.ds.file_meta.TransferSyntaxUID for r in files.itertuples()}
+    assert syntaxes == {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
+    assert any(isinstance(r.ds.WindowCenter, pydicom.multival.MultiValue) for r in files.itertuples())
+    # train/test split by patient
+    assert not set(files.loc[files.split == "train", "patient"]) & set(files.loc[files.split == "test", "patient"])
+
+
+def test_csv_is_rsna_long_format_six_rows_per_train_image_in_label_order(dataset):
+    out, _, files = dataset
+    long = pd.read_csv(out / TRAIN_CSV)
+    assert list(long.columns) == ["ID", "Label"]
+    train_ids = sorted(files.loc[files.split == "train", "image_id"])
+    assert len(long) == 6 * len(train_ids)
+    suffixes = long["ID"].str.rsplit("_", n=1).str[1].to_numpy().reshape(-1, 6)
+    assert (suffixes == np.array(LABELS)).all()
+    assert sorted(long["ID"].str.rsplit("_", n=1).str[0].unique()) == train_ids
+    assert set(long["Label"].unique()) <= {0, 1}
+    wide = _wide_labels(out)
+    assert (wide["any"] == wide[list(LABELS[:5])].max(axis=1)).all()
+
+
+def test_labels_contiguous_along_z_and_prevalence_plausible(dataset):
+    out, summary, files = dataset
+    wide = _wide_labels(out)
+    train = files[files.split == "train"].join(wide, on="image_id").sort_values(["study", "z", "image_id"])
+    for _, study in train.groupby("study"):
+        for label in LABELS[:5]:
+            positive = np.flatnonzero(study[label].to_numpy())
+            if len(positive):
+                assert positive[-1] - positive[0] + 1 == len(positive), (study["study"].iloc[0], label)
+    assert 0.1 < summary["prevalence"]["any"] < 0.6
+
+
+def test_hemorrhage_is_blood_density_and_quirk_files_decode_to_hu(dataset):
+    out, _, files = dataset
+    wide = _wide_labels(out)
+    quirks = 0
+    for record in files.itertuples():
+        ds = record.ds
+        hu = hounsfield(ds)
+        # air, brain and skull where they belong, whatever the storage
+        assert hu[0, 0] <= -990 and -1024 <= hu.min() and hu.max() <= 1400
+        assert -20 < np.median(hu[14:18, 14:18]) < 100  # soft tissue at the centre
+        if ds.RescaleIntercept == 0:
+            quirks += 1
+            # the quirk: without the fix, air reads as +3096
+            assert ds.PixelRepresentation == 0 and ds.BitsStored == 12
+            naive = pydicom.pixels.apply_modality_lut(ds.pixel_array, ds)
+            assert naive[0, 0] == 3096
+            # the Kaggle variant of the fix agrees
+            kaggle = ds.pixel_array.astype(np.int32) + 1000
+            kaggle[kaggle >= 4096] -= 4096
+            np.testing.assert_array_equal(kaggle - 1000, hu)
+        else:
+            np.testing.assert_array_equal(pydicom.pixels.apply_modality_lut(ds.pixel_array, ds), hu)
+    assert 0 < quirks < 0.3 * len(files)
+    # positives have more blood-density pixels (50..95 HU) than negatives
+    train = files[files.split == "train"].join(wide, on="image_id")
+    blood = train["ds"].map(lambda ds: int(((hounsfield(ds) > 52) & (hounsfield(ds) < 95)).sum()))
+    assert blood[train["any"] == 1].mean() > 2 * blood[train["any"] == 0].mean()
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path):
+    def files(root):
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    a = synthesize(tmp_path / "a", patients=3, size=16, slices=(3, 5), seed=7, progress=False)
+    b = synthesize(tmp_path / "b", patients=3, size=16, slices=(3, 5), seed=7, progress=False)
+    c = synthesize(tmp_path / "c", patients=3, size=16, slices=(3, 5), seed=8, progress=False)
+    assert files(tmp_path / "a") == files(tmp_path / "b")
+    assert a["digest"] == b["digest"] != c["digest"]
+    assert files(tmp_path / "a").keys() != files(tmp_path / "c").keys()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(patients=1), "at least 2"),
+        (dict(size=8), "out of range"),
+        (dict(slices=(5, 2)), "MIN <= MAX"),
+        (dict(slices=("a", 2)), "two integers"),
+        (dict(test_fraction=1.0), r"\[0, 1\)"),
+    ],
+)
+def test_bad_arguments(tmp_path, kwargs, match):
+    with pytest.raises(StackkitError, match=match):
+        synthesize(tmp_path / "x", **{**dict(patients=3, size=16, slices=(2, 3), progress=False), **kwargs})
+
+
+def test_refuses_to_mix_with_an_existing_dataset(tmp_path):
+    synthesize(tmp_path, patients=2, size=16, slices=(2, 2), progress=False)
+    before = sorted(p.name for p in (tmp_path / TRAIN_DIR).iterdir())
+    with pytest.raises(StackkitError, match="already contains .dcm files"):
+        synthesize(tmp_path, patients=2, size=16, slices=(2, 2), seed=1, progress=False)
+    assert sorted(p.name for p in (tmp_path / TRAIN_DIR).iterdir()) == before

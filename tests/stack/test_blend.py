@@ -1,0 +1,301 @@
+"""Blend math, blend fitting (in-sample vs cross-validated) and the Optuna storages/studies."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stackkit.stack.blend import (
+    BlendParams,
+    apply_blend,
+    cross_validated_blend,
+    fit_blend,
+    logit,
+    normalize_weights,
+    sigmoid,
+)
+from stackkit.contract import LABELS, Workdir
+from stackkit.errors import StackkitError
+from stackkit.metric import weighted_log_loss
+from stackkit.stack.storage import make_storage, redact_url
+from stackkit.stack.tune import completed_trials, search_blend
+
+from stackkit.testing.stack import base_model_workdir, synthetic_sources
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+ANY = LABELS.index("any")
+
+
+# --- apply_blend ------------------------------------------------------------------------------------
+
+
+def test_weights_are_normalized_per_label_and_scale_free():
+    preds, _, _ = synthetic_sources(200, [2.0, 1.0, 0.5], seed=1)
+    raw = np.random.default_rng(0).random((3, 6)) + 0.1
+    w = normalize_weights(raw)
+    assert np.allclose(w.sum(axis=0), 1.0) and (w >= 0).all()
+    assert np.allclose(apply_blend(preds, raw), apply_blend(preds, 7.5 * raw))
+    # a weight column of zeros means "no preference": equal weights
+    assert np.allclose(normalize_weights(np.zeros((4, 6))), 0.25)
+    # shared (n_sources,) weights broadcast to every label
+    assert np.allclose(normalize_weights(np.array([1.0, 3.0])), np.array([[0.25] * 6, [0.75] * 6]))
+
+
+def test_blend_is_a_weighted_logit_average_with_temperature():
+    preds, _, _ = synthetic_sources(50, [2.0, 0.5], seed=2)
+    w = np.array([[0.8] * 6, [0.2] * 6])
+    t = np.array([1.0, 2.0, 0.5, 1.0, 1.5, 1.0])
+    expected = sigmoid((0.8 * logit(preds[0]) + 0.2 * logit(preds[1])) / t)
+    got = apply_blend(preds, w, t, clip=0.0, any_consistency=False)
+    assert np.allclose(got, expected, atol=1e-12)
+    # one source with weight 1, temperature 1, no clip: the source itself
+    assert np.allclose(apply_blend(preds[:1], np.ones((1, 6)), 1.0, clip=0.0, any_consistency=False), preds[0], atol=1e-9)
+
+
+def test_probability_space_is_a_linear_pool_never_worse_than_its_sources_on_average():
+    preds, y, _ = synthetic_sources(300, [2.0, 0.3, 1.0], seed=4)
+    w = np.array([[0.5] * 6, [0.3] * 6, [0.2] * 6])
+    pooled = apply_blend(preds, w, clip=0.0, any_consistency=False, space="probability")
+    assert np.allclose(pooled, np.einsum("snl,s->nl", preds, w[:, 0]), atol=1e-9)
+    equal = BlendParams.equal(3, clip=0.0, any_consistency=False)
+    assert equal.space == "probability"
+    # log loss is convex in p: the equal pool scores at most the mean of the sources' scores
+    assert equal.score(preds, y).overall <= np.mean([weighted_log_loss(y, p).overall for p in preds]) + 1e-12
+    # the two spaces really differ when sources disagree
+    assert not np.allclose(pooled, apply_blend(preds, w, clip=0.0, any_consistency=False, space="logit"))
+
+
+def test_any_consistency_and_clip():
+    p = np.full((1, 4, 6), 0.1)
+    p[0, 0, 2] = 0.9  # a subtype above `any`
+    p[0, 1, :] = 1.0  # certain everywhere
+    p[0, 2, :] = 0.0
+    kept = apply_blend(p, np.ones((1, 6)), clip=1e-3, any_consistency=False)
+    fixed = apply_blend(p, np.ones((1, 6)), clip=1e-3, any_consistency=True)
+    assert kept[0, ANY] < kept[0, 2]
+    assert np.all(fixed[:, ANY] >= fixed[:, [i for i in range(6) if i != ANY]].max(axis=1))
+    assert np.isclose(fixed[0, ANY], fixed[0, 2])
+    assert fixed.max() <= 1 - 1e-3 + 1e-15 and fixed.min() >= 1e-3 - 1e-15
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(weights=-np.ones((2, 6))), "non-negative"),
+        (dict(weights=np.full((2, 6), np.nan)), "finite"),
+        (dict(weights=np.ones((3, 6))), r"shape \(2, 6\)"),
+        (dict(weights=np.ones((2, 5))), "shape"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(temperature=np.array([1, 1, 1, 1, 1, -1.0])), "temperature"),
+        (dict(clip=0.5), "clip"),
+        (dict(clip=-0.1), "clip"),
+        (dict(space="geometric"), "space"),
+    ],
+)
+def test_apply_blend_refuses_bad_parameters(kwargs, match):
+    preds, _, _ = synthetic_sources(10, [1.0, 1.0])
+    args = dict(weights=np.ones((2, 6)), temperature=1.0, clip=1e-6, any_consistency=True) | kwargs
+    with pytest.raises(ValueError, match=match):
+        apply_blend(preds, **args)
+
+
+def test_blend_params_json_round_trip():
+    params = BlendParams(np.random.default_rng(3).random((2, 6)), np.linspace(0.5, 2, 6), 1e-4, False)
+    names = ["stack/lgbm", "preds/m1"]
+    back = BlendParams.from_json(json.loads(json.dumps(params.to_json(names))), names)
+    assert np.allclose(back.weights, params.weights) and np.allclose(back.temperature, params.temperature)
+    assert back.clip == params.clip and back.any_consistency is False and back.space == "logit"
+    pool = BlendParams.equal(2)
+    assert BlendParams.from_json(json.loads(json.dumps(pool.to_json(names))), names).space == "probability"
+    # blend.json files written before the space was recorded averaged logits
+    old_record = {k: v for k, v in params.to_json(names).items() if k != "space"}
+    assert BlendParams.from_json(old_record, names).space == "logit"
+    with pytest.raises(ValueError, match="space"):
+        BlendParams.from_json({**params.to_json(names), "space": "odds"}, names)
+
+
+# --- fitting -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("per_label", [True, False])
+def test_fit_puts_more_weight_on_the_good_source(per_label):
+    preds, y, _ = synthetic_sources(3000, [0.3, 3.0], seed=4)  # source 0 bad, source 1 good
+    params = fit_blend(preds, y, per_label=per_label)
+    assert np.all(params.weights[1] > params.weights[0])
+    assert np.allclose(params.weights.sum(axis=0), 1.0)
+    fitted = params.score(preds, y).overall
+    assert fitted < BlendParams.equal(2).score(preds, y).overall
+    assert fitted <= weighted_log_loss(y, preds[1]).overall + 1e-9
+
+
+def test_cross_validated_blend_is_worse_than_in_sample_when_it_can_overfit():
+    """Many pure-noise sources and few rows: fitted per-label weights chase noise in-sample.
+
+    The cross-validated score refits on the other folds, so it cannot see that noise.
+    """
+    gaps = []
+    for seed in range(3):
+        preds, y, folds = synthetic_sources(240, [1.5] + [0.0] * 12, seed=seed)
+        in_sample = fit_blend(preds, y, per_label=True).score(preds, y).overall
+        pooled, per_fold = cross_validated_blend(preds, y, folds, lambda p, yy: fit_blend(p, yy, per_label=True))
+        assert len(per_fold) == 4 and sum(f["n"] for f in per_fold) == len(y)
+        gaps.append(weighted_log_loss(y, pooled).overall - in_sample)
+    assert np.mean(gaps) > 0
+    assert min(gaps) > 0
+
+
+def test_search_blend_never_worse_than_its_start_points():
+    preds, y, _ = synthetic_sources(600, [2.0, 1.0, 0.2], seed=5)
+    names = ["a", "b", "c"]
+    best, info = search_blend(preds, y, names, per_label=True, any_consistency=True, trials=8, seed=0)
+    fitted = fit_blend(preds, y, per_label=True)
+    assert best.score(preds, y).overall <= fitted.score(preds, y).overall + 1e-12
+    assert best.score(preds, y).overall <= BlendParams.equal(3).score(preds, y).overall
+    assert info.trials_run == 8
+
+
+# --- Optuna storages and studies -------------------------------------------------------------------------
+
+
+def _tiny_blend_problem():
+    preds, y, _ = synthetic_sources(300, [2.0, 0.5], seed=6)
+    return preds, y, ["s1", "s2"]
+
+
+def test_rerun_continues_the_same_study(tmp_path):
+    wd = Workdir(tmp_path / "work")
+    preds, y, names = _tiny_blend_problem()
+    kwargs = dict(per_label=False, any_consistency=True, trials=4, seed=0, study_name="cont-blend")
+    _, first = search_blend(preds, y, names, storage=make_storage(None, wd), **kwargs)
+    _, second = search_blend(preds, y, names, storage=make_storage(None, wd), **kwargs)
+    assert wd.optuna_journal.is_file()
+    assert (first.trials_total, second.trials_total) == (4, 8)
+    assert second.trials_run == 4
+    assert second.best_value <= first.best_value
+
+
+def test_sqlite_url_works_and_continues(tmp_path):
+    wd = Workdir(tmp_path / "work")
+    url = f"sqlite:///{tmp_path / 'db' / 'optuna.db'}"
+    preds, y, names = _tiny_blend_problem()
+    kwargs = dict(per_label=True, any_consistency=False, trials=3, seed=1, study_name="sq-blend")
+    _, first = search_blend(preds, y, names, storage=make_storage(url, wd), **kwargs)
+    _, second = search_blend(preds, y, names, storage=make_storage(url, wd), **kwargs)
+    assert (tmp_path / "db" / "optuna.db").is_file()
+    assert (first.trials_total, second.trials_total) == (3, 6)
+
+
+def test_journal_path_forms(tmp_path):
+    import optuna
+
+    wd = Workdir(tmp_path / "work")
+    for url in (f"journal:{tmp_path / 'a.log'}", str(tmp_path / "b" / "c.log")):
+        storage = make_storage(url, wd)
+        optuna.create_study(study_name="x", storage=storage, load_if_exists=True).optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    assert (tmp_path / "a.log").stat().st_size > 0 and (tmp_path / "b" / "c.log").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "url, match",
+    [
+        ("foo://host/db", r"unknown scheme 'foo'; accepted: .*sqlite.*postgresql"),
+        ("redis://localhost:6379", "unknown scheme 'redis'"),
+        ("journal:", "needs a file path"),
+        ("postgresql://stack:s3cr3tpw@127.0.0.1:1/optuna", r"storage .postgresql://stack:\*\*\*@127.0.0.1:1/optuna.: cannot connect"),
+        ("postgresql+psycopg2://stack:s3cr3tpw@127.0.0.1:1/optuna", "cannot connect.*database is up"),
+        ("sqlite:///{tmp}/afile/x.db", "cannot create its folder"),
+    ],
+)
+def test_storage_errors_are_one_line_without_password(url, match, tmp_path):
+    (tmp_path / "afile").write_text("a file, not a folder")
+    url = url.replace("{tmp}", str(tmp_path))
+    with pytest.raises(StackkitError, match=match) as info:
+        make_storage(url, Workdir(tmp_path / "work"))
+    message = str(info.value)
+    assert "\n" not in message and "s3cr3tpw" not in message
+
+
+def test_redact_url_hides_password():
+    assert redact_url("postgresql+psycopg2://u:pass@db:5432/x") == "postgresql+psycopg2://u:***@db:5432/x"
+    assert "pw" not in redact_url("mysql://root:pw@h/db")
+
+
+def test_postgres_storage_two_workers_and_wrong_password(postgres_url, tmp_path):
+    from sqlalchemy.engine import make_url
+
+    wd = Workdir(tmp_path / "work")
+    preds, y, names = _tiny_blend_problem()
+    study = f"pg-{tmp_path.name}"
+    kwargs = dict(per_label=False, any_consistency=True, trials=3, seed=0, study_name=study)
+    search_blend(preds, y, names, storage=make_storage(postgres_url, wd), **kwargs)
+    _, info = search_blend(preds, y, names, storage=make_storage(postgres_url, wd), **kwargs)
+    assert info.trials_total == 6
+    wrong = make_url(postgres_url).set(password="definitely-wrong-pw").render_as_string(hide_password=False)
+    with pytest.raises(StackkitError, match="cannot connect") as err:
+        make_storage(wrong, wd)
+    assert "definitely-wrong-pw" not in str(err.value)
+
+
+WORKER = textwrap.dedent(
+    """
+    import sys
+    from stackkit.contract import Workdir
+    from stackkit.stack.fit import run_stack_fit
+    summary = run_stack_fit(Workdir.resolve(sys.argv[1]), stackers=[], tune=True, trials=int(sys.argv[2]), seed=int(sys.argv[3]),
+                            study_name="shared", progress=False)
+    print(summary["studies"]["blend"]["trials_run_now"])
+    """
+)
+
+
+def test_two_tune_processes_share_the_default_journal(tmp_path):
+    """Two `stack fit --tune` processes at once on the default journal: no errors, one study with both processes' trials."""
+    import optuna
+
+    wd = base_model_workdir(tmp_path / "work", n_patients=16)
+    trials = 6
+    procs = [
+        subprocess.Popen([sys.executable, "-c", WORKER, str(wd.root), str(trials), str(seed)], cwd=REPO_ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for seed in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=240) for p in procs]
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err[-2000:]
+        assert out.strip().splitlines()[-1] == str(trials)
+    storage = make_storage(None, wd)
+    study = optuna.load_study(study_name="shared-blend", storage=storage)
+    assert len(completed_trials(study)) == 2 * trials
+    assert not [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.FAIL]
+    record = json.loads(wd.blend.read_text())
+    assert record["optuna"]["studies"]["blend"]["name"] == "shared-blend"
+
+
+def test_blend_output_properties_hold_for_any_parameters():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+    from hypothesis.extra.numpy import arrays
+
+    probabilities = arrays(np.float64, (3, 5, 6), elements=st.floats(0.0, 1.0))
+    weights = arrays(np.float64, (3, 6), elements=st.floats(0.0, 10.0))
+    temperatures = arrays(np.float64, (6,), elements=st.floats(0.1, 10.0))
+
+    @settings(max_examples=60, deadline=None)
+    @given(probabilities, weights, temperatures, st.floats(0.0, 0.1), st.booleans())
+    def check(preds, w, t, clip, consistent):
+        out = apply_blend(preds, w, t, clip, consistent)
+        assert out.shape == (5, 6) and np.isfinite(out).all()
+        assert (out >= clip).all() and (out <= 1 - clip).all()
+        if consistent:
+            assert (out[:, ANY] >= out[:, [i for i in range(6) if i != ANY]].max(axis=1)).all()
+        # the blend is monotone in each source: raising every input never lowers the output
+        raised = apply_blend(np.minimum(preds + 0.05, 1.0), w, t, clip, consistent)
+        assert (raised >= out - 1e-12).all()
+
+    check()

@@ -1,0 +1,176 @@
+"""`stack fit [--tune]` end to end on a small hand-assembled work directory, and its refusals."""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from stackkit.contract import LABELS, Workdir
+from stackkit.errors import LeakageError, StackkitError
+from stackkit.stack.fit import run_stack_fit
+from stackkit.contract.io import read_json, write_json, write_parquet
+from stackkit.metric import weighted_log_loss
+from stackkit.stack.report import ScoreRow, render_table, write_report_html
+from stackkit.contract.validate import load_core, read_oof
+
+from stackkit.testing.contract import snapshot
+from stackkit.testing.stack import base_model_workdir
+
+# the fastest stacker on two CPU cores; the others share the Stacker interface and their own tests
+FAST = "mlp"
+
+
+@pytest.fixture(scope="module")
+def features_template(tmp_path_factory):
+    from features.api import run_stack_features
+
+    wd = base_model_workdir(tmp_path_factory.mktemp("fit") / "work", n_patients=20)
+    run_stack_features(wd, lags=1, progress=False)
+    return wd
+
+
+@pytest.fixture
+def wd(features_template, tmp_path) -> Workdir:
+    shutil.copytree(features_template.root, tmp_path / "work")
+    return Workdir(tmp_path / "work")
+
+
+def _images_in_report(wd) -> int:
+    return len(re.findall(r"src='data:image/png;base64,[A-Za-z0-9+/=]{100,}'", wd.report_html.read_text()))
+
+
+def test_fit_without_tune_writes_stackers_blend_and_report(wd):
+    summary = run_stack_fit(wd, stackers=[FAST], progress=False)
+    _, labels, folds = load_core(wd)
+    oof = read_oof(wd.stack_dir(FAST) / "oof.parquet", folds, wd)  # contract format, folds agree
+    assert (wd.stack_dir(FAST) / "test.parquet").is_file() and (wd.stack_dir(FAST) / "meta.json").is_file()
+
+    record = read_json(wd.blend)
+    names = [s["name"] for s in record["sources"]]
+    assert names == [f"stack/{FAST}", "preds/m1", "preds/m2"]
+    for label in LABELS:  # untuned: equal weights over stackers and base models
+        assert np.allclose([record["weights"][label][n] for n in names], 1 / 3)
+    assert record["tuned"] is False and record["optuna"] is None and record["space"] == "probability"
+    # the stacker's recorded OOF score is the metric on its OOF file
+    merged = labels.merge(oof, on="image_id", suffixes=("", "_p"))
+    expected = weighted_log_loss(merged[list(LABELS)].to_numpy(), merged[[f"{l}_p" for l in LABELS]].to_numpy()).overall
+    assert np.isclose(record["sources"][0]["oof_score"]["overall"], expected)
+    # nothing fitted: CV equals in-sample; both reported
+    scores = record["scores"]
+    assert np.isclose(scores["cv"]["overall"], scores["in_sample"]["overall"])
+    assert len(scores["cv"]["per_fold"]) == int(folds["fold"].max()) + 1 and set(scores["cv"]["per_label"]) == set(LABELS)
+    assert "blend-cv" in summary["table"] and f"stack/{FAST}" in summary["table"]
+    assert _images_in_report(wd) >= 2  # per-label losses, weights
+
+
+def test_fit_tune_records_studies_and_a_rerun_continues_them(wd):
+    run_stack_fit(wd, stackers=[FAST], tune=True, trials=2, study_name="t", progress=False)
+    record = read_json(wd.blend)
+    studies = record["optuna"]["studies"]
+    assert studies[FAST]["name"] == f"t-{FAST}" and studies[FAST]["trials_total"] == 2
+    assert studies["blend"]["name"] == "t-blend" and studies["blend"]["trials_total"] == 2
+    assert record["optuna"]["storage"].startswith("journal:") and wd.optuna_journal.is_file()
+    assert record["tuned"] is True and "Optuna" in record["cv_method"]
+    scores = record["scores"]
+    assert set(scores) == {"in_sample", "cv"} and np.isfinite(scores["cv"]["overall"])
+    weights = np.array([[record["weights"][l][s["name"]] for l in LABELS] for s in record["sources"]])
+    assert np.allclose(weights.sum(axis=0), 1.0) and (weights >= 0).all()
+    assert _images_in_report(wd) >= 4  # + one optimization history per study
+
+    # the kept blend is never worse, cross-validated, than equal weights (which fit nothing)
+    assert scores["cv"]["overall"] <= _equal_weight_score(wd, record) + 1e-12
+
+    run_stack_fit(wd, stackers=[FAST], tune=True, trials=1, study_name="t", progress=False)
+    again = read_json(wd.blend)["optuna"]["studies"]
+    assert again[FAST]["trials_total"] == 3 and again["blend"]["trials_total"] == 3
+
+
+def _equal_weight_score(wd, record) -> float:
+    from stackkit.stack.blend import BlendParams
+
+    _, labels, folds = load_core(wd)
+    ids = folds["image_id"].to_numpy(dtype=object)
+    y = labels.set_index("image_id").reindex(ids)[list(LABELS)].to_numpy()
+    preds = np.stack([pd.read_parquet(wd.root / s["oof"]).set_index("image_id").reindex(ids)[list(LABELS)].to_numpy(dtype=float)
+                      for s in record["sources"]])
+    return BlendParams.equal(len(preds), any_consistency=record["any_consistency"]).score(preds, y).overall
+
+
+def test_tuned_blend_that_overfits_falls_back_to_equal_weights(tmp_path):
+    """Two pure-noise models on a few patients: fitted weights and temperatures only chase noise."""
+    wd = base_model_workdir(tmp_path / "work", n_patients=8, models=(("noise_a", 1, 0.0), ("noise_b", 2, 0.0)))
+    summary = run_stack_fit(wd, stackers=[], tune=True, trials=3, progress=False)
+    record = read_json(wd.blend)
+    fallback = record["fallback_to_equal_weights"]
+    assert fallback is not None
+    assert fallback["tuned_scores"]["cv"]["overall"] > record["scores"]["cv"]["overall"]
+    assert fallback["tuned_scores"]["in_sample"]["overall"] < record["scores"]["in_sample"]["overall"]  # it did flatter itself
+    for label in LABELS:
+        assert record["weights"][label] == {"preds/noise_a": 0.5, "preds/noise_b": 0.5}
+    assert np.isclose(record["scores"]["cv"]["overall"], _equal_weight_score(wd, record))
+    assert "tuned blend-cv" in summary["table"] and any("keeps equal weights" in line for line in summary["lines"])
+
+
+def _other_folds_hash(wd):
+    manifest = read_json(wd.features_manifest)
+    manifest["folds_hash"] = "0" * 64
+    write_json(manifest, wd.features_manifest)
+
+
+def _base_fold_disagrees(wd):
+    oof = pd.read_parquet(wd.oof("m2"))
+    oof.loc[0, "fold"] = (oof.loc[0, "fold"] + 1) % 4
+    write_parquet(oof, wd.oof("m2"))
+
+
+def _no_features(wd):
+    shutil.rmtree(wd.features_dir)
+
+
+REFUSALS = [
+    ("features from other folds", _other_folds_hash, dict(stackers=[FAST]), LeakageError, "folds_hash .* differs from data/folds.parquet"),
+    ("base model on other folds", _base_fold_disagrees, dict(stackers=[]), LeakageError, "preds/m2/oof.parquet: fold .* disagrees"),
+    ("no features", _no_features, dict(stackers=[FAST]), StackkitError, "run `stack features` first"),
+    ("unknown stacker", lambda wd: None, dict(stackers=["catboost"]), StackkitError, "unknown stacker 'catboost'; valid stackers: lgbm"),
+    ("zero trials", lambda wd: None, dict(stackers=[], tune=True, trials=0), StackkitError, "--trials: expected a positive integer"),
+    ("bad timeout", lambda wd: None, dict(stackers=[], tune=True, timeout=-1.0), StackkitError, "--timeout"),
+    ("nothing to blend", lambda wd: None, dict(stackers=[], blend_base_models=False), StackkitError, "nothing to blend"),
+    ("unknown storage", lambda wd: None, dict(stackers=[], tune=True, storage="ftp://x"), StackkitError, "unknown scheme 'ftp'"),
+]
+
+
+@pytest.mark.parametrize("case, damage, kwargs, error, match", REFUSALS, ids=[r[0] for r in REFUSALS])
+def test_refusals_change_nothing(wd, case, damage, kwargs, error, match):
+    run_stack_fit(wd, stackers=[], progress=False)  # an existing blend that must survive
+    damage(wd)
+    before = snapshot(wd.root)
+    with pytest.raises(error, match=match) as info:
+        run_stack_fit(wd, progress=False, **kwargs)
+    assert "\n" not in str(info.value)
+    assert snapshot(wd.root) == before
+
+
+def test_report_table_and_html_with_importance(tmp_path):
+    rows = [
+        ScoreRow("preds/m1", "base", 0.2, {l: 0.2 for l in LABELS}),
+        ScoreRow("stack/lgbm", "stacker", 0.1, {l: 0.1 for l in LABELS}),
+        ScoreRow("blend", "blend", 0.05, {l: 0.05 for l in LABELS}),
+        ScoreRow("blend-cv", "blend-cv", 0.08, {l: 0.08 for l in LABELS}),
+    ]
+    table = render_table(rows)
+    lines = table.splitlines()
+    assert lines[0].split()[:3] == ["source", "kind", "overall"] and lines[0].split()[-1] == "any"
+    # the best-score marker goes to the honest CV number, not the in-sample blend
+    assert "0.08000*" in table and "0.05000*" not in table
+    importance = pd.DataFrame(np.arange(30 * 6, dtype=float).reshape(30, 6), columns=list(LABELS))
+    importance.insert(0, "feature", [f"m1__any__f{i}" for i in range(30)])
+    wd = Workdir(tmp_path / "work")
+    path = write_report_html(wd, rows=rows, importances={"stack/lgbm": importance}, histories={"s-lgbm": [0.3, None, 0.2]},
+                             blend_weights={l: {"a": 0.25, "b": 0.75} for l in LABELS})
+    text = path.read_text()
+    assert path == wd.report_html and _images_in_report(wd) == 4
+    assert "Feature importance: stack/lgbm" in text and "Optuna: s-lgbm" in text
