@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from stackkit.contract import slice_order
+
 MAX_CONTEXT = 2
 
 
@@ -33,10 +35,8 @@ def center_channels(context: int, n_windows: int) -> tuple[int, int] | None:
 def slice_positions(metadata: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(order, position, study_start): rows sorted by (study_id, z, image_id), each row's 0-based
     position in its study, and the sorted index where its study starts."""
-    study = metadata["study_id"].to_numpy(dtype=object)
-    z = metadata["z"].to_numpy(dtype=np.float64)
-    ids = metadata["image_id"].to_numpy(dtype=object)
-    order = np.lexsort((ids, z, study))
+    study, _ = pd.factorize(metadata["study_id"].to_numpy(dtype=object), sort=True)
+    order = slice_order(study, metadata["z"].to_numpy(dtype=np.float64), metadata["image_id"].to_numpy(dtype=object))
     sorted_study = study[order]
     new_study = np.ones(len(order), dtype=bool)
     new_study[1:] = sorted_study[1:] != sorted_study[:-1]

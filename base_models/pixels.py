@@ -13,7 +13,6 @@ Windows are (center, width) pairs in HU; each becomes one uint8 channel:
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Sequence
 
 import numpy as np
@@ -96,11 +95,11 @@ def read_windowed(path: str | os.PathLike, windows: Sequence[tuple[float, float]
     """
     import pydicom
 
+    from stackkit.data.dicom import quiet_rsna_ids
+
     blank = np.zeros((len(windows), size, size), dtype=np.uint8)
     try:
-        with warnings.catch_warnings():
-            # RSNA ids such as ID_63eb1e259 are not valid UIDs: pydicom warns once per file
-            warnings.filterwarnings("ignore", message=r".*Invalid value for VR UI.*")
+        with quiet_rsna_ids():
             ds = pydicom.dcmread(path)
             hu = dicom_to_hu(ds)
     except Exception as exc:  # noqa: BLE001 - any decode failure is a bad slice, not a crash

@@ -22,13 +22,14 @@ Definitions (also written, per column, into features/manifest.json):
 
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-from stackkit.contract import LABELS, env_threads
+from stackkit.contract import LABELS, env_threads, slice_order
 from stackkit.errors import ContractError, LeakageError, StackkitError
 
 TOP_K = 3
@@ -119,29 +120,10 @@ def study_layout(study_codes: np.ndarray, z: np.ndarray, image_ids, is_test: np.
     """Sort rows by (split, study, z, image_id) and describe the study segments.
 
     ``study_codes`` must follow the sorted order of the study ids (``pd.factorize(sort=True)``).
-    Ties on z are rare, so only the tied rows are ordered by image_id (sorting every string id
-    would dominate the cost).
     """
     n = len(study_codes)
-    order = np.lexsort((z, study_codes, is_test))
+    order = slice_order(study_codes, z, image_ids, leading=is_test)
     s_sorted = study_codes[order]
-    z_sorted = z[order]
-    tied = (s_sorted[1:] == s_sorted[:-1]) & (z_sorted[1:] == z_sorted[:-1])
-    if tied.any():
-        in_tie = np.zeros(n, dtype=bool)
-        in_tie[1:] |= tied
-        in_tie[:-1] |= tied
-        tie_pos = np.flatnonzero(in_tie)
-        # a run of equal (study, z) starts where the previous row is not its tie
-        run_start = np.ones(len(tie_pos), dtype=bool)
-        run_start[1:] = ~tied[tie_pos[1:] - 1]
-        run_id = np.cumsum(run_start)
-        id_rank = np.asarray(pd.Index(np.asarray(image_ids, dtype=object)[order[tie_pos]], dtype=object).argsort())
-        rank_of = np.empty_like(id_rank)
-        rank_of[id_rank] = np.arange(len(id_rank))
-        within = np.lexsort((rank_of, run_id))
-        order[tie_pos] = order[tie_pos][within]
-        s_sorted = study_codes[order]
     is_start = np.empty(n, dtype=bool)
     is_start[:1] = True
     np.not_equal(s_sorted[1:], s_sorted[:-1], out=is_start[1:])
@@ -327,6 +309,34 @@ def _aligned_predictions(frame: pd.DataFrame, positions: np.ndarray, lo: int, hi
 # --- the builder ------------------------------------------------------------------------------
 
 
+@dataclass
+class _Rows:
+    """Every image in the output's row order (train rows first), with what the kernels need."""
+
+    layout: StudyLayout
+    z_sorted: np.ndarray
+    sorted_ids: np.ndarray
+    study_sorted: np.ndarray
+    positions_of: "_PositionCache"
+
+    @property
+    def n_rows(self) -> int:
+        return self.layout.n_rows
+
+
+class _FeatureMatrix:
+    """The output columns: one float32 matrix in Fortran order, so each feature column is one
+    contiguous array and the train and test frames are views of its two row blocks (no copy)."""
+
+    def __init__(self, n_rows: int, definitions: dict[str, str]):
+        self.names = list(definitions)
+        self.column_of = {name: j for j, name in enumerate(self.names)}
+        self.matrix = _empty_matrix(n_rows, len(self.names))
+
+    def __call__(self, name: str) -> np.ndarray:
+        return self.matrix[:, self.column_of[name]]
+
+
 def build_features(
     metadata: pd.DataFrame,
     oof_by_model: dict[str, pd.DataFrame],
@@ -347,9 +357,56 @@ def build_features(
     """
     from tqdm.auto import tqdm
 
+    models = _check_build_inputs(metadata, oof_by_model, test_by_model, lags)
+    lags = int(lags)
+    steps = tqdm(total=len(models) + 2, desc="stack features", unit="step", disable=not progress, file=sys.stderr)
+    rows = _row_order(metadata)
+    fold_sorted = _sorted_folds(folds, rows)
+    meta_columns = [c for c in DICOM_META_COLUMNS if c in metadata.columns] if dicom_meta else []
+    definitions = feature_columns(models, lags, meta_columns)
+    col = _FeatureMatrix(rows.n_rows, definitions)
+    _slice_columns(col, rows)
+    order = rows.layout.order
+    for meta in meta_columns:
+        col(f"{META_PREFIX}__{meta}")[:] = pd.to_numeric(metadata[meta], errors="coerce").to_numpy(dtype=np.float64)[order]
+    steps.update(1)
+
+    # validation first, in model order: the first bad file is the one reported
+    aligned = {m: _model_predictions(m, oof_by_model[m], test_by_model[m], rows, fold_sorted) for m in models}
+    plan = Plan(rows.layout, lags)
+    # numpy's kernels release the GIL: one thread per core overlaps models (about 1.7x on 2 cores)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=_feature_threads(len(models))) as pool:
+        columns_of_model = functools.partial(_model_columns, col, plan=plan, lags=lags)
+        for model in pool.map(columns_of_model, models, [aligned[m] for m in models]):
+            steps.set_postfix_str(model)
+            steps.update(1)
+    _cross_model_columns(col, [aligned[m] for m in models])
+    del aligned
+
+    n_train = rows.layout.n_train
+    slice_index = rows.layout.index.astype(np.int32)
+    train = _frame(col.matrix[:n_train], col.names, {
+        "image_id": rows.sorted_ids[:n_train],
+        "study_id": rows.study_sorted[:n_train],
+        "fold": fold_sorted.astype(np.int8),
+        "slice_index": slice_index[:n_train],
+    })
+    test = _frame(col.matrix[n_train:], col.names, {
+        "image_id": rows.sorted_ids[n_train:],
+        "study_id": rows.study_sorted[n_train:],
+        "slice_index": slice_index[n_train:],
+    })
+    steps.update(1)
+    steps.close()
+    return train, test, definitions
+
+
+def _check_build_inputs(metadata, oof_by_model, test_by_model, lags) -> list[str]:
+    """The models, sorted; one-line errors for bad arguments before any work."""
     if isinstance(lags, bool) or not isinstance(lags, (int, np.integer)) or lags < 0:
         raise StackkitError(f"--lags: expected a non-negative integer, got {lags!r}")
-    lags = int(lags)
     models = sorted(oof_by_model)
     if not models:
         raise StackkitError("no predictions under preds/: run base train or base import")
@@ -358,32 +415,31 @@ def build_features(
     for model in models:
         if model in RESERVED_MODEL_NAMES:
             raise StackkitError(f"preds/{model}: the model name '{model}' is reserved for feature columns; rename the model folder")
-    n_rows = len(metadata)
-    if n_rows == 0:
+    if len(metadata) == 0:
         raise ContractError("data/metadata.parquet: no images")
+    return models
 
-    steps = tqdm(total=len(models) + 2, desc="stack features", unit="step", disable=not progress, file=sys.stderr)
 
-    # -- global order -------------------------------------------------------------------------
+def _row_order(metadata: pd.DataFrame) -> _Rows:
     image_ids = metadata["image_id"].to_numpy(dtype=object)
     study_codes, study_names = pd.factorize(metadata["study_id"], sort=True)
-    study_names = np.asarray(study_names, dtype=object)
     z = metadata["z"].to_numpy(dtype=np.float64)
     is_test = (metadata["split"] == "test").to_numpy()
     layout = study_layout(study_codes.astype(np.int64), z, image_ids, is_test)
-    order, n_train = layout.order, layout.n_train
-    inverse = np.empty(n_rows, dtype=np.int64)
-    inverse[order] = np.arange(n_rows)
+    inverse = np.empty(len(metadata), dtype=np.int64)
+    inverse[layout.order] = np.arange(len(metadata))
     id_index = pd.Index(image_ids, dtype=object)  # object ids hash in C; str inference costs ~0.2 s per column
     if not id_index.is_unique:
         dup = id_index[id_index.duplicated()][0]
         raise ContractError(f"data/metadata.parquet: duplicate image_id '{dup}'; each image must appear once")
-    sorted_ids = image_ids[order]
-    study_sorted = study_names[study_codes[order]]
+    study_sorted = np.asarray(study_names, dtype=object)[study_codes[layout.order]]
+    return _Rows(layout, z[layout.order], image_ids[layout.order], study_sorted, _PositionCache(id_index, inverse))
 
-    # -- folds: one per train image, one per study ---------------------------------------------
-    positions_of = _PositionCache(id_index, inverse)
-    fold_pos = positions_of(folds["image_id"], "data/folds.parquet")
+
+def _sorted_folds(folds: pd.DataFrame, rows: _Rows) -> np.ndarray:
+    """The fold of every train row in output order; one per study (checked)."""
+    n_train = rows.layout.n_train
+    fold_pos = rows.positions_of(folds["image_id"], "data/folds.parquet")
     if ((fold_pos >= n_train)).any():
         pos = int(np.argmax(fold_pos >= n_train))
         raise ContractError(f"data/folds.parquet: image_id '{folds['image_id'].iloc[pos]}' at row {pos + 1} is a test image; folds cover train images only")
@@ -391,27 +447,18 @@ def build_features(
     fold_sorted[fold_pos] = folds["fold"].to_numpy()
     if (fold_sorted < 0).any():
         pos = int(np.argmax(fold_sorted < 0))
-        raise ContractError(f"data/folds.parquet: train image_id '{sorted_ids[pos]}' has no fold; rebuild folds with `data prepare`")
-    _check_study_folds(fold_sorted, layout, study_sorted, "data/folds.parquet")
+        raise ContractError(f"data/folds.parquet: train image_id '{rows.sorted_ids[pos]}' has no fold; rebuild folds with `data prepare`")
+    _check_study_folds(fold_sorted, rows.layout, rows.study_sorted, "data/folds.parquet")
+    return fold_sorted
 
-    # -- columns ------------------------------------------------------------------------------
-    meta_columns = [c for c in DICOM_META_COLUMNS if c in metadata.columns] if dicom_meta else []
-    definitions = feature_columns(models, lags, meta_columns)
-    names = list(definitions)
-    column_of = {name: j for j, name in enumerate(names)}
-    # Fortran order: each feature column is one contiguous float32 array; the train and test
-    # frames are views of its two row blocks, so nothing is copied when the frames are built.
-    matrix = _empty_matrix(n_rows, len(names))
 
-    def col(name: str) -> np.ndarray:
-        return matrix[:, column_of[name]]
-
+def _slice_columns(col: _FeatureMatrix, rows: _Rows) -> None:
+    layout, z_sorted, n_rows = rows.layout, rows.z_sorted, rows.n_rows
     index, reverse, counts_row = layout.index, layout.reverse, layout.counts[layout.segment]
     col("slice__position")[:] = np.where(counts_row > 1, index / np.maximum(counts_row - 1, 1), 0.5)
     col("slice__index")[:] = index
     col("slice__reverse_index")[:] = reverse
     col("slice__count")[:] = counts_row
-    z_sorted = z[order]
     gap = np.diff(z_sorted)
     prev_gap, next_gap = col("slice__z_gap_prev"), col("slice__z_gap_next")
     prev_gap[0], prev_gap[1:] = np.nan, gap
@@ -423,78 +470,66 @@ def build_features(
     run_first = np.flatnonzero(same_z_start)
     run_len = np.diff(np.append(run_first, n_rows))
     col("slice__z_duplicates")[:] = np.repeat(run_len, run_len)
-    for meta in meta_columns:
-        col(f"{META_PREFIX}__{meta}")[:] = pd.to_numeric(metadata[meta], errors="coerce").to_numpy(dtype=np.float64)[order]
-    steps.update(1)
 
-    # -- per model ----------------------------------------------------------------------------
-    plan = Plan(layout, lags)
-    aligned = {}
-    for model in models:  # validation first, in model order: the first bad file is the one reported
-        oof, test = oof_by_model[model], test_by_model[model]
-        oof_source, test_source = f"preds/{model}/oof.parquet", f"preds/{model}/test.parquet"
-        oof_pos = positions_of(oof["image_id"], oof_source)
-        test_pos = positions_of(test["image_id"], test_source)
-        if "fold" in oof.columns:
-            given = oof["fold"].to_numpy()
-            bad = given != fold_sorted[np.clip(oof_pos, 0, n_train - 1)]
-            bad &= oof_pos < n_train
-            if bad.any():
-                pos = int(np.argmax(bad))
-                raise LeakageError(
-                    f"{oof_source}: fold {given[pos]} for image_id '{oof['image_id'].iloc[pos]}' disagrees with data/folds.parquet "
-                    f"(fold {fold_sorted[oof_pos[pos]]}); predictions made on other folds would leak: retrain on data/folds.parquet"
-                )
-        # (label, row) layout: each label's predictions are one contiguous array
-        preds = np.empty((len(LABELS), n_rows), dtype=np.float32)
-        _aligned_predictions(oof, oof_pos, 0, n_train, oof_source, "train (labeled)", preds[:, :n_train])
-        _aligned_predictions(test, test_pos, n_train, n_rows, test_source, "test", preds[:, n_train:])
-        if not np.isfinite(preds).all():
-            raise ContractError(f"preds/{model}: predictions must be finite probabilities")
-        aligned[model] = preds
 
-    def model_columns(model: str) -> str:
-        """Every column of one model; models write disjoint columns, so they run in parallel."""
-        preds = aligned[model]
-        counts = layout.counts
-        cumulative = np.zeros(n_rows + 1, dtype=np.float64)
-        for j, label in enumerate(LABELS):
-            p = preds[j]
-            prefix = f"{model}__{label}__"
-            col(prefix + "pred")[:] = p
-            for k in range(1, lags + 1):
-                lagged = lag(p, plan, k, col(f"{prefix}lag{k}"))
-                np.subtract(p, lagged, out=col(f"{prefix}diff_lag{k}"))
-                led = lead(p, plan, k, col(f"{prefix}lead{k}"))
-                np.subtract(p, led, out=col(f"{prefix}diff_lead{k}"))
-            stats = SegmentStats(p, plan)
-            col(prefix + "study_max")[:] = np.repeat(stats.max, counts)
-            col(prefix + "study_mean")[:] = np.repeat(stats.mean.astype(np.float32), counts)
-            col(prefix + "study_std")[:] = np.repeat(stats.std.astype(np.float32), counts)
-            col(prefix + f"study_top{TOP_K}_mean")[:] = np.repeat(stats.top_mean.astype(np.float32), counts)
-            col(prefix + "study_rank")[:] = stats.rank
-            np.cumsum(p, dtype=np.float64, out=cumulative[1:])
-            for w in ROLL_WINDOWS:
-                rolling_mean(cumulative, plan, w, col(f"{prefix}roll{w}_mean"))
-        return model
+def _model_predictions(model: str, oof: pd.DataFrame, test: pd.DataFrame, rows: _Rows, fold_sorted: np.ndarray) -> np.ndarray:
+    """(6, n_rows) float32 predictions of one model in output order, each label one contiguous array."""
+    n_rows, n_train = rows.n_rows, rows.layout.n_train
+    oof_source, test_source = f"preds/{model}/oof.parquet", f"preds/{model}/test.parquet"
+    oof_pos = rows.positions_of(oof["image_id"], oof_source)
+    test_pos = rows.positions_of(test["image_id"], test_source)
+    if "fold" in oof.columns:
+        given = oof["fold"].to_numpy()
+        bad = given != fold_sorted[np.clip(oof_pos, 0, n_train - 1)]
+        bad &= oof_pos < n_train
+        if bad.any():
+            pos = int(np.argmax(bad))
+            raise LeakageError(
+                f"{oof_source}: fold {given[pos]} for image_id '{oof['image_id'].iloc[pos]}' disagrees with data/folds.parquet "
+                f"(fold {fold_sorted[oof_pos[pos]]}); predictions made on other folds would leak: retrain on data/folds.parquet"
+            )
+    preds = np.empty((len(LABELS), n_rows), dtype=np.float32)
+    _aligned_predictions(oof, oof_pos, 0, n_train, oof_source, "train (labeled)", preds[:, :n_train])
+    _aligned_predictions(test, test_pos, n_train, n_rows, test_source, "test", preds[:, n_train:])
+    if not np.isfinite(preds).all():
+        raise ContractError(f"preds/{model}: predictions must be finite probabilities")
+    return preds
 
-    # numpy's kernels release the GIL: one thread per core overlaps models (about 1.7x on 2 cores)
-    from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(max_workers=_feature_threads(len(models))) as pool:
-        for model in pool.map(model_columns, models):
-            steps.set_postfix_str(model)
-            steps.update(1)
-
-    # across models, summed in model order after the parallel part: the same bits on every run
-    n_models = len(models)
+def _model_columns(col: _FeatureMatrix, model: str, preds: np.ndarray, plan: Plan, lags: int) -> str:
+    """Every column of one model; models write disjoint columns, so they run in parallel."""
+    counts = plan.layout.counts
+    cumulative = np.zeros(preds.shape[1] + 1, dtype=np.float64)
     for j, label in enumerate(LABELS):
-        total = np.zeros(n_rows, dtype=np.float64)
-        total_sq = np.zeros(n_rows, dtype=np.float64)
-        for model in models:
-            p = aligned[model][j]
-            total += p
-            total_sq += np.square(p, dtype=np.float64)
+        p = preds[j]
+        prefix = f"{model}__{label}__"
+        col(prefix + "pred")[:] = p
+        for k in range(1, lags + 1):
+            lagged = lag(p, plan, k, col(f"{prefix}lag{k}"))
+            np.subtract(p, lagged, out=col(f"{prefix}diff_lag{k}"))
+            led = lead(p, plan, k, col(f"{prefix}lead{k}"))
+            np.subtract(p, led, out=col(f"{prefix}diff_lead{k}"))
+        stats = SegmentStats(p, plan)
+        col(prefix + "study_max")[:] = np.repeat(stats.max, counts)
+        col(prefix + "study_mean")[:] = np.repeat(stats.mean.astype(np.float32), counts)
+        col(prefix + "study_std")[:] = np.repeat(stats.std.astype(np.float32), counts)
+        col(prefix + f"study_top{TOP_K}_mean")[:] = np.repeat(stats.top_mean.astype(np.float32), counts)
+        col(prefix + "study_rank")[:] = stats.rank
+        np.cumsum(p, dtype=np.float64, out=cumulative[1:])
+        for w in ROLL_WINDOWS:
+            rolling_mean(cumulative, plan, w, col(f"{prefix}roll{w}_mean"))
+    return model
+
+
+def _cross_model_columns(col: _FeatureMatrix, model_preds: list[np.ndarray]) -> None:
+    """Mean and std over models, summed in model order after the parallel part: the same bits on every run."""
+    n_models = len(model_preds)
+    for j, label in enumerate(LABELS):
+        total = np.zeros(model_preds[0].shape[1], dtype=np.float64)
+        total_sq = np.zeros_like(total)
+        for preds in model_preds:
+            total += preds[j]
+            total_sq += np.square(preds[j], dtype=np.float64)
         mean = total / n_models
         col(f"{MODELS_PREFIX}__{label}__mean")[:] = mean
         # population variance from the sums; clip the tiny negatives of rounding
@@ -502,24 +537,6 @@ def build_features(
             col(f"{MODELS_PREFIX}__{label}__std")[:] = 0.0
         else:
             col(f"{MODELS_PREFIX}__{label}__std")[:] = np.sqrt(np.maximum(total_sq / n_models - mean * mean, 0.0))
-    del aligned
-
-    # -- frames (views of the matrix) --------------------------------------------------------------
-    slice_index = index.astype(np.int32)
-    train = _frame(matrix[:n_train], names, {
-        "image_id": sorted_ids[:n_train],
-        "study_id": study_sorted[:n_train],
-        "fold": fold_sorted.astype(np.int8),
-        "slice_index": slice_index[:n_train],
-    })
-    test = _frame(matrix[n_train:], names, {
-        "image_id": sorted_ids[n_train:],
-        "study_id": study_sorted[n_train:],
-        "slice_index": slice_index[n_train:],
-    })
-    steps.update(1)
-    steps.close()
-    return train, test, definitions
 
 
 def _feature_threads(n_models: int) -> int:

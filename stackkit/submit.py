@@ -18,6 +18,7 @@ from stackkit.stack.blend import BlendParams
 from stackkit.contract import LABELS, Workdir, file_sha256
 from stackkit.errors import ContractError, StackkitError, one_line
 from stackkit.contract.io import atomic_path, read_json
+from stackkit.contract.validate import ids_in
 
 ID_PATTERN = re.compile(r"^(ID_[0-9A-Za-z]+)_(" + "|".join(LABELS) + r")$")
 FLOAT_FORMAT = "%.7g"
@@ -158,7 +159,7 @@ def validate_submission(path, test_image_ids, *, compressed: bool | None = None)
         raise ContractError(f"{path}: Label {frame['Label'].iloc[pos]!r} at row {pos + 1} (ID {ids.iloc[pos]}) is not a probability in [0, 1]")
     expected = pd.Index(np.asarray(test_image_ids, dtype=object).astype(str))
     images = pd.Index(parts[0])
-    unknown = ~images.isin(expected)
+    unknown = ~ids_in(images, expected)
     if unknown.any():
         pos = int(np.argmax(unknown))
         raise ContractError(f"{path}: ID '{ids.iloc[pos]}' at row {pos + 1} is not a test image")

@@ -1,6 +1,6 @@
-"""The stackkit contract (v1): label order, metric weights and the work-directory layout.
+"""The stackkit contract (v2): label order, metric weights and the work-directory layout.
 
-See ``docs/contract.md`` (and ``../shared/contract.md``) for the formats themselves; this module
+See ``docs/contract.md`` for the formats themselves; this package
 is the single place in the code that names files and columns.
 """
 
@@ -179,6 +179,36 @@ def folds_hash(image_ids, folds) -> str:
     digest = hashlib.sha256()
     digest.update("\n".join(f"{i},{f}" for i, f in zip(ids[order], fold_values[order])).encode())
     return digest.hexdigest()
+
+
+def slice_order(study_codes: np.ndarray, z: np.ndarray, image_ids, leading: np.ndarray | None = None) -> np.ndarray:
+    """Row order of the contract's slice order: by (``leading``, study, z), ties on z by image_id.
+
+    ``study_codes`` are integer codes of the study ids (any consistent coding). Ties on z are rare,
+    so only the tied rows are ordered by image_id (sorting every string id would dominate the cost).
+    """
+    import pandas as pd
+
+    keys = (z, study_codes) if leading is None else (z, study_codes, leading)
+    order = np.lexsort(keys)
+    s_sorted = study_codes[order]
+    tied = (s_sorted[1:] == s_sorted[:-1]) & (z[order][1:] == z[order][:-1])
+    if leading is not None:
+        tied &= leading[order][1:] == leading[order][:-1]
+    if tied.any():
+        in_tie = np.zeros(len(order), dtype=bool)
+        in_tie[1:] |= tied
+        in_tie[:-1] |= tied
+        tie_pos = np.flatnonzero(in_tie)
+        # a run of equal (study, z) starts where the previous row is not its tie
+        run_start = np.ones(len(tie_pos), dtype=bool)
+        run_start[1:] = ~tied[tie_pos[1:] - 1]
+        run_id = np.cumsum(run_start)
+        id_rank = np.asarray(pd.Index(np.asarray(image_ids, dtype=object)[order[tie_pos]], dtype=object).argsort())
+        rank_of = np.empty_like(id_rank)
+        rank_of[id_rank] = np.arange(len(id_rank))
+        order[tie_pos] = order[tie_pos][np.lexsort((rank_of, run_id))]
+    return order
 
 
 def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:

@@ -81,21 +81,29 @@ def check_probabilities(frame: pd.DataFrame, source, *, logits_hint: bool = True
     return frame
 
 
-def check_id_coverage(ids: pd.Series, expected: pd.Series | np.ndarray, source, what: str) -> None:
-    """``ids`` must equal ``expected`` as sets: no unknown id, none missing.
+def ids_in(values, allowed) -> np.ndarray:
+    """Boolean membership of string ids in ``allowed``, through Arrow's hash set: pandas 3's
+    string-dtype ``isin`` converts value by value (seconds for the 100,000s of RSNA ids)."""
 
-    Arrow's hash set, because pandas 3 string-dtype ``isin`` converts value by value (slow at RSNA scale).
-    """
-    given = pa.array(np.asarray(ids, dtype=object), type=pa.string())
-    wanted = pa.array(np.asarray(expected, dtype=object), type=pa.string())
-    known = pc.is_in(given, value_set=wanted).to_numpy(zero_copy_only=False)
+    def strings(items) -> pa.Array:
+        if isinstance(items, (pd.Series, pd.Index)):
+            items = items.to_numpy(dtype=object)
+        items = list(items) if isinstance(items, (set, frozenset, list, tuple)) else np.asarray(items, dtype=object)
+        return pa.array(items, type=pa.large_string(), from_pandas=True)
+
+    found = pc.is_in(strings(values), value_set=strings(allowed))
+    return pc.fill_null(found, False).to_numpy(zero_copy_only=False).astype(bool)
+
+
+def check_id_coverage(ids: pd.Series, expected: pd.Series | np.ndarray, source, what: str) -> None:
+    """``ids`` must equal ``expected`` as sets: no unknown id, none missing."""
+    known = ids_in(ids, expected)
     if not known.all():
         pos = int(np.argmax(~known))
         raise ContractError(f"{source}: image_id '{ids.iloc[pos]}' at row {pos + 1} is not a {what} image in data/metadata.parquet")
-    present = pc.is_in(wanted, value_set=given).to_numpy(zero_copy_only=False)
-    expected_index = pd.Index(np.asarray(expected, dtype=object))
+    present = ids_in(expected, ids)
     if not present.all():
-        missing = expected_index[~present]
+        missing = pd.Index(np.asarray(expected, dtype=object))[~present]
         raise ContractError(
             f"{source}: {len(missing)} {what} image(s) missing, e.g. image_id '{missing[0]}'; every {what} image must appear exactly once"
         )

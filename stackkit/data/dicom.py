@@ -89,8 +89,9 @@ class _UseFallback(Exception):
 
 
 @contextlib.contextmanager
-def _quiet_rsna_ids():
-    # RSNA ids such as ID_63eb1e259 are not valid UIDs: pydicom warns on each one it converts.
+def quiet_rsna_ids():
+    """Silence the one pydicom warning RSNA ids cause: ``ID_63eb1e259`` is not a valid UI value, and
+    pydicom warns on every one it reads or assigns. Every other warning stays."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Invalid value for VR UI", category=UserWarning)
         yield
@@ -211,7 +212,7 @@ def _parse_pydicom(path: str) -> tuple[dict, int, int, int]:
 
     size = os.path.getsize(path)
     try:
-        with _quiet_rsna_ids():
+        with quiet_rsna_ids():
             # defer_size: large values (pixel data) stay on disk; we only need their position.
             ds = pydicom.dcmread(path, defer_size=1024, force=False)
             values = {}

@@ -18,7 +18,7 @@ import pandas as pd
 from stackkit.contract import LABELS, Workdir
 from stackkit.errors import ContractError, StackkitError
 from stackkit.contract.io import read_table, write_parquet
-from stackkit.contract.validate import validate_folds, validate_labels, validate_metadata
+from stackkit.contract.validate import ids_in, validate_folds, validate_labels, validate_metadata
 
 
 # Warn file by file up to this many skipped files, then once for the rest.
@@ -243,7 +243,7 @@ def prepare_data(
 
     # Labels of skipped files go with them; any other mismatch between labels and images is an error.
     skipped_ids = _ids_of_skipped(skipped, labels)
-    dropped = _isin(labels["image_id"], list(skipped_ids))
+    dropped = ids_in(labels["image_id"], list(skipped_ids))
     if dropped.any():
         warnings.warn(
             f"dropped the labels of {int(dropped.sum())} skipped image(s), e.g. {labels['image_id'][dropped].iloc[0]}",
@@ -266,7 +266,7 @@ def prepare_data(
             "test images must not be labeled here"
         )
     train_ids = metadata.loc[metadata["split"] == "train", "image_id"]
-    unlabeled = ~_isin(train_ids, labels["image_id"])
+    unlabeled = ~ids_in(train_ids, labels["image_id"])
     if unlabeled.any():
         image = train_ids.iloc[int(np.argmax(unlabeled))]
         path = metadata.loc[metadata["image_id"] == image, "path"].iloc[0]
@@ -301,21 +301,6 @@ def prepare_data(
         "dropped_labels": int(dropped.sum()),
         "skipped": [(path, reason) for path, reason in skipped],
     }
-
-
-def _isin(values, allowed) -> np.ndarray:
-    """Membership of string ids via Arrow's hash join: pandas 3's ``isin`` on Arrow strings
-    turns every allowed value into a pyarrow scalar one by one, seconds for 100,000s of ids."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    def strings(items) -> pa.Array:
-        if isinstance(items, (pd.Series, pd.Index)):
-            items = items.to_numpy(dtype=object)
-        return pa.array(list(items) if isinstance(items, (set, frozenset)) else items, type=pa.large_string(), from_pandas=True)
-
-    found = pc.is_in(strings(values), value_set=strings(allowed))
-    return pc.fill_null(found, False).to_numpy(zero_copy_only=False).astype(bool)
 
 
 def _ids_of_skipped(skipped, labels: pd.DataFrame) -> set[str]:

@@ -46,11 +46,9 @@ Pixel encodings (HU = true Hounsfield units drawn by this module):
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +58,7 @@ import pandas as pd
 from stackkit.contract import LABELS
 from stackkit.errors import StackkitError
 from stackkit.contract.io import write_text
+from stackkit.data.dicom import quiet_rsna_ids
 
 SUBTYPES = LABELS[:5]
 TRAIN_DIR = "stage_2_train"
@@ -288,14 +287,6 @@ def _write_file(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-@contextlib.contextmanager
-def _rsna_ids_allowed():
-    # RSNA ids (ID_xxx) are not valid UIDs; pydicom warns on every assignment.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"Invalid value for VR UI", category=UserWarning)
-        yield
-
-
 # --- the dataset -----------------------------------------------------------------------------
 
 
@@ -362,7 +353,7 @@ def synthesize(
     label_ids: list[str] = []
     counts = {"train": 0, "test": 0}
     bar = tqdm(total=sum(n for _, n in plan), desc="data synth", unit="file", disable=not progress)
-    with _rsna_ids_allowed(), bar:
+    with quiet_rsna_ids(), bar:
         for study_number, (p, n) in enumerate(plan):
             split = "test" if p in test_patients else "train"
             folder = test_dir if split == "test" else train_dir

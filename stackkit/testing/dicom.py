@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import re
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ import numpy as np
 from stackkit.contract import Workdir
 
 from stackkit.data.synth import synthesize
+from stackkit.data.dicom import quiet_rsna_ids
 
 
 def small_dicom_dataset(out: Path, *, patients: int = 8, seed: int = 0) -> dict:
@@ -27,8 +27,7 @@ def copy_dataset(source: Path, dest: Path) -> Path:
 def _rewrite(path: Path, edit) -> None:
     import pydicom
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"Invalid value for VR UI")
+    with quiet_rsna_ids():
         ds = pydicom.dcmread(path)
         edit(ds)
         ds.save_as(path, enforce_file_format=True)
@@ -63,8 +62,7 @@ def non_numeric_position(path: Path) -> None:
     """Replace the ImagePositionPatient text with letters of the same length, keeping the layout."""
     import pydicom
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"Invalid value for VR UI")
+    with quiet_rsna_ids():
         ds = pydicom.dcmread(path, stop_before_pixels=True)
     text = "\\".join(str(v) for v in ds["ImagePositionPatient"].value)
     data = path.read_bytes()

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stackkit.contract import LABELS, Workdir, folds_hash, resolve_workdir
+from stackkit.contract import LABELS, folds_hash, resolve_workdir
 from stackkit.errors import ContractError, LeakageError
 from stackkit.contract.io import atomic_path, read_table, write_parquet
 from stackkit.contract.validate import load_core, read_oof, validate_folds, validate_labels, validate_metadata, validate_predictions

@@ -15,6 +15,7 @@ from stackkit.testing import dicom as h
 
 pydicom = pytest.importorskip("pydicom")
 from pydicom.data import get_testdata_file  # noqa: E402
+from stackkit.data.dicom import quiet_rsna_ids
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +30,7 @@ def _paths(root):
 
 
 def _pydicom_truth(path) -> dict:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"Invalid value for VR UI")
+    with quiet_rsna_ids():
         ds = pydicom.dcmread(path, stop_before_pixels=True)
 
         def first(keyword):

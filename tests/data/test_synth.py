@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import pandas as pd
@@ -11,6 +10,7 @@ import pytest
 from stackkit.contract import LABELS
 from stackkit.errors import StackkitError
 from stackkit.data.synth import TEST_DIR, TRAIN_CSV, TRAIN_DIR, synthesize
+from stackkit.data.dicom import quiet_rsna_ids
 
 pydicom = pytest.importorskip("pydicom")
 # RSNA ids (ID_xxx) are not valid UIDs; pydicom warns whenever it converts one.
@@ -25,8 +25,7 @@ REQUIRED_TAGS = (
 
 
 def _read(path):
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"Invalid value for VR UI")
+    with quiet_rsna_ids():
         return pydicom.dcmread(path)
 
 
