@@ -38,6 +38,9 @@ WORK_DIR = "_work"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 WEIGHT_DECAY = 1e-4
 WARMUP_FRACTION = 0.25
+# OneCycleLR divides by the warm-up length: a tiny run (a few batches) gets a schedule long enough to
+# have one, and stops early in it
+MIN_SCHEDULE_STEPS = int(math.ceil(2 / WARMUP_FRACTION)) + 1
 # A context model starts as the center-slice model (its neighbor weights are zero) and learns
 # what the neighbors add at this fraction of the learning rate. On the demo data (seed 0, 9
 # epochs, OOF weighted log loss, all with the z-order flip below): one learning rate for all
@@ -228,7 +231,8 @@ class _Runner:
         groups = optimizer_groups(model, cfg.lr)
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=WEIGHT_DECAY)
         schedule = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=[g["lr"] for g in groups], total_steps=max(1, cfg.epochs * steps), pct_start=WARMUP_FRACTION
+            optimizer, max_lr=[g["lr"] for g in groups], total_steps=max(MIN_SCHEDULE_STEPS, cfg.epochs * steps),
+            pct_start=WARMUP_FRACTION
         )
         scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         weights = torch.as_tensor(LABEL_WEIGHTS, dtype=torch.float32, device=self.dev)

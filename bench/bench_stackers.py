@@ -1,7 +1,7 @@
 """Time every registered stacker's full K-fold fit at demo scale and print the figures.
 
 Synthetic studies (default ~3,000 train slices, 200 features, 5 folds) built in the features/
-layout by tests/helpers_stack.py, default stacker parameters. Usage:
+layout by stackkit.testing.stack, default stacker parameters. Usage:
 
     python bench/bench_stackers.py [--patients 300] [--extra-features 160] [--stackers lgbm,xgb,mlp,seq]
 """

@@ -117,14 +117,16 @@ def data():
 
 
 @data.command("synth")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder to write the dataset into.")
+@workdir_option
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+              help="Folder to write the dataset into (default: WORKDIR/dicom).")
 @click.option("--patients", default=40, show_default=True, type=click.IntRange(2, None), help="Number of patients.")
 @click.option("--size", default=64, show_default=True, type=click.IntRange(16, 1024), help="Image size in pixels.")
 @click.option("--slices", default="16,32", show_default=True, help="Range of slices per study: MIN,MAX.")
 @click.option("--test-fraction", default=0.25, show_default=True, type=click.FloatRange(0.0, 0.9), help="Share of patients in stage_2_test.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @progress_option
-def data_synth(out_dir, patients, size, slices, test_fraction, seed, quiet):
+def data_synth(wd, out_dir, patients, size, slices, test_fraction, seed, quiet):
     """Write a synthetic dataset in the RSNA 2019 layout.
 
     OUT/stage_2_train/*.dcm, OUT/stage_2_test/*.dcm and OUT/stage_2_train.csv (long ID,Label
@@ -135,7 +137,7 @@ def data_synth(out_dir, patients, size, slices, test_fraction, seed, quiet):
     bounds = _int_list(slices)
     if not bounds or len(bounds) != 2 or bounds[0] < 1 or bounds[0] > bounds[1]:
         raise click.BadParameter(f"expected MIN,MAX with 1 <= MIN <= MAX, got {slices!r}", param_hint="--slices")
-    summary = synthesize(out_dir, patients=patients, size=size, slices=(bounds[0], bounds[1]),
+    summary = synthesize(out_dir or wd.root / "dicom", patients=patients, size=size, slices=(bounds[0], bounds[1]),
                          test_fraction=test_fraction, seed=seed, progress=not quiet)
     _print_summary("data synth", summary)
 
@@ -301,7 +303,7 @@ def demo(wd, patients, trials, epochs, seed, fresh, quiet):
     from stackkit.demo import run_demo
 
     summary = run_demo(wd, patients=patients, trials=trials, epochs=epochs, seed=seed, fresh=fresh,
-                       progress=not quiet)
+                       progress=not quiet, on_step=None if quiet else lambda title: click.echo(f"== demo: {title}"))
     _print_summary("demo", summary)
 
 

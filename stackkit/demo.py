@@ -29,7 +29,8 @@ def _fresh_workdir(wd: Workdir) -> None:
 
 
 def run_demo(wd: Workdir, *, patients: int = 40, trials: int = 8, seed: int = 0, fresh: bool = True,
-             progress: bool = True, epochs: int = 9) -> dict:
+             progress: bool = True, epochs: int = 9, on_step=None) -> dict:
+    """The pipeline's library calls in order; ``on_step(title)`` is called before each step (the CLI prints it)."""
     from base_models.train import train_base
     from features.api import run_stack_features
 
@@ -43,17 +44,19 @@ def run_demo(wd: Workdir, *, patients: int = 40, trials: int = 8, seed: int = 0,
     timings: dict[str, float] = {}
 
     def step(title, func, *args, **kwargs):
-        if progress:
-            print(f"== demo: {title}", flush=True)
+        if on_step is not None:
+            on_step(title)
         start = time.perf_counter()
         result = func(*args, **kwargs)
         timings[title] = time.perf_counter() - start
         return result
 
     dicom_root = wd.root / "dicom"
-    step("synth", synthesize, dicom_root, patients=patients, seed=seed, progress=progress)
+    synth_summary = step("synth", synthesize, dicom_root, patients=patients, seed=seed, progress=progress)
+    # a tiny demo has fewer training patients than the usual 5 folds: one patient per fold at least
+    n_folds = max(2, min(5, synth_summary["train_patients"]))
     step("prepare", prepare_data, wd, dicom_dir=dicom_root / "stage_2_train", test_dicom_dir=dicom_root / "stage_2_test",
-         labels_csv=dicom_root / "stage_2_train.csv", n_folds=5, seed=seed, progress=progress)
+         labels_csv=dicom_root / "stage_2_train.csv", n_folds=n_folds, seed=seed, progress=progress)
     trained = {}
     for name, context in (("cnn_plain", 0), ("cnn_ctx1", 1)):
         trained[name] = step(f"base train {name}", train_base, wd, name=name, context=context, epochs=epochs,

@@ -214,20 +214,46 @@ def prepare_data(
     labels = parse_label_csv(labels_csv)
 
     headers, skipped = scan_headers(train_paths + test_paths, workers=workers, progress=progress)
+    _report_skipped(skipped, strict)
+    metadata = _metadata_from_headers(headers, set(train_paths), dicom_dir)
+    n_parsed = len(labels)
+    labels = _match_labels(labels, metadata, skipped, labels_csv, dicom_dir, test_dicom_dir)
+    folds = make_folds(metadata, labels, n_folds, seed)
+    folds = folds.set_index("image_id").reindex(labels["image_id"]).reset_index()
+    folds = validate_folds(folds, "data prepare (folds)", metadata, labels)
+
+    # Everything checked: only now touch the work directory.
+    write_parquet(metadata, workdir.metadata)
+    write_parquet(labels, workdir.labels)
+    write_parquet(folds, workdir.folds)
+
+    return _prepare_summary(workdir, metadata, labels, folds, n_folds, skipped, dropped_labels=n_parsed - len(labels))
+
+
+def _ids_of_skipped(skipped, labels: pd.DataFrame) -> set[str]:
+    """Image ids of skipped files, from their file names (RSNA names files <SOPInstanceUID>.dcm)."""
+    stems = {Path(path).stem for path, _ in skipped}
+    return stems & set(labels["image_id"])
+
+
+def _report_skipped(skipped, strict: bool) -> None:
+    """One warning per unreadable file (the first MAX_LISTED_SKIPS), or, with ``strict``, an error."""
     if skipped and strict:
         path, reason = skipped[0]
         more = f" ({len(skipped) - 1} more unreadable file(s))" if len(skipped) > 1 else ""
         raise StackkitError(f"{path}: {reason}{more}; fix or remove it, or run without --strict to skip unreadable files")
     for path, reason in skipped[:MAX_LISTED_SKIPS]:
-        warnings.warn(f"skipped unreadable DICOM {path}: {reason}", SkippedDicomWarning, stacklevel=2)
+        warnings.warn(f"skipped unreadable DICOM {path}: {reason}", SkippedDicomWarning, stacklevel=3)
     if len(skipped) > MAX_LISTED_SKIPS:
         warnings.warn(
             f"skipped {len(skipped) - MAX_LISTED_SKIPS} more unreadable DICOM file(s); the summary lists them all",
             SkippedDicomWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
 
-    train_set = set(train_paths)
+
+def _metadata_from_headers(headers: pd.DataFrame, train_set: set, dicom_dir) -> pd.DataFrame:
+    """Header rows -> validated metadata in slice order, with the split taken from the folder."""
     headers.insert(3, "split", np.where(headers["path"].isin(train_set), "train", "test"))
     duplicate = headers["image_id"].duplicated(keep=False).to_numpy()
     if duplicate.any():
@@ -235,20 +261,25 @@ def prepare_data(
         image = clash["image_id"].iloc[0]
         files = clash.loc[clash["image_id"] == image, "path"].tolist()
         raise StackkitError(f"{files[1]}: SOPInstanceUID {image} is also used by {files[0]}; every image needs its own id")
-
     source = "data prepare (DICOM headers)"
     metadata = validate_metadata(headers.sort_values(["split", "study_id", "z", "image_id"]).reset_index(drop=True), source)
     if not (metadata["split"] == "train").any():
-        raise StackkitError(f"{dicom_dir}: no readable training DICOM files (all {len(train_paths)} skipped)")
+        raise StackkitError(f"{dicom_dir}: no readable training DICOM files (all {len(train_set)} skipped)")
+    return metadata
 
-    # Labels of skipped files go with them; any other mismatch between labels and images is an error.
+
+def _match_labels(labels: pd.DataFrame, metadata: pd.DataFrame, skipped, labels_csv, dicom_dir, test_dicom_dir) -> pd.DataFrame:
+    """Labels of exactly the readable training images, in metadata order.
+
+    Labels of skipped files go with them; any other mismatch between labels and images is an error.
+    """
     skipped_ids = _ids_of_skipped(skipped, labels)
     dropped = ids_in(labels["image_id"], list(skipped_ids))
     if dropped.any():
         warnings.warn(
             f"dropped the labels of {int(dropped.sum())} skipped image(s), e.g. {labels['image_id'][dropped].iloc[0]}",
             SkippedDicomWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
         labels = labels.loc[~dropped].reset_index(drop=True)
     split_of = metadata.set_index("image_id")["split"]
@@ -275,15 +306,10 @@ def prepare_data(
     order = pd.Series(np.arange(len(train_ids)), index=train_ids.to_numpy())
     labels = labels.iloc[np.argsort(order.reindex(labels["image_id"]).to_numpy(), kind="stable")].reset_index(drop=True)
     labels = validate_labels(labels, f"{labels_csv}", metadata)
-    folds = make_folds(metadata, labels, n_folds, seed)
-    folds = folds.set_index("image_id").reindex(labels["image_id"]).reset_index()
-    folds = validate_folds(folds, "data prepare (folds)", metadata, labels)
+    return labels
 
-    # Everything checked: only now touch the work directory.
-    write_parquet(metadata, workdir.metadata)
-    write_parquet(labels, workdir.labels)
-    write_parquet(folds, workdir.folds)
 
+def _prepare_summary(workdir: Workdir, metadata, labels, folds, n_folds: int, skipped, *, dropped_labels: int) -> dict:
     fold_studies = folds.merge(metadata[["image_id", "study_id"]], on="image_id").merge(labels[["image_id", "any"]], on="image_id")
     per_fold = fold_studies.groupby("fold").agg(images=("image_id", "size"), any_rate=("any", "mean"))
     return {
@@ -298,12 +324,6 @@ def prepare_data(
         "fold_images": per_fold["images"].astype(int).tolist(),
         "fold_any_rate": [round(float(v), 4) for v in per_fold["any_rate"]],
         "prevalence": {label: round(float(labels[label].mean()), 4) for label in LABELS},
-        "dropped_labels": int(dropped.sum()),
+        "dropped_labels": int(dropped_labels),
         "skipped": [(path, reason) for path, reason in skipped],
     }
-
-
-def _ids_of_skipped(skipped, labels: pd.DataFrame) -> set[str]:
-    """Image ids of skipped files, from their file names (RSNA names files <SOPInstanceUID>.dcm)."""
-    stems = {Path(path).stem for path, _ in skipped}
-    return stems & set(labels["image_id"])

@@ -324,15 +324,7 @@ def synthesize(
     low, high = _check_arguments(patients, size, slices, test_fraction)
     patients, size = int(patients), int(size)
     out_dir = Path(out_dir)
-    train_dir, test_dir = out_dir / TRAIN_DIR, out_dir / TEST_DIR
-    for folder in (train_dir, test_dir):
-        if folder.is_dir() and any(folder.glob("*.dcm")):
-            raise StackkitError(f"{folder}: already contains .dcm files; choose an empty --out folder or delete it first")
-    try:
-        train_dir.mkdir(parents=True, exist_ok=True)
-        test_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StackkitError(f"{out_dir}: cannot create the dataset folders ({exc.strerror or exc})") from exc
+    train_dir, test_dir = _make_dataset_folders(out_dir)
 
     rng = np.random.default_rng(seed)
     new_id = _IdMaker(rng)
@@ -340,8 +332,6 @@ def synthesize(
     n_test = min(max(n_test, 1 if test_fraction > 0 else 0), patients - 1)
     patient_ids = [new_id() for _ in range(patients)]
     test_patients = set(rng.choice(patients, size=n_test, replace=False).tolist()) if n_test else set()
-    pixel_spacing = round(FIELD_OF_VIEW_MM / size, 6)
-
     plan = []  # (patient_index, study count) -> number of slices, to size the progress bar
     for p in range(patients):
         for _ in range(2 if rng.random() < 0.15 else 1):
@@ -356,51 +346,14 @@ def synthesize(
     with quiet_rsna_ids(), bar:
         for study_number, (p, n) in enumerate(plan):
             split = "test" if p in test_patients else "train"
-            folder = test_dir if split == "test" else train_dir
-            study_id, series_id = new_id(), new_id()
-            z, u = _study_positions(n, rng)
-            hu, labels = _draw_study(u, size, rng, rng.random() < STUDY_HEMORRHAGE_PROBABILITY)
-            encodings = rng.choice(["signed", "unsigned", "quirk"], size=n, p=[0.45, 0.45, QUIRK_FRACTION])
-            explicit = rng.random(n) < EXPLICIT_VR_FRACTION
-            multi_window = rng.random() < 0.3
-            center, width = [(40, 80), (36, 80), (30, 80), (40, 150)][int(rng.integers(0, 4))]
-            corner = [round(-FIELD_OF_VIEW_MM / 2 + float(v), 3) for v in rng.normal(0, 3, 2)]
-            date = f"2019{int(rng.integers(1, 13)):02d}{int(rng.integers(1, 29)):02d}"
-            for k in range(n):
-                image_id = new_id()
-                pixel_bytes, pixel_tags = _encode_pixels(hu[k], str(encodings[k]))
-                header = dict(
-                    SOPInstanceUID=image_id,
-                    StudyDate=date,
-                    Modality="CT",
-                    PatientID=patient_ids[p],
-                    StudyInstanceUID=study_id,
-                    SeriesInstanceUID=series_id,
-                    StudyID="",
-                    SeriesNumber=1 + study_number % 9,
-                    InstanceNumber=k + 1,
-                    ImagePositionPatient=[corner[0], corner[1], float(z[k])],
-                    ImageOrientationPatient=[1, 0, 0, 0, 1, 0],
-                    SliceThickness=SLICE_SPACING_MM,
-                    SamplesPerPixel=1,
-                    PhotometricInterpretation="MONOCHROME2",
-                    Rows=size,
-                    Columns=size,
-                    PixelSpacing=[pixel_spacing, pixel_spacing],
-                    BitsAllocated=16,
-                    **pixel_tags,  # PixelRepresentation, BitsStored, HighBit, RescaleIntercept
-                    WindowCenter=[center, center] if multi_window else center,
-                    WindowWidth=[width, width] if multi_window else width,
-                    RescaleSlope=1,
-                )
-                _write_file(folder / f"{image_id}.dcm", _dicom_bytes(header, pixel_bytes, bool(explicit[k])))
-                counts[split] += 1
-                if split == "train":
-                    label_ids.append(image_id)
-                    label_rows.append(labels[k])
-                bar.update(1)
+            image_ids, labels = _write_study(test_dir if split == "test" else train_dir, patient_ids[p], study_number, n,
+                                             size, rng, new_id, bar)
+            counts[split] += n
+            if split == "train":
+                label_ids += image_ids
+                label_rows.append(labels)
 
-    label_matrix = np.asarray(label_rows, dtype=np.int8).reshape(-1, len(LABELS))
+    label_matrix = np.concatenate(label_rows).astype(np.int8) if label_rows else np.zeros((0, len(LABELS)), np.int8)
     # Long format, six rows per image in contract label order.
     long_ids = [f"{image_id}_{label}" for image_id in label_ids for label in LABELS]
     csv = pd.DataFrame({"ID": long_ids, "Label": label_matrix.reshape(-1)})
@@ -419,6 +372,69 @@ def synthesize(
         "prevalence": prevalence,
         "digest": _dataset_digest(label_ids, label_matrix),
     }
+
+
+def _make_dataset_folders(out_dir: Path) -> tuple[Path, Path]:
+    """stage_2_train/ and stage_2_test/ under ``out_dir``; refuses folders that already hold .dcm files
+    (a mix of two datasets would be silently wrong)."""
+    train_dir, test_dir = out_dir / TRAIN_DIR, out_dir / TEST_DIR
+    for folder in (train_dir, test_dir):
+        if folder.is_dir() and any(folder.glob("*.dcm")):
+            raise StackkitError(f"{folder}: already contains .dcm files; choose an empty --out folder or delete it first")
+    try:
+        train_dir.mkdir(parents=True, exist_ok=True)
+        test_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StackkitError(f"{out_dir}: cannot create the dataset folders ({exc.strerror or exc})") from exc
+    return train_dir, test_dir
+
+
+def _write_study(folder: Path, patient_id: str, study_number: int, n: int, size: int, rng, new_id, bar) -> tuple[list[str], np.ndarray]:
+    """One study's n DICOM files into ``folder``; returns their image ids and (n, 6) labels.
+
+    The random draws happen in a fixed order, so a seed gives byte-identical files."""
+    pixel_spacing = round(FIELD_OF_VIEW_MM / size, 6)
+    study_id, series_id = new_id(), new_id()
+    z, u = _study_positions(n, rng)
+    hu, labels = _draw_study(u, size, rng, rng.random() < STUDY_HEMORRHAGE_PROBABILITY)
+    encodings = rng.choice(["signed", "unsigned", "quirk"], size=n, p=[0.45, 0.45, QUIRK_FRACTION])
+    explicit = rng.random(n) < EXPLICIT_VR_FRACTION
+    multi_window = rng.random() < 0.3
+    center, width = [(40, 80), (36, 80), (30, 80), (40, 150)][int(rng.integers(0, 4))]
+    corner = [round(-FIELD_OF_VIEW_MM / 2 + float(v), 3) for v in rng.normal(0, 3, 2)]
+    date = f"2019{int(rng.integers(1, 13)):02d}{int(rng.integers(1, 29)):02d}"
+    image_ids = []
+    for k in range(n):
+        image_id = new_id()
+        pixel_bytes, pixel_tags = _encode_pixels(hu[k], str(encodings[k]))
+        header = dict(
+            SOPInstanceUID=image_id,
+            StudyDate=date,
+            Modality="CT",
+            PatientID=patient_id,
+            StudyInstanceUID=study_id,
+            SeriesInstanceUID=series_id,
+            StudyID="",
+            SeriesNumber=1 + study_number % 9,
+            InstanceNumber=k + 1,
+            ImagePositionPatient=[corner[0], corner[1], float(z[k])],
+            ImageOrientationPatient=[1, 0, 0, 0, 1, 0],
+            SliceThickness=SLICE_SPACING_MM,
+            SamplesPerPixel=1,
+            PhotometricInterpretation="MONOCHROME2",
+            Rows=size,
+            Columns=size,
+            PixelSpacing=[pixel_spacing, pixel_spacing],
+            BitsAllocated=16,
+            **pixel_tags,  # PixelRepresentation, BitsStored, HighBit, RescaleIntercept
+            WindowCenter=[center, center] if multi_window else center,
+            WindowWidth=[width, width] if multi_window else width,
+            RescaleSlope=1,
+        )
+        _write_file(folder / f"{image_id}.dcm", _dicom_bytes(header, pixel_bytes, bool(explicit[k])))
+        image_ids.append(image_id)
+        bar.update(1)
+    return image_ids, np.asarray(labels, dtype=np.int8).reshape(n, len(LABELS))
 
 
 def _dataset_digest(image_ids, label_matrix) -> str:

@@ -1,5 +1,5 @@
 """base_models: pixels (HU, windows, resize), slice context, architectures, and `base train` end to end
-on a small synthetic DICOM dataset (prepared once per session, see tests/helpers_base.py)."""
+on a small synthetic DICOM dataset (prepared once per session, see tests/base_models/conftest.py)."""
 
 from __future__ import annotations
 

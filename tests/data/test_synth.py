@@ -169,3 +169,14 @@ def test_refuses_to_mix_with_an_existing_dataset(tmp_path):
     with pytest.raises(StackkitError, match="already contains .dcm files"):
         synthesize(tmp_path, patients=2, size=16, slices=(2, 2), seed=1, progress=False)
     assert sorted(p.name for p in (tmp_path / TRAIN_DIR).iterdir()) == before
+
+
+def test_cli_writes_into_the_work_directory_by_default(tmp_path):
+    from click.testing import CliRunner
+
+    from stackkit.cli import cli
+
+    result = CliRunner().invoke(cli, ["data", "synth", "--workdir", str(tmp_path / "w"), "--patients", "3", "--size", "16",
+                                      "--slices", "3,4", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "w" / "dicom").iterdir()) == sorted([TEST_DIR, TRAIN_CSV, TRAIN_DIR])

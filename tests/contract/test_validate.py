@@ -1,60 +1,23 @@
-import os
-import signal
-import subprocess
-import sys
-import textwrap
+"""stackkit.contract.validate: the contract files' validators, one table of refusals."""
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from stackkit.contract import LABELS, folds_hash, resolve_workdir
+from stackkit.contract import LABELS, folds_hash
+from stackkit.contract.io import write_parquet
+from stackkit.contract.validate import (
+    check_id_coverage,
+    ids_in,
+    load_core,
+    read_oof,
+    validate_folds,
+    validate_labels,
+    validate_metadata,
+    validate_predictions,
+)
 from stackkit.errors import ContractError, LeakageError
-from stackkit.contract.io import atomic_path, read_table, write_parquet
-from stackkit.contract.validate import load_core, read_oof, validate_folds, validate_labels, validate_metadata, validate_predictions
-
 from stackkit.testing.contract import make_contract_frames, noisy_predictions
-
-
-def test_workdir_resolution(monkeypatch, tmp_path):
-    monkeypatch.delenv("STACKKIT_WORKDIR", raising=False)
-    assert str(resolve_workdir(None)) == "artifacts"
-    monkeypatch.setenv("STACKKIT_WORKDIR", str(tmp_path))
-    assert resolve_workdir(None) == tmp_path
-    assert str(resolve_workdir("elsewhere")) == "elsewhere"
-
-
-def test_atomic_write_keeps_old_file_when_writer_fails(tmp_path):
-    target = tmp_path / "x.parquet"
-    write_parquet(pd.DataFrame({"a": [1, 2]}), target)
-    before = target.read_bytes()
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_bytes(b"half")
-            raise RuntimeError("killed")
-    assert target.read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir()] == ["x.parquet"]
-
-
-def test_atomic_write_survives_sigkill_mid_write(tmp_path):
-    target = tmp_path / "big.parquet"
-    write_parquet(pd.DataFrame({"a": np.arange(10)}), target)
-    before = target.read_bytes()
-    script = textwrap.dedent(
-        f"""
-        import os, signal
-        from stackkit.contract.io import atomic_path
-        with atomic_path({str(target)!r}) as tmp:
-            with open(tmp, "wb") as fh:
-                fh.write(b"x" * 1000)
-                fh.flush()
-                os.kill(os.getpid(), signal.SIGKILL)
-        """
-    )
-    proc = subprocess.run([sys.executable, "-c", script], cwd=os.getcwd())
-    assert proc.returncode == -signal.SIGKILL
-    assert target.read_bytes() == before
-    assert pd.read_parquet(target)["a"].tolist() == list(range(10))
 
 
 def test_contract_frames_round_trip(contract_workdir):
@@ -63,15 +26,6 @@ def test_contract_frames_round_trip(contract_workdir):
     assert folds["fold"].dtype == np.int8
     assert set(folds["image_id"]) == set(labels["image_id"])
     assert len(folds_hash(folds["image_id"], folds["fold"])) == 64
-
-
-def test_read_table_truncated_parquet_is_one_line(tmp_path):
-    path = tmp_path / "t.parquet"
-    write_parquet(pd.DataFrame({"a": np.arange(100)}), path)
-    path.write_bytes(path.read_bytes()[:-1])
-    with pytest.raises(ContractError, match=r"t\.parquet: not a readable Parquet") as info:
-        read_table(path)
-    assert "\n" not in str(info.value)
 
 
 def _frames():
@@ -140,10 +94,16 @@ def test_predictions_fill_missing_fold_and_keep_order(contract_workdir):
     assert checked[list(LABELS)].dtypes.eq(np.float32).all()
 
 
-def test_atomic_write_gives_ordinary_permissions(tmp_path):
-    old = os.umask(0o022)
-    try:
-        path = write_parquet(pd.DataFrame({"a": [1]}), tmp_path / "p.parquet")
-    finally:
-        os.umask(old)
-    assert (path.stat().st_mode & 0o777) == 0o644
+def test_ids_in_matches_python_membership():
+    values = pd.Series(["ID_a", "ID_b", None, "ID_d"], dtype=object)
+    assert ids_in(values, {"ID_b", "ID_d", "ID_x"}).tolist() == [False, True, False, True]
+    assert ids_in([], ["ID_a"]).tolist() == []
+
+
+@pytest.mark.parametrize("ids, message", [
+    (["ID_a", "ID_b", "ID_q"], r"image_id 'ID_q' at row 3 is not a test image"),
+    (["ID_a"], r"1 test image\(s\) missing, e.g. image_id 'ID_b'"),
+])
+def test_check_id_coverage_names_the_first_offender(ids, message):
+    with pytest.raises(ContractError, match=message):
+        check_id_coverage(pd.Series(ids, dtype=object), np.array(["ID_a", "ID_b"], dtype=object), "preds/m/test.parquet", "test")
