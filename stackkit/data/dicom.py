@@ -25,6 +25,7 @@ import os
 import struct
 import warnings
 
+from stackkit.contract import METADATA_OPTIONAL
 from stackkit.errors import StackkitError, one_line
 
 
@@ -37,22 +38,10 @@ class CorruptDicomError(StackkitError):
         super().__init__(f"{self.path}: {self.reason}")
 
 
-# Metadata columns returned for each file, in this order (see the contract's metadata.parquet).
-HEADER_COLUMNS = (
-    "image_id",
-    "patient_id",
-    "study_id",
-    "series_id",
-    "z",
-    "slice_thickness",
-    "pixel_spacing",
-    "window_center",
-    "window_width",
-    "rescale_slope",
-    "rescale_intercept",
-    "rows",
-    "columns",
-    "path",
+# Metadata columns read from each file's header, in this order: the contract's metadata columns
+# (its `split` comes from the folder, not the header), series_id right after the study.
+HEADER_COLUMNS = ("image_id", "patient_id", "study_id", "series_id", "z") + tuple(
+    c for c in METADATA_OPTIONAL if c != "series_id"
 )
 
 # tag -> (keyword, kind); kind says how to decode the value.
