@@ -67,6 +67,7 @@ class StackerResult:
     seconds: float
     feature_columns: list[str]
     folds_hash: str
+    tuning: dict | None = None  # with --tune: selected trial, honest and selected scores, per-fold trials
 
 
 def _features_frame(path: Path, key_columns, feature_columns, wd: Workdir) -> pd.DataFrame:
@@ -141,12 +142,14 @@ def load_stack_inputs(workdir) -> StackInputs:
         slice_index=train_keys["slice_index"].to_numpy(),
         Y=Y,
         image_ids=train_keys["image_id"].to_numpy(),
+        feature_names=tuple(feature_columns),
     )
     test_data = StackData(
         X=test[feature_columns].to_numpy(dtype=np.float32),
         study_codes=study_codes[len(train) :],
         slice_index=test_keys["slice_index"].to_numpy(),
         image_ids=test_keys["image_id"].to_numpy(),
+        feature_names=tuple(feature_columns),
     )
     from stackkit.stack.stackers.base import check_labels
 
@@ -175,43 +178,58 @@ def early_stopping_split(
     return training_rows[np.sort(fit_part)], training_rows[np.sort(valid_part)]
 
 
-def fit_stacker(name: str, params: dict | None, inputs: StackInputs, *, seed: int = 0, progress: bool = True) -> StackerResult:
-    """K-fold fit of stacker ``name``: OOF for every train image, test = mean of the fold models."""
+class FoldPruned(Exception):
+    """Raised by an ``on_fold`` callback to stop a K-fold fit early (an Optuna trial that is pruned)."""
+
+
+def fit_stacker(name: str, params: dict | None, inputs: StackInputs, *, seed: int = 0, progress: bool = True,
+                folds: list[int] | None = None, on_fold=None, caches: dict | None = None, predict_test: bool = True) -> StackerResult:
+    """K-fold fit of stacker ``name``: OOF for every train image, test = mean of the fold models.
+
+    ``folds``: fit only these held-out folds (the other rows' OOF stay NaN; a tuning trial is
+    refitted on single folds this way). ``on_fold(k, fold_loss)`` after each fold may raise
+    :class:`FoldPruned`. ``caches``: {fold: dict} kept across calls (see ``Stacker.fit``).
+    """
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
     resolved = get_stacker(name).resolve_params(params)
-    folds = inputs.folds
-    n_folds = inputs.n_folds
+    fold_of_row = inputs.folds
+    wanted = list(range(inputs.n_folds)) if folds is None else [int(k) for k in folds]
     oof = np.full((len(inputs.train), len(LABELS)), np.nan, dtype=np.float32)
     test_sum = np.zeros((len(inputs.test), len(LABELS)), dtype=np.float64)
     models, fold_scores, gains = [], [], []
-    for k in tqdm(range(n_folds), desc=f"stack fit {name}", unit="fold", disable=not progress):
-        fit_rows, valid_rows = early_stopping_split(folds, inputs.groups, k, seed)
-        held_rows = np.flatnonzero(folds == k)
-        stacker = get_stacker(name).fit(inputs.train.take(fit_rows), inputs.train.take(valid_rows), resolved, seed=seed + k)
+    for k in tqdm(wanted, desc=f"stack fit {name}", unit="fold", disable=not progress):
+        fit_rows, valid_rows = early_stopping_split(fold_of_row, inputs.groups, k, seed)
+        held_rows = np.flatnonzero(fold_of_row == k)
+        cache = None if caches is None else caches.setdefault(k, {})
+        stacker = get_stacker(name).fit(inputs.train.take(fit_rows), inputs.train.take(valid_rows), resolved, seed=seed + k, cache=cache)
         oof[held_rows] = stacker.predict(inputs.train.take(held_rows))
-        test_sum += stacker.predict(inputs.test)
+        if predict_test:
+            test_sum += stacker.predict(inputs.test)
         fold_scores.append(weighted_log_loss(inputs.train.Y[held_rows], oof[held_rows]).overall)
         models.append(stacker)
         gain = stacker.feature_importance()
         if gain is not None:
             gains.append(gain)
+        if on_fold is not None:
+            on_fold(k, fold_scores[-1])
 
     oof_frame = pd.DataFrame(oof, columns=list(LABELS))
-    oof_frame.insert(0, "fold", folds.astype(np.int8))
+    oof_frame.insert(0, "fold", fold_of_row.astype(np.int8))
     oof_frame.insert(0, "image_id", inputs.train_keys["image_id"].to_numpy())
-    test_frame = pd.DataFrame((test_sum / n_folds).astype(np.float32), columns=list(LABELS))
+    test_frame = pd.DataFrame((test_sum / max(1, len(models))).astype(np.float32), columns=list(LABELS))
     test_frame.insert(0, "image_id", inputs.test_keys["image_id"].to_numpy())
     importance = None
     if gains:
         importance = pd.DataFrame(np.mean(gains, axis=0), columns=list(LABELS))
         importance.insert(0, "feature", inputs.feature_columns)
+    scored = np.isin(fold_of_row, wanted)
     return StackerResult(
         name=name,
         oof=oof_frame,
         test=test_frame,
-        score=weighted_log_loss(inputs.train.Y, oof),
+        score=weighted_log_loss(inputs.train.Y[scored], oof[scored]),
         fold_scores=fold_scores,
         models=models,
         importance=importance,
@@ -250,6 +268,7 @@ def save_stacker_result(workdir, result: StackerResult) -> None:
             "n_folds": len(result.models),
             "feature_columns": result.feature_columns,
             "folds_hash": result.folds_hash,
+            "tuning": result.tuning,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
         directory / "meta.json",

@@ -2,44 +2,54 @@
 
 Order of work (each artifact written atomically):
 
-1. every stacker is fitted over data/folds.parquet (default parameters, or tuned by an Optuna
-   study ``<study>-<stacker>`` whose objective is the OOF weighted log loss) and saved to
-   stack/<stacker>/;
-2. the blend sources are read back through the validating readers: stack/<s>/oof.parquet and,
-   unless disabled, every preds/<m>/oof.parquet (a fold that disagrees with data/folds.parquet
-   is refused: it would leak);
-3. the blend: equal weights, or (``--tune``) ``tune.search_blend`` (L-BFGS weights and
-   temperature + an Optuna study ``<study>-blend``);
-4. the blend is scored in-sample and cross-validated: for each fold k the same procedure is
-   refitted on the other folds' OOF rows and scored on fold k (the in-memory Optuna part uses as
-   many trials as the in-sample study ran in this call); tuned weights flatter themselves
-   in-sample, the CV number is the honest one;
-5. with ``--tune``, if the tuned blend's CV score is worse than equal weights (which fit nothing,
-   so their in-sample score is honest), blend.json keeps equal weights and records the tuned
-   blend and its scores under ``fallback_to_equal_weights``: on small data a fitted blend can
-   overfit that badly;
-6. stack/blend.json, then stack/report.html.
+1. every stacker is fitted over data/folds.parquet, with its default parameters or (``--tune``)
+   by an Optuna study ``<study>-<stacker>`` (trial 0 = the defaults, per-fold pruning, one time
+   budget for the whole call); a tuned stacker's OOF is the honest one: fold k holds the
+   predictions of the trial that was best on the other folds (``tune.honest_fold_choice``);
+2. the blend sources: every stacker's OOF and, unless disabled, every base model's
+   preds/<m>/oof.parquet (a fold that disagrees with data/folds.parquet is refused: it would leak);
+3. the blend is *chosen* on honest numbers (``blend.choose_blend``): every recipe (non-negative
+   per-label weights by a convex solver, with or without temperature + bias, any-consistency and a
+   fitted clip; with ``--tune`` also an Optuna search over the weights) is refitted on the other
+   folds and scored on fold k, and every single source is a candidate with its OOF score. The
+   lowest cross-validated candidate is refitted on all rows: the kept blend is never worse on CV
+   than its best source, and base models enter only through fitted weights;
+4. stack/blend.json (the chosen blend, every candidate's CV score, the reason), then stack/report.html.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from stackkit.stack.blend import BlendParams, cross_validated_blend
 from stackkit.contract import CONTRACT_VERSION, LABELS, Workdir, file_sha256, folds_hash
-from stackkit.errors import StackkitError
 from stackkit.contract.io import write_json
+from stackkit.errors import StackkitError
 from stackkit.metric import weighted_log_loss
 
 DEFAULT_STUDY = "stackkit"
-CV_METHOD_TUNED = (
-    "per fold k: L-BFGS weights/temperature + grid clip + an in-memory Optuna study with the same number of trials "
-    "as the in-sample blend study ran, fitted on the other folds' OOF rows, scored on fold k; pooled over folds"
-)
-CV_METHOD_EQUAL = "equal weights: nothing is fitted, so the cross-validated score equals the in-sample score"
+DEVICES = ("auto", "cpu", "cuda")
+SEED_RANGE = (0, 2**32 - 1)
+CV_METHOD = ("per fold k: each candidate blend refitted on the other folds' OOF rows (weights, temperature/bias and clip), "
+             "scored on fold k, pooled over folds; single sources scored on their OOF files")
+OPTUNA_BLEND = "Optuna search over weights, temperature and clip"
+
+
+@dataclass
+class Sources:
+    """The blend's inputs, row-aligned with data/folds.parquet."""
+
+    names: list[str]
+    kinds: list[str]  # "stacker" or "base"
+    oof_paths: list[Path]
+    test_paths: list[Path]
+    preds: np.ndarray  # (S, n, 6) OOF probabilities
+    y: np.ndarray  # (n, 6)
+    folds: np.ndarray  # (n,)
+    image_ids: np.ndarray  # (n,) data/folds.parquet order
 
 
 def run_stack_fit(
@@ -57,222 +67,245 @@ def run_stack_fit(
     seed: int = 0,
     progress: bool = True,
     heartbeat_interval: int | None = None,
+    device: str = "auto",
 ) -> dict:
-    """Fit the stackers, blend them (and the base models), write stack/ + blend.json + report.html.
-
-    Returns a summary: ``table`` (printable), ``lines``, the paths written, scores and studies.
-    """
-    from stackkit.stack.stackers import DEFAULT_STACKERS, get_stacker
-    from stackkit.stack.storage import describe_storage, make_storage
+    """Fit the stackers, choose the blend, write stack/ + blend.json + report.html; returns a summary
+    (``table``, ``lines``, paths, scores, studies)."""
     from stackkit.contract.validate import load_core
+    from stackkit.stack.storage import make_storage
 
     started = time.perf_counter()
     wd = Workdir.of(workdir)
-    names = list(dict.fromkeys(DEFAULT_STACKERS if stackers is None else stackers))  # order kept, duplicates dropped
+    names = _check_options(stackers, trials=trials, timeout=timeout, seed=seed, device=device)
+    core = load_core(wd)
+    base_models = wd.model_names() if blend_base_models else []
+    if not names and not base_models:
+        raise StackkitError("nothing to blend: no stackers given and no models under preds/; pass --stackers lgbm (or run base train/import)")
+    resolved_device = resolve_device(device, names)
+    storage_obj = make_storage(storage, wd, heartbeat_interval=heartbeat_interval) if tune else None
+    deadline = None if timeout is None else time.monotonic() + float(timeout)
+    prefix = study_name or DEFAULT_STUDY
+    fitted, studies = {}, {}
+    if names:
+        fitted, studies = _fit_stackers(wd, names, tune=tune, trials=trials, deadline=deadline, storage=storage_obj, prefix=prefix,
+                                        seed=seed, device=resolved_device, progress=progress)
+    sources = _collect_sources(wd, core, fitted, base_models)
+    choice, blend_info = _choose_blend(sources, tune=tune, trials=trials, deadline=deadline, storage=storage_obj, prefix=prefix,
+                                       seed=seed, per_label=per_label_weights, any_consistency=any_consistency, progress=progress)
+    if blend_info is not None:
+        studies["blend"] = blend_info
+    record = _blend_record(wd, sources, choice, fitted, studies, tune=tune, seed=seed, storage=storage,
+                           per_label=per_label_weights, device=resolved_device)
+    write_json(record, wd.blend)
+    from stackkit.stack.report import stack_fit_report
+
+    table = stack_fit_report(wd, record, sources, choice, fitted, studies)
+    return _summary(wd, record, table, sources, choice, fitted, studies, time.perf_counter() - started)
+
+
+def _check_options(stackers, *, trials, timeout, seed, device) -> list[str]:
+    """Stacker names (order kept, duplicates dropped), every option checked before any work."""
+    from stackkit.stack.stackers import DEFAULT_STACKERS, get_stacker
+
+    names = list(dict.fromkeys(DEFAULT_STACKERS if stackers is None else stackers))
     for name in names:
-        get_stacker(name)  # one-line error for an unknown name, before any work
+        get_stacker(name)  # one-line error for an unknown name
     if isinstance(trials, bool) or not isinstance(trials, (int, np.integer)) or trials < 1:
         raise StackkitError(f"--trials: expected a positive integer, got {trials!r}")
     if timeout is not None and not timeout > 0:
         raise StackkitError(f"--timeout: expected a positive number of seconds, got {timeout!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise StackkitError(f"--seed: expected an integer in {SEED_RANGE[0]}..{SEED_RANGE[1]}, got {seed!r}")
+    if device not in DEVICES:
+        raise StackkitError(f"--device: expected one of {', '.join(DEVICES)}, got {device!r}")
+    return names
 
-    metadata, labels, folds = load_core(wd)
-    current_folds_hash = folds_hash(folds["image_id"].to_numpy(dtype=object), folds["fold"].to_numpy())
-    base_models = wd.model_names() if blend_base_models else []
-    if not names and not base_models:
-        raise StackkitError("nothing to blend: no stackers given and no models under preds/; pass --stackers lgbm (or run base train/import)")
 
-    prefix = study_name or DEFAULT_STUDY
-    storage_obj = make_storage(storage, wd, heartbeat_interval=heartbeat_interval) if tune else None
-    studies: dict = {}
-    results: dict = {}
-    if names:
-        results, studies = _fit_stackers(wd, names, tune=tune, trials=trials, timeout=timeout, storage=storage_obj,
-                                         prefix=prefix, seed=seed, progress=progress)
+def _cuda_visible() -> bool:
+    import os
 
-    # -- sources, read back through the validating readers (what submit will read)
-    source_names, source_kinds, oof_paths, test_paths = [], [], [], []
-    for name in names:
-        source_names.append(f"stack/{name}")
-        source_kinds.append("stacker")
+    # no NVIDIA driver: no need to import torch to know there is no GPU
+    if not os.path.exists("/proc/driver/nvidia") and not os.environ.get("CUDA_VISIBLE_DEVICES"):
+        return False
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def resolve_device(requested: str, stacker_names) -> str:
+    """``auto`` -> ``cuda`` when a CUDA GPU is visible, else ``cpu``; ``cuda`` without one is a one-line error."""
+    if requested == "cpu":
+        return "cpu"
+    visible = _cuda_visible()
+    if requested == "cuda" and not visible:
+        raise StackkitError("--device cuda: no CUDA GPU is visible (torch.cuda.is_available() is False); use --device cpu or auto")
+    return "cuda" if visible else "cpu"
+
+
+def device_overrides(name: str, device: str) -> dict:
+    """Parameters that put stacker ``name`` on ``device`` (LightGBM stays on the CPU: its GPU build needs OpenCL)."""
+    from stackkit.stack.stackers import get_stacker
+
+    if device == "cpu" or "device" not in get_stacker(name).default_params():
+        return {}
+    if name == "xgb":
+        import xgboost
+
+        if not xgboost.build_info().get("USE_CUDA"):
+            return {}  # xgboost-cpu: the CPU path; pip install 'stackkit[gpu]' for the CUDA build
+    return {"device": device}
+
+
+def _fit_stackers(wd, names, *, tune, trials, deadline, storage, prefix, seed, device, progress):
+    """{name: (StackerResult, TunedStacker | None)} saved to stack/<name>/, and {name: StudyInfo}."""
+    from stackkit.stack.crossfit import fit_stacker, load_stack_inputs, save_stacker_result
+
+    inputs = load_stack_inputs(wd)
+    fitted, studies = {}, {}
+    for position, name in enumerate(names):
+        overrides = device_overrides(name, device)
+        tuned = None
+        if tune:
+            from stackkit.stack.tune import digest, tune_stacker
+
+            # everything a trial's score depends on: a continued study never mixes in other data
+            inputs_key = digest(file_sha256(wd.features_manifest), inputs.folds_hash, inputs.train.Y.astype(np.int8), int(seed), name, overrides)
+            # one budget for the whole call: each remaining study gets an equal share of what is left (the blend costs little)
+            share = None if deadline is None else max(1.0, (deadline - time.monotonic()) / (len(names) - position))
+            tuned = tune_stacker(name, inputs, storage=storage, study_name=f"{prefix}-{name}", trials=trials, timeout=share,
+                                 seed=seed, inputs_key=inputs_key, overrides=overrides, progress=progress)
+            result = tuned.result
+            studies[name] = tuned.info
+        else:
+            result = fit_stacker(name, overrides, inputs, seed=seed, progress=progress)
+        save_stacker_result(wd, result)
+        fitted[name] = (result, tuned)
+    return fitted, studies
+
+
+def _collect_sources(wd, core, fitted: dict, base_models: list[str]) -> Sources:
+    """Stackers' OOF from memory (validated when saved), base models' through the validating readers."""
+    from stackkit.contract.validate import read_oof, read_test
+
+    metadata, labels, folds = core
+    image_ids = folds["image_id"].to_numpy(dtype=object)
+    names, kinds, oof_paths, test_paths, arrays = [], [], [], [], []
+    for name, (result, _tuned) in fitted.items():
+        names.append(f"stack/{name}")
+        kinds.append("stacker")
         oof_paths.append(wd.stack_dir(name) / "oof.parquet")
         test_paths.append(wd.stack_dir(name) / "test.parquet")
+        arrays.append(result.oof.set_index("image_id").reindex(image_ids)[list(LABELS)].to_numpy(dtype=np.float64))
     for model in base_models:
-        source_names.append(f"preds/{model}")
-        source_kinds.append("base")
+        oof = read_oof(wd.oof(model), folds, wd)  # LeakageError when its folds disagree with data/folds.parquet
+        read_test(wd.test(model), metadata, wd)  # submit needs it: refuse a bad one now
+        names.append(f"preds/{model}")
+        kinds.append("base")
         oof_paths.append(wd.oof(model))
         test_paths.append(wd.test(model))
-    image_ids = folds["image_id"].to_numpy(dtype=object)
-    fold_of_row = folds["fold"].to_numpy()
+        arrays.append(oof.set_index("image_id").reindex(image_ids)[list(LABELS)].to_numpy(dtype=np.float64))
     y = labels.set_index("image_id").reindex(image_ids)[list(LABELS)].to_numpy(dtype=np.float64)
-    preds = _read_sources(wd, oof_paths, test_paths, folds, metadata, image_ids)
+    return Sources(names, kinds, oof_paths, test_paths, np.stack(arrays), y, folds["fold"].to_numpy(), image_ids)
 
-    # -- blend
-    blend_info = None
-    if tune:
+
+def _choose_blend(sources: Sources, *, tune, trials, deadline, storage, prefix, seed, per_label, any_consistency, progress):
+    """(BlendChoice, StudyInfo of the Optuna blend study or None)."""
+    from tqdm.auto import tqdm
+
+    from stackkit.stack.blend import choose_blend
+
+    extra, blend_info = {}, None
+    if tune and len(sources.names) > 1:
         from stackkit.stack.tune import search_blend
 
-        blend_study = f"{prefix}-blend"
-        params, blend_info = search_blend(preds, y, source_names, per_label=per_label_weights, any_consistency=any_consistency,
-                                          trials=trials, timeout=timeout, seed=seed, storage=storage_obj, study_name=blend_study,
-                                          progress=progress)
+        timeout = None if deadline is None else max(1.0, deadline - time.monotonic())
+        kwargs = dict(per_label=per_label, any_consistency=any_consistency, seed=seed)
+        tuned_params, blend_info = search_blend(sources.preds, sources.y, sources.names, trials=trials, timeout=timeout, storage=storage,
+                                                study_name=f"{prefix}-blend", progress=progress, **kwargs)
         cv_trials = blend_info.trials_run if blend_info else 0
+        extra[OPTUNA_BLEND] = (lambda p, yy: search_blend(p, yy, sources.names, trials=cv_trials, **kwargs)[0],
+                               lambda p, yy: tuned_params)
+    n_folds = len(np.unique(sources.folds))
+    with tqdm(total=2 * n_folds if len(sources.names) > 1 else 0, desc="blend CV", unit="fit", disable=not progress, leave=False) as bar:
+        choice = choose_blend(sources.preds, sources.y, sources.folds, sources.names, per_label=per_label,
+                              allow_any_consistency=any_consistency, extra_fits=extra, on_fold=lambda: bar.update(1))
+    return choice, blend_info
 
-        def refit(p, yy):
-            return search_blend(p, yy, source_names, per_label=per_label_weights, any_consistency=any_consistency,
-                                trials=cv_trials, seed=seed, storage=None)[0]
 
-        cv_method = CV_METHOD_TUNED
-    else:
-        params = BlendParams.equal(len(source_names), any_consistency=any_consistency)
+def _source_record(wd, sources: Sources, s: int, fitted: dict) -> dict:
+    entry = {"name": sources.names[s], "kind": sources.kinds[s], "oof": _relative(sources.oof_paths[s], wd),
+             "test": _relative(sources.test_paths[s], wd), "test_sha256": file_sha256(sources.test_paths[s]),
+             "oof_score": weighted_log_loss(sources.y, sources.preds[s]).as_dict()}
+    tuned = fitted.get(sources.names[s].removeprefix("stack/"), (None, None))[1] if sources.kinds[s] == "stacker" else None
+    if tuned is not None:
+        entry["tuning"] = tuned.as_dict()  # oof_score is the honest one; tuning.selected the optimistic one
+    return entry
 
-        def refit(p, yy):
-            return params
 
-        cv_method = CV_METHOD_EQUAL
-    in_sample = params.score(preds, y)
-    pooled, per_fold = cross_validated_blend(preds, y, fold_of_row, _with_progress(refit, fold_of_row, progress))
-    cv_score = weighted_log_loss(y, pooled)
-    fallback = None
-    if tune:
-        # On small data a fitted blend can overfit so badly that its honest (CV) score is worse than
-        # plain equal weights, which fit nothing. Keep the tuned weights only when CV says they help.
-        equal = BlendParams.equal(len(source_names), any_consistency=any_consistency)
-        equal_score = equal.score(preds, y)
-        if equal_score.overall < cv_score.overall:
-            fallback = {"reason": "the tuned blend's cross-validated score was worse than equal weights",
-                        "tuned_params": params.to_json(source_names),
-                        "tuned_scores": {"in_sample": in_sample.as_dict(), "cv": cv_score.as_dict()}}
-            params, in_sample, cv_score = equal, equal_score, equal_score
-            per_fold = [{**f, "score": weighted_log_loss(y[fold_of_row == f["fold"]], equal.apply(preds[:, fold_of_row == f["fold"]])).overall}
-                        for f in per_fold]
-    source_scores = [weighted_log_loss(y, preds[s]) for s in range(len(source_names))]
+def weight_summary(weights: np.ndarray, names: list[str]) -> list[dict]:
+    """Per source: mean weight over labels and the labels it carries, largest first (for the table and the page)."""
+    rows = []
+    for s, name in enumerate(names):
+        carried = [label for l, label in enumerate(LABELS) if weights[s, l] >= 0.005]
+        rows.append({"name": name, "mean_weight": float(weights[s].mean()), "labels": carried})
+    return sorted(rows, key=lambda r: -r["mean_weight"])
 
-    record = {
+
+def _blend_record(wd, sources: Sources, choice, fitted: dict, studies: dict, *, tune, seed, storage, per_label, device) -> dict:
+    from stackkit.stack.storage import describe_storage
+
+    params = choice.params
+    in_sample, cv = choice.in_sample, choice.cv
+    return {
         "contract_version": CONTRACT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "formula": params.formula,
-        "sources": [
-            {"name": n, "kind": k, "oof": _relative(o, wd), "test": _relative(t, wd), "test_sha256": file_sha256(t),
-             "oof_score": sc.as_dict()}
-            for n, k, o, t, sc in zip(source_names, source_kinds, oof_paths, test_paths, source_scores)
-        ],
-        "per_label_weights": bool(per_label_weights),
-        **params.to_json(source_names),
-        "scores": {
-            "in_sample": in_sample.as_dict(),
-            "cv": {**cv_score.as_dict(), "per_fold": [{"fold": f["fold"], "n": f["n"], "overall": f["score"]} for f in per_fold]},
-        },
-        "cv_method": cv_method,
+        "sources": [_source_record(wd, sources, s, fitted) for s in range(len(sources.names))],
+        "per_label_weights": bool(per_label),
+        **params.to_json(sources.names),
+        "scores": {"in_sample": in_sample.as_dict(), "cv": {**cv.as_dict(), "per_fold": choice.chosen.per_fold}},
+        "choice": {"chosen": choice.chosen.name, "kind": choice.chosen.kind, "reason": choice.reason,
+                   "candidates": [c.as_dict() for c in choice.candidates],
+                   "weights_summary": weight_summary(params.weights, sources.names)},
+        "cv_method": CV_METHOD,
         "tuned": bool(tune),
-        "fallback_to_equal_weights": fallback,
+        "device": device,
         "seed": int(seed),
-        "folds_hash": current_folds_hash,
-        "optuna": None if not tune else {
-            "storage": describe_storage(storage, wd),
-            "studies": {**{n: info.as_dict() for n, info in studies.items()}, "blend": blend_info.as_dict() if blend_info else None},
-        },
+        "folds_hash": folds_hash(sources.image_ids, sources.folds),
+        "optuna": None if not tune else {"storage": describe_storage(storage, wd),
+                                         "studies": {n: info.as_dict() for n, info in studies.items()}},
     }
-    write_json(record, wd.blend)
 
-    from stackkit.stack.report import ScoreRow, render_table, write_report_html
 
-    rows = [ScoreRow.from_score(n, k, sc) for n, k, sc in zip(source_names, source_kinds, source_scores)]
-    rows.sort(key=lambda r: (r.kind != "base", 0))  # base models first, then stackers, in given order
-    base_rows = [s for s, kind in enumerate(source_kinds) if kind == "base"]
-    if len(base_rows) >= 2:
-        # the baseline a blend must beat: the plain average of the base models' probabilities
-        rows.insert(len(base_rows), ScoreRow.from_score("mean of base models", "mean", weighted_log_loss(y, preds[base_rows].mean(axis=0))))
-    if fallback:
-        tuned = fallback["tuned_scores"]
-        rows += [ScoreRow.from_score("tuned blend", "blend", tuned["in_sample"]), ScoreRow.from_score("tuned blend-cv", "blend-cv", tuned["cv"])]
-    rows += [ScoreRow.from_score("blend", "blend", in_sample), ScoreRow.from_score("blend-cv", "blend-cv", cv_score)]
-    table = render_table(rows)
-    histories = {info.name: info.history for info in studies.values()}
-    if blend_info is not None:
-        histories[blend_info.name] = blend_info.history
-    write_report_html(
-        wd, rows=rows,
-        importances={f"stack/{n}": r.importance for n, r in results.items() if r.importance is not None},
-        histories=histories,
-        blend_weights=record["weights"],
-        notes=[f"blend in {params.space} space; temperature {', '.join(f'{l}={t:.3g}' for l, t in record['temperature'].items())}; "
-               f"clip {params.clip:.3g}; any >= max(subtypes): {any_consistency}", f"cross-validation: {cv_method}"],
-    )
-    seconds = time.perf_counter() - started
-    lines = [
-        f"blend: in-sample {in_sample.overall:.5f}, cross-validated {cv_score.overall:.5f} ({len(source_names)} sources)",
-        f"wrote {wd.blend} and {wd.report_html} in {seconds:.1f} s",
-    ]
-    if base_rows:
-        best_base = min(base_rows, key=lambda s: source_scores[s].overall)
-        gain = 1.0 - cv_score.overall / source_scores[best_base].overall
-        lines.insert(1, f"blend-cv is {gain:.1%} below the best base model ({source_names[best_base]}: {source_scores[best_base].overall:.5f})")
-    if fallback:
-        lines.insert(1, "the tuned blend overfits (its cross-validated score is worse than equal weights): blend.json keeps equal weights")
-    if tune:
-        lines.insert(1, f"optuna storage: {describe_storage(storage, wd)}; studies: "
-                        + ", ".join(f"{i['name']} ({i['trials_total']} trials)" for i in record["optuna"]["studies"].values() if i))
+def _summary(wd, record, table, sources: Sources, choice, fitted, studies, seconds) -> dict:
+    cv, in_sample = choice.cv, choice.in_sample
+    best_source = min((c for c in choice.candidates if c.kind == "source"), key=lambda c: c.cv.overall)
+    lines = [f"blend: {choice.chosen.name}: cross-validated {cv.overall:.5f} (in-sample {in_sample.overall:.5f}); "
+             f"best single source {best_source.name} {best_source.cv.overall:.5f}"]
+    weights = ", ".join(f"{w['name']} {w['mean_weight']:.2f}" for w in record["choice"]["weights_summary"] if w["mean_weight"] >= 0.005)
+    lines.append(f"weights (mean over labels): {weights}")
+    for name, (_result, tuned) in fitted.items():
+        if tuned is not None:
+            lines.append(f"tuned {name}: honest OOF {tuned.result.score.overall:.5f} (selected trial {tuned.info.best_trial}: "
+                         f"{tuned.selected_score.overall:.5f}, optimistic); {tuned.info.trials_run} trials now, {tuned.info.trials_total} in study")
+    if record["optuna"]:
+        lines.append(f"optuna storage: {record['optuna']['storage']}")
+    lines.append(f"wrote {wd.blend} and {wd.report_html} in {seconds:.1f} s")
     return {
         "table": table,
         "lines": lines,
         "blend": str(wd.blend),
         "report": str(wd.report_html),
-        "stack_dirs": {n: str(wd.stack_dir(n)) for n in names},
-        "sources": source_names,
-        "scores": {"in_sample": in_sample.as_dict(), "cv": cv_score.as_dict(),
-                   "sources": {n: sc.as_dict() for n, sc in zip(source_names, source_scores)}},
-        "studies": record["optuna"]["studies"] if tune else {},
+        "stack_dirs": {n: str(wd.stack_dir(n)) for n in fitted},
+        "sources": sources.names,
+        "chosen": choice.chosen.name,
+        "scores": {"in_sample": in_sample.as_dict(), "cv": cv.as_dict(),
+                   "sources": {n: weighted_log_loss(sources.y, sources.preds[s]).as_dict() for s, n in enumerate(sources.names)}},
+        "studies": {n: info.as_dict() for n, info in studies.items()},
         "seconds": seconds,
     }
-
-
-def _fit_stackers(wd, names, *, tune, trials, timeout, storage, prefix, seed, progress):
-    from stackkit.stack.crossfit import fit_stacker, load_stack_inputs, save_stacker_result
-    from stackkit.stack.stackers import get_stacker
-
-    inputs = load_stack_inputs(wd)
-    results, studies = {}, {}
-    for name in names:
-        if tune:
-            from stackkit.stack.tune import digest, tune_stacker
-
-            inputs_key = digest(file_sha256(wd.features_manifest), inputs.folds_hash)
-            result, info = tune_stacker(name, inputs, storage=storage, study_name=f"{prefix}-{name}", trials=trials,
-                                        timeout=timeout, seed=seed, inputs_key=inputs_key, progress=progress)
-            studies[name] = info
-        else:
-            result = fit_stacker(name, get_stacker(name).default_params(), inputs, seed=seed, progress=progress)
-        save_stacker_result(wd, result)
-        results[name] = result
-    return results, studies
-
-
-def _read_sources(wd, oof_paths, test_paths, folds, metadata, image_ids) -> np.ndarray:
-    """(n_sources, n_labeled, 6) OOF probabilities in ``image_ids`` order; test files validated too (submit needs them)."""
-    from stackkit.contract.validate import read_oof, read_test
-
-    preds = np.empty((len(oof_paths), len(image_ids), len(LABELS)), dtype=np.float64)
-    for s, (oof_path, test_path) in enumerate(zip(oof_paths, test_paths)):
-        oof = read_oof(oof_path, folds, wd)  # LeakageError when its folds disagree with data/folds.parquet
-        read_test(test_path, metadata, wd)
-        preds[s] = oof.set_index("image_id").reindex(image_ids)[list(LABELS)].to_numpy(dtype=np.float64)
-    return preds
-
-
-def _with_progress(refit, folds, progress: bool):
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(np.unique(folds)), desc="blend CV", unit="fold", disable=not progress, leave=False)
-
-    def wrapped(p, yy):
-        params = refit(p, yy)
-        bar.update(1)
-        if bar.n == bar.total:
-            bar.close()
-        return params
-
-    return wrapped
 
 
 def _relative(path: Path, wd: Workdir) -> str:

@@ -82,17 +82,28 @@ def _figure_png(fig) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def _colours(n: int) -> list:
+    """``n`` distinct colours (tab20 has 20; beyond that a continuous map)."""
+    from matplotlib import colormaps
+
+    if n <= 20:
+        return [colormaps["tab20"](i) for i in range(n)]
+    return [colormaps["turbo"](i / max(1, n - 1)) for i in range(n)]
+
+
 def plot_label_losses(rows: list[ScoreRow]) -> str:
-    fig, ax = _figure((10, 4))
+    """Bars of honest scores only (OOF and cross-validated): in-sample rows flatter themselves and are left out."""
+    rows = [r for r in rows if r.kind != "blend"]
+    fig, ax = _figure((11, 4.5))
     width = 0.8 / max(1, len(rows))
     x = np.arange(len(LABELS) + 1)
-    for i, r in enumerate(rows):
+    for i, (r, colour) in enumerate(zip(rows, _colours(len(rows)))):
         values = [r.per_label.get(l, np.nan) for l in LABELS] + [r.overall]
-        ax.bar(x + i * width - 0.4 + width / 2, values, width, label=f"{r.name} ({r.kind})")
+        ax.bar(x + i * width - 0.4 + width / 2, values, width, label=f"{r.name} ({r.kind})", color=colour)
     ax.set_xticks(x, [*LABELS, "overall"], rotation=20)
     ax.set_ylabel("log loss")
-    ax.set_title("Out-of-fold log loss per label")
-    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("Out-of-fold / cross-validated log loss per label (lower is better)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _figure_png(fig)
 
 
@@ -110,7 +121,8 @@ def importance_by_feature(importance) -> pd.Series:
 
 def plot_importance(name: str, importance) -> str:
     top = importance_by_feature(importance).head(TOP_FEATURES)[::-1]
-    fig, ax = _figure((8, max(2.5, 0.28 * len(top) + 1)))
+    # wide enough for full feature names (tight_layout makes room on the left)
+    fig, ax = _figure((11, max(2.5, 0.3 * len(top) + 1)))
     ax.barh([str(i) for i in top.index], top.to_numpy())
     ax.set_title(f"{name}: top {len(top)} features (gain, all labels)")
     ax.tick_params(axis="y", labelsize=7)
@@ -134,16 +146,50 @@ def plot_history(study_name: str, history: list) -> str:
 def plot_weights(weights: dict) -> str:
     """``weights``: {label: {source: weight}} as in blend.json; one stacked bar per label."""
     sources = list(next(iter(weights.values())).keys())
-    fig, ax = _figure((8, 3.5))
+    fig, ax = _figure((10, 4))
     bottom = np.zeros(len(LABELS))
-    for source in sources:
+    for source, colour in zip(sources, _colours(len(sources))):
         values = np.array([weights[l][source] for l in LABELS])
-        ax.bar(LABELS, values, bottom=bottom, label=source)
+        ax.bar(LABELS, values, bottom=bottom, label=source, color=colour)
         bottom += values
     ax.set_ylim(0, 1)
     ax.set_title("Blend weights per label (normalized)")
     ax.tick_params(axis="x", rotation=20)
-    ax.legend(fontsize=7, ncol=3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
+    return _figure_png(fig)
+
+
+CALIBRATION_BINS = 10
+
+
+def calibration_table(y: np.ndarray, p: np.ndarray, bins: int = CALIBRATION_BINS) -> pd.DataFrame:
+    """Per label: mean prediction, observed rate and the expected calibration error over equal-count bins."""
+    rows = []
+    for l, label in enumerate(LABELS):
+        order = np.argsort(p[:, l], kind="stable")
+        groups = np.array_split(order, bins)
+        gaps = [abs(p[g, l].mean() - y[g, l].mean()) * len(g) for g in groups if len(g)]
+        rows.append({"label": label, "mean predicted": float(p[:, l].mean()), "observed rate": float(y[:, l].mean()),
+                     "ECE": float(np.sum(gaps) / len(y))})
+    return pd.DataFrame(rows)
+
+
+def plot_calibration(y: np.ndarray, p: np.ndarray, bins: int = CALIBRATION_BINS) -> str:
+    """Reliability diagram per label: observed rate against mean prediction in equal-count bins."""
+    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = Figure(figsize=(12, 7))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 3)
+    for l, (label, ax) in enumerate(zip(LABELS, axes.ravel())):
+        order = np.argsort(p[:, l], kind="stable")
+        groups = [g for g in np.array_split(order, bins) if len(g)]
+        ax.plot([0, 1], [0, 1], ":", color="grey")
+        ax.plot([p[g, l].mean() for g in groups], [y[g, l].mean() for g in groups], "o-", ms=4)
+        ax.set_title(label)
+        ax.set_xlabel("mean prediction")
+        ax.set_ylabel("observed rate")
     return _figure_png(fig)
 
 
@@ -154,7 +200,7 @@ def write_report_html(workdir: Workdir, *, rows, importances: dict | None = None
     rows = [r if isinstance(r, ScoreRow) else ScoreRow.from_score(r["name"], r["kind"], r) for r in rows]
     sections = [
         "<h2>Scores</h2>",
-        f"<pre>{html.escape(render_table(rows))}</pre>",
+        html_table(_score_frame(rows)),
         _img(plot_label_losses(rows), "per-label log loss"),
     ]
     if blend_weights:
@@ -167,11 +213,89 @@ def write_report_html(workdir: Workdir, *, rows, importances: dict | None = None
             sections += [f"<h2>Optuna: {html.escape(study_name)}</h2>", _img(plot_history(study_name, history), f"{study_name} history")]
     if notes:
         sections += ["<h2>Notes</h2>", "<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>"]
-    page = (
-        "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>stackkit report</title>"
-        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}pre{font-size:12px}img{max-width:100%}</style>"
-        "</head><body><h1>stackkit: stack fit report</h1>\n" + "\n".join(sections) + "\n</body></html>\n"
-    )
+    return _write_page(workdir, sections)
+
+
+def html_table(frame: pd.DataFrame, *, highlight: int | None = None, digits: int = 5) -> str:
+    """A real HTML table (full names, numbers right-aligned); row ``highlight`` in bold."""
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    body = []
+    for i, row in enumerate(frame.itertuples(index=False)):
+        cells = "".join(f"<td class='num'>{v:.{digits}f}</td>" if isinstance(v, (float, np.floating)) else f"<td>{html.escape(str(v))}</td>"
+                        for v in row)
+        body.append(f"<tr{' class=best' if i == highlight else ''}>{cells}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _score_frame(rows: list[ScoreRow]) -> pd.DataFrame:
+    return pd.DataFrame([{"source": r.name, "kind": r.kind, "overall": r.overall, **{l: r.per_label.get(l, np.nan) for l in LABELS}}
+                         for r in rows])
+
+
+def score_rows(record: dict, fitted: dict) -> list[ScoreRow]:
+    """Base models, stackers (a tuned one also with its selected, optimistic score), the blend in-sample and cross-validated."""
+    rows = [ScoreRow.from_score(s["name"], s["kind"], s["oof_score"]) for s in record["sources"] if s["kind"] == "base"]
+    for s in record["sources"]:
+        if s["kind"] == "stacker":
+            rows.append(ScoreRow.from_score(s["name"], "stacker", s["oof_score"]))
+            if "tuning" in s:
+                rows.append(ScoreRow.from_score(f"{s['name']} (selected trial)", "selected", s["tuning"]["selected"]))
+    rows.append(ScoreRow.from_score(f"blend ({record['choice']['chosen']})", "blend", record["scores"]["in_sample"]))
+    rows.append(ScoreRow.from_score(f"blend-cv ({record['choice']['chosen']})", "blend-cv", record["scores"]["cv"]))
+    return rows
+
+
+def stack_fit_report(workdir: Workdir, record: dict, sources, choice, fitted: dict, studies: dict) -> str:
+    """stack/report.html for one `stack fit` (tables, weights, per-fold scores, calibration, tuning); returns the terminal table."""
+    rows = score_rows(record, fitted)
+    chosen = choice.chosen
+    candidates = pd.DataFrame([{"candidate": c.name, "kind": c.kind, "cross-validated": c.cv.overall,
+                                **{f"fold {f['fold']}": f["overall"] for f in c.per_fold}} for c in choice.candidates])
+    weights = pd.DataFrame([{"source": n, **{l: record["weights"][l][n] for l in LABELS}} for n in sources.names])
+    for key in ("temperature", "bias"):
+        weights.loc[len(weights)] = {"source": f"({key})", **record[key]}
+    calibration = calibration_table(sources.y, chosen.pooled)
+    sections = [
+        "<h2>Result</h2>",
+        f"<p>Kept for submission: <b>{html.escape(chosen.name)}</b>: {html.escape(choice.reason)}. "
+        f"Cross-validated {choice.cv.overall:.5f}, in-sample {choice.in_sample.overall:.5f} (in-sample flatters a fitted blend). "
+        f"Clip {record['clip']:.3g}; any &ge; max(subtypes): {record['any_consistency']}.</p>",
+        "<h2>Scores (weighted log loss, lower is better)</h2>",
+        html_table(_score_frame(rows)),
+        "<p>base and stacker rows are out-of-fold; a tuned stacker's row is its honest OOF (fold k from the trial best on the other folds), "
+        "'selected trial' is the best trial's own OOF, chosen on those same rows (optimistic). 'blend' is in-sample, 'blend-cv' refitted per fold.</p>",
+        _img(plot_label_losses(rows), "per-label log loss"),
+        "<h2>Candidates and per-fold scores</h2>",
+        html_table(candidates, highlight=choice.candidates.index(chosen)),
+        f"<p>{html.escape(CANDIDATE_NOTE)}</p>",
+        "<h2>Blend weights</h2>",
+        html_table(weights, digits=3),
+        _img(plot_weights(record["weights"]), "blend weights"),
+        "<h2>Calibration of the kept blend (cross-validated predictions)</h2>",
+        html_table(calibration),
+        _img(plot_calibration(sources.y, chosen.pooled), "calibration per label"),
+    ]
+    for name, (result, _tuned) in fitted.items():
+        if result.importance is not None and len(result.importance):
+            sections += [f"<h2>Feature importance: stack/{html.escape(name)}</h2>", _img(plot_importance(f"stack/{name}", result.importance), name)]
+    for key, info in studies.items():
+        if info.history:
+            sections += [f"<h2>Optuna: {html.escape(info.name)} (trials of the current inputs)</h2>", _img(plot_history(info.name, info.history), info.name)]
+    _write_page(workdir, sections)
+    return render_table(rows)
+
+
+CANDIDATE_NOTE = ("Every candidate is scored on predictions it was not fitted on: a source on its OOF file, a blend refitted on the other "
+                  "folds for each fold. The lowest cross-validated candidate is kept (ties go to the simpler one), so the kept blend is never "
+                  "worse on CV than its best source; a post-processing step is used only where it lowered the cross-validated loss.")
+PAGE_STYLE = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto}img{max-width:100%}"
+              "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px}"
+              "th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}tr.best{font-weight:bold;background:#eef6ee}")
+
+
+def _write_page(workdir: Workdir, sections: list[str]) -> Path:
+    page = (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>stackkit report</title><style>{PAGE_STYLE}</style>"
+            "</head><body><h1>stackkit: stack fit report</h1>\n" + "\n".join(sections) + "\n</body></html>\n")
     return write_text(page, workdir.report_html)
 
 

@@ -25,9 +25,9 @@ from typing import Callable
 
 import numpy as np
 
+from stackkit.contract import LABELS
 from stackkit.stack.blend import (
     CLIP_GRID,
-    LABELS,
     N_LABELS,
     TEMPERATURE_BOUNDS,
     BlendParams,
@@ -53,7 +53,7 @@ def optuna_logging(verbose: bool = False):
         optuna.logging.set_verbosity(previous)
 
 
-def open_study(study_name: str, storage, *, seed: int = 0):
+def open_study(study_name: str, storage, *, seed: int = 0, pruner=None):
     """Create or continue ``study_name`` in ``storage`` (minimizing), with a TPE sampler seeded for this call.
 
     The sampler seed mixes ``seed`` with the number of trials already in the study, so a rerun
@@ -65,7 +65,8 @@ def open_study(study_name: str, storage, *, seed: int = 0):
 
     try:
         with _storage_errors(study_name):
-            study = optuna.create_study(study_name=study_name, storage=storage, direction="minimize", load_if_exists=True)
+            study = optuna.create_study(study_name=study_name, storage=storage, direction="minimize", load_if_exists=True,
+                                        pruner=pruner)
             existing = study.get_trials(deepcopy=False)
             others_running = any(t.state == optuna.trial.TrialState.RUNNING for t in existing)
             sampler_seed = int(digest(int(seed), len(existing), os.getpid() if others_running else 0)[:8], 16)
@@ -87,19 +88,29 @@ def _storage_errors(study_name: str):
         raise
 
 
-def run_trials(study, objective: Callable, *, trials: int, timeout: float | None, progress: bool, desc: str) -> int:
-    """``trials`` more trials (fewer if ``timeout`` seconds pass) with a tqdm bar; returns how many ran here."""
+def run_trials(study, objective: Callable, *, trials: int, timeout: float | None, progress: bool, desc: str,
+               inputs_key: str | None = None) -> int:
+    """``trials`` more trials (fewer if ``timeout`` seconds pass) with a tqdm bar; returns how many ran here.
+
+    The bar's ``best=`` counts only trials of ``inputs_key`` (a continued study may hold trials
+    scored on other data) and includes the trial that just ended.
+    """
+    import optuna
     from tqdm.auto import tqdm
 
     ran = 0
+    known = [t.value for t in completed_trials(study, inputs_key)]
+    best = min(known) if known else None
     with tqdm(total=trials, desc=desc, unit="trial", file=sys.stderr, disable=not progress, leave=False) as bar:
 
         def on_trial_end(study, trial):
-            nonlocal ran
+            nonlocal ran, best
             ran += 1
             bar.update(1)
-            with contextlib.suppress(ValueError):  # no completed trial yet
-                bar.set_postfix(best=f"{study.best_value:.5f}", refresh=False)
+            if trial.state == optuna.trial.TrialState.COMPLETE and (inputs_key is None or trial.user_attrs.get("inputs_key") == inputs_key):
+                best = trial.value if best is None else min(best, trial.value)
+            if best is not None:
+                bar.set_postfix(best=f"{best:.5f}", refresh=False)
 
         with _storage_errors(study.study_name):
             study.optimize(objective, n_trials=trials, timeout=timeout, callbacks=[on_trial_end], gc_after_trial=False)
@@ -115,11 +126,14 @@ def completed_trials(study, inputs_key: str | None = None) -> list:
     return done
 
 
-def study_history(study) -> list[float | None]:
-    """Objective value per trial number (None for trials that did not complete): for the report."""
+def study_history(study, inputs_key: str | None = None) -> list[float | None]:
+    """Objective value per trial of ``inputs_key`` in trial order (None for trials that did not complete): for the report."""
     import optuna
 
-    return [t.value if t.state == optuna.trial.TrialState.COMPLETE else None for t in study.get_trials(deepcopy=False)]
+    trials = study.get_trials(deepcopy=False)
+    if inputs_key is not None:
+        trials = [t for t in trials if t.user_attrs.get("inputs_key") == inputs_key]
+    return [t.value if t.state == optuna.trial.TrialState.COMPLETE else None for t in trials]
 
 
 def digest(*parts) -> str:
@@ -151,33 +165,103 @@ class StudyInfo:
 # --- stackers ------------------------------------------------------------------------------------
 
 
-def tune_stacker(name: str, inputs, *, storage, study_name: str, trials: int, timeout: float | None, seed: int,
-                 inputs_key: str, progress: bool = True, verbose: bool = False):
-    """Tune stacker ``name`` on OOF weighted log loss; returns (StackerResult of the best params, StudyInfo).
+@dataclass
+class TunedStacker:
+    """A tuned stacker: ``result`` holds the honest OOF (``result.score``) with the selected trial's test predictions and models."""
 
-    The best trial's result is kept in memory when this process ran it; when the best trial
-    came from an earlier run or another worker its parameters are refitted here.
+    result: object  # crossfit.StackerResult
+    selected_score: object  # the best trial's own OOF score: optimistic, the trial was chosen on it
+    fold_trials: list[int]  # per fold k: the trial whose parameters were best on the other folds
+    info: StudyInfo
+
+    def as_dict(self) -> dict:
+        return {"honest": self.result.score.as_dict(), "selected": self.selected_score.as_dict(), "fold_trials": self.fold_trials,
+                "study": self.info.as_dict()}
+
+
+class _DefaultsTrial:
+    """Answers every ``suggest_*`` with the stacker's default: the names and values to enqueue as trial 0."""
+
+    def __init__(self, defaults: dict):
+        self.defaults, self.values = defaults, {}
+
+    def _suggest(self, name, *args, **kwargs):
+        self.values[name] = self.defaults[name]
+        return self.defaults[name]
+
+    suggest_float = suggest_int = suggest_categorical = _suggest
+
+
+def honest_fold_choice(fold_losses: np.ndarray, fold_sizes: np.ndarray) -> np.ndarray:
+    """Per fold k, the row (trial) with the lowest loss on the OTHER folds: (trials, folds) -> (folds,).
+
+    A fold's own loss never takes part in choosing the parameters whose predictions fill it,
+    so the assembled OOF is an honest estimate however many trials were run.
     """
+    total = fold_losses @ fold_sizes  # (trials,)
+    others = (total[:, None] - fold_losses * fold_sizes[None, :]) / (fold_sizes.sum() - fold_sizes)[None, :]
+    return np.argmin(others, axis=0)  # first of equal losses: the earlier trial
+
+
+def tune_stacker(name: str, inputs, *, storage, study_name: str, trials: int, timeout: float | None, seed: int,
+                 inputs_key: str, overrides: dict | None = None, progress: bool = True, verbose: bool = False) -> TunedStacker:
+    """Tune stacker ``name`` on OOF weighted log loss with per-fold pruning; honest OOF by per-fold selection.
+
+    Trial 0 is the stacker's defaults. Each trial reports its running loss after every fold
+    (Optuna's median pruner stops trials that are clearly worse) and records its per-fold losses.
+    Trials run here keep their OOF in memory; a trial of an earlier run or another worker that
+    is chosen for some fold is refitted on that fold only.
+    """
+    import time
+
+    import optuna
+
+    from stackkit.stack.crossfit import FoldPruned, fit_stacker
     from stackkit.stack.stackers import get_stacker
-    from stackkit.stack.crossfit import fit_stacker
+    from stackkit.metric import weighted_log_loss
 
     stacker = get_stacker(name)
+    overrides = dict(overrides or {})
+    fold_sizes = np.bincount(inputs.folds, minlength=inputs.n_folds).astype(np.float64)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    kept_oof: dict[int, np.ndarray] = {}
     best_here: dict = {}
+    caches: dict = {}
 
     def objective(trial):
-        params = {**stacker.default_params(), **stacker.suggest_params(trial)}
+        params = {**stacker.suggest_params(trial), **overrides}
         trial.set_user_attr("inputs_key", inputs_key)
         trial.set_user_attr("params", json.loads(json.dumps(params, default=_json_scalar)))
-        result = fit_stacker(name, params, inputs, seed=seed, progress=False)
+
+        def on_fold(k, fold_loss):
+            done = len(losses) + 1
+            losses.append(fold_loss)
+            trial.report(float(np.dot(losses, fold_sizes[:done]) / fold_sizes[:done].sum()), step=k)
+            if trial.should_prune():
+                raise FoldPruned
+            if deadline is not None and time.monotonic() > deadline and best_here:
+                raise FoldPruned  # the time budget is spent and a complete trial exists
+
+        losses: list[float] = []
+        try:
+            result = fit_stacker(name, params, inputs, seed=seed, progress=False, on_fold=on_fold, caches=caches)
+        except FoldPruned:
+            raise optuna.TrialPruned() from None
+        trial.set_user_attr("fold_losses", [float(v) for v in result.fold_scores])
+        kept_oof[trial.number] = result.oof[list(LABELS)].to_numpy(dtype=np.float32)
         value = float(result.score.overall)
         if not best_here or value < best_here["value"]:
             best_here.update(value=value, number=trial.number, result=result)
         return value
 
     with optuna_logging(verbose):
-        study = open_study(study_name, storage, seed=seed)
-        ran = run_trials(study, objective, trials=trials, timeout=timeout, progress=progress, desc=f"tune {name}")
-        candidates = completed_trials(study, inputs_key)
+        study = open_study(study_name, storage, seed=seed, pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0))
+        defaults = _DefaultsTrial(stacker.default_params())
+        stacker.suggest_params(defaults)
+        study.enqueue_trial(defaults.values, skip_if_exists=True)
+        remaining = None if deadline is None else max(1.0, deadline - time.monotonic())
+        ran = run_trials(study, objective, trials=trials, timeout=remaining, progress=progress, desc=f"tune {name}", inputs_key=inputs_key)
+        candidates = [t for t in completed_trials(study, inputs_key) if len(t.user_attrs.get("fold_losses", [])) == inputs.n_folds]
         if not candidates:
             raise StackkitError(f"study '{study_name}': no trial of stacker '{name}' completed; see the errors above or rerun with more --trials")
         best = min(candidates, key=lambda t: t.value)
@@ -185,8 +269,25 @@ def tune_stacker(name: str, inputs, *, storage, study_name: str, trials: int, ti
             result = best_here["result"]
         else:
             result = fit_stacker(name, dict(best.user_attrs["params"]), inputs, seed=seed, progress=progress)
-        info = StudyInfo(study_name, len(study.get_trials(deepcopy=False)), ran, float(best.value), best.number, study_history(study))
-    return result, info
+        selected_score = result.score
+        chosen = honest_fold_choice(np.array([t.user_attrs["fold_losses"] for t in candidates]), fold_sizes)
+        honest = np.empty((len(inputs.train), len(LABELS)), dtype=np.float32)
+        for k, position in enumerate(chosen):
+            trial = candidates[int(position)]
+            rows = inputs.folds == k
+            if trial.number not in kept_oof:
+                refit = fit_stacker(name, dict(trial.user_attrs["params"]), inputs, seed=seed, progress=False, folds=[k], predict_test=False)
+                kept_oof[trial.number] = refit.oof[list(LABELS)].to_numpy(dtype=np.float32)
+            honest[rows] = kept_oof[trial.number][rows]
+        result.oof = result.oof.copy()
+        result.oof[list(LABELS)] = honest
+        result.score = weighted_log_loss(inputs.train.Y, honest)
+        fold_trials = [int(candidates[int(p)].number) for p in chosen]
+        result.tuning = {"selected_trial": int(best.number), "selected_score": selected_score.as_dict(), "honest_score": result.score.as_dict(),
+                         "fold_trials": fold_trials, "oof": "per fold k: the OOF of the trial best on the other folds (honest)"}
+        info = StudyInfo(study_name, len(study.get_trials(deepcopy=False)), ran, float(best.value), best.number,
+                         study_history(study, inputs_key))
+    return TunedStacker(result, selected_score, fold_trials, info)
 
 
 def _json_scalar(value):
@@ -265,7 +366,7 @@ def search_blend(preds: np.ndarray, y: np.ndarray, source_names: list[str], *, p
             study = open_study(study_name, storage, seed=seed)
         for start in (fitted, equal):
             study.enqueue_trial(blend_as_trial_params(start, source_names, per_label=per_label), skip_if_exists=True)
-        ran = run_trials(study, objective, trials=trials, timeout=timeout, progress=progress, desc="tune blend")
+        ran = run_trials(study, objective, trials=trials, timeout=timeout, progress=progress, desc="tune blend", inputs_key=inputs_key)
         matching = completed_trials(study, inputs_key)
         for trial in matching:
             params = _blend_from_trial(trial, source_names, per_label=per_label, any_consistency=any_consistency)
@@ -274,7 +375,7 @@ def search_blend(preds: np.ndarray, y: np.ndarray, source_names: list[str], *, p
         best_trial = min(matching, key=lambda t: t.value) if matching else None
         info = StudyInfo(study.study_name, len(study.get_trials(deepcopy=False)), ran,
                          None if best_trial is None else float(best_trial.value),
-                         None if best_trial is None else best_trial.number, study_history(study))
+                         None if best_trial is None else best_trial.number, study_history(study, inputs_key))
     return best, info
 
 

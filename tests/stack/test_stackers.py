@@ -219,9 +219,9 @@ def test_fit_stacker_never_trains_or_stops_on_the_held_out_fold(stack_inputs, mo
     cls = STACKERS["lgbm"]
     original_fit = cls.fit
 
-    def recording_fit(self, train, valid, params=None, seed=0):
+    def recording_fit(self, train, valid, params=None, seed=0, **kwargs):
         seen.append((set(train.image_ids), set(valid.image_ids)))
-        return original_fit(self, train, valid, params, seed)
+        return original_fit(self, train, valid, params, seed, **kwargs)
 
     monkeypatch.setattr(cls, "fit", recording_fit)
     fit_stacker("lgbm", FAST_PARAMS["lgbm"], stack_inputs, progress=False)

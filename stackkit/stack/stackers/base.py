@@ -37,11 +37,18 @@ from stackkit.contract.io import read_artifact, write_artifact
 
 N_LABELS = len(LABELS)
 STACKER_JSON = "stacker.json"
-# Threads per fit. One by default: OpenMP (LightGBM, XGBoost) and torch spin-wait on a shared or
-# oversubscribed machine, where 2 threads measured 10x slower than 1 (bench/bench_stackers.py).
-# Set STACKKIT_THREADS=2 (or pass num_threads / nthread) on a dedicated machine.
+def available_cores() -> int:
+    """Cores this process may run on (the affinity mask, not the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+# Threads per fit: every core this process may use, unless $STACKKIT_THREADS says otherwise
+# (OpenMP spin-waits: on a machine shared with other busy processes, STACKKIT_THREADS=1 is faster).
 def default_threads() -> int:
-    return env_threads(1)
+    return env_threads(available_cores())
 
 
 # Predicted probabilities are kept away from 0/1 so that one confident miss cannot dominate a score.
@@ -63,6 +70,7 @@ class StackData:
     slice_index: np.ndarray
     Y: np.ndarray | None = None
     image_ids: np.ndarray | None = None
+    feature_names: tuple | None = None  # names of X's columns (features/manifest.json order), when known
 
     def __post_init__(self):
         n = len(self.X)
@@ -89,6 +97,7 @@ class StackData:
             slice_index=self.slice_index[rows],
             Y=None if self.Y is None else self.Y[rows],
             image_ids=None if self.image_ids is None else self.image_ids[rows],
+            feature_names=self.feature_names,
         )
 
 
@@ -239,6 +248,7 @@ class Stacker(abc.ABC):
     def __init__(self):
         self.params: dict | None = None
         self.n_features: int | None = None
+        self._cache: dict | None = None
 
     # -- parameters
     @abc.abstractmethod
@@ -261,8 +271,13 @@ class Stacker(abc.ABC):
         return merged
 
     # -- fitting
-    def fit(self, train: StackData, valid: StackData, params: dict | None = None, seed: int = 0) -> "Stacker":
-        """Fit on ``train``; ``valid`` is the inner early-stopping split (never the held-out fold)."""
+    def fit(self, train: StackData, valid: StackData, params: dict | None = None, seed: int = 0, cache: dict | None = None) -> "Stacker":
+        """Fit on ``train``; ``valid`` is the inner early-stopping split (never the held-out fold).
+
+        ``cache``: a dict kept by the caller for one fold's rows across fits with other parameters
+        (tuning trials): stackers may keep what does not depend on the parameters there (binned
+        GBDT datasets). Only ever pass the same fold's cache with the same rows.
+        """
         params = self.resolve_params(params)
         Y_train = check_labels(train, "training")
         Y_valid = check_labels(valid, "early-stopping")
@@ -270,7 +285,11 @@ class Stacker(abc.ABC):
         X_valid = check_features(valid, X_train.shape[1], what="early-stopping")
         self.params = params
         self.n_features = int(X_train.shape[1])
-        self._fit(train, valid, X_train, Y_train, X_valid, Y_valid, params, int(seed))
+        self._cache = cache
+        try:
+            self._fit(train, valid, X_train, Y_train, X_valid, Y_valid, params, int(seed))
+        finally:
+            self._cache = None
         return self
 
     def predict(self, data: StackData) -> np.ndarray:
@@ -331,8 +350,35 @@ class Stacker(abc.ABC):
 # --- shared helpers for per-label GBDT stackers ---------------------------------------------------
 
 
+FEATURE_SUBSETS = ("label", "all")
+
+
+def label_feature_columns(feature_names, label: str) -> np.ndarray:
+    """Column positions a per-label model of ``label`` reads: every model's columns of that label,
+    the other labels' plain predictions (``<model>__<other>__pred``), the across-model aggregates
+    of every label, and every column that belongs to no label (slice, DICOM metadata, ...).
+
+    The other labels' lags, leads and study aggregates are left out: they cost most of the
+    columns and add little to one label's model (bench/bench_stack.py measures it).
+    """
+    from features.build import MODELS_PREFIX
+
+    keep = []
+    for position, name in enumerate(feature_names):
+        parts = str(name).split("__")
+        if len(parts) != 3 or parts[1] not in LABELS:
+            keep.append(position)  # not a per-label column
+        elif parts[1] == label or parts[0] == MODELS_PREFIX or parts[2] == "pred":
+            keep.append(position)
+    return np.asarray(keep, dtype=np.int64)
+
+
 class PerLabelStacker(Stacker):
-    """One booster per label; a label with one class only in training is predicted by its prior."""
+    """One booster per label; a label with one class only in training is predicted by its prior.
+
+    With ``feature_subsets="label"`` each label's booster reads only :func:`label_feature_columns`
+    (needs the feature names, which ``stack fit`` passes along); ``"all"`` reads every column.
+    """
 
     per_label = True
 
@@ -340,32 +386,53 @@ class PerLabelStacker(Stacker):
         super().__init__()
         self.boosters: list = []  # one per label, None where the label had one class only
         self.priors: list[float] = []
+        self.label_columns: list[np.ndarray | None] = []  # per label: column positions, None = all
+
+    def _columns_for(self, data: StackData, params: dict) -> list[np.ndarray | None]:
+        subsets = params.get("feature_subsets", "all")
+        if subsets not in FEATURE_SUBSETS:
+            raise StackkitError(f"stacker '{self.name}': feature_subsets must be one of {', '.join(FEATURE_SUBSETS)}, got {subsets!r}")
+        if subsets == "all" or data.feature_names is None:
+            return [None] * N_LABELS
+        return [label_feature_columns(data.feature_names, label) for label in LABELS]
 
     def _fit(self, train, valid, X_train, Y_train, X_valid, Y_valid, params, seed) -> None:
         priors = label_priors(Y_train)
         self.priors = [float(p) for p in priors]
+        self.label_columns = self._columns_for(train, params)
         self.boosters = []
         for j in range(N_LABELS):
             if Y_train[:, j].min() == Y_train[:, j].max():
                 self.boosters.append(None)
                 continue
-            self.boosters.append(self._fit_label(X_train, Y_train[:, j], X_valid, Y_valid[:, j], params, seed, j))
+            columns = self.label_columns[j]
+            cache = None if self._cache is None else self._cache.setdefault((self.name, j, None if columns is None else len(columns)), {})
+            x_fit = X_train if columns is None else X_train[:, columns]
+            x_valid = X_valid if columns is None else X_valid[:, columns]
+            self.boosters.append(self._fit_label(x_fit, Y_train[:, j], x_valid, Y_valid[:, j], params, seed, j, cache))
 
     def _predict(self, data, X) -> np.ndarray:
         out = np.empty((len(X), N_LABELS), dtype=np.float64)
         for j, booster in enumerate(self.boosters):
-            out[:, j] = self.priors[j] if booster is None else self._predict_label(booster, X)
+            columns = self.label_columns[j] if self.label_columns else None
+            out[:, j] = self.priors[j] if booster is None else self._predict_label(booster, X if columns is None else X[:, columns])
         return out
 
     def feature_importance(self) -> np.ndarray | None:
         gain = np.zeros((self.n_features, N_LABELS), dtype=np.float64)
         for j, booster in enumerate(self.boosters):
             if booster is not None:
-                gain[:, j] = self._label_gain(booster)
+                columns = self.label_columns[j] if self.label_columns else None
+                label_gain = self._label_gain(booster)
+                if columns is None:
+                    gain[:, j] = label_gain
+                else:
+                    gain[columns, j] = label_gain
         return gain
 
     def _state(self) -> dict:
-        return {"priors": self.priors, "has_booster": [b is not None for b in self.boosters]}
+        return {"priors": self.priors, "has_booster": [b is not None for b in self.boosters],
+                "label_columns": [None if c is None else [int(i) for i in c] for c in self.label_columns]}
 
     def _model_file(self, j: int) -> str:
         return f"{LABELS[j]}{self.model_suffix}"
@@ -379,6 +446,10 @@ class PerLabelStacker(Stacker):
 
     def _load_models(self, directory: Path, state: dict) -> None:
         self.priors = [float(p) for p in state["priors"]]
+        columns = state.get("label_columns") or [None] * N_LABELS
+        self.label_columns = [None if c is None else np.asarray(c, dtype=np.int64) for c in columns]
+        if any(c is not None and (len(c) == 0 or c.min() < 0 or c.max() >= self.n_features) for c in self.label_columns):
+            raise StackkitError(f"{directory / STACKER_JSON}: label_columns out of range for {self.n_features} features; refit with `stack fit`")
         self.boosters = []
         for j, present in enumerate(state["has_booster"]):
             if not present:
@@ -390,7 +461,8 @@ class PerLabelStacker(Stacker):
     model_suffix: ClassVar[str]
 
     @abc.abstractmethod
-    def _fit_label(self, X_train, y_train, X_valid, y_valid, params, seed, label_position): ...
+    def _fit_label(self, X_train, y_train, X_valid, y_valid, params, seed, label_position, cache: dict | None):
+        """One label's booster; ``cache`` (or None) keeps this fold and label's binned datasets across trials."""
 
     @abc.abstractmethod
     def _predict_label(self, booster, X) -> np.ndarray: ...

@@ -31,6 +31,7 @@ class LGBMStacker(PerLabelStacker):
             "max_bin": 63,
             "num_boost_round": 300,
             "early_stopping_rounds": 20,
+            "feature_subsets": "label",
             "num_threads": default_threads(),
         }
 
@@ -47,7 +48,7 @@ class LGBMStacker(PerLabelStacker):
         return params
 
     def _booster_params(self, params: dict, seed: int) -> dict:
-        booster_params = {k: v for k, v in params.items() if k not in ("num_boost_round", "early_stopping_rounds")}
+        booster_params = {k: v for k, v in params.items() if k not in ("num_boost_round", "early_stopping_rounds", "feature_subsets")}
         booster_params.update(
             objective="binary",
             metric="binary_logloss",
@@ -55,14 +56,23 @@ class LGBMStacker(PerLabelStacker):
             seed=seed,
             deterministic=True,
             force_row_wise=True,  # with deterministic=True: same trees on every run and machine
+            feature_pre_filter=False,  # a binned dataset is reused by trials with other min_data_in_leaf
         )
         return booster_params
 
-    def _fit_label(self, X_train, y_train, X_valid, y_valid, params, seed, label_position):
+    def _fit_label(self, X_train, y_train, X_valid, y_valid, params, seed, label_position, cache):
         import lightgbm as lgb
 
-        train_set = lgb.Dataset(X_train, label=y_train, free_raw_data=True)
-        valid_set = lgb.Dataset(X_valid, label=y_valid, reference=train_set)
+        # binning is a large share of a fit: one binned dataset per fold and label serves every trial
+        key = ("lgb-dataset", int(params["max_bin"]))
+        if cache is not None and key in cache:
+            train_set, valid_set = cache[key]
+        else:
+            dataset_params = {"max_bin": int(params["max_bin"]), "feature_pre_filter": False, "verbosity": -1}
+            train_set = lgb.Dataset(X_train, label=y_train, params=dataset_params, free_raw_data=True)
+            valid_set = lgb.Dataset(X_valid, label=y_valid, reference=train_set)
+            if cache is not None:
+                cache[key] = (train_set, valid_set)
         with warnings.catch_warnings():
             # row subsets of the feature matrix are copies already; the memory warning does not apply
             warnings.filterwarnings("ignore", message="Usage of np.ndarray subset")

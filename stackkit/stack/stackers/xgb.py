@@ -38,6 +38,8 @@ class XGBStacker(PerLabelStacker):
             "max_bin": 64,
             "num_boost_round": 300,
             "early_stopping_rounds": 20,
+            "feature_subsets": "label",
+            "device": "cpu",
             "nthread": default_threads(),
         }
 
@@ -53,13 +55,20 @@ class XGBStacker(PerLabelStacker):
         )
         return params
 
-    def _fit_label(self, X_train, y_train, X_valid, y_valid, params, seed, label_position):
+    def _fit_label(self, X_train, y_train, X_valid, y_valid, params, seed, label_position, cache):
         xgb = _xgboost()
 
-        booster_params = {k: v for k, v in params.items() if k not in ("num_boost_round", "early_stopping_rounds")}
+        booster_params = {k: v for k, v in params.items() if k not in ("num_boost_round", "early_stopping_rounds", "feature_subsets")}
         booster_params.update(objective="binary:logistic", eval_metric="logloss", tree_method="hist", seed=seed, verbosity=0)
-        train_matrix = xgb.QuantileDMatrix(X_train, label=y_train, max_bin=int(params["max_bin"]), nthread=int(params["nthread"]))
-        valid_matrix = xgb.DMatrix(X_valid, label=y_valid, nthread=int(params["nthread"]))
+        # quantile sketching is a large share of a fit: one matrix per fold and label serves every trial
+        key = ("xgb-matrix", int(params["max_bin"]))
+        if cache is not None and key in cache:
+            train_matrix, valid_matrix = cache[key]
+        else:
+            train_matrix = xgb.QuantileDMatrix(X_train, label=y_train, max_bin=int(params["max_bin"]), nthread=int(params["nthread"]))
+            valid_matrix = xgb.QuantileDMatrix(X_valid, label=y_valid, ref=train_matrix, max_bin=int(params["max_bin"]), nthread=int(params["nthread"]))
+            if cache is not None:
+                cache[key] = (train_matrix, valid_matrix)
         booster = xgb.train(
             booster_params,
             train_matrix,
@@ -74,10 +83,13 @@ class XGBStacker(PerLabelStacker):
     def _predict_label(self, booster, X) -> np.ndarray:
         xgb = _xgboost()
 
+        if self.params.get("device", "cpu") != "cpu":
+            # inplace_predict keeps a CUDA booster from copying the data to the GPU one DMatrix at a time
+            return booster.inplace_predict(X)
         return booster.predict(xgb.DMatrix(X, nthread=int(self.params.get("nthread", 2))))
 
     def _label_gain(self, booster) -> np.ndarray:
-        gain = np.zeros(self.n_features, dtype=np.float64)
+        gain = np.zeros(booster.num_features(), dtype=np.float64)
         for key, value in booster.get_score(importance_type="total_gain").items():
             gain[int(key[1:])] = value  # keys are "f<column>"
         return gain
