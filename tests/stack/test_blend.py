@@ -299,3 +299,63 @@ def test_blend_output_properties_hold_for_any_parameters():
         assert (raised >= out - 1e-12).all()
 
     check()
+
+
+# --- the default blend: chosen on honest CV among recipes and single sources ------------------------
+
+
+def test_chosen_blend_is_never_worse_on_cv_than_its_best_source():
+    from stackkit.stack.blend import choose_blend
+
+    rng = np.random.default_rng(11)
+    for trial in range(12):
+        n_sources = int(rng.integers(1, 5))
+        preds, y, folds = synthetic_sources(int(rng.integers(150, 600)), list(rng.uniform(0, 3, n_sources)), seed=trial)
+        preds = np.clip(preds ** rng.uniform(0.3, 3, size=(n_sources, 1, 1)), 1e-6, 1 - 1e-6)  # miscalibrated in random ways
+        choice = choose_blend(preds, y, folds, [f"s{i}" for i in range(n_sources)])
+        best_source = min(weighted_log_loss(y, p).overall for p in preds)
+        assert choice.cv.overall <= best_source + 1e-12
+        assert choice.cv.overall == min(c.cv.overall for c in choice.candidates)
+        assert np.allclose(choice.params.weights.sum(axis=0), 1.0)
+
+
+def test_a_blend_that_cannot_help_falls_back_to_the_single_source():
+    """Two copies of one calibrated source: every refitted recipe can only add fitting noise."""
+    from stackkit.stack.blend import choose_blend
+
+    rng = np.random.default_rng(5)
+    truth = rng.uniform(0.02, 0.6, size=(800, 6))
+    y = (rng.random(truth.shape) < truth).astype(float)
+    preds = np.stack([truth, truth])
+    folds = np.arange(800) % 4
+    choice = choose_blend(preds, y, folds, ["a", "b"])
+    assert choice.chosen.kind == "source" and choice.chosen.name == "a"
+    assert np.allclose(choice.params.apply(preds), truth, atol=1e-9)  # the source as it is
+    assert "lowest cross-validated loss" in choice.reason
+
+
+def test_any_consistency_is_kept_only_where_it_helps():
+    """The issue's case: epidural 0.9, any 0.1, all labels 0; forcing any >= epidural would triple the loss."""
+    from stackkit.stack.blend import choose_blend
+
+    preds = np.tile(np.array([0.9, 0.01, 0.01, 0.01, 0.01, 0.1]), (2, 400, 1))
+    y = np.zeros((400, 6))
+    choice = choose_blend(preds, y, np.arange(400) % 4, ["a", "b"])
+    single = weighted_log_loss(y, preds[0]).overall
+    assert choice.cv.overall <= single + 1e-12
+    assert not choice.params.any_consistency
+    forced = [c for c in choice.candidates if c.recipe is not None and c.recipe.any_consistency and not c.recipe.calibrate]
+    assert all(c.cv.overall > single for c in forced)
+
+
+def test_fit_weights_is_a_non_negative_logistic_fit():
+    from stackkit.stack.blend import fit_weights, logit
+
+    preds, y, _ = synthetic_sources(3000, [0.0, 1.0, 2.5], seed=2)
+    weights, temperature, bias = fit_weights(logit(preds), y, calibrate=True)
+    assert (weights >= 0).all() and np.allclose(weights.sum(axis=0), 1.0)
+    assert (weights[2] > weights[1]).all() and (weights[0] < 0.1).all()  # the noise source gets (almost) nothing
+    plain, t1, b1 = fit_weights(logit(preds), y, calibrate=False)
+    assert np.allclose(t1, 1.0) and np.allclose(b1, 0.0)
+    calibrated = BlendParams(weights, temperature, 1e-7, False, "logit", bias).score(preds, y).overall
+    assert calibrated < BlendParams(plain, 1.0, 1e-7, False, "logit").score(preds, y).overall

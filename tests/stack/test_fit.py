@@ -43,6 +43,14 @@ def _images_in_report(wd) -> int:
     return len(re.findall(r"src='data:image/png;base64,[A-Za-z0-9+/=]{100,}'", wd.report_html.read_text()))
 
 
+def _oof_scores(wd, record) -> list[float]:
+    _, labels, folds = load_core(wd)
+    ids = folds["image_id"].to_numpy(dtype=object)
+    y = labels.set_index("image_id").reindex(ids)[list(LABELS)].to_numpy()
+    return [weighted_log_loss(y, pd.read_parquet(wd.root / s["oof"]).set_index("image_id").reindex(ids)[list(LABELS)].to_numpy()).overall
+            for s in record["sources"]]
+
+
 def test_fit_without_tune_writes_stackers_blend_and_report(wd):
     summary = run_stack_fit(wd, stackers=[FAST], progress=False)
     _, labels, folds = load_core(wd)
@@ -52,19 +60,26 @@ def test_fit_without_tune_writes_stackers_blend_and_report(wd):
     record = read_json(wd.blend)
     names = [s["name"] for s in record["sources"]]
     assert names == [f"stack/{FAST}", "preds/m1", "preds/m2"]
-    for label in LABELS:  # untuned: equal weights over stackers and base models
-        assert np.allclose([record["weights"][label][n] for n in names], 1 / 3)
-    assert record["tuned"] is False and record["optuna"] is None and record["space"] == "probability"
+    weights = np.array([[record["weights"][l][n] for l in LABELS] for n in names])
+    assert np.allclose(weights.sum(axis=0), 1.0) and (weights >= 0).all()
+    assert record["tuned"] is False and record["optuna"] is None and record["space"] == "logit"
     # the stacker's recorded OOF score is the metric on its OOF file
     merged = labels.merge(oof, on="image_id", suffixes=("", "_p"))
     expected = weighted_log_loss(merged[list(LABELS)].to_numpy(), merged[[f"{l}_p" for l in LABELS]].to_numpy()).overall
     assert np.isclose(record["sources"][0]["oof_score"]["overall"], expected)
-    # nothing fitted: CV equals in-sample; both reported
+    # every source and every recipe is a candidate; the kept one is the lowest on CV, never worse than the best source
+    choice = record["choice"]
+    candidates = {c["name"]: c for c in choice["candidates"]}
+    assert set(names) <= set(candidates) and len(candidates) == len(names) + 8
+    assert choice["chosen"] == min(candidates.values(), key=lambda c: c["cv"]["overall"])["name"]
     scores = record["scores"]
-    assert np.isclose(scores["cv"]["overall"], scores["in_sample"]["overall"])
+    assert np.isclose(scores["cv"]["overall"], candidates[choice["chosen"]]["cv"]["overall"])
+    assert scores["cv"]["overall"] <= min(_oof_scores(wd, record)) + 1e-12
     assert len(scores["cv"]["per_fold"]) == int(folds["fold"].max()) + 1 and set(scores["cv"]["per_label"]) == set(LABELS)
     assert "blend-cv" in summary["table"] and f"stack/{FAST}" in summary["table"]
-    assert _images_in_report(wd) >= 2  # per-label losses, weights
+    page = wd.report_html.read_text()
+    assert _images_in_report(wd) >= 3 and page.count("<table>") >= 4  # scores, candidates, weights, calibration
+    assert choice["chosen"] in page and "ECE" in page
 
 
 def test_fit_tune_records_studies_and_a_rerun_continues_them(wd):
@@ -74,45 +89,35 @@ def test_fit_tune_records_studies_and_a_rerun_continues_them(wd):
     assert studies[FAST]["name"] == f"t-{FAST}" and studies[FAST]["trials_total"] == 2
     assert studies["blend"]["name"] == "t-blend" and studies["blend"]["trials_total"] == 2
     assert record["optuna"]["storage"].startswith("journal:") and wd.optuna_journal.is_file()
-    assert record["tuned"] is True and "Optuna" in record["cv_method"]
+    assert record["tuned"] is True
     scores = record["scores"]
     assert set(scores) == {"in_sample", "cv"} and np.isfinite(scores["cv"]["overall"])
     weights = np.array([[record["weights"][l][s["name"]] for l in LABELS] for s in record["sources"]])
     assert np.allclose(weights.sum(axis=0), 1.0) and (weights >= 0).all()
-    assert _images_in_report(wd) >= 4  # + one optimization history per study
-
-    # the kept blend is never worse, cross-validated, than equal weights (which fit nothing)
-    assert scores["cv"]["overall"] <= _equal_weight_score(wd, record) + 1e-12
+    assert _images_in_report(wd) >= 5  # + one optimization history per study
+    # the tuned stacker reports its honest OOF (what the file holds) beside the selected trial's own score
+    tuned = record["sources"][0]
+    assert np.isclose(tuned["oof_score"]["overall"], _oof_scores(wd, record)[0])
+    assert np.isclose(tuned["tuning"]["honest"]["overall"], tuned["oof_score"]["overall"]) and len(tuned["tuning"]["fold_trials"]) == 4
+    assert scores["cv"]["overall"] <= min(_oof_scores(wd, record)) + 1e-12
+    assert any("Optuna" in c["name"] for c in record["choice"]["candidates"])
 
     run_stack_fit(wd, stackers=[FAST], tune=True, trials=1, study_name="t", progress=False)
     again = read_json(wd.blend)["optuna"]["studies"]
     assert again[FAST]["trials_total"] == 3 and again["blend"]["trials_total"] == 3
 
 
-def _equal_weight_score(wd, record) -> float:
-    from stackkit.stack.blend import BlendParams
-
-    _, labels, folds = load_core(wd)
-    ids = folds["image_id"].to_numpy(dtype=object)
-    y = labels.set_index("image_id").reindex(ids)[list(LABELS)].to_numpy()
-    preds = np.stack([pd.read_parquet(wd.root / s["oof"]).set_index("image_id").reindex(ids)[list(LABELS)].to_numpy(dtype=float)
-                      for s in record["sources"]])
-    return BlendParams.equal(len(preds), any_consistency=record["any_consistency"]).score(preds, y).overall
-
-
-def test_tuned_blend_that_overfits_falls_back_to_equal_weights(tmp_path):
-    """Two pure-noise models on a few patients: fitted weights and temperatures only chase noise."""
-    wd = base_model_workdir(tmp_path / "work", n_patients=8, models=(("noise_a", 1, 0.0), ("noise_b", 2, 0.0)))
-    summary = run_stack_fit(wd, stackers=[], tune=True, trials=3, progress=False)
+def test_changed_labels_start_a_fresh_tuning_history(wd):
+    """A continued study keeps its old trials, but trials scored on other labels never count or show."""
+    run_stack_fit(wd, stackers=[FAST], tune=True, trials=2, study_name="k", progress=False)
+    labels = pd.read_parquet(wd.labels)
+    labels.loc[labels.index[:5], "epidural"] = 1 - labels.loc[labels.index[:5], "epidural"]
+    write_parquet(labels, wd.labels)
+    summary = run_stack_fit(wd, stackers=[FAST], tune=True, trials=2, study_name="k", progress=False)
+    study = summary["studies"][FAST]
+    assert study["trials_total"] == 4 and study["best_trial"] >= 2  # the best is one of this run's trials
     record = read_json(wd.blend)
-    fallback = record["fallback_to_equal_weights"]
-    assert fallback is not None
-    assert fallback["tuned_scores"]["cv"]["overall"] > record["scores"]["cv"]["overall"]
-    assert fallback["tuned_scores"]["in_sample"]["overall"] < record["scores"]["in_sample"]["overall"]  # it did flatter itself
-    for label in LABELS:
-        assert record["weights"][label] == {"preds/noise_a": 0.5, "preds/noise_b": 0.5}
-    assert np.isclose(record["scores"]["cv"]["overall"], _equal_weight_score(wd, record))
-    assert "tuned blend-cv" in summary["table"] and any("keeps equal weights" in line for line in summary["lines"])
+    assert set(record["sources"][0]["tuning"]["fold_trials"]) <= {2, 3}
 
 
 def _other_folds_hash(wd):
@@ -138,6 +143,8 @@ REFUSALS = [
     ("unknown stacker", lambda wd: None, dict(stackers=["catboost"]), StackkitError, "unknown stacker 'catboost'; valid stackers: lgbm"),
     ("zero trials", lambda wd: None, dict(stackers=[], tune=True, trials=0), StackkitError, "--trials: expected a positive integer"),
     ("bad timeout", lambda wd: None, dict(stackers=[], tune=True, timeout=-1.0), StackkitError, "--timeout"),
+    ("negative seed", lambda wd: None, dict(stackers=[], seed=-1), StackkitError, "--seed: expected an integer in 0..4294967295"),
+    ("unknown device", lambda wd: None, dict(stackers=[], device="tpu"), StackkitError, "--device: expected one of auto, cpu, cuda"),
     ("nothing to blend", lambda wd: None, dict(stackers=[], blend_base_models=False), StackkitError, "nothing to blend"),
     ("unknown storage", lambda wd: None, dict(stackers=[], tune=True, storage="ftp://x"), StackkitError, "unknown scheme 'ftp'"),
 ]
@@ -174,3 +181,14 @@ def test_report_table_and_html_with_importance(tmp_path):
     text = path.read_text()
     assert path == wd.report_html and _images_in_report(wd) == 4
     assert "Feature importance: stack/lgbm" in text and "Optuna: s-lgbm" in text
+
+
+def test_device_cuda_without_a_gpu_is_one_line(wd):
+    from stackkit.stack.fit import _cuda_visible
+
+    if _cuda_visible():
+        pytest.skip("a CUDA GPU is visible here")
+    before = snapshot(wd.root)
+    with pytest.raises(StackkitError, match=r"^--device cuda: no CUDA GPU is visible") as info:
+        run_stack_fit(wd, stackers=[FAST], device="cuda", progress=False)
+    assert "\n" not in str(info.value) and snapshot(wd.root) == before
