@@ -42,7 +42,7 @@ from stackkit.metric import prior_score, weighted_log_loss  # noqa: E402
 from stackkit.testing.exported import write_exported_benchmark  # noqa: E402
 
 CLI = [sys.executable, str(ROOT / "cli.py")]
-FULL_PATIENTS = 21_700  # ~870,000 images at ~40 slices per study
+FULL_PATIENTS = 20_100  # ~870,000 images: 1.08 studies per patient, ~40 slices per study
 FULL_MODELS = 10
 
 
@@ -120,11 +120,12 @@ class PeakRSS:
 # --- the plain LightGBM baseline ---------------------------------------------------------------
 
 
-def lightgbm_baseline(bench, seed: int, threads: int = 2, max_rounds: int = 2000) -> pd.DataFrame:
+def lightgbm_baseline(bench, seed: int, threads: int = 2, max_rounds: int = 2000, context: bool = True) -> pd.DataFrame:
     """A booster per label on the exported predictions' lags/leads 1-2, study max/mean and position.
 
     Trained on every labeled row, early stopping on 10 % of the patients; returns the test images'
-    probabilities (image_id + six labels).
+    probabilities (image_id + six labels). ``context=False`` keeps only each slice's own
+    predictions and its position: what study-awareness adds is the difference.
     """
     import lightgbm as lgb
 
@@ -141,10 +142,12 @@ def lightgbm_baseline(bench, seed: int, threads: int = 2, max_rounds: int = 2000
         pred = both.set_index("image_id").reindex(meta["image_id"])[list(LABELS)].to_numpy(np.float32)
         for j, label in enumerate(LABELS):
             p = pred[:, j]
+            columns[f"{model}_{label}"] = p
+            if not context:
+                continue
             for k in (1, 2):  # neighbors k slices away, NaN past the study's ends
                 columns[f"{model}_{label}_lag{k}"] = np.where(index >= k, np.roll(p, k), np.nan).astype(np.float32)
                 columns[f"{model}_{label}_lead{k}"] = np.where(np.repeat(size, size) - index > k, np.roll(p, -k), np.nan).astype(np.float32)
-            columns[f"{model}_{label}"] = p
             columns[f"{model}_{label}_study_max"] = np.repeat(np.maximum.reduceat(p, starts), size)
             columns[f"{model}_{label}_study_mean"] = np.repeat(np.add.reduceat(p.astype(np.float64), starts) / size, size).astype(np.float32)
     X = np.column_stack(list(columns.values()))
@@ -249,6 +252,13 @@ def run_seed(args, seed: int, root: Path, env: dict) -> dict:
         timings["baseline lightgbm (in process)"] = {"wall_s": round(time.perf_counter() - started, 3),
                                                      "peak_mib": round(peak.peak_mib, 1), "returncode": 0}
         scores["baseline lightgbm"] = score(baseline, truth)
+        if args.baseline_ablation:
+            started = time.perf_counter()
+            with PeakRSS() as peak:
+                baseline = lightgbm_baseline(bench, seed, threads=args.baseline_threads, max_rounds=args.baseline_rounds, context=False)
+            timings["baseline lightgbm, no context"] = {"wall_s": round(time.perf_counter() - started, 3),
+                                                        "peak_mib": round(peak.peak_mib, 1), "returncode": 0}
+            scores["baseline lightgbm, no context"] = score(baseline, truth)
 
     ratios = {}
     stacker_scores = {k: v["overall"] for k, v in scores.items() if k.startswith("stacker ")}
@@ -343,6 +353,8 @@ def parse_args(argv=None):
     parser.add_argument("--embeddings", action="store_true", help="export embeddings and pass them to `base import`")
     parser.add_argument("--embedding-dim", type=int, default=0, help="embedding size D (default 64 with --embeddings, else none)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the in-process LightGBM baseline")
+    parser.add_argument("--baseline-ablation", action="store_true",
+                        help="also run the baseline on each slice's own predictions only (no neighbors, no study aggregates)")
     parser.add_argument("--baseline-threads", type=int, default=2, help="LightGBM threads of the baseline (default 2)")
     parser.add_argument("--baseline-rounds", type=int, default=2000, help="most boosting rounds per label of the baseline (default 2000)")
     parser.add_argument("--threads", type=int, default=None, help="$STACKKIT_THREADS for the CLI steps (default: unset)")

@@ -55,11 +55,16 @@ SUBTYPE_PRESENCE = np.array([0.04, 0.42, 0.30, 0.44, 0.45])
 SUBTYPE_RUN_SHARE = np.array([0.25, 0.29, 0.30, 0.27, 0.35])
 # How visible each label is to a CNN (epidural and subarachnoid are the hard ones).
 LABEL_VISIBILITY = np.array([0.8, 1.1, 1.3, 0.85, 1.0, 1.2])
+# Base logit per label of an image without hemorrhage, and the logit gained per unit of evidence.
+NEGATIVE_LOGIT = np.array([-7.0, -5.0, -5.0, -4.6, -4.4, -3.6])
+EVIDENCE_GAIN = 9.0
 # Quality of the models in order: the 5th and 6th (and 10th) are the weak ones.
 MODEL_STRENGTH = np.array([1.0, 0.95, 0.9, 0.85, 0.55, 0.65, 1.0, 0.9, 0.8, 0.5])
 MODEL_NAMES = ("effnet_b3", "seresnext50", "resnet34_ctx1", "densenet121", "resnet18", "effnet_b0",
                "seresnext101", "inception_v3", "regnety_16", "mobilenet_v3")
 N_COMPONENTS = 3  # latent components per label a model's head mixes (see the module docstring)
+# Rough spread of each component, so the embedding's dimensions are O(1) as a CNN's pooled features are.
+COMPONENT_SCALE = 3.0
 
 
 @dataclass(frozen=True)
@@ -226,10 +231,6 @@ def _make_model(rng: np.random.Generator, index: int, n_studies: int, n_folds: i
     )
 
 
-# Base logit per label of an image without hemorrhage, and the logit gained per unit of evidence.
-NEGATIVE_LOGIT = np.array([-7.0, -5.0, -5.0, -4.6, -4.4, -3.6])
-EVIDENCE_GAIN = 9.0
-
 
 def _components(rng, model: _Model, rows: np.ndarray, world: "_World") -> np.ndarray:
     """(n_rows, 6, 3) latent components one fold model computes for ``rows``: what it sees."""
@@ -245,9 +246,10 @@ def _components(rng, model: _Model, rows: np.ndarray, world: "_World") -> np.nda
 
 
 def _head_probabilities(model: _Model, components: np.ndarray, fold: np.ndarray | int) -> np.ndarray:
+    """What the head of fold model ``fold`` (one per row, or one for all) outputs: the view plus
+    the nuisance it failed to discard, the second view ignored, then miscalibrated."""
     logit = NEGATIVE_LOGIT + components[:, :, 0] + model.head_nuisance * components[:, :, 1]
-    fold_strength = model.fold_strength[fold]
-    fold_strength = fold_strength[:, None] if np.ndim(fold_strength) else fold_strength
+    fold_strength = np.reshape(model.fold_strength[fold], (-1, 1))
     logit = (fold_strength * logit + model.bias + model.fold_bias[fold]) / model.temperature
     return _sigmoid(logit)
 
@@ -265,9 +267,6 @@ def _embed(rng, model: _Model, components: np.ndarray, fold: np.ndarray | int) -
     embedded += rng.normal(0, 0.05, embedded.shape)
     return embedded.astype(np.float16)
 
-
-# Rough spread of each component, so the embedding's dimensions are O(1) as a CNN's pooled features are.
-COMPONENT_SCALE = 3.0
 
 
 @dataclass
@@ -339,7 +338,6 @@ def write_exported_benchmark(
     shuffled = rng.permutation(n)
     metadata_file = metadata.iloc[shuffled].reset_index(drop=True)
     labels_file = label_frame.iloc[shuffled].reset_index(drop=True)
-    train_rows_shuffled = shuffled[~is_test[shuffled]]
     test_rows_shuffled = shuffled[is_test[shuffled]]
     labels_train = labels_file[~is_test[shuffled]].reset_index(drop=True)
     folds = make_folds(metadata_file, labels_train, n_folds, seed)
@@ -351,12 +349,13 @@ def write_exported_benchmark(
     heldout = root / "heldout_test_labels.parquet"
     write_parquet(labels_file[is_test[shuffled]].reset_index(drop=True), heldout)
 
-    # OOF rows in the order of folds.parquet (sorted by image_id), test rows in metadata's order
+    # exported rows in an order of their own (an exporter's, not the work directory's): importers
+    # must align by image_id, and embeddings follow the rows of their prediction file
     row_of_id = pd.Series(np.arange(n), index=image_ids)
-    oof_rows = row_of_id.loc[folds["image_id"].to_numpy()].to_numpy()
-    oof_fold = folds["fold"].to_numpy().astype(np.int64)
-    test_rows = test_rows_shuffled
-    del train_rows_shuffled
+    export_order = rng.permutation(len(folds))
+    oof_rows = row_of_id.loc[folds["image_id"].to_numpy()[export_order]].to_numpy()
+    oof_fold = folds["fold"].to_numpy().astype(np.int64)[export_order]
+    test_rows = rng.permutation(test_rows_shuffled)
 
     world = _World(
         study_of_row=s.study_of_row,

@@ -65,6 +65,27 @@ def test_embeddings_have_the_contract_shapes(small):
         assert not np.array_equal(test[0], test[1])  # a space per fold model
 
 
+def test_embeddings_hold_more_than_the_probabilities(tmp_path):
+    """A logistic regression on a model's logits gains from its embedding (the head wastes information)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+
+    bench = write_exported_benchmark(tmp_path, n_patients=150, n_models=1, seed=0, embedding_dim=32)
+    oof = pd.read_parquet(bench.oof_files["effnet_b3"])
+    embedding = np.load(bench.oof_embedding_files["effnet_b3"]).astype(np.float64)
+    y = pd.read_parquet(bench.workdir.labels).set_index("image_id").loc[oof["image_id"], "any"].to_numpy()
+    p = np.clip(oof[list(LABELS)].to_numpy(np.float64), 1e-6, 1 - 1e-6)
+    logits, fold = np.log(p / (1 - p)), oof["fold"].to_numpy()
+
+    def cross_validated_loss(X):
+        q = np.empty(len(y))
+        for k in range(bench.n_folds):
+            q[fold == k] = LogisticRegression(max_iter=1000).fit(X[fold != k], y[fold != k]).predict_proba(X[fold == k])[:, 1]
+        return log_loss(y, q)
+
+    assert cross_validated_loss(np.hstack([logits, embedding])) < 0.95 * cross_validated_loss(logits)
+
+
 def test_is_deterministic_for_a_seed(tmp_path):
     first = write_exported_benchmark(tmp_path / "a", n_patients=12, n_models=1, seed=5)
     again = write_exported_benchmark(tmp_path / "b", n_patients=12, n_models=1, seed=5)
