@@ -136,36 +136,45 @@ def lightgbm_baseline(bench, seed: int, threads: int = 2, max_rounds: int = 2000
     starts = np.flatnonzero(np.r_[True, study[1:] != study[:-1]])
     size = np.diff(np.r_[starts, len(meta)])
     index = np.arange(len(meta)) - np.repeat(starts, size)
-    columns = {"position": (index / np.maximum(np.repeat(size, size) - 1, 1)).astype(np.float32)}
+    in_study = np.repeat(size, size)
+    per_label = 1 + (6 if context else 0)  # the prediction, lag1/2, lead1/2, study max/mean
+    X = np.empty((len(meta), 1 + len(bench.models) * len(LABELS) * per_label), dtype=np.float32)
+    X[:, 0] = index / np.maximum(in_study - 1, 1)  # position in the study
+    col = 1
     for model in bench.models:
         both = pd.concat([pd.read_parquet(bench.oof_files[model]).drop(columns="fold"), pd.read_parquet(bench.test_files[model])])
         pred = both.set_index("image_id").reindex(meta["image_id"])[list(LABELS)].to_numpy(np.float32)
-        for j, label in enumerate(LABELS):
+        for j in range(len(LABELS)):
             p = pred[:, j]
-            columns[f"{model}_{label}"] = p
+            X[:, col] = p
+            col += 1
             if not context:
                 continue
             for k in (1, 2):  # neighbors k slices away, NaN past the study's ends
-                columns[f"{model}_{label}_lag{k}"] = np.where(index >= k, np.roll(p, k), np.nan).astype(np.float32)
-                columns[f"{model}_{label}_lead{k}"] = np.where(np.repeat(size, size) - index > k, np.roll(p, -k), np.nan).astype(np.float32)
-            columns[f"{model}_{label}_study_max"] = np.repeat(np.maximum.reduceat(p, starts), size)
-            columns[f"{model}_{label}_study_mean"] = np.repeat(np.add.reduceat(p.astype(np.float64), starts) / size, size).astype(np.float32)
-    X = np.column_stack(list(columns.values()))
+                X[:, col] = np.where(index >= k, np.roll(p, k), np.nan)
+                X[:, col + 1] = np.where(in_study - index > k, np.roll(p, -k), np.nan)
+                col += 2
+            X[:, col] = np.repeat(np.maximum.reduceat(p, starts), size)
+            X[:, col + 1] = np.repeat(np.add.reduceat(p.astype(np.float64), starts) / size, size)
+            col += 2
     train = (meta["split"] == "train").to_numpy()
     y = pd.read_parquet(bench.workdir.labels).set_index("image_id").reindex(meta["image_id"][train])[list(LABELS)].to_numpy()
     patients = meta["patient_id"][train].to_numpy()
     rng = np.random.default_rng(seed)
     unique_patients = np.unique(patients)
     valid = np.isin(patients, rng.choice(unique_patients, max(1, len(unique_patients) // 10), replace=False))
-    X_train = X[train]
+    X_train, X_test = X[train], X[~train]
+    del X
+    X_fit, X_stop = X_train[~valid], X_train[valid]
+    del X_train
     params = {"objective": "binary", "learning_rate": 0.05, "num_leaves": 31, "num_threads": threads, "verbosity": -1, "seed": seed}
-    test_pred = np.empty((int((~train).sum()), len(LABELS)))
+    test_pred = np.empty((len(X_test), len(LABELS)))
     for j in range(len(LABELS)):
-        fit = lgb.Dataset(X_train[~valid], y[~valid, j], free_raw_data=True)
-        stop = lgb.Dataset(X_train[valid], y[valid, j], reference=fit)
+        fit = lgb.Dataset(X_fit, y[~valid, j])
+        stop = lgb.Dataset(X_stop, y[valid, j], reference=fit)
         booster = lgb.train(params, fit, num_boost_round=max_rounds, valid_sets=[stop],
                             callbacks=[lgb.early_stopping(50, verbose=False)])
-        test_pred[:, j] = booster.predict(X[~train], num_iteration=booster.best_iteration)
+        test_pred[:, j] = booster.predict(X_test, num_iteration=booster.best_iteration)
     out = pd.DataFrame(test_pred, columns=list(LABELS))
     out.insert(0, "image_id", meta["image_id"][~train].to_numpy())
     return out
