@@ -1,0 +1,397 @@
+"""A held-out benchmark: a work directory's data/ plus base-model predictions exported elsewhere.
+
+``write_exported_benchmark(root, n_patients=...)`` writes, vectorized over whole columns (no
+Python loop over patients, studies or images):
+
+    root/work/data/metadata.parquet, labels.parquet, folds.parquet   the contract layout
+    root/heldout_test_labels.parquet       the test images' labels: outside the work directory
+    root/exports/<model>_oof.parquet       image_id, fold, six probabilities (as `base import` takes)
+    root/exports/<model>_test.parquet      image_id, six probabilities (mean of the fold models)
+    root/exports/<model>_oof_emb.npy       with embedding_dim > 0: float16, rows of the oof file
+    root/exports/<model>_test_emb_fold<k>.npy                      fold model k's test embedding
+
+How the data are made, and why (what makes study-awareness and embeddings matter):
+
+* Studies: 25-60 slices (mean ~40) about 5 mm apart, some head-to-foot, a few duplicate z.
+* Labels: a hemorrhage-positive study has one contiguous run along z per subtype present,
+  runs of one study clustered around a common focus, so ``any`` (the union) is smaller than
+  the sum of the subtypes; slice prevalences close to RSNA 2019.
+* Evidence: per slice and subtype a latent "visibility" that is smooth along z inside a run
+  (highest in its middle, faint at its ends) and decays over a slice or two outside it (partial
+  volume), scaled by a per-lesion intensity (some lesions are subtle). A run's faint ends are
+  where neighbors and study aggregates help.
+* A model's logit per label: its strength x evidence + an error per study shared by all models
+  (a scan artifact fools everyone) + its own error per study + per-slice noise partly shared by
+  all models (hard slices are hard for every CNN) and smoothed along z + its own per-slice
+  noise. Each model is miscalibrated its own way (per-label temperature and bias); one or two
+  are weak. An OOF row comes from the fold model of its fold (a small perturbation of the
+  model plus its own noise); a test row is the mean of the fold models' probabilities.
+* Embeddings: the head of a model sums three latent components per label: its view of the
+  evidence (kept), a nuisance response that carries no label information (added by the head
+  with weight ``head_nuisance``: it should have been thrown away) and a second, independent
+  view of the evidence (thrown away by the head). The embedding is these 18 components seen
+  through a random orthonormal map into D dims plus small noise, the map slightly different
+  per fold model, so a learner on the embedding can beat the head's own probabilities.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from stackkit.contract import LABELS, Workdir
+from stackkit.contract.io import write_bytes, write_parquet
+
+N_SUBTYPES = len(LABELS) - 1
+# Per subtype (LABELS order, without `any`): chance that a positive study has it, and the mean
+# share of the study's slices its run covers; together with POSITIVE_STUDY_RATE they give slice
+# prevalences near RSNA 2019's (epidural 0.4 %, intraparenchymal 4.8 %, intraventricular 3.5 %,
+# subarachnoid 4.7 %, subdural 6.3 %, any 14 %).
+POSITIVE_STUDY_RATE = 0.36
+SUBTYPE_PRESENCE = np.array([0.04, 0.42, 0.30, 0.44, 0.45])
+SUBTYPE_RUN_SHARE = np.array([0.25, 0.29, 0.30, 0.27, 0.35])
+# How visible each label is to a CNN (epidural and subarachnoid are the hard ones).
+LABEL_VISIBILITY = np.array([0.8, 1.1, 1.3, 0.85, 1.0, 1.2])
+# Base logit per label of an image without hemorrhage, and the logit gained per unit of evidence.
+NEGATIVE_LOGIT = np.array([-7.0, -5.0, -5.0, -4.6, -4.4, -3.6])
+EVIDENCE_GAIN = 9.0
+# Quality of the models in order: the 5th and 6th (and 10th) are the weak ones.
+MODEL_STRENGTH = np.array([1.0, 0.95, 0.9, 0.85, 0.55, 0.65, 1.0, 0.9, 0.8, 0.5])
+MODEL_NAMES = ("effnet_b3", "seresnext50", "resnet34_ctx1", "densenet121", "resnet18", "effnet_b0",
+               "seresnext101", "inception_v3", "regnety_16", "mobilenet_v3")
+N_COMPONENTS = 3  # latent components per label a model's head mixes (see the module docstring)
+# Rough spread of each component, so the embedding's dimensions are O(1) as a CNN's pooled features are.
+COMPONENT_SCALE = 3.0
+
+
+@dataclass(frozen=True)
+class ExportedBenchmark:
+    """Where everything was written, plus the counts a caller reports."""
+
+    root: Path
+    workdir: Workdir
+    heldout_test_labels: Path
+    models: tuple[str, ...]
+    oof_files: dict[str, Path]
+    test_files: dict[str, Path]
+    oof_embedding_files: dict[str, Path]            # empty unless embedding_dim > 0
+    test_embedding_files: dict[str, list[Path]]     # fold 0, 1, ... per model
+    n_images: int
+    n_train: int
+    n_test: int
+    n_studies: int
+    n_patients: int
+    n_folds: int
+    embedding_dim: int
+
+
+def hex_ids(values: np.ndarray, prefix: str = "ID_", digits: int = 9) -> np.ndarray:
+    """``prefix`` + ``digits`` lowercase hex digits of each non-negative integer, without a Python loop."""
+    values = np.asarray(values, dtype=np.uint64)
+    shifts = np.arange(digits - 1, -1, -1, dtype=np.uint64) * np.uint64(4)
+    nibbles = ((values[:, None] >> shifts) & np.uint64(0xF)).astype(np.uint8)
+    chars = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)[nibbles]
+    text = np.ascontiguousarray(chars).view(f"S{digits}").ravel().astype(str)
+    return np.char.add(prefix, text).astype(object)
+
+
+def _distinct_ids(rng: np.random.Generator, n: int, digits: int) -> np.ndarray:
+    """``n`` distinct random ids (as the RSNA files' hashed ones look)."""
+    return hex_ids(rng.choice(16 ** digits, size=n, replace=False), digits=digits)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _neighbor_smooth(values: np.ndarray, first: np.ndarray, last: np.ndarray) -> np.ndarray:
+    """(prev + 2 self + next) / norm along rows, not across study boundaries; keeps unit variance."""
+    prev = np.where(first[:, None], 0.0, np.roll(values, 1, axis=0))
+    nxt = np.where(last[:, None], 0.0, np.roll(values, -1, axis=0))
+    weight = 4.0 + (~first)[:, None] + (~last)[:, None]  # 2^2 + 1 + 1 at most
+    return (prev + 2.0 * values + nxt) / np.sqrt(weight)
+
+
+# --- studies, labels and the latent evidence ---------------------------------------------------
+
+
+@dataclass
+class _Studies:
+    """Rows in anatomical order (study by study, slice_no 0..n-1); the tables are shuffled later."""
+
+    patient_of_study: np.ndarray
+    study_of_row: np.ndarray
+    slice_no: np.ndarray
+    first: np.ndarray  # row is the first / last slice of its study
+    last: np.ndarray
+    z: np.ndarray
+    y: np.ndarray  # (n, 6) int8
+    evidence: np.ndarray  # (n, 6) float64 >= 0
+    is_test_patient: np.ndarray
+
+
+def _make_studies(rng: np.random.Generator, n_patients: int, test_fraction: float) -> _Studies:
+    studies_per_patient = 1 + (rng.random(n_patients) < 0.08)
+    patient_of_study = np.repeat(np.arange(n_patients), studies_per_patient)
+    n_studies = len(patient_of_study)
+    sizes = np.clip(np.rint(rng.normal(40, 8, n_studies)), 25, 60).astype(np.int64)
+    study_of_row = np.repeat(np.arange(n_studies), sizes)
+    start_of_study = np.cumsum(sizes) - sizes
+    slice_no = np.arange(len(study_of_row)) - start_of_study[study_of_row]
+    n_in_study = sizes[study_of_row]
+    first, last = slice_no == 0, slice_no == n_in_study - 1
+
+    # z: ~5 mm apart, 15 % of series head-to-foot, a few slices at the previous slice's z
+    spacing = rng.choice([4.5, 5.0, 5.0, 5.0, 5.5], n_studies) * np.where(rng.random(n_studies) < 0.15, -1.0, 1.0)
+    z = np.round(rng.normal(50.0, 30.0, n_studies)[study_of_row] + spacing[study_of_row] * slice_no, 3)
+    duplicate = (rng.random(len(z)) < 0.003) & ~first
+    z[duplicate] = z[np.flatnonzero(duplicate) - 1]
+
+    # one run per subtype present, runs of a study spread around one focus
+    positive = rng.random(n_studies) < POSITIVE_STUDY_RATE
+    present = positive[:, None] & (rng.random((n_studies, N_SUBTYPES)) < SUBTYPE_PRESENCE)
+    none_yet = positive & ~present.any(axis=1)
+    present[np.flatnonzero(none_yet), rng.choice(N_SUBTYPES, none_yet.sum(), p=SUBTYPE_PRESENCE / SUBTYPE_PRESENCE.sum())] = True
+    share = rng.beta(2.0, 2.0 / SUBTYPE_RUN_SHARE - 2.0, (n_studies, N_SUBTYPES))  # mean = SUBTYPE_RUN_SHARE
+    run_length = np.maximum(1, np.rint(share * sizes[:, None]))
+    focus = rng.uniform(0.3, 0.7, n_studies)[:, None] * sizes[:, None]
+    center = np.clip(focus + rng.normal(0, 0.12, (n_studies, N_SUBTYPES)) * sizes[:, None], 0, sizes[:, None] - 1)
+    run_start = np.clip(np.rint(center - run_length / 2), 0, np.maximum(sizes[:, None] - run_length, 0))
+    run_end = run_start + run_length  # exclusive
+
+    at = slice_no[:, None].astype(np.float64)
+    start_r, end_r = run_start[study_of_row], run_end[study_of_row]
+    inside = present[study_of_row] & (at >= start_r) & (at < end_r)
+    y = np.zeros((len(z), len(LABELS)), dtype=np.int8)
+    y[:, :N_SUBTYPES] = inside
+    y[:, -1] = y[:, :N_SUBTYPES].max(axis=1)
+
+    # visibility: a sine bump over the run (faint at its ends), 0.35 x exp(-distance) just outside it
+    length_r = run_length[study_of_row]
+    bump = 0.25 + 0.75 * np.sin(np.pi * (at - start_r + 0.5) / length_r)
+    distance_out = np.maximum(start_r - at, at - (end_r - 1))
+    outside = 0.35 * np.exp(-distance_out / 0.8)
+    intensity = rng.lognormal(0.0, 0.45, (n_studies, N_SUBTYPES))[study_of_row]
+    jitter = np.exp(0.25 * _neighbor_smooth(rng.normal(size=(len(z), N_SUBTYPES)), first, last))
+    evidence = np.zeros((len(z), len(LABELS)))
+    evidence[:, :N_SUBTYPES] = np.where(present[study_of_row], intensity * jitter * np.where(inside, bump, outside), 0.0)
+    evidence[:, -1] = evidence[:, :N_SUBTYPES].max(axis=1)
+
+    is_test_patient = np.zeros(n_patients, dtype=bool)
+    is_test_patient[rng.permutation(n_patients)[: int(round(test_fraction * n_patients))]] = True
+    return _Studies(patient_of_study, study_of_row, slice_no, first, last, z, y, evidence, is_test_patient)
+
+
+# --- base models -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Model:
+    strength: float
+    temperature: np.ndarray      # (6,)
+    bias: np.ndarray             # (6,)
+    head_nuisance: np.ndarray    # (6,) weight the head gives the nuisance component
+    study_error: np.ndarray      # (n_studies, 6)
+    slice_noise: float
+    fold_strength: np.ndarray    # (K,) multiplicative perturbation per fold model
+    fold_bias: np.ndarray        # (K, 6)
+    rotation: np.ndarray | None  # (K, 18, D): fold model k's map of the components into D dims
+
+
+def _orthonormal(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
+    q, r = np.linalg.qr(rng.normal(size=(max(rows, cols), min(rows, cols))))
+    q = q * np.sign(np.diag(r))
+    return q.T if rows < cols else q
+
+
+def _make_model(rng: np.random.Generator, index: int, n_studies: int, n_folds: int, embedding_dim: int) -> _Model:
+    tier = MODEL_STRENGTH[index % len(MODEL_STRENGTH)]
+    rotation = None
+    if embedding_dim:
+        n_latent = len(LABELS) * N_COMPONENTS
+        if embedding_dim < n_latent:
+            raise ValueError(f"embedding_dim {embedding_dim}: need at least {n_latent} (6 labels x {N_COMPONENTS} components)")
+        shared = _orthonormal(rng, n_latent, embedding_dim)
+        # each fold model's space is a small rotation of the model's: similar, not identical
+        rotation = np.stack([_orthonormal(rng, n_latent, embedding_dim) * 0.25 + shared for _ in range(n_folds)])
+        rotation /= np.linalg.norm(rotation, axis=2, keepdims=True)
+    return _Model(
+        strength=float(tier * np.exp(rng.normal(0, 0.05))),
+        temperature=np.exp(rng.normal(0, 0.25, len(LABELS))),
+        bias=rng.normal(0, 0.4, len(LABELS)),
+        head_nuisance=rng.uniform(0.25, 0.5, len(LABELS)),
+        study_error=rng.normal(0, 0.35, (n_studies, len(LABELS))),
+        slice_noise=float(0.7 + 0.6 * (1.0 - tier)),
+        fold_strength=np.exp(rng.normal(0, 0.04, n_folds)),
+        fold_bias=rng.normal(0, 0.08, (n_folds, len(LABELS))),
+        rotation=rotation,
+    )
+
+
+
+def _components(rng, model: _Model, rows: np.ndarray, world: "_World") -> np.ndarray:
+    """(n_rows, 6, 3) latent components one fold model computes for ``rows``: what it sees."""
+    n = len(rows)
+    signal = model.strength * LABEL_VISIBILITY * EVIDENCE_GAIN * world.evidence[rows]
+    view = (signal + world.study_shared[world.study_of_row[rows]] + model.study_error[world.study_of_row[rows]]
+            + world.slice_shared[rows] + model.slice_noise * (0.94 * world.model_noise[rows] + 0.35 * rng.normal(size=(n, len(LABELS)))))
+    # the fold models of one architecture mostly share their quirks: so does the test mean of them
+    nuisance = 0.95 * world.model_nuisance[rows] + 0.3 * rng.normal(size=(n, len(LABELS)))
+    # a second look at the evidence the head throws away; noisier but independent of the first
+    second_view = signal + 3.0 * rng.normal(size=(n, len(LABELS)))
+    return np.stack([view, nuisance, second_view], axis=2)
+
+
+def _head_probabilities(model: _Model, components: np.ndarray, fold: np.ndarray | int) -> np.ndarray:
+    """What the head of fold model ``fold`` (one per row, or one for all) outputs: the view plus
+    the nuisance it failed to discard, the second view ignored, then miscalibrated."""
+    logit = NEGATIVE_LOGIT + components[:, :, 0] + model.head_nuisance * components[:, :, 1]
+    fold_strength = np.reshape(model.fold_strength[fold], (-1, 1))
+    logit = (fold_strength * logit + model.bias + model.fold_bias[fold]) / model.temperature
+    return _sigmoid(logit)
+
+
+def _embed(rng, model: _Model, components: np.ndarray, fold: np.ndarray | int) -> np.ndarray:
+    """Components (standardized) through fold model ``fold``'s map into D dims, plus small noise: float16."""
+    flat = components.reshape(len(components), -1) / COMPONENT_SCALE
+    if np.ndim(fold) == 0:
+        embedded = flat @ model.rotation[fold]
+    else:
+        embedded = np.empty((len(flat), model.rotation.shape[2]))
+        for k in range(len(model.rotation)):  # a loop over the K fold models, not over rows
+            at = fold == k
+            embedded[at] = flat[at] @ model.rotation[k]
+    embedded += rng.normal(0, 0.05, embedded.shape)
+    return embedded.astype(np.float16)
+
+
+
+@dataclass
+class _World:
+    """What every model sees: the evidence and the errors all models share."""
+
+    study_of_row: np.ndarray
+    evidence: np.ndarray
+    study_shared: np.ndarray   # (n_studies, 6)
+    slice_shared: np.ndarray   # (n, 6) smoothed along z
+    model_noise: np.ndarray    # (n, 6) rewritten per model: its own noise, shared by its fold models
+    model_nuisance: np.ndarray  # (n, 6) rewritten per model: the nuisance response of its fold models
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+
+def _frame(ids: np.ndarray, probabilities: np.ndarray, fold: np.ndarray | None = None) -> pd.DataFrame:
+    columns = {"image_id": ids}
+    if fold is not None:
+        columns["fold"] = fold.astype(np.int8)
+    columns.update({label: probabilities[:, j].astype(np.float32) for j, label in enumerate(LABELS)})
+    return pd.DataFrame(columns)
+
+
+def _write_npy(array: np.ndarray, path: Path) -> Path:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return write_bytes(buffer.getvalue(), path)
+
+
+def write_exported_benchmark(
+    root,
+    *,
+    n_patients: int,
+    n_models: int = 6,
+    seed: int = 0,
+    embedding_dim: int = 0,
+    n_folds: int = 5,
+    test_fraction: float = 0.2,
+) -> ExportedBenchmark:
+    """Write the work directory's data/, the held-out test labels and the exported predictions
+    (see the module docstring) under ``root``; deterministic for ``seed``."""
+    from stackkit.data.prepare import make_folds
+
+    if n_models < 1:
+        raise ValueError("n_models must be at least 1")
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    s = _make_studies(rng, n_patients, test_fraction)
+    n, n_studies = len(s.z), len(s.patient_of_study)
+
+    image_ids = _distinct_ids(rng, n, 9)
+    study_ids = _distinct_ids(rng, n_studies, 10)
+    patient_ids = _distinct_ids(rng, n_patients, 8)
+    is_test = s.is_test_patient[s.patient_of_study[s.study_of_row]]
+    metadata = pd.DataFrame({
+        "image_id": image_ids,
+        "patient_id": patient_ids[s.patient_of_study[s.study_of_row]],
+        "study_id": study_ids[s.study_of_row],
+        "split": np.where(is_test, "test", "train").astype(object),
+        "z": s.z,
+    })
+    label_frame = pd.DataFrame({"image_id": image_ids, **{label: s.y[:, j] for j, label in enumerate(LABELS)}})
+
+    # file order carries nothing: the tables are shuffled; the arrays keep anatomical order
+    shuffled = rng.permutation(n)
+    metadata_file = metadata.iloc[shuffled].reset_index(drop=True)
+    labels_file = label_frame.iloc[shuffled].reset_index(drop=True)
+    test_rows_shuffled = shuffled[is_test[shuffled]]
+    labels_train = labels_file[~is_test[shuffled]].reset_index(drop=True)
+    folds = make_folds(metadata_file, labels_train, n_folds, seed)
+
+    wd = Workdir(root / "work")
+    write_parquet(metadata_file, wd.metadata)
+    write_parquet(labels_train, wd.labels)
+    write_parquet(folds, wd.folds)
+    heldout = root / "heldout_test_labels.parquet"
+    write_parquet(labels_file[is_test[shuffled]].reset_index(drop=True), heldout)
+
+    # exported rows in an order of their own (an exporter's, not the work directory's): importers
+    # must align by image_id, and embeddings follow the rows of their prediction file
+    row_of_id = pd.Series(np.arange(n), index=image_ids)
+    export_order = rng.permutation(len(folds))
+    oof_rows = row_of_id.loc[folds["image_id"].to_numpy()[export_order]].to_numpy()
+    oof_fold = folds["fold"].to_numpy().astype(np.int64)[export_order]
+    test_rows = rng.permutation(test_rows_shuffled)
+
+    world = _World(
+        study_of_row=s.study_of_row,
+        evidence=s.evidence,
+        study_shared=rng.normal(0, 0.5, (n_studies, len(LABELS))),
+        # hard slices are hard for every CNN, and so are their neighbors; partly shared across labels
+        slice_shared=0.6 * _neighbor_smooth(0.6 * rng.normal(size=(n, 1)) + 0.8 * rng.normal(size=(n, len(LABELS))), s.first, s.last),
+        model_noise=np.empty((n, len(LABELS))),
+        model_nuisance=np.empty((n, len(LABELS))),
+    )
+    exports = root / "exports"
+    names = tuple(MODEL_NAMES[m] if m < len(MODEL_NAMES) else f"model{m:02d}" for m in range(n_models))
+    oof_files, test_files, oof_emb_files, test_emb_files = {}, {}, {}, {}
+    for m, name in enumerate(names):
+        model_rng = np.random.default_rng([seed, m + 1])
+        model = _make_model(model_rng, m, n_studies, n_folds, embedding_dim)
+        # a model's own errors: half of them smooth along z (neighboring slices look alike)
+        world.model_noise = 0.5 * _neighbor_smooth(model_rng.normal(size=(n, len(LABELS))), s.first, s.last) + 0.87 * model_rng.normal(size=(n, len(LABELS)))
+        world.model_nuisance = model_rng.normal(size=(n, len(LABELS)))
+        oof_components = _components(model_rng, model, oof_rows, world)
+        oof_files[name] = write_parquet(_frame(image_ids[oof_rows], _head_probabilities(model, oof_components, oof_fold), oof_fold), exports / f"{name}_oof.parquet")
+        if embedding_dim:
+            oof_emb_files[name] = _write_npy(_embed(model_rng, model, oof_components, oof_fold), exports / f"{name}_oof_emb.npy")
+        del oof_components
+        test_probability = np.zeros((len(test_rows), len(LABELS)))
+        test_emb_files[name] = []
+        for k in range(n_folds):  # the K fold models each predict every test image
+            components = _components(model_rng, model, test_rows, world)
+            test_probability += _head_probabilities(model, components, k) / n_folds
+            if embedding_dim:
+                test_emb_files[name].append(_write_npy(_embed(model_rng, model, components, k), exports / f"{name}_test_emb_fold{k}.npy"))
+        test_files[name] = write_parquet(_frame(image_ids[test_rows], test_probability), exports / f"{name}_test.parquet")
+        if not embedding_dim:
+            del test_emb_files[name]
+    return ExportedBenchmark(
+        root=root, workdir=wd, heldout_test_labels=heldout, models=names, oof_files=oof_files, test_files=test_files,
+        oof_embedding_files=oof_emb_files, test_embedding_files=test_emb_files, n_images=n, n_train=len(folds),
+        n_test=len(test_rows), n_studies=n_studies, n_patients=n_patients, n_folds=n_folds, embedding_dim=embedding_dim,
+    )

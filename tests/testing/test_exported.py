@@ -1,0 +1,121 @@
+"""stackkit.testing.exported: a contract work directory, exports outside it, held-out test labels."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from stackkit.contract import LABELS
+from stackkit.contract.validate import load_core
+from stackkit.testing.exported import hex_ids, write_exported_benchmark
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    return write_exported_benchmark(tmp_path_factory.mktemp("exported"), n_patients=40, n_models=2, seed=3, embedding_dim=24)
+
+
+def test_writes_a_valid_contract_workdir_and_holds_out_the_test_labels(small):
+    metadata, labels, folds = load_core(small.workdir)  # the project's own validators
+    test_ids = set(metadata.loc[metadata["split"] == "test", "image_id"])
+    heldout = pd.read_parquet(small.heldout_test_labels)
+    assert set(heldout["image_id"]) == test_ids and len(heldout) == small.n_test
+    assert not test_ids & set(labels["image_id"])
+    assert not small.heldout_test_labels.is_relative_to(small.workdir.root)
+    assert sorted(p.name for p in small.workdir.data_dir.iterdir()) == ["folds.parquet", "labels.parquet", "metadata.parquet"]
+    assert metadata.groupby("patient_id")["split"].nunique().max() == 1
+    assert folds["fold"].nunique() == small.n_folds == 5
+    every = pd.concat([labels, heldout])
+    assert (every["any"] == every[list(LABELS[:-1])].max(axis=1)).all()
+    # each subtype is one contiguous run along z per study: at most one 0 -> 1 step in slice order
+    # (`any`, their union, may have several; a duplicated z may swap two slices at a run's end)
+    ordered = metadata.merge(every, on="image_id").sort_values(["study_id", "z", "image_id"])
+    ordered = ordered[~ordered.duplicated(["study_id", "z"], keep=False).groupby(ordered["study_id"]).transform("any")]
+    subtypes = list(LABELS[:-1])
+    starts = ordered.groupby("study_id")[subtypes].transform(lambda v: (v.diff().fillna(v) == 1).sum())
+    assert starts.to_numpy().max() == 1
+    sizes = metadata.groupby("study_id").size()
+    assert 25 <= sizes.min() and sizes.max() <= 60
+
+
+def test_exports_are_accepted_by_base_import(small):
+    from base_models.importer import import_predictions
+
+    for model in small.models:
+        assert not small.oof_files[model].is_relative_to(small.workdir.root)
+        summary = import_predictions(small.workdir, model, oof_path=small.oof_files[model], test_path=small.test_files[model])
+        assert 0 < summary["oof_logloss"] < 0.3
+    assert small.workdir.model_names() == sorted(small.models)
+
+
+def test_embeddings_have_the_contract_shapes(small):
+    for model in small.models:
+        oof = np.load(small.oof_embedding_files[model], allow_pickle=False)
+        assert oof.dtype == np.float16 and oof.shape == (small.n_train, 24) and np.isfinite(oof).all()
+        test = [np.load(p, allow_pickle=False) for p in small.test_embedding_files[model]]
+        assert len(test) == small.n_folds
+        assert all(t.dtype == np.float16 and t.shape == (small.n_test, 24) for t in test)
+        assert not np.array_equal(test[0], test[1])  # a space per fold model
+
+
+def test_embeddings_hold_more_than_the_probabilities(tmp_path):
+    """A logistic regression on a model's logits gains from its embedding (the head wastes information)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+
+    bench = write_exported_benchmark(tmp_path, n_patients=150, n_models=1, seed=0, embedding_dim=32)
+    oof = pd.read_parquet(bench.oof_files["effnet_b3"])
+    embedding = np.load(bench.oof_embedding_files["effnet_b3"]).astype(np.float64)
+    y = pd.read_parquet(bench.workdir.labels).set_index("image_id").loc[oof["image_id"], "any"].to_numpy()
+    p = np.clip(oof[list(LABELS)].to_numpy(np.float64), 1e-6, 1 - 1e-6)
+    logits, fold = np.log(p / (1 - p)), oof["fold"].to_numpy()
+
+    def cross_validated_loss(X):
+        q = np.empty(len(y))
+        for k in range(bench.n_folds):
+            q[fold == k] = LogisticRegression(max_iter=1000).fit(X[fold != k], y[fold != k]).predict_proba(X[fold == k])[:, 1]
+        return log_loss(y, q)
+
+    assert cross_validated_loss(np.hstack([logits, embedding])) < 0.95 * cross_validated_loss(logits)
+
+
+def test_is_deterministic_for_a_seed(tmp_path):
+    first = write_exported_benchmark(tmp_path / "a", n_patients=12, n_models=1, seed=5)
+    again = write_exported_benchmark(tmp_path / "b", n_patients=12, n_models=1, seed=5)
+    other = write_exported_benchmark(tmp_path / "c", n_patients=12, n_models=1, seed=6)
+    for a, b, c in [(first.workdir.metadata, again.workdir.metadata, other.workdir.metadata),
+                    (first.workdir.folds, again.workdir.folds, other.workdir.folds),
+                    (first.oof_files["effnet_b3"], again.oof_files["effnet_b3"], other.oof_files["effnet_b3"])]:
+        pd.testing.assert_frame_equal(pd.read_parquet(a), pd.read_parquet(b))
+        assert not pd.read_parquet(a).equals(pd.read_parquet(c))
+    assert not first.oof_embedding_files and not first.test_embedding_files
+
+
+def test_hex_ids_and_small_embeddings_refused(tmp_path):
+    assert list(hex_ids(np.array([0, 255, 16**9 - 1]))) == ["ID_000000000", "ID_0000000ff", "ID_fffffffff"]
+    with pytest.raises(ValueError, match="embedding_dim"):
+        write_exported_benchmark(tmp_path, n_patients=6, n_models=1, embedding_dim=8)
+
+
+@pytest.mark.timeout(240)
+def test_bench_stack_runs_end_to_end_and_prints_a_loss(tmp_path, capsys, monkeypatch):
+    """The benchmark's main on ~30 patients: real CLI steps, one stacker, a short baseline (~40 s on 2 cores)."""
+    spec = importlib.util.spec_from_file_location("bench_stack", REPO_ROOT / "bench" / "bench_stack.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_stack", bench)  # its dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    report = bench.main(["--patients", "30", "--models", "2", "--fit-args", "--stackers lgbm", "--baseline-rounds", "40",
+                         "--keep", str(tmp_path / "runs"), "--json", str(tmp_path / "out.json")])
+    printed = capsys.readouterr().out
+    assert "submission" in printed and "baseline lightgbm" in printed
+    result = report["per_seed"][0]
+    assert 0 < result["scores"]["submission"]["overall"] < 1
+    assert "stacker lgbm" in result["scores"] and result["timings"]["stack fit"]["peak_mib"] > 0
+    assert (tmp_path / "out.json").is_file()
