@@ -254,25 +254,33 @@ def stack_features(wd, lags, dicom_meta, quiet):
 @click.option("--stackers", default=None, help="Comma-separated stackers (default: the registry's default set, see stackkit/stack/stackers).")
 @click.option("--tune", is_flag=True, help="Tune stacker parameters and blend weights with Optuna.")
 @click.option("--trials", default=20, show_default=True, type=click.IntRange(1, None), help="Optuna trials per study.")
-@click.option("--timeout", default=None, type=click.FloatRange(0, None, min_open=True), help="Seconds per study.")
+@click.option("--timeout", default=None, type=click.FloatRange(0, None, min_open=True),
+              help="One time budget in seconds for the whole --tune (shared by the stackers' studies and the blend).")
 @click.option("--storage", default=None, help="Optuna storage URL (default: a journal file under the work directory; postgresql://... for many machines).")
 @click.option("--study-name", default=None, help="Study name prefix; reruns and other workers continue it.")
 @click.option("--heartbeat", default=None, type=click.IntRange(1, None),
               help="Seconds between worker heartbeats (database storages; default 60): a killed worker's trial is retried after 2x this.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
+              help="auto: CUDA when a GPU is visible (XGBoost and the torch stackers; LightGBM stays on the CPU).")
 @click.option("--no-base-in-blend", is_flag=True, help="Blend only the stackers, not the base models.")
 @click.option("--shared-weights", is_flag=True, help="One blend weight per source instead of one per label.")
-@click.option("--no-any-consistency", is_flag=True, help="Do not enforce any >= max(subtypes).")
+@click.option("--no-any-consistency", is_flag=True, help="Never enforce any >= max(subtypes) (by default it is used where CV says it helps).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @progress_option
-def stack_fit(wd, stackers, tune, trials, timeout, storage, study_name, heartbeat, no_base_in_blend, shared_weights,
+def stack_fit(wd, stackers, tune, trials, timeout, storage, study_name, heartbeat, device, no_base_in_blend, shared_weights,
               no_any_consistency, seed, quiet):
-    """Fit stackers on the base models' folds, blend them, print the report table."""
+    """Fit stackers on the base models' folds, choose the blend on cross-validated scores, print the report table.
+
+    The blend kept is the lowest cross-validated candidate among fitted blends (per-label
+    non-negative weights, with or without recalibration, any-consistency and clip) and every
+    single source: never worse on CV than the best stacker or base model.
+    """
     from stackkit.stack.fit import run_stack_fit
 
     summary = run_stack_fit(wd, stackers=_str_list(stackers), tune=tune, trials=trials, timeout=timeout,
                             storage=storage, study_name=study_name, blend_base_models=not no_base_in_blend,
                             per_label_weights=not shared_weights, any_consistency=not no_any_consistency,
-                            seed=seed, progress=not quiet, heartbeat_interval=heartbeat)
+                            seed=seed, progress=not quiet, heartbeat_interval=heartbeat, device=device)
     _print_summary("stack fit", summary)
 
 

@@ -270,24 +270,34 @@ def tune_stacker(name: str, inputs, *, storage, study_name: str, trials: int, ti
         else:
             result = fit_stacker(name, dict(best.user_attrs["params"]), inputs, seed=seed, progress=progress)
         selected_score = result.score
-        chosen = honest_fold_choice(np.array([t.user_attrs["fold_losses"] for t in candidates]), fold_sizes)
-        honest = np.empty((len(inputs.train), len(LABELS)), dtype=np.float32)
-        for k, position in enumerate(chosen):
-            trial = candidates[int(position)]
-            rows = inputs.folds == k
-            if trial.number not in kept_oof:
-                refit = fit_stacker(name, dict(trial.user_attrs["params"]), inputs, seed=seed, progress=False, folds=[k], predict_test=False)
-                kept_oof[trial.number] = refit.oof[list(LABELS)].to_numpy(dtype=np.float32)
-            honest[rows] = kept_oof[trial.number][rows]
+        honest, fold_trials = _honest_oof(name, inputs, candidates, kept_oof, fold_sizes, seed)
         result.oof = result.oof.copy()
         result.oof[list(LABELS)] = honest
         result.score = weighted_log_loss(inputs.train.Y, honest)
-        fold_trials = [int(candidates[int(p)].number) for p in chosen]
         result.tuning = {"selected_trial": int(best.number), "selected_score": selected_score.as_dict(), "honest_score": result.score.as_dict(),
                          "fold_trials": fold_trials, "oof": "per fold k: the OOF of the trial best on the other folds (honest)"}
         info = StudyInfo(study_name, len(study.get_trials(deepcopy=False)), ran, float(best.value), best.number,
                          study_history(study, inputs_key))
     return TunedStacker(result, selected_score, fold_trials, info)
+
+
+def _honest_oof(name, inputs, candidates, kept_oof: dict, fold_sizes, seed: int) -> tuple[np.ndarray, list[int]]:
+    """(n, 6) OOF whose fold k comes from the trial best on the other folds, and those trials' numbers.
+
+    A chosen trial that ran in another process or an earlier call is refitted on that fold only.
+    """
+    from stackkit.stack.crossfit import fit_stacker
+
+    chosen = honest_fold_choice(np.array([t.user_attrs["fold_losses"] for t in candidates]), fold_sizes)
+    honest = np.empty((len(inputs.train), len(LABELS)), dtype=np.float32)
+    for k, position in enumerate(chosen):
+        trial = candidates[int(position)]
+        rows = inputs.folds == k
+        if trial.number not in kept_oof:
+            refit = fit_stacker(name, dict(trial.user_attrs["params"]), inputs, seed=seed, progress=False, folds=[k], predict_test=False)
+            kept_oof[trial.number] = refit.oof[list(LABELS)].to_numpy(dtype=np.float32)
+        honest[rows] = kept_oof[trial.number][rows]
+    return honest, [int(candidates[int(p)].number) for p in chosen]
 
 
 def _json_scalar(value):
