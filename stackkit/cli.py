@@ -39,9 +39,13 @@ class StackkitGroup(click.Group):
                 raise
             if isinstance(exc, StackkitError):
                 raise StackkitCliError(str(exc)) from exc
-            if isinstance(exc, OSError) and exc.filename:
-                # disk full, permissions, a path that vanished: the user's to fix, not a bug
-                raise StackkitCliError(f"{exc.filename}: {exc.strerror or exc}") from exc
+            if isinstance(exc, OSError):
+                # disk full, quota, read-only, permissions, a path that vanished: the user's to fix, not a bug.
+                # The atomic writers name the destination (ArtifactWriteError); this catches the rest.
+                from stackkit.contract.io import os_error_reason
+
+                where = exc.filename or "(a file stackkit was reading or writing)"
+                raise StackkitCliError(f"{where}: {os_error_reason(exc, 'read or write')}") from exc
             raise
 
 
