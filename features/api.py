@@ -50,9 +50,10 @@ def run_stack_features(workdir: Workdir, *, lags: int = 2, dicom_meta: bool = Fa
             )
         oof_by_model, test_by_model = {}, {}
         for model in tqdm(models, desc="read predictions", unit="model", disable=not progress):
-            verify_model_files(wd, model)
             oof_by_model[model] = read_oof(wd.oof(model), folds, wd)
             test_by_model[model] = read_test(wd.test(model), metadata, wd)
+            # contents first (their errors are the more precise), then that they are the set model.json lists
+            verify_model_files(wd, model)
     read_seconds, read_cpu = time.perf_counter() - started, time.process_time() - cpu_started
     log.info("read %d models in %.1fs", len(models), read_seconds)
 

@@ -127,6 +127,11 @@ class Workdir:
         return self.data_dir / "folds.parquet"
 
     @property
+    def prepare_record(self) -> Path:
+        """What `data prepare` scanned and skipped (optional: a hand-made work directory has none)."""
+        return self.data_dir / "prepare.json"
+
+    @property
     def preds_root(self) -> Path:
         return self.root / "preds"
 

@@ -64,8 +64,10 @@ def os_error_reason(exc: BaseException, verb: str = "write") -> str:
         return f"cannot {verb}: read-only file system; use --workdir on a writable disk"
     if code in (errno.EACCES, errno.EPERM):
         return f"cannot {verb}: permission denied; fix the permissions or use another --workdir"
-    if code in (errno.ENOENT, errno.ENOTDIR):
+    if code == errno.ENOENT:
         return f"cannot {verb}: no such file or folder (moved or deleted while running?); check the path and rerun"
+    if code in (errno.ENOTDIR, errno.EEXIST):
+        return f"cannot {verb}: a part of the path is a file, not a folder; choose another path"
     detail = getattr(exc, "strerror", None) or one_line(exc, 120)
     return f"cannot {verb} ({detail}); check the disk and the path, then rerun"
 

@@ -120,14 +120,14 @@ def load_stack_inputs(workdir) -> StackInputs:
             f"({current_hash[:12]}...): features were built from a different folds file: {RERUN_FEATURES}"
         )
     check_feature_inputs(wd, manifest)
-    if "sha256" in manifest:  # written by `stack features` since the set format: the tables belong to this manifest
-        verify_set(wd.features_dir, "features/manifest.json", manifest["sha256"], remedy=RERUN_FEATURES)
     feature_columns = manifest.get("feature_columns")
     if not isinstance(feature_columns, list) or not feature_columns or not all(isinstance(c, str) for c in feature_columns):
         raise ContractError(f"features/manifest.json: 'feature_columns' must be a non-empty list of column names; {RERUN_FEATURES}")
 
     train = _features_frame(wd.features_train, ("image_id", "study_id", "fold", "slice_index"), feature_columns, wd)
     test = _features_frame(wd.features_test, ("image_id", "study_id", "slice_index"), feature_columns, wd)
+    if "sha256" in manifest:  # written by `stack features` as a set: the tables must be the ones this manifest lists
+        verify_set(wd.features_dir, "features/manifest.json", manifest["sha256"], remedy=RERUN_FEATURES)
     check_id_coverage(train["image_id"], folds["image_id"], "features/train.parquet", "labeled")
     test_ids = metadata.loc[metadata["split"] == "test", "image_id"]
     check_id_coverage(test["image_id"], test_ids, "features/test.parquet", "test")
