@@ -30,13 +30,13 @@ SIDECAR_SUFFIX = ".sha256"
 # replaced version briefly lives in ``.<name>.old-XXXX``. Readers skip names starting with '.'.
 SET_TMP = ".tmp-"
 SET_OLD = ".old-"
-# Fault-injection hook for tests (tests/test_faults.py): with STACKKIT_TEST_HOLD_WRITE=N, the N-th
-# write point (a temporary file written in full but not yet renamed, or a set folder complete but not
+# Fault-injection hook for tests (tests/test_faults.py): with STACKKIT_TEST_HOLD_WRITE=N (or file:N,
+# set:N), the N-th write point (a temporary file written in full but not yet renamed, or a set folder complete but not
 # yet switched in) writes its temporary path to $STACKKIT_TEST_HOLD_MARK and sleeps, so that a test
 # can SIGKILL the process with the write provably in flight.
 HOLD_ENV = "STACKKIT_TEST_HOLD_WRITE"
 HOLD_MARK_ENV = "STACKKIT_TEST_HOLD_MARK"
-_write_points = 0
+_write_points: dict[str, int] = {}
 
 
 class ArtifactWriteError(StackkitError):
@@ -72,14 +72,19 @@ def os_error_reason(exc: BaseException, verb: str = "write") -> str:
     return f"cannot {verb} ({detail}); check the disk and the path, then rerun"
 
 
-def _hold_point(tmp: Path) -> None:
-    """The fault-injection hook (see HOLD_ENV); free when the variable is unset."""
-    global _write_points
+def _hold_point(tmp: Path, kind: str, name: str) -> None:
+    """The fault-injection hook (see HOLD_ENV); free when the variable is unset.
+
+    ``N`` holds at the N-th write point of any kind; ``file:N`` / ``set:N`` count only temporary
+    files (``atomic_path``) or only set folders (``replace_dir``); ``file=NAME:N`` only those
+    whose destination is called NAME."""
     wanted = os.environ.get(HOLD_ENV)
     if not wanted:
         return
-    _write_points += 1
-    if _write_points == int(wanted):
+    want_kind, _, number = wanted.rpartition(":")
+    for key in ("", kind, f"{kind}={name}"):
+        _write_points[key] = _write_points.get(key, 0) + 1
+    if _write_points.get(want_kind) == int(number):
         mark = os.environ.get(HOLD_MARK_ENV)
         if mark:
             Path(mark).write_text(str(tmp))
@@ -108,7 +113,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
-        _hold_point(tmp)
+        _hold_point(tmp, "file", path.name)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except OSError as exc:
@@ -211,7 +216,7 @@ def replace_dir(path: str | os.PathLike, *, keep: Iterable[str] | bool = ()) -> 
                 if (keep is True or entry.name in keep) and not (tmp / entry.name).exists():
                     _link_tree(entry, tmp / entry.name)
         _fsync_tree(tmp)
-        _hold_point(tmp)
+        _hold_point(tmp, "set", path.name)
         if not path.exists():
             os.rename(tmp, path)
         elif _exchange(tmp, path):
@@ -219,7 +224,7 @@ def replace_dir(path: str | os.PathLike, *, keep: Iterable[str] | bool = ()) -> 
         else:
             old = path.with_name(f".{path.name}{SET_OLD}{tmp.name.rsplit('-', 1)[-1]}")
             os.rename(path, old)
-            _hold_point(old)
+            _hold_point(old, "set-switch", path.name)
             os.rename(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
         _fsync_dir(path.parent)
