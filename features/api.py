@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 def run_stack_features(workdir: Workdir, *, lags: int = 2, dicom_meta: bool = False, progress: bool = True) -> dict:
     """Build study-aware features from every model under preds/ and write features/.
 
-    Writes features/train.parquet, features/test.parquet and features/manifest.json; each is
-    replaced atomically and only after all three were written in full (the manifest last).
+    Writes features/train.parquet, features/test.parquet and features/manifest.json as one set:
+    written into a sibling folder (the manifest last, with the tables' sha256) that replaces
+    features/ in one switch, so readers never see tables and a manifest of two runs.
     Returns a summary: rows, columns, models, seconds and output paths.
     """
     from tqdm.auto import tqdm

@@ -231,3 +231,21 @@ def test_sqlite_storage_on_a_foreign_file_is_one_line(pipeline_workdir, tmp_path
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert len(lines) == 1 and "metadata.parquet" in lines[0] and "database" in lines[0], lines
     assert digests(wd.root) == before
+
+
+def test_a_stacker_fold_mixed_from_two_runs_is_refused(pipeline_workdir, tmp_path):
+    """Each fold model file has a valid sidecar, but stack/<name>/meta.json lists the set's hashes:
+    a file taken from another fold (or run) is refused before any library reads it."""
+    from stackkit.errors import ContractError
+    from stackkit.stack.crossfit import load_stacker_models
+
+    root, source = pipeline_workdir
+    wd = Workdir(tmp_path / "work")
+    shutil.copytree(source.root, wd.root)
+    assert len(load_stacker_models(wd, "lgbm")) == 3
+    fold0, fold1 = wd.stack_dir("lgbm") / "fold0", wd.stack_dir("lgbm") / "fold1"
+    name = sorted(p.name for p in fold0.iterdir() if not p.name.endswith(".sha256") and p.name != "stacker.json")[0]
+    for file in (name, name + ".sha256"):
+        shutil.copyfile(fold1 / file, fold0 / file)
+    with pytest.raises(ContractError, match=rf"lgbm/fold0/{name}: sha256 \w+\.\.\. differs .*/meta\.json .*refit with `stack fit --stackers lgbm`"):
+        load_stacker_models(wd, "lgbm")
