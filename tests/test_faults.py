@@ -215,10 +215,13 @@ def test_a_set_left_half_switched_is_recovered(tmp_path):
     folder = tmp_path / "preds" / "m"
     folder.mkdir(parents=True)
     (folder / "oof.parquet").write_bytes(b"old")
+    (folder / "test.parquet").write_bytes(b"old")
     os.rename(folder, tmp_path / "preds" / f".m{SET_OLD}abc")
     (tmp_path / "preds" / f".m{SET_TMP}def").mkdir()
-    recover_set(folder)
+    assert Workdir(tmp_path).model_names() == ["m"]  # a reader moves the old set back ...
     assert (folder / "oof.parquet").read_bytes() == b"old"
+    assert (tmp_path / "preds" / f".m{SET_TMP}def").is_dir()  # ... and leaves sets being written alone
+    recover_set(folder)  # a writer cleans them
     assert sorted(p.name for p in (tmp_path / "preds").iterdir()) == ["m"]
 
 

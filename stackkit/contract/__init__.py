@@ -150,16 +150,17 @@ class Workdir:
     def model_names(self) -> list[str]:
         """Models under preds/, sorted by name; a model folder without its oof or test file is an error.
 
-        Skipped: names starting with '.' (what an interrupted set replacement left, cleaned here
-        first) and folders holding nothing but an unfinished `base train` (its ``_work/``)."""
+        Skipped: names starting with '.' (sets being written; an old set an interrupted switch left
+        in place of a missing folder is moved back first) and folders holding nothing but an
+        unfinished `base train` (its ``_work/``)."""
         if not self.preds_root.is_dir():
             return []
-        from stackkit.contract.io import SET_OLD, SET_TMP, recover_set
+        from stackkit.contract.io import SET_OLD, recover_set
         from stackkit.errors import ContractError
 
         for p in list(self.preds_root.iterdir()):
-            if p.name.startswith(".") and (SET_TMP in p.name or SET_OLD in p.name):
-                recover_set(self.preds_root / re.split(f"{re.escape(SET_TMP)}|{re.escape(SET_OLD)}", p.name[1:])[0])
+            if p.name.startswith(".") and SET_OLD in p.name:
+                recover_set(self.preds_root / p.name[1:].split(SET_OLD)[0], clean=False)
         names = []
         for p in sorted(self.preds_root.iterdir()):
             if p.name.startswith(".") or not p.is_dir():

@@ -136,18 +136,20 @@ def _set_leftovers(path: Path) -> list[Path]:
     return [p for p in path.parent.iterdir() if p.name.startswith(prefixes)]
 
 
-def recover_set(path: str | os.PathLike) -> None:
-    """Clean what an interrupted :func:`replace_dir` left beside ``path``.
+def recover_set(path: str | os.PathLike, *, clean: bool = True) -> None:
+    """Repair what an interrupted :func:`replace_dir` left beside ``path``.
 
-    An unfinished new set (``.<name>.tmp-*``) is deleted; a replaced old set (``.<name>.old-*``)
-    is deleted when ``path`` exists, else moved back (the switch was interrupted between its two
-    renames, on a file system without an atomic exchange)."""
+    A replaced old set (``.<name>.old-*``) is moved back when ``path`` is missing (the switch was
+    interrupted between its two renames, on a file system without an atomic exchange). With
+    ``clean`` (writers), unfinished new sets (``.<name>.tmp-*``) and old sets beside a present
+    ``path`` are deleted; readers pass ``clean=False``, so they never remove a set another process
+    is still writing."""
     path = Path(path)
     for leftover in sorted(_set_leftovers(path)):
         with contextlib.suppress(OSError):
             if SET_OLD in leftover.name and not path.exists():
                 os.rename(leftover, path)
-            else:
+            elif clean:
                 shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
 
 

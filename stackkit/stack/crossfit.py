@@ -106,7 +106,7 @@ def load_stack_inputs(workdir) -> StackInputs:
     """features/*.parquet + manifest + data/ -> :class:`StackInputs`, checked for fold leakage."""
     wd = Workdir.of(workdir)
     metadata, labels, folds = load_core(wd)
-    recover_set(wd.features_dir)
+    recover_set(wd.features_dir, clean=False)
     for path in (wd.features_manifest, wd.features_train, wd.features_test):
         if not path.is_file():
             raise StackkitError(f"{path}: not found; run `stack features` first")
@@ -291,7 +291,7 @@ def load_stacker_models(workdir, name: str) -> list[Stacker]:
     if name not in STACKERS:
         get_stacker(name)  # raises the one-line "unknown stacker" error
     directory = wd.stack_dir(name)
-    recover_set(directory)
+    recover_set(directory, clean=False)
     meta_path = directory / STACKER_RECORD
     if not meta_path.is_file():
         raise StackkitError(f"{meta_path}: not found; run `stack fit --stackers {name}` first")
