@@ -102,7 +102,7 @@ def save_checkpoint(state_dict: dict, path: Path) -> Path:
 def _check_params(name, arch, context, epochs, batch_size, lr, img_size, windows, workers) -> None:
     from base_models.archs import ARCHITECTURES
 
-    check_model_name(name)
+    check_model_name(name, "--name")
     if arch not in ARCHITECTURES:
         raise StackkitError(f"--arch {arch!r}: unknown architecture; choose one of {', '.join(ARCHITECTURES)}")
     if context not in range(MAX_CONTEXT + 1):

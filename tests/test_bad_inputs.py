@@ -299,7 +299,7 @@ CASES = [
     Case("submit-stacker-test-edited-after-fit", _rewrite(lambda wd: wd.stack_dir("lgbm") / "test.parquet", lambda f: _set(f, 2, "any", np.nan), _submit()), r"stack/lgbm/test\.parquet: changed since stack/blend\.json was fitted"),
     Case("submit-blend-clip-out-of-range", _edit_blend_clip, r"blend\.json: 'clip' is 0\.7; expected a number in \[0, 0\.5\)"),
     # base train
-    Case("train-reserved-name", lambda c: ["base", "train", *c.w, "--name", "meta", "-q"], r"model name 'meta' is reserved"),
+    Case("train-reserved-name", lambda c: ["base", "train", *c.w, "--name", "meta", "-q"], r"--name 'meta' is reserved for feature columns"),
     Case("train-unknown-arch", lambda c: ["base", "train", *c.w, "--name", "x", "--arch", "vgg_huge", "-q"], r"vgg_huge"),
 ]
 

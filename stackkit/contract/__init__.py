@@ -49,19 +49,21 @@ RESERVED_MODEL_NAMES = ("slice", "meta", "models")
 MODEL_RECORD = "model.json"
 
 
-def check_model_name(name) -> str:
-    """The one model-name rule of `base train --name` and `base import NAME`; a one-line StackkitError otherwise."""
+def check_model_name(name, what: str = "model name") -> str:
+    """The one model-name rule of `base train --name` and `base import NAME`; a one-line StackkitError otherwise.
+
+    ``what`` names the option in the message (``--name`` for `base train`)."""
     from stackkit.errors import StackkitError
 
     text = name if isinstance(name, str) else ""
     if not MODEL_NAME_PATTERN.match(text) or "__" in text:
         raise StackkitError(
-            f"model name {name!r} is not allowed; use letters, digits, '.', '_' or '-' "
+            f"{what} {name!r} is not allowed; use letters, digits, '.', '_' or '-' "
             "(starting with a letter or digit, no '__', at most 100 characters)"
         )
     if text in RESERVED_MODEL_NAMES:
         raise StackkitError(
-            f"model name {name!r} is reserved for feature columns ({', '.join(RESERVED_MODEL_NAMES)}); choose another name"
+            f"{what} {name!r} is reserved for feature columns ({', '.join(RESERVED_MODEL_NAMES)}); choose another name"
         )
     return text
 
