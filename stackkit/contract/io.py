@@ -232,6 +232,7 @@ def replace_dir(path: str | os.PathLike, *, keep: Iterable[str] | bool = ()) -> 
         _fsync_dir(path.parent)
     except ArtifactWriteError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        recover_set(path, clean=False)
         # name the file in the destination, not in the temporary folder
         try:
             shown = path / exc.path.relative_to(tmp)
@@ -240,9 +241,11 @@ def replace_dir(path: str | os.PathLike, *, keep: Iterable[str] | bool = ()) -> 
         raise ArtifactWriteError(shown, exc.__cause__ or exc) from exc.__cause__
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        recover_set(path, clean=False)  # the old set back in place if the switch failed half-way
         raise ArtifactWriteError(path, exc) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        recover_set(path, clean=False)
         raise
 
 

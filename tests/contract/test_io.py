@@ -166,3 +166,29 @@ def test_the_cli_turns_any_oserror_into_one_line(monkeypatch, tmp_path):
         "Error: (a file stackkit was reading or writing): cannot read or write: no space left on device; free some space "
         "(or use --workdir on a larger disk) and rerun"
     ]
+
+
+def test_a_set_switch_without_atomic_exchange_fails_back_to_the_old_set(tmp_path, monkeypatch):
+    """Where renameat2 is missing the switch is two renames; a failure between them restores the old set."""
+    import stackkit.contract.io as io
+
+    folder = tmp_path / "m"
+    with io.replace_dir(folder) as new:
+        (new / "a").write_bytes(b"old")
+    monkeypatch.setattr(io, "_exchange", lambda a, b: False)
+    with io.replace_dir(folder) as new:
+        (new / "a").write_bytes(b"new")
+    assert (folder / "a").read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if ".tmp-" in str(src):
+            raise OSError(28, "No space left on device")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(io.os, "rename", rename)
+    with pytest.raises(io.ArtifactWriteError, match=r"m: cannot write: no space left"):
+        with io.replace_dir(folder) as new:
+            (new / "a").write_bytes(b"newer")
+    assert (folder / "a").read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["m"]
