@@ -228,6 +228,11 @@ def _mix_model_set(c):
     return _features(c)
 
 
+def _mix_model_set_then_fit(c):
+    _mix_model_set(c)
+    return _fit()(c)
+
+
 def _edit_features_table(c):
     # a readable features table that is not the one features/manifest.json lists (e.g. copied from another run)
     frame = pd.read_parquet(c.wd.features_test)
@@ -284,6 +289,7 @@ CASES = [
     # stack fit
     Case("fit-stale-features-after-reimport", _reimport_m1, r"features/manifest\.json: preds/m1/oof\.parquet \(model 'm1'\) changed after the features were built.*rerun `stack features`"),
     Case("fit-features-table-not-the-manifest's", _edit_features_table, r"features/test\.parquet: sha256 \w+\.\.\. differs from \w+\.\.\. recorded in features/manifest\.json"),
+    Case("fit-model-set-mixed", _mix_model_set_then_fit, r"preds/m1/test\.parquet: sha256 \w+\.\.\. differs from \w+\.\.\. recorded in preds/m1/model\.json"),
     Case("fit-model-without-test-file", _remove_then(lambda wd: wd.test("m2"), _fit()), r"preds/m2: model 'm2' has no test\.parquet"),
     Case("fit-storage-journal-bad-line", _journal_with_bad_line, r"journal\.log: line 2 is not an Optuna journal record"),
     Case("fit-storage-is-a-parquet-file", lambda c: _fit("--tune", "--trials", "1", "--storage", str(c.wd.metadata))(c), r"metadata\.parquet: line 1 is not an Optuna journal record"),

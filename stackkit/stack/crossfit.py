@@ -32,8 +32,12 @@ STACKER_RECORD = "meta.json"
 def check_feature_inputs(wd: Workdir, manifest: dict) -> None:
     """Refuse features built from inputs that changed since: every file the manifest hashed must be unchanged.
 
-    Also refuses a model folder that lost its test (or oof) file (``Workdir.model_names``)."""
-    wd.model_names()
+    Also refuses a model folder that lost its test (or oof) file (``Workdir.model_names``) or whose
+    files are not the ones its model.json lists (the blend reads them too)."""
+    from stackkit.contract.validate import verify_model_files
+
+    for model in wd.model_names():
+        verify_model_files(wd, model)
     inputs = manifest.get("inputs", {})
     if not isinstance(inputs, dict):
         raise ContractError(f"features/manifest.json: 'inputs' must map input files to sha256; {RERUN_FEATURES}")
