@@ -13,23 +13,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stackkit.contract import CONTRACT_VERSION, LABELS, Workdir, file_sha256, folds_hash
+from stackkit.contract import CONTRACT_VERSION, LABELS, MODEL_RECORD, Workdir, check_model_name, folds_hash
 from stackkit.errors import ContractError, StackkitError
-from stackkit.contract.io import read_table, write_json, write_parquet
+from stackkit.contract.io import read_table, replace_dir, write_parquet, write_set_record
 from stackkit.metric import prior_score, weighted_log_loss
 from stackkit.contract.validate import check_numeric, load_core, validate_predictions
 
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _LONG_ID = re.compile(r"^(?P<image>.+)_(?P<label>" + "|".join(LABELS) + r")$")
-
-
-def check_model_name(name: str) -> str:
-    if not MODEL_NAME.match(name or "") or "__" in name:
-        raise StackkitError(
-            f"model name {name!r} is not allowed; use letters, digits, '.', '_' or '-' "
-            "(starting with a letter or digit, no '__', at most 100 characters)"
-        )
-    return name
 
 
 def long_to_wide(frame: pd.DataFrame, source) -> pd.DataFrame:
@@ -100,8 +90,6 @@ def import_predictions(wd: Workdir, name: str, *, oof_path, test_path, logits: b
     score = weighted_log_loss(y_true, oof[list(LABELS)].to_numpy())
     prior = prior_score(y_true)
 
-    write_parquet(oof, wd.oof(name))
-    write_parquet(test, wd.test(name))
     record = {
         "contract_version": CONTRACT_VERSION,
         "name": name,
@@ -114,10 +102,13 @@ def import_predictions(wd: Workdir, name: str, *, oof_path, test_path, logits: b
         "prior_logloss": prior.overall,
         "n_oof": int(len(oof)),
         "n_test": int(len(test)),
-        # model.json is written last: its hashes tell whether oof/test belong together
-        "sha256": {"oof.parquet": file_sha256(wd.oof(name)), "test.parquet": file_sha256(wd.test(name))},
     }
-    write_json(record, wd.model_json(name))
+    # preds/<name>/ is replaced as a set: every file is written into a fresh sibling folder, the record
+    # (model.json, with the sha256 of every other file) last, then the folder is switched in at once.
+    with replace_dir(target) as folder:
+        write_parquet(oof, folder / "oof.parquet")
+        write_parquet(test, folder / "test.parquet")
+        write_set_record(folder, MODEL_RECORD, record)
     return {
         "lines": [
             f"imported '{name}': {len(oof)} OOF and {len(test)} test images -> {target}",

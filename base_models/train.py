@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import os
-import re
 import shutil
 import sys
 import time
@@ -24,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stackkit.contract import LABEL_WEIGHTS, LABELS, Workdir, folds_hash
+from stackkit.contract import LABEL_WEIGHTS, LABELS, MODEL_RECORD, Workdir, check_model_name, folds_hash
 from stackkit.errors import StackkitError
-from stackkit.contract.io import read_json, read_table, write_artifact, write_json, write_parquet
+from stackkit.contract.io import read_json, read_table, replace_dir, write_artifact, write_json, write_parquet, write_set_record
 from stackkit.metric import prior_score, weighted_bce, weighted_log_loss
 from stackkit.contract.validate import load_core, validate_predictions
 
@@ -35,7 +34,6 @@ from base_models.data import MAX_CONTEXT, SliceDataset, batch_identity, center_c
 from base_models.distributed import DistEnv, barrier, broadcast_object, gather_rows, init_distributed, shard, shutdown
 
 WORK_DIR = "_work"
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 WEIGHT_DECAY = 1e-4
 WARMUP_FRACTION = 0.25
 # OneCycleLR divides by the warm-up length: a tiny run (a few batches) gets a schedule long enough to
@@ -104,8 +102,7 @@ def save_checkpoint(state_dict: dict, path: Path) -> Path:
 def _check_params(name, arch, context, epochs, batch_size, lr, img_size, windows, workers) -> None:
     from base_models.archs import ARCHITECTURES
 
-    if not isinstance(name, str) or not NAME_PATTERN.match(name):
-        raise StackkitError(f"--name {name!r}: use letters, digits, '_', '-' or '.', starting with a letter or digit")
+    check_model_name(name, "--name")
     if arch not in ARCHITECTURES:
         raise StackkitError(f"--arch {arch!r}: unknown architecture; choose one of {', '.join(ARCHITECTURES)}")
     if context not in range(MAX_CONTEXT + 1):
@@ -588,8 +585,6 @@ def _finish(wd, name, config, train, test_ids, fold_frame, available, requested,
     score = weighted_log_loss(y, aligned)
     prior = prior_score(y)
 
-    write_parquet(oof, wd.oof(name))
-    write_parquet(test, wd.test(name))
     seconds = summary["seconds"]
     model_info = {
         "source": "trained",
@@ -611,7 +606,11 @@ def _finish(wd, name, config, train, test_ids, fold_frame, available, requested,
         "world_size": env.world_size,
         "checkpoints": {str(f): str(_fold_paths(work, f)["checkpoint"].relative_to(wd.root)) for f in available},
     }
-    write_json(model_info, wd.model_json(name))
+    # preds/<name>/ replaced as a set (as `base import` does), the fold work carried along by hard links
+    with replace_dir(wd.preds_dir(name), keep=(WORK_DIR,)) as folder:
+        write_parquet(oof, folder / "oof.parquet")
+        write_parquet(test, folder / "test.parquet")
+        write_set_record(folder, MODEL_RECORD, model_info, exclude=(WORK_DIR,))
     summary.update(complete=True, oof_logloss=score.overall, prior_logloss=prior.overall, per_label=score.per_label)
     lines.append(
         f"{name}: OOF weighted log loss {score.overall:.4f} vs prior {prior.overall:.4f} "

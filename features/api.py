@@ -13,10 +13,12 @@ import numpy as np
 import pandas as pd
 
 from stackkit.contract import CONTRACT_VERSION, Workdir, file_sha256, folds_hash
-from stackkit.errors import StackkitError
-from stackkit.contract.io import atomic_path, write_json
+from stackkit.errors import ContractError, StackkitError
+from stackkit.contract.io import atomic_path, replace_dir, write_set_record
 
-from features.build import TEST_KEY_COLUMNS, TRAIN_KEY_COLUMNS, build_features
+from features.build import DICOM_META_COLUMNS, TEST_KEY_COLUMNS, TRAIN_KEY_COLUMNS, build_features
+
+MANIFEST = "manifest.json"
 
 log = logging.getLogger(__name__)
 
@@ -24,13 +26,14 @@ log = logging.getLogger(__name__)
 def run_stack_features(workdir: Workdir, *, lags: int = 2, dicom_meta: bool = False, progress: bool = True) -> dict:
     """Build study-aware features from every model under preds/ and write features/.
 
-    Writes features/train.parquet, features/test.parquet and features/manifest.json; each is
-    replaced atomically and only after all three were written in full (the manifest last).
+    Writes features/train.parquet, features/test.parquet and features/manifest.json as one set:
+    written into a sibling folder (the manifest last, with the tables' sha256) that replaces
+    features/ in one switch, so readers never see tables and a manifest of two runs.
     Returns a summary: rows, columns, models, seconds and output paths.
     """
     from tqdm.auto import tqdm
 
-    from stackkit.contract.validate import load_core, read_oof, read_test
+    from stackkit.contract.validate import load_core, read_oof, read_test, verify_model_files
 
     started, cpu_started = time.perf_counter(), time.process_time()
     wd = Workdir.of(workdir)
@@ -41,10 +44,17 @@ def run_stack_features(workdir: Workdir, *, lags: int = 2, dicom_meta: bool = Fa
         metadata, _labels, folds = load_core(wd)
         if not models:
             raise StackkitError("no predictions under preds/: run base train or base import")
+        if dicom_meta and not any(c in metadata.columns for c in DICOM_META_COLUMNS):
+            raise ContractError(
+                f"{wd.metadata}: --dicom-meta needs DICOM header columns ({', '.join(DICOM_META_COLUMNS)}), found none; "
+                "run `data prepare` from the DICOM files or drop --dicom-meta"
+            )
         oof_by_model, test_by_model = {}, {}
         for model in tqdm(models, desc="read predictions", unit="model", disable=not progress):
             oof_by_model[model] = read_oof(wd.oof(model), folds, wd)
             test_by_model[model] = read_test(wd.test(model), metadata, wd)
+            # contents first (their errors are the more precise), then that they are the set model.json lists
+            verify_model_files(wd, model)
     read_seconds, read_cpu = time.perf_counter() - started, time.process_time() - cpu_started
     log.info("read %d models in %.1fs", len(models), read_seconds)
 
@@ -68,15 +78,14 @@ def run_stack_features(workdir: Workdir, *, lags: int = 2, dicom_meta: bool = Fa
         "rows": {"train": len(train), "test": len(test)},
         "inputs": {_relative(p, wd): file_sha256(p) for p in inputs},
     }
-    # The manifest is the outermost context: the three temporaries are written first, then
-    # replaced innermost first (train, test, manifest), so a manifest never describes
-    # half-written tables; any failure removes every temporary and keeps the old files.
-    with atomic_path(wd.features_manifest) as manifest_tmp:
-        with atomic_path(wd.features_test) as test_tmp:
-            with atomic_path(wd.features_train) as train_tmp:
-                write_feature_table(train, train_tmp)
-                write_feature_table(test, test_tmp)
-        write_json(manifest, manifest_tmp)
+    # features/ is replaced as a set: both tables and the manifest (last, with their sha256) are
+    # written into a sibling folder that is switched in at once; any failure keeps the old set.
+    with replace_dir(wd.features_dir) as folder:
+        with atomic_path(folder / wd.features_train.name) as train_tmp:
+            write_feature_table(train, train_tmp)
+        with atomic_path(folder / wd.features_test.name) as test_tmp:
+            write_feature_table(test, test_tmp)
+        write_set_record(folder, MANIFEST, manifest)
     seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     summary = {
         "rows_train": len(train),

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from stackkit.contract import LABELS, env_threads, slice_order
+from stackkit.contract import LABELS, RESERVED_MODEL_NAMES, env_threads, slice_order
 from stackkit.errors import ContractError, LeakageError, StackkitError
 
 TOP_K = 3
@@ -41,7 +41,8 @@ TEST_KEY_COLUMNS = ("image_id", "study_id", "slice_index")
 SLICE_PREFIX = "slice"
 META_PREFIX = "meta"
 MODELS_PREFIX = "models"
-RESERVED_MODEL_NAMES = (SLICE_PREFIX, META_PREFIX, MODELS_PREFIX)
+# the contract's model-name rule (stackkit.contract.check_model_name) refuses exactly these
+assert set(RESERVED_MODEL_NAMES) == {SLICE_PREFIX, META_PREFIX, MODELS_PREFIX}
 
 SLICE_FEATURES = {
     "position": "relative position in the study along z: slice_index / (n - 1), 0 = lowest z, 1 = highest z; 0.5 for a 1-slice study",

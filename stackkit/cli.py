@@ -17,6 +17,8 @@ import click
 from stackkit.contract import DEFAULT_WORKDIR, WORKDIR_ENV, Workdir
 
 EXIT_BAD_INPUT = 2
+# Every --seed: the range NumPy, scikit-learn, LightGBM and torch all accept.
+SEED = click.IntRange(0, 2**32 - 1)
 
 
 class StackkitGroup(click.Group):
@@ -39,9 +41,13 @@ class StackkitGroup(click.Group):
                 raise
             if isinstance(exc, StackkitError):
                 raise StackkitCliError(str(exc)) from exc
-            if isinstance(exc, OSError) and exc.filename:
-                # disk full, permissions, a path that vanished: the user's to fix, not a bug
-                raise StackkitCliError(f"{exc.filename}: {exc.strerror or exc}") from exc
+            if isinstance(exc, OSError):
+                # disk full, quota, read-only, permissions, a path that vanished: the user's to fix, not a bug.
+                # The atomic writers name the destination (ArtifactWriteError); this catches the rest.
+                from stackkit.contract.io import os_error_reason
+
+                where = exc.filename or "(a file stackkit was reading or writing)"
+                raise StackkitCliError(f"{where}: {os_error_reason(exc, 'read or write')}") from exc
             raise
 
 
@@ -124,7 +130,7 @@ def data():
 @click.option("--size", default=64, show_default=True, type=click.IntRange(16, 1024), help="Image size in pixels.")
 @click.option("--slices", default="16,32", show_default=True, help="Range of slices per study: MIN,MAX.")
 @click.option("--test-fraction", default=0.25, show_default=True, type=click.FloatRange(0.0, 0.9), help="Share of patients in stage_2_test.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=SEED)
 @progress_option
 def data_synth(wd, out_dir, patients, size, slices, test_fraction, seed, quiet):
     """Write a synthetic dataset in the RSNA 2019 layout.
@@ -148,7 +154,7 @@ def data_synth(wd, out_dir, patients, size, slices, test_fraction, seed, quiet):
 @click.option("--test-dicom-dir", required=True, type=click.Path(), help="Folder of test DICOM files (stage_2_test).")
 @click.option("--labels", "labels_csv", required=True, type=click.Path(), help="Label CSV: RSNA long ID,Label or wide image_id + six labels.")
 @click.option("--folds", "n_folds", default=5, show_default=True, type=click.IntRange(2, 100), help="Number of patient-grouped folds.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the fold assignment.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the fold assignment.")
 @click.option("--strict", is_flag=True, help="Fail on the first corrupt DICOM instead of skipping it.")
 @click.option("--workers", default=None, type=click.IntRange(1, None), help="Header-reading processes (default: all cores).")
 @progress_option
@@ -190,7 +196,7 @@ def base():
 @click.option("--img-size", default=64, show_default=True, type=click.IntRange(16, 1024))
 @click.option("--folds", "folds", default=None, help="Folds to train, e.g. 0,1,2 (default: all).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--resume", is_flag=True, help="Continue at the first unfinished fold.")
 @click.option("--tta", is_flag=True, help="Average predictions with horizontally flipped images.")
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(0, None), help="DataLoader worker processes. On CPU, training uses one thread per 128x128 pixels of input; set OMP_NUM_THREADS to override.")
@@ -265,7 +271,7 @@ def stack_features(wd, lags, dicom_meta, quiet):
 @click.option("--no-base-in-blend", is_flag=True, help="Blend only the stackers, not the base models.")
 @click.option("--shared-weights", is_flag=True, help="One blend weight per source instead of one per label.")
 @click.option("--no-any-consistency", is_flag=True, help="Never enforce any >= max(subtypes) (by default it is used where CV says it helps).")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=SEED)
 @progress_option
 def stack_fit(wd, stackers, tune, trials, timeout, storage, study_name, heartbeat, device, no_base_in_blend, shared_weights,
               no_any_consistency, seed, quiet):
@@ -290,11 +296,21 @@ def stack_fit(wd, stackers, tune, trials, timeout, storage, study_name, heartbea
 @cli.command("submit")
 @workdir_option
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Output CSV (.csv or .csv.gz); default WORKDIR/submission.csv.")
-def submit(wd, out):
-    """Write the blended test predictions as a Kaggle submission (ID,Label)."""
+@click.option("--test-dicom-dir", default=None, type=click.Path(), help="Check that every test DICOM file (<image_id>.dcm) of this folder has its rows.")
+@click.option("--sample-submission", default=None, type=click.Path(), help="Check that every image of this Kaggle sample submission has its rows.")
+@click.option("--allow-incomplete", is_flag=True, help="Write a submission that lacks test images (skipped by data prepare or absent).")
+def submit(wd, out, test_dicom_dir, sample_submission, allow_incomplete):
+    """Write the blended test predictions as a Kaggle submission (ID,Label).
+
+    A submission short of the real test set is refused: checked against --test-dicom-dir or
+    --sample-submission when given, else against the test files data prepare skipped.
+    """
     from stackkit.submit import write_submission
 
-    summary = write_submission(wd, out)
+    if test_dicom_dir and sample_submission:
+        raise click.UsageError("pass --test-dicom-dir or --sample-submission, not both")
+    summary = write_submission(wd, out, test_dicom_dir=test_dicom_dir, sample_submission=sample_submission,
+                               allow_incomplete=allow_incomplete)
     _print_summary("submit", summary)
 
 
@@ -303,7 +319,7 @@ def submit(wd, out):
 @click.option("--patients", default=40, show_default=True, type=click.IntRange(6, None))
 @click.option("--trials", default=8, show_default=True, type=click.IntRange(1, None))
 @click.option("--epochs", default=9, show_default=True, type=click.IntRange(1, None), help="Epochs per base CNN.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--fresh/--reuse", default=True, show_default=True, help="Start from an empty work directory.")
 @progress_option
 def demo(wd, patients, trials, epochs, seed, fresh, quiet):

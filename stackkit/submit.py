@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stackkit.stack.blend import BlendParams
+from stackkit.stack.blend import SPACES, BlendParams
 from stackkit.contract import LABELS, Workdir, file_sha256
 from stackkit.errors import ContractError, StackkitError, one_line
 from stackkit.contract.io import atomic_path, read_json
@@ -31,17 +31,67 @@ def load_blend(workdir: Workdir) -> tuple[dict, list[dict], BlendParams]:
     if not path.is_file():
         raise StackkitError(f"{path}: not found; run `stack fit` first")
     record = read_json(path)
-    try:
-        sources = list(record["sources"])
-        names = [s["name"] for s in sources]
-        for s in sources:
-            str(s["test"])
-        params = BlendParams.from_json(record, names)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ContractError(f"{path}: malformed blend record ({type(exc).__name__}: {exc}); rerun `stack fit`") from None
+    if not isinstance(record, dict) or not isinstance(record.get("sources"), list):
+        raise ContractError(f"{path}: malformed blend record (expected an object with a 'sources' list); rerun `stack fit`")
+    sources = list(record["sources"])
     if not sources:
         raise ContractError(f"{path}: lists no sources; rerun `stack fit`")
+    check_blend_record(record, path)
+    try:
+        params = BlendParams.from_json(record, [s["name"] for s in sources])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ContractError(f"{path}: malformed blend record ({type(exc).__name__}: {one_line(exc, 120)}); rerun `stack fit`") from None
     return record, sources, params
+
+
+def _field_error(path, field: str, value, expected: str) -> ContractError:
+    return ContractError(f"{path}: '{field}' is {one_line(repr(value), 60)}; expected {expected}; rerun `stack fit` (or restore the record)")
+
+
+def check_blend_record(record: dict, path) -> None:
+    """Every field `submit` uses, checked with the range `stack fit` writes: one line naming the first bad field."""
+    import math
+
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    names = set()
+    for i, source in enumerate(record["sources"]):
+        if not isinstance(source, dict) or not isinstance(source.get("name"), str) or not source["name"]:
+            raise _field_error(path, f"sources[{i}].name", source.get("name") if isinstance(source, dict) else source, "a source name")
+        if source["name"] in names:
+            raise _field_error(path, f"sources[{i}].name", source["name"], "each source once")
+        names.add(source["name"])
+        if not isinstance(source.get("test"), str) or not source["test"]:
+            raise _field_error(path, f"sources[{i}].test", source.get("test"), "the path of its test file under the work directory")
+        sha = source.get("test_sha256")
+        if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+            raise _field_error(path, f"sources[{i}].test_sha256", sha, "a sha256 hex digest")
+    clip = record.get("clip")
+    if not number(clip) or not 0.0 <= clip < 0.5:
+        raise _field_error(path, "clip", clip, "a number in [0, 0.5)")
+    if not isinstance(record.get("any_consistency"), bool):
+        raise _field_error(path, "any_consistency", record.get("any_consistency"), "true or false")
+    if record.get("space", "logit") not in SPACES:
+        raise _field_error(path, "space", record.get("space"), " or ".join(SPACES))
+    for label in LABELS:
+        t = record["temperature"].get(label) if isinstance(record.get("temperature"), dict) else None
+        if not number(t) or t <= 0:
+            raise _field_error(path, f"temperature.{label}", t, "a positive number")
+        if "bias" in record:  # records of older versions have none (no bias)
+            b = record["bias"].get(label) if isinstance(record["bias"], dict) else None
+            if not number(b):
+                raise _field_error(path, f"bias.{label}", b, "a finite number")
+        weights = record["weights"].get(label) if isinstance(record.get("weights"), dict) else None
+        if not isinstance(weights, dict):
+            raise _field_error(path, f"weights.{label}", weights, "a weight per source")
+        for name in names:
+            w = weights.get(name)
+            if not number(w) or w < 0:
+                raise _field_error(path, f"weights.{label}.{name}", w, "a non-negative number")
+        unknown = sorted(set(weights) - names)
+        if unknown:
+            raise _field_error(path, f"weights.{label}.{unknown[0]}", weights[unknown[0]], "weights for the listed sources only")
 
 
 def blended_test_predictions(workdir: Workdir) -> tuple[pd.DataFrame, dict]:
@@ -95,8 +145,76 @@ def _check_wide(frame: pd.DataFrame, source: str) -> None:
         )
 
 
-def write_submission(workdir: Workdir, out: str | None = None) -> dict:
-    """Write the Kaggle submission (default ``WORKDIR/submission.csv``; ``.gz`` -> gzip). Atomic; refuses bad input before writing."""
+def reference_test_ids(*, test_dicom_dir=None, sample_submission=None) -> tuple[np.ndarray, str] | None:
+    """The real test set's image ids: the ``.dcm`` files of ``test_dicom_dir`` (RSNA names them
+    ``<SOPInstanceUID>.dcm``, the image id) or the images of a sample submission; None without either."""
+    if test_dicom_dir is not None:
+        folder = Path(test_dicom_dir)
+        if not folder.is_dir():
+            raise StackkitError(f"{folder}: --test-dicom-dir is not a folder")
+        ids = sorted(p.name[: -len(".dcm")] for p in folder.iterdir() if p.name.endswith(".dcm"))
+        if not ids:
+            raise StackkitError(f"{folder}: --test-dicom-dir holds no .dcm files")
+        return np.asarray(ids, dtype=object), str(folder)
+    if sample_submission is not None:
+        from stackkit.contract.io import read_table
+
+        frame = read_table(sample_submission, what="sample submission")
+        if "ID" not in frame.columns:
+            raise ContractError(f"{sample_submission}: no 'ID' column; expected the Kaggle sample submission (ID,Label)")
+        parts = frame["ID"].astype(str).str.extract(ID_PATTERN)
+        bad = parts[0].isna().to_numpy()
+        if bad.any():
+            pos = int(np.argmax(bad))
+            raise ContractError(f"{sample_submission}: ID {frame['ID'].iloc[pos]!r} at row {pos + 1} is not ID_<image>_<label>")
+        return pd.unique(parts[0].to_numpy(dtype=object)), str(sample_submission)
+    return None
+
+
+def check_coverage(workdir: Workdir, image_ids, *, test_dicom_dir=None, sample_submission=None, allow_incomplete=False) -> None:
+    """Refuse a submission that is short of the real test set.
+
+    Against ``--test-dicom-dir`` / ``--sample-submission`` when given (the images the user really has);
+    else against data/prepare.json, which lists the test files `data prepare` skipped as unreadable.
+    ``allow_incomplete`` lets a known-short submission through (Kaggle would reject it)."""
+    have = pd.Index(np.asarray(image_ids, dtype=object).astype(str))
+    reference = reference_test_ids(test_dicom_dir=test_dicom_dir, sample_submission=sample_submission)
+    if reference is not None:
+        expected, source = reference
+        extra = ~ids_in(have, expected)
+        if extra.any():
+            raise ContractError(
+                f"{source}: has no test image {have[extra][0]} ({int(extra.sum())} of the submission's images are not in it); "
+                "is it the test set data/metadata.parquet was prepared from?"
+            )
+        missing = ~ids_in(expected, have)
+        if missing.any() and not allow_incomplete:
+            raise ContractError(
+                f"{source}: {int(missing.sum())} test image(s) have no prediction, e.g. {pd.Index(expected)[missing][0]} "
+                f"(the submission would lack {int(missing.sum()) * len(LABELS)} rows); fix them and rerun `data prepare` and "
+                "the steps after it, or pass --allow-incomplete"
+            )
+        return
+    record_path = workdir.prepare_record
+    if not record_path.is_file() or allow_incomplete:
+        return
+    record = read_json(record_path)
+    skipped = record.get("skipped_test_ids") if isinstance(record, dict) else None
+    if not isinstance(skipped, list):
+        raise ContractError(f"{record_path}: 'skipped_test_ids' must be a list; rerun `data prepare`")
+    if skipped:
+        raise ContractError(
+            f"{record_path}: `data prepare` skipped {len(skipped)} unreadable test file(s), e.g. {skipped[0]}, so the submission "
+            f"would lack {len(skipped) * len(LABELS)} rows; fix them and rerun `data prepare` and the steps after it, "
+            "or pass --allow-incomplete"
+        )
+
+
+def write_submission(workdir: Workdir, out: str | None = None, *, test_dicom_dir=None, sample_submission=None,
+                     allow_incomplete: bool = False) -> dict:
+    """Write the Kaggle submission (default ``WORKDIR/submission.csv``; ``.gz`` -> gzip). Atomic; refuses bad input before writing.
+
+    A submission short of the real test set is refused (see :func:`check_coverage`)."""
     target = Path(out) if out else workdir.submission
     if target.is_dir():
         raise StackkitError(f"{target}: is a directory; pass --out with a file name such as submission.csv")
@@ -105,6 +223,8 @@ def write_submission(workdir: Workdir, out: str | None = None) -> dict:
         raise StackkitError(f"{target}: expected a .csv or .csv.gz file name")
     wide, record = blended_test_predictions(workdir)
     _check_wide(wide, str(workdir.blend))
+    check_coverage(workdir, wide["image_id"], test_dicom_dir=test_dicom_dir, sample_submission=sample_submission,
+                   allow_incomplete=allow_incomplete)
     long = to_long(wide)
     compressed = name.endswith(".gz")
     data = long.to_csv(index=False, float_format=FLOAT_FORMAT, lineterminator="\n").encode("ascii")

@@ -209,6 +209,48 @@ def _remove_then(path_of, then):
     return setup
 
 
+def _journal_with_bad_line(c):
+    journal = c.scratch / "journal.log"
+    journal.write_text('{"op_code": 0, "worker_id": "w", "study_name": "s", "directions": [1]}\nnot json\n')
+    return _fit("--tune", "--trials", "1", "--storage", str(journal))(c)
+
+
+def _reimport_m1(c):
+    from base_models.importer import import_predictions
+
+    import_predictions(c.wd, "m1", oof_path=c.root / "m1b_oof.parquet", test_path=c.root / "m1b_test.parquet", force=True)
+    return _fit()(c)
+
+
+def _mix_model_set(c):
+    # preds/m1/test.parquet from another import: valid on its own, not the one model.json lists
+    write_parquet(pd.read_parquet(c.root / "m1b_test.parquet"), c.wd.test("m1"))
+    return _features(c)
+
+
+def _mix_model_set_then_fit(c):
+    _mix_model_set(c)
+    return _fit()(c)
+
+
+def _edit_features_table(c):
+    # a readable features table that is not the one features/manifest.json lists (e.g. copied from another run)
+    frame = pd.read_parquet(c.wd.features_test)
+    column = [name for name in frame.columns if name.startswith("m1__")][0]
+    frame[column] = (frame[column] * 0.5).astype(np.float32)
+    write_parquet(frame, c.wd.features_test)
+    return _fit()(c)
+
+
+def _edit_blend_clip(c):
+    import json
+
+    record = json.loads(c.wd.blend.read_text())
+    record["clip"] = 0.7
+    c.wd.blend.write_text(json.dumps(record))
+    return _submit()(c)
+
+
 CASES = [
     # data prepare (the DICOM cases fail with --strict)
     Case("dicom-without-preamble", _strip_preamble, r"\.dcm.*(preamble|not a DICOM)"),
@@ -231,6 +273,8 @@ CASES = [
     Case("import-fold-disagrees", _import(lambda o, f: _with_fold(o, f, shift_row=2)), r"oof\.parquet: fold \d at row 3 \(image_id ID_\w+\) disagrees with data/folds\.parquet"),
     Case("import-truncated-parquet", lambda c: c.import_args(_parquet_bytes(c.frames()[2], c.scratch, truncate=1), c.frames()[3]), r"oof\.parquet: not a readable Parquet"),
     Case("import-empty-file", lambda c: c.import_args(c.frames()[2], b""), r"test\.parquet: empty file"),
+    Case("import-reserved-name", lambda c: c.import_args(c.frames()[2], c.frames()[3], name="slice"), r"model name 'slice' is reserved for feature columns"),
+    Case("import-name-with-double-underscore", lambda c: c.import_args(c.frames()[2], c.frames()[3], name="a__b"), r"model name 'a__b' is not allowed.*no '__'"),
     Case("import-csv-wrong-header", _import(lambda o, f: o.rename(columns={"any": "ANY"}), fmt="csv"), r"oof\.csv: missing column\(s\) any"),
     # stack features
     Case("features-truncated-preds", _truncate_then(lambda wd: wd.oof("m2"), _features), r"preds/m2/oof\.parquet: not a readable Parquet"),
@@ -238,7 +282,17 @@ CASES = [
     Case("features-missing-test-row", _rewrite(lambda wd: wd.test("m1"), lambda f: f.iloc[1:], _features), r"preds/m1/test\.parquet: 1 test image\(s\) missing"),
     Case("features-metadata-missing-z", _rewrite(lambda wd: wd.metadata, lambda f: f.drop(columns=["z"]), _features), r"data/metadata\.parquet: missing column\(s\) z"),
     Case("features-duplicate-id-in-preds", _rewrite(lambda wd: wd.oof("m1"), lambda f: pd.concat([f, f.iloc[[0]]]), _features), r"preds/m1/oof\.parquet: duplicate image_id"),
+    Case("features-model-without-test-file", _remove_then(lambda wd: wd.test("m2"), _features), r"preds/m2: model 'm2' has no test\.parquet"),
+    Case("features-model-set-mixed", _mix_model_set, r"preds/m1/test\.parquet: sha256 \w+\.\.\. differs from \w+\.\.\. recorded in preds/m1/model\.json"),
+    Case("features-dicom-meta-without-columns", _rewrite(lambda wd: wd.metadata, lambda f: f[["image_id", "patient_id", "study_id", "split", "z"]],
+         lambda c: [*_features(c), "--dicom-meta"]), r"metadata\.parquet: --dicom-meta needs DICOM header columns"),
     # stack fit
+    Case("fit-stale-features-after-reimport", _reimport_m1, r"features/manifest\.json: preds/m1/oof\.parquet \(model 'm1'\) changed after the features were built.*rerun `stack features`"),
+    Case("fit-features-table-not-the-manifest's", _edit_features_table, r"features/test\.parquet: sha256 \w+\.\.\. differs from \w+\.\.\. recorded in features/manifest\.json"),
+    Case("fit-model-set-mixed", _mix_model_set_then_fit, r"preds/m1/test\.parquet: sha256 \w+\.\.\. differs from \w+\.\.\. recorded in preds/m1/model\.json"),
+    Case("fit-model-without-test-file", _remove_then(lambda wd: wd.test("m2"), _fit()), r"preds/m2: model 'm2' has no test\.parquet"),
+    Case("fit-storage-journal-bad-line", _journal_with_bad_line, r"journal\.log: line 2 is not an Optuna journal record"),
+    Case("fit-storage-is-a-parquet-file", lambda c: _fit("--tune", "--trials", "1", "--storage", str(c.wd.metadata))(c), r"metadata\.parquet: line 1 is not an Optuna journal record"),
     Case("fit-features-from-other-folds", _rewrite(lambda wd: wd.folds, _swap_folds, _fit()), r"features/manifest\.json: folds_hash \w+\.\.\. differs from data/folds\.parquet"),
     Case("fit-unknown-stacker", lambda c: ["stack", "fit", *c.w, "--stackers", "catboost", "-q"], r"catboost"),
     Case("fit-storage-unknown-scheme", _fit("--tune", "--trials", "1", "--storage", "redis://localhost/0"), r"redis"),
@@ -249,7 +303,9 @@ CASES = [
     Case("submit-blend-missing", _remove_then(lambda wd: wd.blend, _submit()), r"blend\.json"),
     Case("submit-blend-corrupt", _write_text_then(lambda wd: wd.blend, "{not json", _submit()), r"blend\.json: not valid JSON"),
     Case("submit-stacker-test-edited-after-fit", _rewrite(lambda wd: wd.stack_dir("lgbm") / "test.parquet", lambda f: _set(f, 2, "any", np.nan), _submit()), r"stack/lgbm/test\.parquet: changed since stack/blend\.json was fitted"),
+    Case("submit-blend-clip-out-of-range", _edit_blend_clip, r"blend\.json: 'clip' is 0\.7; expected a number in \[0, 0\.5\)"),
     # base train
+    Case("train-reserved-name", lambda c: ["base", "train", *c.w, "--name", "meta", "-q"], r"--name 'meta' is reserved for feature columns"),
     Case("train-unknown-arch", lambda c: ["base", "train", *c.w, "--name", "x", "--arch", "vgg_huge", "-q"], r"vgg_huge"),
 ]
 
@@ -294,3 +350,22 @@ def test_prepare_without_strict_skips_bad_dicom_files_naming_each_on_one_line(pi
     metadata, labels, folds = load_core(wd)
     assert not {no_preamble.stem, short.stem} & set(metadata["image_id"])
     assert len(folds) == len(train_files) - 2
+
+
+SEEDED = [
+    ["data", "synth"],
+    ["data", "prepare", "--dicom-dir", "d", "--test-dicom-dir", "t", "--labels", "l.csv"],
+    ["base", "train", "--name", "m"],
+    ["stack", "fit"],
+    ["demo"],
+]
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32), "1.5"])
+@pytest.mark.parametrize("command", SEEDED, ids=[" ".join(c[:2]) for c in SEEDED])
+def test_every_seed_option_takes_0_to_2_32_minus_1(tmp_path, command, seed):
+    result = CliRunner().invoke(cli, [*command, "--workdir", str(tmp_path / "w"), "--seed", seed])
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--seed'" in result.output and "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert not (tmp_path / "w").exists()

@@ -131,6 +131,13 @@ def _malformed_blend(wd):
     write_json(record, wd.blend)
 
 
+def _edit_blend(wd, **changes):
+    record = read_json(wd.blend)
+    for key, value in changes.items():
+        record[key] = value(record[key]) if callable(value) else value
+    write_json(record, wd.blend)
+
+
 REFUSALS = [
     ("missing test image", lambda wd: _rewrite_source(wd, lambda f: f.iloc[1:]), {}, "1 test image.* missing"),
     ("duplicate test image", lambda wd: _rewrite_source(wd, lambda f: pd.concat([f, f.iloc[:1]])), {}, "duplicate image_id"),
@@ -139,8 +146,16 @@ REFUSALS = [
     ("no blend.json", _drop_blend, {}, r"blend.json: not found; run .*stack fit"),
     ("blend.json refers to a missing file", _blend_points_nowhere, {}, "preds/gone/test.parquet, which does not exist"),
     ("test file changed after the blend", _stale_source, {}, "changed since stack/blend.json"),
-    ("malformed blend.json", _malformed_blend, {}, "malformed blend record"),
-    ("target folder not writable", lambda wd: None, {"out": "{root}/submission.csv/inside.csv"}, "cannot write here"),
+    ("malformed blend.json", _malformed_blend, {}, r"blend\.json: 'weights\.any' is None; expected a weight per source"),
+    ("blend clip out of range", lambda wd: _edit_blend(wd, clip=0.7), {}, r"blend\.json: 'clip' is 0\.7; expected a number in \[0, 0\.5\)"),
+    ("blend clip not a number", lambda wd: _edit_blend(wd, clip="small"), {}, r"blend\.json: 'clip' is 'small'"),
+    ("blend temperature negative", lambda wd: _edit_blend(wd, temperature={l: -1.0 for l in LABELS}), {}, r"'temperature\.epidural' is -1\.0"),
+    ("blend bias not finite", lambda wd: _edit_blend(wd, bias={l: float("nan") for l in LABELS}), {}, r"'bias\.epidural' is nan; expected a finite number"),
+    ("blend any_consistency not a bool", lambda wd: _edit_blend(wd, any_consistency="yes"), {}, r"'any_consistency' is 'yes'; expected true or false"),
+    ("blend space unknown", lambda wd: _edit_blend(wd, space="rank"), {}, r"'space' is 'rank'; expected logit or probability"),
+    ("blend source listed twice", lambda wd: _edit_blend(wd, sources=lambda s: s + s[:1]), {}, r"'sources\[\d\]\.name' .*each source once"),
+    ("blend weight negative", lambda wd: _edit_blend(wd, weights=lambda w: {l: {n: -0.5 for n in v} for l, v in w.items()}), {}, r"'weights\.epidural\.\S+' is -0\.5"),
+    ("target folder not writable", lambda wd: None, {"out": "{root}/submission.csv/inside.csv"}, r"submission\.csv/inside\.csv: cannot write: a part of the path is a file"),
     ("target is a directory", lambda wd: None, {"out": "{root}/stack"}, "is a directory"),
     ("target not a csv", lambda wd: None, {"out": "{root}/sub.parquet"}, r"expected a \.csv or \.csv\.gz"),
 ]
@@ -188,3 +203,54 @@ def test_validate_submission_refuses(tmp_path, case, change, match):
     change(_long(ids)).to_csv(path, index=False)
     with pytest.raises(ContractError, match=match):
         validate_submission(path, ids)
+
+
+def _test_ids(wd):
+    metadata = read_metadata(wd)
+    return sorted(metadata.loc[metadata["split"] == "test", "image_id"])
+
+
+def _dicom_dir(wd, tmp_path, ids):
+    folder = tmp_path / "stage_2_test"
+    folder.mkdir(parents=True)
+    for image_id in ids:
+        (folder / f"{image_id}.dcm").write_bytes(b"")
+    return {"test_dicom_dir": folder}
+
+
+def _sample(wd, tmp_path, ids):
+    tmp_path.mkdir(parents=True)
+    path = tmp_path / "sample.csv"
+    _long(ids).to_csv(path, index=False)
+    return {"sample_submission": path}
+
+
+def _skipped_in_prepare(wd, tmp_path, ids):
+    write_json({"skipped": [], "skipped_test_ids": ["ID_0000dead1"]}, wd.prepare_record)
+    return {}
+
+
+COVERAGE = [
+    ("test dicom dir has an image the metadata lacks", _dicom_dir, lambda ids: ids + ["ID_0000dead1"],
+     r"stage_2_test: 1 test image\(s\) have no prediction, e\.g\. ID_0000dead1 \(the submission would lack 6 rows\)"),
+    ("sample submission has an image the metadata lacks", _sample, lambda ids: ids + ["ID_0000dead1"],
+     r"sample\.csv: 1 test image\(s\) have no prediction, e\.g\. ID_0000dead1"),
+    ("sample submission of another test set", _sample, lambda ids: ids[1:], r"sample\.csv: has no test image ID_\w+"),
+    ("data prepare skipped a test file", _skipped_in_prepare, lambda ids: ids,
+     r"prepare\.json: `data prepare` skipped 1 unreadable test file\(s\), e\.g\. ID_0000dead1, so the submission would lack 6 rows"),
+]
+
+
+@pytest.mark.parametrize("case, make, ids_of, match", COVERAGE, ids=[c[0] for c in COVERAGE])
+def test_a_submission_short_of_the_real_test_set_is_refused(wd, tmp_path, case, make, ids_of, match):
+    ids = _test_ids(wd)
+    if make is not _skipped_in_prepare:
+        write_submission(wd, **make(wd, tmp_path / "complete", ids))  # the complete test set passes
+    kwargs = make(wd, tmp_path / "short", ids_of(list(ids)))
+    before = snapshot(wd.root)
+    with pytest.raises(ContractError, match=match) as info:
+        write_submission(wd, **kwargs)
+    assert "\n" not in str(info.value)
+    assert snapshot(wd.root) == before
+    if "another test set" not in case:
+        write_submission(wd, allow_incomplete=True, **kwargs)  # a known-short submission, on request

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,32 @@ METADATA_OPTIONAL = (
     "columns",
     "path",
 )
+
+# Model names: they become folder names and the first part of feature column names
+# (``<model>__<label>__<feature>``), beside the reserved prefixes of the other feature groups.
+MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+RESERVED_MODEL_NAMES = ("slice", "meta", "models")
+MODEL_RECORD = "model.json"
+
+
+def check_model_name(name, what: str = "model name") -> str:
+    """The one model-name rule of `base train --name` and `base import NAME`; a one-line StackkitError otherwise.
+
+    ``what`` names the option in the message (``--name`` for `base train`)."""
+    from stackkit.errors import StackkitError
+
+    text = name if isinstance(name, str) else ""
+    if not MODEL_NAME_PATTERN.match(text) or "__" in text:
+        raise StackkitError(
+            f"{what} {name!r} is not allowed; use letters, digits, '.', '_' or '-' "
+            "(starting with a letter or digit, no '__', at most 100 characters)"
+        )
+    if text in RESERVED_MODEL_NAMES:
+        raise StackkitError(
+            f"{what} {name!r} is reserved for feature columns ({', '.join(RESERVED_MODEL_NAMES)}); choose another name"
+        )
+    return text
+
 
 DEFAULT_WORKDIR = "artifacts"
 WORKDIR_ENV = "STACKKIT_WORKDIR"
@@ -102,6 +129,11 @@ class Workdir:
         return self.data_dir / "folds.parquet"
 
     @property
+    def prepare_record(self) -> Path:
+        """What `data prepare` scanned and skipped (optional: a hand-made work directory has none)."""
+        return self.data_dir / "prepare.json"
+
+    @property
     def preds_root(self) -> Path:
         return self.root / "preds"
 
@@ -118,14 +150,33 @@ class Workdir:
         return self.preds_dir(model) / "model.json"
 
     def model_names(self) -> list[str]:
-        """Models under preds/ that have both an oof and a test file, sorted by name."""
+        """Models under preds/, sorted by name; a model folder without its oof or test file is an error.
+
+        Skipped: names starting with '.' (sets being written; an old set an interrupted switch left
+        in place of a missing folder is moved back first) and folders holding nothing but an
+        unfinished `base train` (its ``_work/``)."""
         if not self.preds_root.is_dir():
             return []
-        return sorted(
-            p.name
-            for p in self.preds_root.iterdir()
-            if p.is_dir() and (p / "oof.parquet").is_file() and (p / "test.parquet").is_file()
-        )
+        from stackkit.contract.io import SET_OLD, recover_set
+        from stackkit.errors import ContractError
+
+        for p in list(self.preds_root.iterdir()):
+            if p.name.startswith(".") and SET_OLD in p.name:
+                recover_set(self.preds_root / p.name[1:].split(SET_OLD)[0], clean=False)
+        names = []
+        for p in sorted(self.preds_root.iterdir()):
+            if p.name.startswith(".") or not p.is_dir():
+                continue
+            present = {name: (p / name).is_file() for name in ("oof.parquet", "test.parquet", MODEL_RECORD)}
+            if present["oof.parquet"] and present["test.parquet"]:
+                names.append(p.name)
+            elif any(present.values()):
+                missing = " and ".join(name for name in ("oof.parquet", "test.parquet") if not present[name])
+                raise ContractError(
+                    f"{p}: model '{p.name}' has no {missing}; a model needs both: rerun `base train` or "
+                    "`base import --force` for it, or remove the folder"
+                )
+        return names
 
     @property
     def features_dir(self) -> Path:

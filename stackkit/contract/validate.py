@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 from stackkit.contract import LABELS, METADATA_REQUIRED, SPLITS, Workdir
 from stackkit.errors import ContractError, LeakageError
-from stackkit.contract.io import read_table
+from stackkit.contract.io import read_json, read_table, verify_set
 
 
 def _row_ref(frame: pd.DataFrame, position: int) -> str:
@@ -273,6 +273,22 @@ def read_test(path: os.PathLike, metadata: pd.DataFrame, workdir: Workdir | None
     source = _source(Path(path), workdir)
     test_ids = metadata.loc[metadata["split"] == "test", "image_id"]
     return validate_predictions(read_table(path, what="test prediction file"), source, expected_ids=test_ids, what="test")
+
+
+def verify_model_files(workdir: Workdir, model: str, names=("oof.parquet", "test.parquet")) -> None:
+    """Check preds/<model>/ files against the sha256 its model.json records (when it records them).
+
+    A work directory assembled by hand may have no model.json; a record that lists hashes must
+    match, else the folder mixes two versions of the model or was edited since."""
+    record_path = workdir.model_json(model)
+    if not record_path.is_file():
+        return
+    record = read_json(record_path)
+    hashes = record.get("sha256") if isinstance(record, dict) else None
+    if hashes is None:
+        return
+    verify_set(workdir.preds_dir(model), _source(record_path, workdir), hashes, names=names,
+               remedy=f"rerun `base train` or `base import --force` for model '{model}'")
 
 
 def load_core(workdir: Workdir) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:

@@ -17,7 +17,7 @@ import pandas as pd
 
 from stackkit.contract import LABELS, Workdir
 from stackkit.errors import ContractError, StackkitError
-from stackkit.contract.io import read_table, write_parquet
+from stackkit.contract.io import read_table, replace_dir, write_json, write_parquet
 from stackkit.contract.validate import ids_in, validate_folds, validate_labels, validate_metadata
 
 
@@ -222,10 +222,21 @@ def prepare_data(
     folds = folds.set_index("image_id").reindex(labels["image_id"]).reset_index()
     folds = validate_folds(folds, "data prepare (folds)", metadata, labels)
 
-    # Everything checked: only now touch the work directory.
-    write_parquet(metadata, workdir.metadata)
-    write_parquet(labels, workdir.labels)
-    write_parquet(folds, workdir.folds)
+    # Everything checked: only now touch the work directory. data/ is replaced as a set (other
+    # files in it are carried along), so metadata, labels, folds and the record always belong together.
+    test_set = set(test_paths)
+    record = {
+        "train_files": len(train_paths),
+        "test_files": len(test_paths),
+        "skipped": [{"path": path, "reason": reason, "split": "test" if path in test_set else "train"} for path, reason in skipped],
+        # submit refuses a submission that lacks these images (RSNA names files <SOPInstanceUID>.dcm)
+        "skipped_test_ids": sorted(Path(path).stem for path, _ in skipped if path in test_set),
+    }
+    with replace_dir(workdir.data_dir, keep=True) as folder:
+        write_parquet(metadata, folder / workdir.metadata.name)
+        write_parquet(labels, folder / workdir.labels.name)
+        write_parquet(folds, folder / workdir.folds.name)
+        write_json(record, folder / workdir.prepare_record.name)
 
     return _prepare_summary(workdir, metadata, labels, folds, n_folds, skipped, dropped_labels=n_parsed - len(labels))
 

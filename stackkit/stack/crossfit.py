@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stackkit.contract import CONTRACT_VERSION, LABELS, Workdir, folds_hash
+from stackkit.contract import CONTRACT_VERSION, LABELS, Workdir, file_sha256, folds_hash
 from stackkit.errors import ContractError, LeakageError, StackkitError
-from stackkit.contract.io import read_json, read_table, write_json, write_parquet
+from stackkit.contract.io import read_json, read_table, recover_set, replace_dir, verify_set, write_parquet, write_set_record
 from stackkit.metric import Score, weighted_log_loss
 from stackkit.stack.stackers import STACKERS, StackData, Stacker, get_stacker
 from stackkit.contract.validate import check_id_coverage, check_ids, load_core, require_columns, validate_predictions
@@ -26,6 +26,31 @@ from stackkit.contract.validate import check_id_coverage, check_ids, load_core, 
 # Share of the training folds' patients held out for early stopping.
 EARLY_STOPPING_FRACTION = 0.15
 RERUN_FEATURES = "rerun `stack features`"
+STACKER_RECORD = "meta.json"
+
+
+def check_feature_inputs(wd: Workdir, manifest: dict) -> None:
+    """Refuse features built from inputs that changed since: every file the manifest hashed must be unchanged.
+
+    Also refuses a model folder that lost its test (or oof) file (``Workdir.model_names``) or whose
+    files are not the ones its model.json lists (the blend reads them too)."""
+    from stackkit.contract.validate import verify_model_files
+
+    for model in wd.model_names():
+        verify_model_files(wd, model)
+    inputs = manifest.get("inputs", {})
+    if not isinstance(inputs, dict):
+        raise ContractError(f"features/manifest.json: 'inputs' must map input files to sha256; {RERUN_FEATURES}")
+    for rel, recorded in inputs.items():
+        path = wd.root / rel
+        parts = Path(rel).parts
+        what = f"model '{parts[1]}'" if len(parts) == 3 and parts[0] == wd.preds_root.name else rel
+        if not path.is_file():
+            raise ContractError(f"features/manifest.json: input {rel} ({what}) no longer exists; {RERUN_FEATURES}")
+        if file_sha256(path) != recorded:
+            raise ContractError(
+                f"features/manifest.json: {rel} ({what}) changed after the features were built (sha256 differs); {RERUN_FEATURES}"
+            )
 
 
 @dataclass
@@ -86,22 +111,28 @@ def load_stack_inputs(workdir) -> StackInputs:
     """features/*.parquet + manifest + data/ -> :class:`StackInputs`, checked for fold leakage."""
     wd = Workdir.of(workdir)
     metadata, labels, folds = load_core(wd)
+    recover_set(wd.features_dir, clean=False)
     for path in (wd.features_manifest, wd.features_train, wd.features_test):
         if not path.is_file():
             raise StackkitError(f"{path}: not found; run `stack features` first")
     manifest = read_json(wd.features_manifest)
+    if not isinstance(manifest, dict):
+        raise ContractError(f"features/manifest.json: expected a JSON object; {RERUN_FEATURES}")
     current_hash = folds_hash(folds["image_id"].to_numpy(dtype=object), folds["fold"].to_numpy())
     if manifest.get("folds_hash") != current_hash:
         raise LeakageError(
             f"features/manifest.json: folds_hash {str(manifest.get('folds_hash'))[:12]}... differs from data/folds.parquet "
             f"({current_hash[:12]}...): features were built from a different folds file: {RERUN_FEATURES}"
         )
+    check_feature_inputs(wd, manifest)
     feature_columns = manifest.get("feature_columns")
     if not isinstance(feature_columns, list) or not feature_columns or not all(isinstance(c, str) for c in feature_columns):
         raise ContractError(f"features/manifest.json: 'feature_columns' must be a non-empty list of column names; {RERUN_FEATURES}")
 
     train = _features_frame(wd.features_train, ("image_id", "study_id", "fold", "slice_index"), feature_columns, wd)
     test = _features_frame(wd.features_test, ("image_id", "study_id", "slice_index"), feature_columns, wd)
+    if "sha256" in manifest:  # written by `stack features` as a set: the tables must be the ones this manifest lists
+        verify_set(wd.features_dir, "features/manifest.json", manifest["sha256"], remedy=RERUN_FEATURES)
     check_id_coverage(train["image_id"], folds["image_id"], "features/train.parquet", "labeled")
     test_ids = metadata.loc[metadata["split"] == "test", "image_id"]
     check_id_coverage(test["image_id"], test_ids, "features/test.parquet", "test")
@@ -251,28 +282,30 @@ def save_stacker_result(workdir, result: StackerResult) -> None:
     oof = validate_predictions(result.oof, f"{source}/oof.parquet", expected_ids=folds["image_id"], what="labeled", folds=folds)
     test_ids = metadata.loc[metadata["split"] == "test", "image_id"]
     test = validate_predictions(result.test, f"{source}/test.parquet", expected_ids=test_ids, what="test")
-    for k, model in enumerate(result.models):
-        model.save(directory / f"fold{k}")
-    write_parquet(oof, directory / "oof.parquet")
-    write_parquet(test, directory / "test.parquet")
-    if result.importance is not None:
-        write_parquet(result.importance, directory / "importance.parquet")
-    write_json(
-        {
-            "contract_version": CONTRACT_VERSION,
-            "stacker": result.name,
-            "params": result.params,
-            "score": result.score.as_dict(),
-            "fold_scores": result.fold_scores,
-            "seconds": result.seconds,
-            "n_folds": len(result.models),
-            "feature_columns": result.feature_columns,
-            "folds_hash": result.folds_hash,
-            "tuning": result.tuning,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        },
-        directory / "meta.json",
-    )
+    record = {
+        "contract_version": CONTRACT_VERSION,
+        "stacker": result.name,
+        "params": result.params,
+        "score": result.score.as_dict(),
+        "fold_scores": result.fold_scores,
+        "seconds": result.seconds,
+        "n_folds": len(result.models),
+        "feature_columns": result.feature_columns,
+        "folds_hash": result.folds_hash,
+        "tuning": result.tuning,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    # stack/<name>/ is replaced as a set: fold models, predictions and meta.json (last, with the
+    # sha256 of every other file) go into a sibling folder switched in at once, so a fold never
+    # holds models of two runs and the predictions always belong to the models beside them.
+    with replace_dir(directory) as folder:
+        for k, model in enumerate(result.models):
+            model.save(folder / f"fold{k}")
+        write_parquet(oof, folder / "oof.parquet")
+        write_parquet(test, folder / "test.parquet")
+        if result.importance is not None:
+            write_parquet(result.importance, folder / "importance.parquet")
+        write_set_record(folder, STACKER_RECORD, record)
 
 
 def load_stacker_models(workdir, name: str) -> list[Stacker]:
@@ -281,10 +314,15 @@ def load_stacker_models(workdir, name: str) -> list[Stacker]:
     if name not in STACKERS:
         get_stacker(name)  # raises the one-line "unknown stacker" error
     directory = wd.stack_dir(name)
-    meta_path = directory / "meta.json"
+    recover_set(directory, clean=False)
+    meta_path = directory / STACKER_RECORD
     if not meta_path.is_file():
         raise StackkitError(f"{meta_path}: not found; run `stack fit --stackers {name}` first")
     meta = read_json(meta_path)
+    if not isinstance(meta, dict):
+        raise ContractError(f"{meta_path}: expected a JSON object; refit with `stack fit`")
+    if "sha256" in meta:
+        verify_set(directory, meta_path, meta["sha256"], remedy=f"refit with `stack fit --stackers {name}`")
     n_folds = meta.get("n_folds")
     if not isinstance(n_folds, int) or n_folds < 1:
         raise ContractError(f"{meta_path}: 'n_folds' must be a positive integer; refit with `stack fit`")

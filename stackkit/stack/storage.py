@@ -105,7 +105,35 @@ def _journal(path: Path):
             pass
     except OSError as exc:
         raise StackkitError(f"{path}: cannot write the Optuna journal here ({exc.strerror or exc}); pass --storage with a writable path") from exc
+    check_journal(path)
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+def check_journal(path: Path) -> None:
+    """Every complete line of an Optuna journal file must be a JSON record with an ``op_code``.
+
+    Optuna reads the journal lazily and fails mid-study with a JSONDecodeError (a corrupted line)
+    or a UnicodeDecodeError (a binary file such as a Parquet file given as --storage); this reads it
+    once up front and names the file and the line instead. A last line without its newline (a
+    writer killed mid-append) is left to Optuna, which skips it."""
+    import json
+
+    try:
+        with open(path, "rb") as handle:
+            for number, raw in enumerate(handle, 1):
+                if not raw.endswith(b"\n"):
+                    break
+                try:
+                    record = json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, ValueError):
+                    record = None
+                if not isinstance(record, dict) or "op_code" not in record:
+                    raise StackkitError(
+                        f"{path}: line {number} is not an Optuna journal record; the file is corrupted or not an Optuna "
+                        "journal: pass --storage with another file (or move this one away to start the studies afresh)"
+                    )
+    except OSError as exc:
+        raise StackkitError(f"{path}: cannot read the Optuna journal ({exc.strerror or exc}); pass --storage with a readable path") from exc
 
 
 def _rdb(url: str, scheme: str, heartbeat_interval: int | None, *, shown: str):

@@ -1,6 +1,7 @@
 """stackkit.contract (work-directory paths, slice order) and stackkit.contract.io (atomic writes, readers, sidecars)."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -98,3 +99,96 @@ def test_read_artifact_refuses_a_file_its_sidecar_does_not_vouch_for(tmp_path, d
     with pytest.raises(StackkitError, match=message + r".*retrain it") as info:
         read_artifact(path, "retrain it")
     assert "\n" not in str(info.value)
+
+
+WRITE_FAILURES = [
+    # (exception raised by the write itself, message expected after the destination path)
+    (OSError("Error writing bytes to file. Detail: [errno 28] No space left on device"), r"cannot write: no space left on device; free some space"),
+    (OSError(122, "Disk quota exceeded"), r"cannot write: disk quota exceeded"),
+    (OSError(30, "Read-only file system"), r"cannot write: read-only file system; use --workdir on a writable disk"),
+    (PermissionError(13, "Permission denied"), r"cannot write: permission denied"),
+    (FileNotFoundError(2, "No such file or directory"), r"cannot write: no such file or folder"),
+    (OSError("something else"), r"cannot write \(something else\)"),
+]
+
+
+@pytest.mark.parametrize("error, message", WRITE_FAILURES, ids=[str(e)[:30] for e, _ in WRITE_FAILURES])
+def test_a_failed_write_names_the_destination_and_keeps_the_old_file(tmp_path, monkeypatch, error, message):
+    from stackkit.contract.io import ArtifactWriteError
+
+    target = tmp_path / "x.parquet"
+    write_parquet(pd.DataFrame({"a": [1]}), target)
+    before = target.read_bytes()
+
+    def failing_write(self, path, **kwargs):
+        with open(path, "wb") as handle:
+            handle.write(b"PAR1 half")
+        raise error
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", failing_write)
+    with pytest.raises(ArtifactWriteError, match=rf"^{re.escape(str(target))}: {message}") as info:
+        write_parquet(pd.DataFrame({"a": [2]}), target)
+    assert "\n" not in str(info.value)
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["x.parquet"]
+
+
+def test_a_failed_set_write_names_the_file_in_the_destination_and_keeps_the_old_set(tmp_path):
+    from stackkit.contract.io import ArtifactWriteError, replace_dir, write_set_record
+
+    folder = tmp_path / "preds" / "m"
+    with replace_dir(folder) as new:
+        (new / "oof.parquet").write_bytes(b"old oof")
+        write_set_record(new, "model.json", {"name": "m"})
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(ArtifactWriteError, match=r"preds/m/test\.parquet: cannot write: no space left on device"):
+        with replace_dir(folder) as new:
+            (new / "oof.parquet").write_bytes(b"new oof")
+            with atomic_path(new / "test.parquet") as tmp:
+                raise OSError(28, "No space left on device")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["m"]
+
+
+def test_the_cli_turns_any_oserror_into_one_line(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    import stackkit.submit
+    from stackkit.cli import cli
+
+    def fail(*args, **kwargs):
+        raise OSError("IOError: Error writing bytes to file. Detail: [errno 28] No space left on device")  # no filename
+
+    monkeypatch.setattr(stackkit.submit, "write_submission", fail)
+    result = CliRunner().invoke(cli, ["submit", "--workdir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "Error: (a file stackkit was reading or writing): cannot read or write: no space left on device; free some space "
+        "(or use --workdir on a larger disk) and rerun"
+    ]
+
+
+def test_a_set_switch_without_atomic_exchange_fails_back_to_the_old_set(tmp_path, monkeypatch):
+    """Where renameat2 is missing the switch is two renames; a failure between them restores the old set."""
+    import stackkit.contract.io as io
+
+    folder = tmp_path / "m"
+    with io.replace_dir(folder) as new:
+        (new / "a").write_bytes(b"old")
+    monkeypatch.setattr(io, "_exchange", lambda a, b: False)
+    with io.replace_dir(folder) as new:
+        (new / "a").write_bytes(b"new")
+    assert (folder / "a").read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if ".tmp-" in str(src):
+            raise OSError(28, "No space left on device")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(io.os, "rename", rename)
+    with pytest.raises(io.ArtifactWriteError, match=r"m: cannot write: no space left"):
+        with io.replace_dir(folder) as new:
+            (new / "a").write_bytes(b"newer")
+    assert (folder / "a").read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["m"]

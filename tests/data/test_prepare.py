@@ -126,6 +126,19 @@ def test_non_strict_skips_corrupt_files_by_name_and_drops_their_labels(data, tmp
     assert summary["train_images"] == len(train_files) - 2 == len(folds)
 
 
+def test_skipped_test_files_are_recorded_for_submit(data, tmp_path):
+    import json
+
+    test_files = sorted((data / TEST_DIR).glob("*.dcm"))
+    h.truncate(test_files[0])
+    with pytest.warns(SkippedDicomWarning):
+        run(data, tmp_path / "work")
+    record = json.loads(Workdir(tmp_path / "work").prepare_record.read_text())
+    assert record["skipped_test_ids"] == [test_files[0].stem]
+    assert record["test_files"] == len(test_files)
+    assert [s["split"] for s in record["skipped"]] == ["test"]
+
+
 def _edit_csv(edit):
     def corrupt(data: Path) -> dict:
         path = data / TRAIN_CSV

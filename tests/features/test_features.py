@@ -302,8 +302,19 @@ def test_run_stack_features_writes_tables_and_a_manifest_of_every_column(tmp_pat
 
 
 def _no_predictions(wd):
+    import shutil
+
     for model in ("cnn_a", "cnn_b"):
-        wd.oof(model).unlink()
+        shutil.rmtree(wd.preds_dir(model))
+
+
+def _no_dicom_columns(wd):
+    metadata = pd.read_parquet(wd.metadata)
+    write_parquet(metadata[["image_id", "patient_id", "study_id", "split", "z"]], wd.metadata)
+
+
+def _test_file_missing(wd):
+    wd.test("cnn_b").unlink()
 
 
 def _study_over_two_folds(wd):
@@ -330,6 +341,8 @@ def _test_preds_missing_an_image(wd):
     "breaker, kwargs, error, match",
     [
         (_no_predictions, {}, StackkitError, r"^no predictions under preds/: run base train or base import$"),
+        (_test_file_missing, {}, ContractError, r"preds/cnn_b: model 'cnn_b' has no test\.parquet; a model needs both"),
+        (_no_dicom_columns, {"dicom_meta": True}, ContractError, r"metadata\.parquet: --dicom-meta needs DICOM header columns .* found none"),
         (_study_over_two_folds, {}, LeakageError, r"data/folds.parquet: (patient|study) 'ID_\w+' is spread over several folds"),
         (_oof_with_foreign_fold, {}, LeakageError, r"preds/cnn_b/oof.parquet: fold \d at row 4 .* disagrees with data/folds.parquet"),
         (_test_preds_missing_an_image, {}, ContractError, r"preds/cnn_a/test.parquet: 1 test image\(s\) missing"),
