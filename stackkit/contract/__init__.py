@@ -41,6 +41,8 @@ METADATA_OPTIONAL = (
     "path",
 )
 
+EMBEDDINGS_DIR = "embeddings"
+
 DEFAULT_WORKDIR = "artifacts"
 WORKDIR_ENV = "STACKKIT_WORKDIR"
 THREADS_ENV = "STACKKIT_THREADS"
@@ -116,6 +118,17 @@ class Workdir:
 
     def model_json(self, model: str) -> Path:
         return self.preds_dir(model) / "model.json"
+
+    def embeddings_dir(self, model: str) -> Path:
+        """preds/<model>/embeddings/: optional (v2) pooled CNN features, see stackkit.contract.embeddings."""
+        return self.preds_dir(model) / EMBEDDINGS_DIR
+
+    def oof_embeddings(self, model: str) -> Path:
+        return self.embeddings_dir(model) / "oof.npy"
+
+    def test_embeddings(self, model: str, fold: int | None = None) -> Path:
+        """``test_fold<k>.npy`` of fold model ``fold``, or ``test.npy`` (one embedding per test image) for None."""
+        return self.embeddings_dir(model) / ("test.npy" if fold is None else f"test_fold{int(fold)}.npy")
 
     def model_names(self) -> list[str]:
         """Models under preds/ that have both an oof and a test file, sorted by name."""
