@@ -141,12 +141,14 @@ def load_stack_inputs(workdir) -> StackInputs:
         slice_index=train_keys["slice_index"].to_numpy(),
         Y=Y,
         image_ids=train_keys["image_id"].to_numpy(),
+        feature_names=tuple(feature_columns),
     )
     test_data = StackData(
         X=test[feature_columns].to_numpy(dtype=np.float32),
         study_codes=study_codes[len(train) :],
         slice_index=test_keys["slice_index"].to_numpy(),
         image_ids=test_keys["image_id"].to_numpy(),
+        feature_names=tuple(feature_columns),
     )
     from stackkit.stack.stackers.base import check_labels
 

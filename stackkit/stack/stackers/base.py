@@ -56,6 +56,11 @@ class StackData:
     ``slice_index``: int (n,) position of the slice in its study (ordered by z).
     ``Y``: (n, 6) 0/1 labels in LABELS order, ``None`` for prediction.
     ``image_ids``: optional (n,) ids, used only to name rows in error messages.
+    ``feature_names``: optional names of the f columns (features/manifest.json): sequence
+    stackers derive from them how a study reversed in z looks (:func:`features.build.reversal_map`).
+    ``embeddings``: optional per-slice embeddings of the base models that have them, one
+    :class:`EmbeddingSet` per embedding space: one for OOF rows, one per base fold model (or one)
+    for test rows. Stackers that do not use embeddings ignore them.
     """
 
     X: np.ndarray
@@ -63,6 +68,8 @@ class StackData:
     slice_index: np.ndarray
     Y: np.ndarray | None = None
     image_ids: np.ndarray | None = None
+    feature_names: tuple[str, ...] | None = None
+    embeddings: tuple["EmbeddingSet", ...] = ()
 
     def __post_init__(self):
         n = len(self.X)
@@ -72,6 +79,11 @@ class StackData:
             value = getattr(self, name)
             if value is not None and len(value) != n:
                 raise StackkitError(f"StackData.{name} has {len(value)} rows but X has {n}; they must align row by row")
+        if self.feature_names is not None and len(self.feature_names) != np.shape(self.X)[1]:
+            raise StackkitError(f"StackData.feature_names has {len(self.feature_names)} names but X has {np.shape(self.X)[1]} columns")
+        for emb in self.embeddings:
+            if len(emb.rows) != n:
+                raise StackkitError(f"StackData.embeddings has {len(emb.rows)} rows but X has {n}; they must align row by row")
 
     def __len__(self) -> int:
         return len(self.X)
@@ -89,7 +101,43 @@ class StackData:
             slice_index=self.slice_index[rows],
             Y=None if self.Y is None else self.Y[rows],
             image_ids=None if self.image_ids is None else self.image_ids[rows],
+            feature_names=self.feature_names,
+            embeddings=tuple(e.take(rows) for e in self.embeddings),
         )
+
+    def without_embeddings(self) -> "StackData":
+        return StackData(self.X, self.study_codes, self.slice_index, self.Y, self.image_ids, self.feature_names)
+
+
+@dataclass(frozen=True)
+class EmbeddingSet:
+    """The embeddings of several base models in one space (OOF rows, or one base fold model's test rows).
+
+    ``names``: the models; ``arrays``: per model a (file rows, D_m) array, memory-mapped float16
+    (never loaded whole); ``rows``: int64 (n, n_models), the file row each data row reads.
+    """
+
+    names: tuple[str, ...]
+    arrays: tuple[np.ndarray, ...]
+    rows: np.ndarray
+
+    def __post_init__(self):
+        if len(self.names) != len(self.arrays) or np.shape(self.rows)[1:] != (len(self.names),):
+            raise StackkitError(f"EmbeddingSet: {len(self.names)} names, {len(self.arrays)} arrays and rows of shape {np.shape(self.rows)} disagree")
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        return tuple(int(a.shape[1]) for a in self.arrays)
+
+    def take(self, rows: np.ndarray) -> "EmbeddingSet":
+        return EmbeddingSet(self.names, self.arrays, self.rows[np.asarray(rows)])
+
+    def gather(self, model: int, positions: np.ndarray) -> np.ndarray:
+        """float32 (len(positions), D) embeddings of data rows ``positions`` for model ``model``:
+        one sorted read of the distinct file rows, cast per batch (never the whole array)."""
+        file_rows = self.rows[np.asarray(positions), model]
+        unique, inverse = np.unique(file_rows, return_inverse=True)
+        return np.asarray(self.arrays[model][unique], dtype=np.float32)[inverse]
 
 
 # --- validation -------------------------------------------------------------------------------
@@ -429,8 +477,15 @@ class NeuralStacker(Stacker):
     def _build_module(self, n_inputs: int, params: dict): ...
 
     @abc.abstractmethod
-    def _prepare(self, Z: np.ndarray, data: StackData, Y: np.ndarray | None):
-        """Arrays/tensors the batching and prediction below work on."""
+    def _prepare(self, X: np.ndarray, data: StackData, Y: np.ndarray | None):
+        """Arrays/tensors the batching and prediction below work on, from the raw features ``X``
+        (standardize them with :meth:`_standardize`)."""
+
+    def _standardize(self, X: np.ndarray) -> np.ndarray:
+        return self.scaler.transform(X)
+
+    def _fit_inputs(self, train: StackData, X_train: np.ndarray, params: dict) -> None:
+        """Hook before the module is built: fit whatever else the inputs need (the scaler is fitted)."""
 
     @abc.abstractmethod
     def _train_batches(self, module, prepared, params: dict, generator):
@@ -446,8 +501,9 @@ class NeuralStacker(Stacker):
         import torch
 
         self.scaler = FeatureScaler.fit(X_train)
-        prepared_train = self._prepare(self.scaler.transform(X_train), train, Y_train)
-        prepared_valid = self._prepare(self.scaler.transform(X_valid), valid, None)
+        self._fit_inputs(train, X_train, params)
+        prepared_train = self._prepare(X_train, train, Y_train)
+        prepared_valid = self._prepare(X_valid, valid, None)
         targets_valid = torch.from_numpy(Y_valid)
         weights = torch.from_numpy(label_weights())
         previous_threads = torch.get_num_threads()
@@ -468,7 +524,8 @@ class NeuralStacker(Stacker):
                         optimizer.step()
                     module.eval()
                     with torch.no_grad():
-                        valid_loss = float(weighted_bce(self._predict_logits(module, prepared_valid, params, False), targets_valid, weights))
+                        # score what prediction returns (with its test-time augmentation, if any)
+                        valid_loss = float(weighted_bce(self._predict_logits(module, prepared_valid, params, True), targets_valid, weights))
                     if valid_loss < best_loss - 1e-5:
                         best_loss, best_state, stale = valid_loss, copy.deepcopy(module.state_dict()), 0
                     else:
@@ -487,7 +544,7 @@ class NeuralStacker(Stacker):
         previous_threads = torch.get_num_threads()
         torch.set_num_threads(int(self.params["num_threads"]))
         try:
-            prepared = self._prepare(self.scaler.transform(X), data, None)
+            prepared = self._prepare(X, data, None)
             with torch.no_grad():
                 return torch.sigmoid(self._predict_logits(self.module, prepared, self.params, True)).numpy()
         finally:
