@@ -24,7 +24,7 @@ from __future__ import annotations
 import abc
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -120,6 +120,11 @@ class EmbeddingSet:
     names: tuple[str, ...]
     arrays: tuple[np.ndarray, ...]
     rows: np.ndarray
+    # bytes gathered since the mapped pages were last released (shared by the subsets of one set)
+    _read: list = field(default_factory=lambda: [0], compare=False, repr=False)
+
+    # drop the memory-mapped pages read so far after this many bytes: RSS stays bounded
+    RELEASE_BYTES: ClassVar[int] = 512 << 20
 
     def __post_init__(self):
         if len(self.names) != len(self.arrays) or np.shape(self.rows)[1:] != (len(self.names),):
@@ -130,7 +135,21 @@ class EmbeddingSet:
         return tuple(int(a.shape[1]) for a in self.arrays)
 
     def take(self, rows: np.ndarray) -> "EmbeddingSet":
-        return EmbeddingSet(self.names, self.arrays, self.rows[np.asarray(rows)])
+        return EmbeddingSet(self.names, self.arrays, self.rows[np.asarray(rows)], self._read)
+
+    def note_read(self, n_rows: int) -> None:
+        """Count ``n_rows`` gathered rows; past :attr:`RELEASE_BYTES`, release the mapped pages."""
+        self._read[0] += int(n_rows) * sum(self.dims) * 2
+        if self._read[0] >= self.RELEASE_BYTES:
+            self.release()
+
+    def release(self) -> None:
+        """Drop this process's resident pages of every array (they stay in the OS page cache)."""
+        from stackkit.contract.embeddings import release_pages
+
+        for array in self.arrays:
+            release_pages(array)
+        self._read[0] = 0
 
     def gather(self, model: int, positions: np.ndarray) -> np.ndarray:
         """float32 (len(positions), D) embeddings of data rows ``positions`` for model ``model``:
