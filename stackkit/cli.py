@@ -194,8 +194,10 @@ def base():
 @click.option("--resume", is_flag=True, help="Continue at the first unfinished fold.")
 @click.option("--tta", is_flag=True, help="Average predictions with horizontally flipped images.")
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(0, None), help="DataLoader worker processes. On CPU, training uses one thread per 128x128 pixels of input; set OMP_NUM_THREADS to override.")
+@click.option("--embeddings/--no-embeddings", default=True, show_default=True,
+              help="Also write each fold model's pooled features before the head (preds/NAME/embeddings/, float16).")
 @progress_option
-def base_train(wd, name, arch, context, epochs, batch_size, lr, img_size, folds, device, seed, resume, tta, workers, quiet):
+def base_train(wd, name, arch, context, epochs, batch_size, lr, img_size, folds, device, seed, resume, tta, workers, embeddings, quiet):
     """Train a CNN over the folds of data/folds.parquet and write preds/NAME/.
 
     One model per fold, trained on the other folds: it predicts its own fold (out-of-fold)
@@ -205,7 +207,7 @@ def base_train(wd, name, arch, context, epochs, batch_size, lr, img_size, folds,
 
     summary = train_base(wd, name=name, arch=arch, context=context, epochs=epochs, batch_size=batch_size, lr=lr,
                          img_size=img_size, folds=_int_list(folds), device=device, seed=seed, resume=resume,
-                         tta=tta, workers=workers, progress=not quiet)
+                         tta=tta, workers=workers, progress=not quiet, embeddings=embeddings)
     _print_summary("base train", summary)
 
 

@@ -99,6 +99,32 @@ def write_embeddings(array: np.ndarray, path, rows: np.ndarray | None = None) ->
     return Path(path)
 
 
+def write_embedding_parts(path, n_rows: int, dim: int, parts) -> Path:
+    """A float16 ``.npy`` of ``n_rows`` rows assembled from ``parts`` [(array, destination rows)],
+    atomically and in bounded chunks; every row must be written exactly once."""
+    from numpy.lib.format import open_memmap
+
+    from stackkit.contract.io import atomic_path
+
+    seen = np.zeros(n_rows, dtype=np.int64)
+    for array, destination in parts:
+        if array.ndim != 2 or array.shape[1] != dim or len(destination) != len(array):
+            raise ContractError(f"{path}: a part of shape {array.shape} does not fit {len(destination)} rows of dimension {dim}")
+        np.add.at(seen, np.asarray(destination), 1)
+    if (seen != 1).any():
+        raise ContractError(f"{path}: {int((seen == 0).sum())} rows missing and {int((seen > 1).sum())} written twice; the parts must cover every row once")
+    with atomic_path(path) as tmp:
+        out = open_memmap(tmp, mode="w+", dtype=EMBEDDING_DTYPE, shape=(n_rows, dim))
+        step = _chunk_rows(dim)
+        for array, destination in parts:
+            destination = np.asarray(destination)
+            for start in range(0, len(array), step):
+                out[destination[start : start + step]] = np.asarray(array[start : start + step]).astype(EMBEDDING_DTYPE, copy=False)
+        out.flush()
+        del out
+    return Path(path)
+
+
 def test_file_names(n_test_files: int) -> list[str]:
     """Names of the test embedding files: ``test.npy`` for one, ``test_fold<k>.npy`` for one per fold model."""
     return ["test.npy"] if n_test_files == 1 else [f"test_fold{k}.npy" for k in range(n_test_files)]
@@ -208,5 +234,6 @@ __all__ = [
     "release_pages",
     "remove_stale_embeddings",
     "test_file_names",
+    "write_embedding_parts",
     "write_embeddings",
 ]
