@@ -24,6 +24,7 @@ from __future__ import annotations
 import abc
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -225,16 +226,26 @@ class FeatureScaler:
     indicator_columns: np.ndarray  # features that had a NaN in training: get a 0/1 missing column
 
     @classmethod
-    def fit(cls, X: np.ndarray) -> "FeatureScaler":
-        X = np.asarray(X, dtype=np.float64)
-        missing = np.isnan(X)
-        all_missing = missing.all(axis=0)
-        with np.errstate(invalid="ignore"):
-            mean = np.where(all_missing, 0.0, np.nanmean(np.where(all_missing, 0.0, X), axis=0))
-            std = np.where(all_missing, 1.0, np.nanstd(np.where(all_missing, 0.0, X), axis=0))
+    def fit(cls, X: np.ndarray, block: int = 64) -> "FeatureScaler":
+        """Training mean / std per column, in float64 over blocks of ``block`` columns (no full float64 copy)."""
+        X = np.asarray(X)
+        n_columns = X.shape[1]
+        mean = np.zeros(n_columns, dtype=np.float64)
+        std = np.ones(n_columns, dtype=np.float64)
+        any_missing = np.zeros(n_columns, dtype=bool)
+        for start in range(0, n_columns, block):
+            part = np.asarray(X[:, start : start + block], dtype=np.float64)
+            missing = np.isnan(part)
+            all_missing = missing.all(axis=0)
+            filled = np.where(all_missing, 0.0, part)
+            with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column: handled by all_missing
+                mean[start : start + block] = np.where(all_missing, 0.0, np.nanmean(filled, axis=0))
+                std[start : start + block] = np.where(all_missing, 1.0, np.nanstd(filled, axis=0))
+            any_missing[start : start + block] = missing.any(axis=0)
         # constant columns would divide by zero; they carry no signal anyway
         scale = np.where(std > 1e-12, std, 1.0)
-        return cls(mean.astype(np.float32), scale.astype(np.float32), np.flatnonzero(missing.any(axis=0)).astype(np.int64))
+        return cls(mean.astype(np.float32), scale.astype(np.float32), np.flatnonzero(any_missing).astype(np.int64))
 
     @property
     def n_outputs(self) -> int:

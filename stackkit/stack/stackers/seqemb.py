@@ -218,9 +218,10 @@ class EmbeddingSequenceStacker(SequenceStacker):
         row_study, row_position, lengths = study_layout(data.study_codes, data.slice_index)
         order = np.lexsort((row_position, row_study))
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        # raw features kept by reference: a batch standardizes (and reverses) only its own rows,
+        # so no (rows, features) copy is made at any scale
         return {
-            "Z": self._standardize(X),
-            "Z_reversed": self._standardize(self._reversed_features(X)),
+            "X": X,
             "Y": None if Y is None else np.asarray(Y, dtype=np.float32),
             "order": order,
             "starts": starts,
@@ -240,7 +241,10 @@ class EmbeddingSequenceStacker(SequenceStacker):
         flipped = reverse[batch_of]
         position = crop_start[batch_of] + np.where(flipped, lengths[batch_of] - 1 - step, step)
         rows = prepared["order"][prepared["starts"][studies][batch_of] + position]
-        features = np.where(flipped[:, None], prepared["Z_reversed"][rows], prepared["Z"][rows])
+        raw = prepared["X"][rows]
+        if flipped.any():
+            raw[flipped] = self._reversed_features(raw[flipped])
+        features = self._standardize(raw)
         x = np.zeros((len(studies), width, features.shape[1]), dtype=np.float32)
         x[batch_of, step] = features
         embeddings = []
@@ -279,7 +283,7 @@ class EmbeddingSequenceStacker(SequenceStacker):
         import torch
 
         lengths_all = prepared["lengths"]
-        n_studies, n_rows = len(lengths_all), len(prepared["Z"])
+        n_studies, n_rows = len(lengths_all), len(prepared["X"])
         step_size = max(1, 4 * int(params["batch_size"]))
         variants = range(max(1, len(prepared["sets"])))
         directions = (False, True) if tta else (False,)
