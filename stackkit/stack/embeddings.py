@@ -74,8 +74,13 @@ def fit_projection(emb: EmbeddingSet, rows: np.ndarray, n_components: int = 8, m
     for m in range(len(emb.names)):
         values = emb.gather(m, rows).astype(np.float64)
         mean = values.mean(axis=0)
-        _, _, vt = np.linalg.svd(values - mean, full_matrices=False)
-        out.append((mean.astype(np.float32), vt[:n_components].T.astype(np.float32)))
+        values -= mean
+        # the covariance's eigenvectors: one (D, D) product and eigh, cheaper than an SVD of the rows
+        eigenvalues, vectors = np.linalg.eigh(values.T @ values)
+        top = vectors[:, np.argsort(eigenvalues)[::-1][:n_components]]
+        # a deterministic sign: the largest entry of each component positive
+        top *= np.sign(top[np.argmax(np.abs(top), axis=0), np.arange(top.shape[1])])
+        out.append((mean.astype(np.float32), top.astype(np.float32)))
     emb.release()
     return out
 

@@ -215,3 +215,27 @@ def test_load_stack_inputs_without_embeddings_and_with_a_changed_file(seq_workdi
     with pytest.raises(ContractError, match=r"preds/model1/embeddings/oof\.npy: sha256 mismatch .*re-import or retrain"):
         load_stack_inputs(wd)
 
+
+
+def test_pca_projection_is_fitted_on_the_given_rows_only(inputs):
+    from stackkit.stack.embeddings import fit_projection, project, projection_names
+
+    emb = inputs.train.embeddings[0]
+    training = np.flatnonzero(inputs.folds != 0)
+    projection = fit_projection(emb, training, n_components=3)
+    # the held-out fold's rows changed beyond recognition: the projection does not move
+    held_file_rows = emb.rows[inputs.folds == 0]
+    changed = []
+    for m, array in enumerate(emb.arrays):
+        values = np.asarray(array, dtype=np.float16).copy()
+        values[held_file_rows[:, m]] = 100.0
+        changed.append(values)
+    again = fit_projection(EmbeddingSet(emb.names, tuple(changed), emb.rows), training, n_components=3)
+    for (mean, components), (mean2, components2) in zip(projection, again):
+        np.testing.assert_array_equal(mean, mean2)
+        np.testing.assert_allclose(components, components2, atol=1e-6)
+    columns = project(emb, projection)
+    assert columns.shape == (len(inputs.train), 6) and np.isfinite(columns).all()
+    assert projection_names(emb, projection)[:2] == ["model0__emb__pc1", "model0__emb__pc2"]
+    # the leading component is centered on the training rows
+    assert abs(float(columns[training, 0].mean())) < 1e-3
