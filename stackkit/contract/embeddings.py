@@ -209,14 +209,29 @@ def read_model_embeddings(wd: Workdir, model: str, record: dict, *, n_oof: int, 
     return ModelEmbeddings(model, dim, arrays[0], tuple(arrays[1:]))
 
 
-def release_pages(array: np.ndarray) -> None:
-    """Drop the resident pages of a memory-mapped array from this process (they stay in the page
-    cache): reading a 35 GB set of files once would otherwise count all of it in the process's RSS."""
+def _mmap_of(array):
     base = array
     while base is not None and not isinstance(getattr(base, "_mmap", None), mmap.mmap):
         base = getattr(base, "base", None)
     handle = getattr(base, "_mmap", None) if base is not None else None
-    if isinstance(handle, mmap.mmap) and hasattr(handle, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+    return handle if isinstance(handle, mmap.mmap) and hasattr(handle, "madvise") else None
+
+
+def advise_random(array: np.ndarray) -> None:
+    """Tell the kernel a memory-mapped array is read at scattered rows (no readahead)."""
+    handle = _mmap_of(array)
+    if handle is not None and hasattr(mmap, "MADV_RANDOM"):
+        try:
+            handle.madvise(mmap.MADV_RANDOM)
+        except (OSError, ValueError):
+            pass
+
+
+def release_pages(array: np.ndarray) -> None:
+    """Drop the resident pages of a memory-mapped array from this process (they stay in the page
+    cache): reading a 35 GB set of files once would otherwise count all of it in the process's RSS."""
+    handle = _mmap_of(array)
+    if handle is not None and hasattr(mmap, "MADV_DONTNEED"):
         try:
             handle.madvise(mmap.MADV_DONTNEED)
         except (OSError, ValueError):
@@ -225,6 +240,7 @@ def release_pages(array: np.ndarray) -> None:
 
 __all__ = [
     "EMBEDDING_DTYPE",
+    "advise_random",
     "ModelEmbeddings",
     "check_embedding_array",
     "embedding_record",

@@ -96,7 +96,6 @@ def project(emb: EmbeddingSet, projection, positions: np.ndarray | None = None, 
         for m, (mean, components) in enumerate(projection):
             out[start : start + len(part), col : col + components.shape[1]] = (emb.gather(m, part) - mean) @ components
             col += components.shape[1]
-        emb.note_read(len(part))
     return out
 
 

@@ -116,48 +116,67 @@ class EmbeddingSet:
 
     ``names``: the models; ``arrays``: per model a (file rows, D_m) array, memory-mapped float16
     (never loaded whole); ``rows``: int64 (n, n_models), the file row each data row reads.
+
+    Reading a row of a memory-mapped file maps more than the row: the kernel maps the cached
+    pages around a faulting page too (64 KiB by default), so gathering scattered rows from a
+    35 GB set of files would leave most of it resident in the process. :meth:`gather` therefore
+    reads in chunks and drops the mapped pages of a file after every :attr:`RELEASE_BYTES` it
+    may have mapped (the pages stay in the OS page cache; only this process lets go of them).
     """
 
     names: tuple[str, ...]
     arrays: tuple[np.ndarray, ...]
     rows: np.ndarray
-    # bytes gathered since the mapped pages were last released (shared by the subsets of one set)
-    _read: list = field(default_factory=lambda: [0], compare=False, repr=False)
+    # per model, bytes possibly mapped since its pages were last released (shared by subsets)
+    _mapped: list = field(default=None, compare=False, repr=False)
 
-    # drop the memory-mapped pages read so far after this many bytes: RSS stays bounded
-    RELEASE_BYTES: ClassVar[int] = 512 << 20
+    RELEASE_BYTES: ClassVar[int] = 128 << 20
+    FAULT_AROUND_BYTES: ClassVar[int] = 64 << 10
+    CHUNK_ROWS: ClassVar[int] = 4096
 
     def __post_init__(self):
         if len(self.names) != len(self.arrays) or np.shape(self.rows)[1:] != (len(self.names),):
             raise StackkitError(f"EmbeddingSet: {len(self.names)} names, {len(self.arrays)} arrays and rows of shape {np.shape(self.rows)} disagree")
+        if self._mapped is None:
+            from stackkit.contract.embeddings import advise_random
+
+            for array in self.arrays:
+                advise_random(array)  # scattered rows: no readahead
+            object.__setattr__(self, "_mapped", [0] * len(self.arrays))
 
     @property
     def dims(self) -> tuple[int, ...]:
         return tuple(int(a.shape[1]) for a in self.arrays)
 
     def take(self, rows: np.ndarray) -> "EmbeddingSet":
-        return EmbeddingSet(self.names, self.arrays, self.rows[np.asarray(rows)], self._read)
+        return EmbeddingSet(self.names, self.arrays, self.rows[np.asarray(rows)], self._mapped)
 
-    def note_read(self, n_rows: int) -> None:
-        """Count ``n_rows`` gathered rows; past :attr:`RELEASE_BYTES`, release the mapped pages."""
-        self._read[0] += int(n_rows) * sum(self.dims) * 2
-        if self._read[0] >= self.RELEASE_BYTES:
-            self.release()
+    def gather(self, model: int, positions: np.ndarray) -> np.ndarray:
+        """float32 (len(positions), D) embeddings of data rows ``positions`` for model ``model``:
+        sorted reads of the distinct file rows in chunks, cast per chunk (never the whole array)."""
+        from stackkit.contract.embeddings import release_pages
+
+        array = self.arrays[model]
+        file_rows = self.rows[np.asarray(positions), model]
+        unique, inverse = np.unique(file_rows, return_inverse=True)
+        values = np.empty((len(unique), int(array.shape[1])), dtype=np.float32)
+        row_bytes = int(array.shape[1]) * int(np.dtype(array.dtype).itemsize)
+        for start in range(0, len(unique), self.CHUNK_ROWS):
+            chunk = unique[start : start + self.CHUNK_ROWS]
+            values[start : start + len(chunk)] = array[chunk]
+            self._mapped[model] += len(chunk) * (row_bytes + self.FAULT_AROUND_BYTES)
+            if self._mapped[model] >= self.RELEASE_BYTES:
+                release_pages(array)
+                self._mapped[model] = 0
+        return values[inverse]
 
     def release(self) -> None:
         """Drop this process's resident pages of every array (they stay in the OS page cache)."""
         from stackkit.contract.embeddings import release_pages
 
-        for array in self.arrays:
+        for m, array in enumerate(self.arrays):
             release_pages(array)
-        self._read[0] = 0
-
-    def gather(self, model: int, positions: np.ndarray) -> np.ndarray:
-        """float32 (len(positions), D) embeddings of data rows ``positions`` for model ``model``:
-        one sorted read of the distinct file rows, cast per batch (never the whole array)."""
-        file_rows = self.rows[np.asarray(positions), model]
-        unique, inverse = np.unique(file_rows, return_inverse=True)
-        return np.asarray(self.arrays[model][unique], dtype=np.float32)[inverse]
+            self._mapped[m] = 0
 
 
 # --- validation -------------------------------------------------------------------------------

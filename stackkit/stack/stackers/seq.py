@@ -92,6 +92,10 @@ class SequenceStacker(NeuralStacker):
         return {**super()._state(), "reversal_source": source.tolist(), "reversal_complement": np.flatnonzero(complement).tolist()}
 
     def _load_models(self, directory: Path, state: dict) -> None:
+        if "reversal_source" not in state:
+            from stackkit.errors import StackkitError
+
+            raise StackkitError(f"{directory}: a '{self.name}' model saved without its study reversal (an older stackkit); refit with `stack fit`")
         source = np.asarray(state["reversal_source"], dtype=np.int64)
         complement = np.zeros(len(source), dtype=bool)
         complement[np.asarray(state["reversal_complement"], dtype=np.int64)] = True

@@ -192,10 +192,15 @@ class EmbeddingSequenceStacker(SequenceStacker):
         # rows spread evenly over the studies in slice order: the same whatever the row order
         order = np.lexsort((np.asarray(train.slice_index), np.asarray(train.study_codes)))
         sample = order[np.unique(np.linspace(0, len(order) - 1, min(STATS_ROWS, len(order))).astype(np.int64))]
-        for m in range(len(emb.names)):
-            values = emb.gather(m, sample).astype(np.float64)
-            std = values.std(axis=0)
-            self._embedding_stats.append((values.mean(axis=0).astype(np.float32), np.where(std > 1e-6, std, 1.0).astype(np.float32)))
+        for m, dim in enumerate(emb.dims):
+            total, total_sq = np.zeros(dim), np.zeros(dim)
+            for start in range(0, len(sample), 4096):
+                values = emb.gather(m, sample[start : start + 4096]).astype(np.float64)
+                total += values.sum(axis=0)
+                total_sq += np.square(values).sum(axis=0)
+            mean = total / len(sample)
+            std = np.sqrt(np.maximum(total_sq / len(sample) - mean * mean, 0.0))
+            self._embedding_stats.append((mean.astype(np.float32), np.where(std > 1e-6, std, 1.0).astype(np.float32)))
         emb.release()
 
     def _check_embeddings(self, data: StackData) -> tuple:
@@ -251,7 +256,6 @@ class EmbeddingSequenceStacker(SequenceStacker):
         if prepared["sets"]:
             emb = prepared["sets"][variant]
             embeddings = [torch.from_numpy(emb.gather(m, rows)) for m in range(len(emb.names))]
-            emb.note_read(len(rows))
         flat_index = torch.from_numpy(batch_of * width + step)
         lengths_t = torch.from_numpy(lengths.astype(np.int64))
         mask = torch.arange(width).unsqueeze(0) < lengths_t.unsqueeze(1)
