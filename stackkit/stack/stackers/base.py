@@ -120,7 +120,7 @@ class EmbeddingSet:
     Reading a row of a memory-mapped file maps more than the row: the kernel maps the cached
     pages around a faulting page too (64 KiB by default), so gathering scattered rows from a
     35 GB set of files would leave most of it resident in the process. :meth:`gather` therefore
-    reads in chunks and drops the mapped pages of a file after every :attr:`RELEASE_BYTES` it
+    reads in chunks and drops the mapped pages of a file after every :attr:`RELEASE_BYTES` (64 MB) it
     may have mapped (the pages stay in the OS page cache; only this process lets go of them).
     """
 
@@ -130,9 +130,9 @@ class EmbeddingSet:
     # per model, bytes possibly mapped since its pages were last released (shared by subsets)
     _mapped: list = field(default=None, compare=False, repr=False)
 
-    RELEASE_BYTES: ClassVar[int] = 128 << 20
+    RELEASE_BYTES: ClassVar[int] = 64 << 20
     FAULT_AROUND_BYTES: ClassVar[int] = 64 << 10
-    CHUNK_ROWS: ClassVar[int] = 4096
+    CHUNK_ROWS: ClassVar[int] = 1024
 
     def __post_init__(self):
         if len(self.names) != len(self.arrays) or np.shape(self.rows)[1:] != (len(self.names),):
