@@ -42,6 +42,29 @@ def current_rss_gb() -> float:
     return float("nan")
 
 
+class RssSampler:
+    """Peaks of RssAnon (the process's own memory) and RssFile (mapped file pages), sampled every 0.1 s."""
+
+    def __init__(self):
+        import threading
+
+        self.peak = {"RssAnon": 0.0, "RssFile": 0.0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(0.1):
+            with open("/proc/self/status") as handle:
+                for line in handle:
+                    key = line.split(":")[0]
+                    if key in self.peak:
+                        self.peak[key] = max(self.peak[key], int(line.split()[1]) / 1024**2)
+
+    def text(self) -> str:
+        return f"sampled peaks: RssAnon {self.peak['RssAnon']:.2f} GiB, RssFile {self.peak['RssFile']:.2f} GiB"
+
+
 def write_embedding_files(directory: Path, n_images: int, n_models: int, dim: int, seed: int) -> list[Path]:
     """float16 (n_images, dim) .npy files, filled from a random block (the contents do not matter here)."""
     from numpy.lib.format import open_memmap
@@ -129,6 +152,7 @@ def main() -> None:
         train, valid, held_data = data.take(training[~valid_mask]), data.take(training[valid_mask]), data.take(held)
         print(f"take: {time.perf_counter() - started:.1f} s; current RSS {current_rss_gb():.2f} GiB", flush=True)
         params = {"max_epochs": args.epochs, "patience": 1, "num_threads": args.threads}
+        sampler = RssSampler()
         started = time.perf_counter()
         stacker = get_stacker("seq_emb").fit(train, valid, params, seed=0)
         fit_seconds = time.perf_counter() - started
@@ -138,7 +162,7 @@ def main() -> None:
         probabilities = stacker.predict(held_data)
         print(f"predict ({len(held_data):,} held-out rows, forward + reversed): {time.perf_counter() - started:.1f} s", flush=True)
         assert probabilities.shape == (len(held), 6) and np.isfinite(probabilities).all()
-        print(f"PEAK RSS {peak_rss_gb():.2f} GiB (target < 16 GB at 870,000 images)", flush=True)
+        print(f"PEAK RSS {peak_rss_gb():.2f} GiB (target < 16 GB at 870,000 images); {sampler.text()}", flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(directory, ignore_errors=True)

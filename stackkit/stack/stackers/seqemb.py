@@ -172,7 +172,7 @@ class EmbeddingSequenceStacker(SequenceStacker):
     def suggest_common(self, trial) -> dict:
         return dict(
             hidden=trial.suggest_categorical("hidden", [32, 64]),
-            proj=trial.suggest_categorical("proj", [16, 32, 64]),
+            proj=trial.suggest_categorical("proj", [8, 16, 32, 64]),
             dropout=trial.suggest_float("dropout", 0.0, 0.4),
             lr=trial.suggest_float("lr", 5e-4, 5e-3, log=True),
             weight_decay=trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True),
