@@ -10,7 +10,7 @@ labels when fitting. Every stacker takes the same ``fit(train, valid, params, se
 ``predict(data)`` signature whether it uses the study structure or not.
 
 Missing features: GBDT stackers (``lgbm``, ``xgb``) take NaN as "missing" natively. Neural
-stackers (``mlp``, ``seq``) standardize every feature with the training mean / std, replace NaN
+stackers (``mlp``, ``seq``, ``seq_emb``, ``transformer``) standardize every feature with the training mean / std, replace NaN
 by 0 (the training mean after standardization) and append one 0/1 missing-indicator column for
 each feature that had a NaN in the training rows. Infinite features are refused by every stacker.
 
@@ -332,6 +332,8 @@ class Stacker(abc.ABC):
 
     name: ClassVar[str]
     per_label: ClassVar[bool]  # one model per label (GBDT) or one multi-output model (NN)
+    # reads StackData.embeddings (the base models' embeddings) when the data carries them
+    uses_embeddings: ClassVar[bool] = False
 
     def __init__(self):
         self.params: dict | None = None

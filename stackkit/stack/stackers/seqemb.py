@@ -147,6 +147,8 @@ class EmbeddingSequenceStacker(SequenceStacker):
     """Shared by ``seq_emb`` and ``transformer``: embedding statistics, study batches streamed
     from the memory-mapped embeddings, augmentation and the averaged prediction passes."""
 
+    uses_embeddings = True
+
     def __init__(self):
         super().__init__()
         self.embedding_names: tuple[str, ...] = ()
