@@ -239,3 +239,10 @@ def test_pca_projection_is_fitted_on_the_given_rows_only(inputs):
     assert projection_names(emb, projection)[:2] == ["model0__emb__pc1", "model0__emb__pc2"]
     # the leading component is centered on the training rows
     assert abs(float(columns[training, 0].mean())) < 1e-3
+
+
+def test_which_stackers_read_embeddings():
+    from stackkit.stack.stackers import DEFAULT_STACKERS, STACKERS
+
+    assert {n for n, cls in STACKERS.items() if cls.uses_embeddings} == {"seq_emb", "transformer"}
+    assert DEFAULT_STACKERS == ("lgbm", "xgb", "mlp", "seq")  # the default set is the lead's to change
