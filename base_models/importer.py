@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stackkit.contract import CONTRACT_VERSION, LABELS, MODEL_RECORD, Workdir, check_model_name, folds_hash
+from stackkit.contract import CONTRACT_VERSION, EMBEDDINGS_DIR, LABELS, MODEL_RECORD, Workdir, check_model_name, folds_hash
 from stackkit.errors import ContractError, StackkitError
 from stackkit.contract.io import read_table, replace_dir, write_parquet, write_set_record
 from stackkit.metric import prior_score, weighted_log_loss
@@ -73,47 +73,107 @@ def read_prediction_file(path, *, logits: bool, what: str) -> pd.DataFrame:
     return frame
 
 
-def import_predictions(wd: Workdir, name: str, *, oof_path, test_path, logits: bool = False, force: bool = False) -> dict:
+def _input_positions(raw: pd.DataFrame, validated: pd.DataFrame) -> np.ndarray:
+    """For each validated (written) row, its row in the prediction file as given (after the long
+    format's pivot: one row per image, in first-appearance order)."""
+    given = pd.Index(raw["image_id"].astype(str).to_numpy(dtype=object))
+    return given.get_indexer(pd.Index(validated["image_id"].to_numpy(dtype=object)))
+
+
+def check_import_embeddings(oof_embeddings, test_embeddings, *, n_oof: int, n_test: int, n_folds: int) -> tuple[np.ndarray, list[np.ndarray], int]:
+    """Open and validate the embedding files of an import (nothing is written): (oof, tests, D)."""
+    from stackkit.contract.embeddings import check_embedding_array, open_npy
+
+    test_embeddings = list(test_embeddings or ())
+    if oof_embeddings is None:
+        raise StackkitError("--test-embeddings given without --oof-embeddings; a model's embeddings need both")
+    if not test_embeddings:
+        raise StackkitError(f"{oof_embeddings}: --oof-embeddings given without --test-embeddings; a model's embeddings need both")
+    if len(test_embeddings) not in (1, n_folds):
+        raise StackkitError(
+            f"{test_embeddings[-1]}: {len(test_embeddings)} --test-embeddings files; expected 1 (one embedding per test image) "
+            f"or one per fold model ({n_folds}, fold 0 first)"
+        )
+    oof = open_npy(oof_embeddings, "OOF embedding file")
+    dim = check_embedding_array(oof, str(oof_embeddings), n_rows=n_oof, what="OOF embeddings")
+    tests = []
+    for k, path in enumerate(test_embeddings):
+        array = open_npy(path, "test embedding file")
+        what = "test embeddings" if len(test_embeddings) == 1 else f"fold {k} test embeddings"
+        check_embedding_array(array, str(path), n_rows=n_test, dim=dim, what=what)
+        tests.append(array)
+    return oof, tests, dim
+
+
+def import_predictions(wd: Workdir, name: str, *, oof_path, test_path, logits: bool = False, force: bool = False,
+                       oof_embeddings=None, test_embeddings=()) -> dict:
+    """``oof_embeddings`` / ``test_embeddings`` (optional, contract v2): .npy files whose rows are
+    aligned with the rows of ``oof_path`` / ``test_path`` as given; several test files are fold
+    models 0, 1, ... in order, one is ``test.npy``. float32 is stored as float16."""
     check_model_name(name)
     metadata, labels, folds = load_core(wd)
     target = wd.preds_dir(name)
     if target.exists() and not force:
         raise StackkitError(f"{target}: model '{name}' already exists; pass --force to replace it or choose another name")
 
-    oof = read_prediction_file(oof_path, logits=logits, what="OOF")
-    oof = validate_predictions(oof, str(oof_path), expected_ids=folds["image_id"], what="labeled", folds=folds)
-    test = read_prediction_file(test_path, logits=logits, what="test")
+    raw_oof = read_prediction_file(oof_path, logits=logits, what="OOF")
+    oof = validate_predictions(raw_oof, str(oof_path), expected_ids=folds["image_id"], what="labeled", folds=folds)
+    raw_test = read_prediction_file(test_path, logits=logits, what="test")
     test_ids = metadata.loc[metadata["split"] == "test", "image_id"]
-    test = validate_predictions(test, str(test_path), expected_ids=test_ids, what="test")
+    test = validate_predictions(raw_test, str(test_path), expected_ids=test_ids, what="test")
+    embeddings = None
+    if oof_embeddings is not None or test_embeddings:
+        n_folds = int(folds["fold"].max()) + 1
+        oof_emb, test_embs, dim = check_import_embeddings(oof_embeddings, test_embeddings, n_oof=len(raw_oof),
+                                                          n_test=len(raw_test), n_folds=n_folds)
+        # the written rows follow the validated tables; the embeddings follow them row for row
+        embeddings = (oof_emb, _input_positions(raw_oof, oof), test_embs, _input_positions(raw_test, test), dim)
 
     y_true = labels.set_index("image_id").loc[oof["image_id"], list(LABELS)].to_numpy()
     score = weighted_log_loss(y_true, oof[list(LABELS)].to_numpy())
     prior = prior_score(y_true)
 
+    parameters = {"oof_file": str(oof_path), "test_file": str(test_path), "logits": logits}
+    if embeddings is not None:
+        parameters.update(oof_embeddings=str(oof_embeddings), test_embeddings=[str(t) for t in test_embeddings])
     record = {
         "contract_version": CONTRACT_VERSION,
         "name": name,
         "source": "imported",
         "architecture": None,
-        "parameters": {"oof_file": str(oof_path), "test_file": str(test_path), "logits": logits},
+        "parameters": parameters,
         "folds_hash": folds_hash(folds["image_id"], folds["fold"]),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "oof_logloss": score.as_dict(),
         "prior_logloss": prior.overall,
         "n_oof": int(len(oof)),
         "n_test": int(len(test)),
+        "embedding_dim": None,
     }
-    # preds/<name>/ is replaced as a set: every file is written into a fresh sibling folder, the record
-    # (model.json, with the sha256 of every other file) last, then the folder is switched in at once.
+    # preds/<name>/ is replaced as a set: every file (embeddings included) is written into a fresh sibling
+    # folder, the record (model.json, with the sha256 of every other file) last, then the folder is switched in.
     with replace_dir(target) as folder:
         write_parquet(oof, folder / "oof.parquet")
         write_parquet(test, folder / "test.parquet")
-        write_set_record(folder, MODEL_RECORD, record)
+        if embeddings is not None:
+            from stackkit.contract.embeddings import embedding_record, test_file_names, write_embeddings
+
+            oof_emb, oof_rows, test_embs, test_rows, dim = embeddings
+            write_embeddings(oof_emb, folder / EMBEDDINGS_DIR / "oof.npy", oof_rows)
+            for file_name, array in zip(test_file_names(len(test_embs)), test_embs):
+                write_embeddings(array, folder / EMBEDDINGS_DIR / file_name, test_rows)
+            record.update(embedding_record(dim, len(test_embs)))
+        record = write_set_record(folder, MODEL_RECORD, record)
+    lines = [
+        f"imported '{name}': {len(oof)} OOF and {len(test)} test images -> {target}",
+        f"OOF weighted log loss {score.overall:.5f} (prior {prior.overall:.5f})",
+    ]
+    if record["embedding_dim"]:
+        n_test_files = len(record["embeddings"]["test"])
+        lines.append(f"embeddings: dimension {record['embedding_dim']}, "
+                     + ("one test file per fold model" if n_test_files > 1 else "one test file") + " (float16)")
     return {
-        "lines": [
-            f"imported '{name}': {len(oof)} OOF and {len(test)} test images -> {target}",
-            f"OOF weighted log loss {score.overall:.5f} (prior {prior.overall:.5f})",
-        ],
+        "lines": lines,
         "name": name,
         "oof_logloss": score.overall,
     }

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stackkit.contract import LABEL_WEIGHTS, LABELS, MODEL_RECORD, Workdir, check_model_name, folds_hash
+from stackkit.contract import EMBEDDINGS_DIR, LABEL_WEIGHTS, LABELS, MODEL_RECORD, Workdir, check_model_name, folds_hash
 from stackkit.errors import StackkitError
 from stackkit.contract.io import read_json, read_table, replace_dir, write_artifact, write_json, write_parquet, write_set_record
 from stackkit.metric import prior_score, weighted_bce, weighted_log_loss
@@ -270,26 +270,39 @@ class _Runner:
         seconds = time.perf_counter() - start
         return model, seconds, images * self.env.world_size, epoch_loss
 
-    def predict(self, model, dataset: SliceDataset, desc: str) -> np.ndarray | None:
-        """Sigmoid probabilities (n, 6) float32 for every sample, on rank 0 (None on other ranks)."""
+    def predict(self, model, dataset: SliceDataset, desc: str, embeddings: bool = False):
+        """Sigmoid probabilities (n, 6) float32 for every sample and, with ``embeddings``, the pooled
+        features before the head (n, feature_dim) float32 (the mean over the flips with ``tta``),
+        on rank 0 (None on other ranks); without ``embeddings`` the second item is None."""
         torch = self.torch
         from tqdm.auto import tqdm
 
         positions = shard(np.arange(len(dataset)), self.env)
         model.eval()
         out = np.empty((len(positions), len(LABELS)), dtype=np.float32)
+        pooled_out = np.empty((len(positions), model.feature_dim), dtype=np.float32) if embeddings else None
         loader = self._loader(dataset, positions.tolist(), self.config.batch_size * 2, None)
         done = 0
+
+        def forward(inputs):
+            pooled = model.pool(model.features(inputs)).flatten(1)  # what BaseArch.forward feeds the head
+            return torch.sigmoid(model.head(model.dropout(pooled)).float()), pooled.float()
+
         with torch.inference_mode():
             for x, _ in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not self.progress, file=sys.stderr):
                 inputs = self._inputs(x)
                 with self._autocast():
-                    prob = torch.sigmoid(model(inputs).float())
+                    prob, pooled = forward(inputs)
                     if self.config.tta:
-                        prob = 0.5 * (prob + torch.sigmoid(model(inputs.flip(-1)).float()))
+                        flipped_prob, flipped_pooled = forward(inputs.flip(-1))
+                        prob, pooled = 0.5 * (prob + flipped_prob), 0.5 * (pooled + flipped_pooled)
                 out[done : done + len(x)] = prob.cpu().numpy()
+                if embeddings:
+                    pooled_out[done : done + len(x)] = pooled.cpu().numpy()
                 done += len(x)
-        return gather_rows(self.env, positions, out, len(dataset))
+        probs = gather_rows(self.env, positions, out, len(dataset))
+        pooled_all = gather_rows(self.env, positions, pooled_out, len(dataset)) if embeddings else None
+        return probs, pooled_all
 
 
 def optimizer_groups(model, lr: float) -> list[dict]:
@@ -326,17 +339,21 @@ def _seed_worker(worker_id: int) -> None:
 # --- work folder -----------------------------------------------------------------------------
 
 
-def _fold_paths(work: Path, fold: int) -> dict[str, Path]:
-    return {
+def _fold_paths(work: Path, fold: int, embeddings: bool = False) -> dict[str, Path]:
+    paths = {
         "checkpoint": work / f"fold{fold}.pt",
         "oof": work / f"fold{fold}_oof.parquet",
         "test": work / f"fold{fold}_test.parquet",
-        "record": work / f"fold{fold}.json",  # written last: its presence means the fold is done
     }
+    if embeddings:
+        paths["oof_embeddings"] = work / f"fold{fold}_oof_embeddings.npy"
+        paths["test_embeddings"] = work / f"fold{fold}_test_embeddings.npy"
+    paths["record"] = work / f"fold{fold}.json"  # written last: its presence means the fold is done
+    return paths
 
 
-def _fold_done(work: Path, fold: int) -> bool:
-    paths = _fold_paths(work, fold)
+def _fold_done(work: Path, fold: int, embeddings: bool = False) -> bool:
+    paths = _fold_paths(work, fold, embeddings)
     return all(p.is_file() for p in paths.values()) and paths["checkpoint"].with_name(paths["checkpoint"].name + ".sha256").is_file()
 
 
@@ -392,8 +409,13 @@ def train_base(
     progress: bool = True,
     decode_workers: int | None = None,
     on_fold_done=None,
+    embeddings: bool = True,
 ) -> dict:
     """Train ``arch`` on every requested fold; write preds/<name>/ when all folds are done.
+
+    With ``embeddings`` (the default; ``--no-embeddings`` turns it off) each fold model also
+    writes its pooled features before the head (contract v2): for its own fold's images (the OOF
+    embeddings) and for every test image (``embeddings/test_fold<k>.npy``).
 
     Returns a summary: per-fold and overall OOF weighted log loss, prior score, seconds,
     training images/s, and ``lines`` to print. ``on_fold_done(fold)`` is called after each fold's
@@ -439,7 +461,7 @@ def train_base(
         else:
             torch.backends.cudnn.benchmark = True
         return _train(wd, name, config, metadata, labels, fold_frame, available, requested, dev, env,
-                      resume, workers, progress, decode_workers, on_fold_done)
+                      resume, workers, progress, decode_workers, on_fold_done, bool(embeddings))
     finally:
         torch.use_deterministic_algorithms(previous_deterministic)
         torch.set_num_threads(previous_threads)
@@ -462,7 +484,7 @@ def _say(env: DistEnv, progress: bool, text: str) -> None:
 
 
 def _train(wd, name, config, metadata, labels, fold_frame, available, requested, dev, env, resume, workers, progress,
-           decode_workers, on_fold_done) -> dict:
+           decode_workers, on_fold_done, embeddings: bool = True) -> dict:
     from base_models.cache import load_or_build_cache
 
     # the pixel cache: rank 0 decodes, the others wait and map the same file
@@ -497,11 +519,11 @@ def _train(wd, name, config, metadata, labels, fold_frame, available, requested,
     fhash = folds_hash(fold_frame["image_id"], fold_frame["fold"])
     work = wd.preds_dir(name) / WORK_DIR
     run_key = {**config.as_dict(), "folds_hash": fhash, "pixels": cache.path.name if cache.path else None,
-               "n_test": int(len(test_ids))}
+               "n_test": int(len(test_ids)), "embeddings": embeddings}
     if env.is_main:
         _prepare_work(work, run_key, resume)
     barrier(env)
-    todo = [f for f in requested if not (resume and _fold_done(work, f))]
+    todo = [f for f in requested if not (resume and _fold_done(work, f, embeddings))]
     todo = broadcast_object(env, todo)
     skipped = [f for f in requested if f not in todo]
     if skipped:
@@ -514,15 +536,21 @@ def _train(wd, name, config, metadata, labels, fold_frame, available, requested,
         prior = y[~held].mean(axis=0)
         model, seconds, images, last_loss = runner.train_fold(fold, SliceDataset(cache.pixels, train_rows[~held], y[~held]), prior)
         start = time.perf_counter()
-        oof = runner.predict(model, SliceDataset(cache.pixels, train_rows[held]), f"fold {fold} predict oof")
-        test = runner.predict(model, test_set, f"fold {fold} predict test")
+        oof, oof_embeddings = runner.predict(model, SliceDataset(cache.pixels, train_rows[held]), f"fold {fold} predict oof", embeddings)
+        test, test_embeddings = runner.predict(model, test_set, f"fold {fold} predict test", embeddings)
         predict_seconds = time.perf_counter() - start
         if env.is_main:
             score = weighted_log_loss(y[held], oof)
-            paths = _fold_paths(work, fold)
+            paths = _fold_paths(work, fold, embeddings)
             save_checkpoint(model.state_dict(), paths["checkpoint"])
             write_parquet(_probability_frame(train["image_id"].to_numpy()[held], oof, fold_of[held]), paths["oof"])
             write_parquet(_probability_frame(test_ids, test), paths["test"])
+            if embeddings:
+                from stackkit.contract.embeddings import write_embeddings
+
+                # rows follow the fold's oof / test parquet files
+                write_embeddings(oof_embeddings, paths["oof_embeddings"])
+                write_embeddings(test_embeddings, paths["test_embeddings"])
             record = {
                 "fold": fold, "oof_logloss": score.overall, "oof_per_label": score.per_label,
                 "fold_prior_logloss": prior_score(y[held]).overall, "train_images": int((~held).sum()),
@@ -540,14 +568,31 @@ def _train(wd, name, config, metadata, labels, fold_frame, available, requested,
     if not env.is_main:
         return {"name": name, "rank": env.rank}
     return _finish(wd, name, config, train, test_ids, fold_frame, available, requested, work, fhash, dev, env, lines, cache,
-                   progress)
+                   progress, embeddings)
+
+
+def _write_model_embeddings(folder, work, available, oof_parts, oof) -> dict:
+    """``folder``/embeddings/ (the new preds/<name>/ set): oof.npy in the final oof.parquet's row order
+    (each fold's rows from its own fold model) and test_fold<k>.npy per fold model; returns the model.json entries."""
+    from stackkit.contract.embeddings import embedding_record, open_npy, test_file_names, write_embedding_parts
+
+    parts, position = [], pd.Index(oof["image_id"].to_numpy(dtype=object))
+    for f, part in zip(available, oof_parts):
+        array = open_npy(_fold_paths(work, f, True)["oof_embeddings"], "fold OOF embedding file")
+        parts.append((array, position.get_indexer(pd.Index(part["image_id"].astype(str).to_numpy(dtype=object)))))
+    dim = int(parts[0][0].shape[1])
+    write_embedding_parts(folder / EMBEDDINGS_DIR / "oof.npy", len(oof), dim, parts)
+    for f, file_name in zip(available, test_file_names(len(available))):
+        array = open_npy(_fold_paths(work, f, True)["test_embeddings"], "fold test embedding file")
+        write_embedding_parts(folder / EMBEDDINGS_DIR / file_name, len(array), dim, [(array, np.arange(len(array)))])
+    return embedding_record(dim, len(available))
 
 
 def _finish(wd, name, config, train, test_ids, fold_frame, available, requested, work, fhash, dev, env, lines, cache,
-            progress) -> dict:
+            progress, embeddings: bool = True) -> dict:
     import torch
 
-    done = [f for f in available if _fold_done(work, f)]
+    done = [f for f in available if _fold_done(work, f, embeddings)]
     records = {f: read_json(_fold_paths(work, f)["record"]) for f in done}
     for f in requested if not progress else []:  # with progress on, each line was shown as its fold ended
         r = records[f]
@@ -605,11 +650,16 @@ def _finish(wd, name, config, train, test_ids, fold_frame, available, requested,
         "device": str(dev),
         "world_size": env.world_size,
         "checkpoints": {str(f): str(_fold_paths(work, f)["checkpoint"].relative_to(wd.root)) for f in available},
+        "embedding_dim": None,
     }
     # preds/<name>/ replaced as a set (as `base import` does), the fold work carried along by hard links
     with replace_dir(wd.preds_dir(name), keep=(WORK_DIR,)) as folder:
         write_parquet(oof, folder / "oof.parquet")
         write_parquet(test, folder / "test.parquet")
+        if embeddings:
+            model_info.update(_write_model_embeddings(folder, work, available, oof_parts, oof))
+            lines.append(f"embeddings: dimension {model_info['embedding_dim']} (pooled features before the head), "
+                         f"OOF from each image's fold model, test from each of the {len(available)} fold models")
         write_set_record(folder, MODEL_RECORD, model_info, exclude=(WORK_DIR,))
     summary.update(complete=True, oof_logloss=score.overall, prior_logloss=prior.overall, per_label=score.per_label)
     lines.append(

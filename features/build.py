@@ -23,6 +23,7 @@ Definitions (also written, per column, into features/manifest.json):
 from __future__ import annotations
 
 import functools
+import re
 import sys
 from dataclasses import dataclass
 
@@ -70,6 +71,51 @@ def model_feature_names(lags: int) -> list[tuple[str, str]]:
         ("study_rank", "average 1-based rank of the prediction among the study's slices (ties share the mean of their ranks) divided by n; the maximum gets 1.0"),
     ]
     out += [(f"roll{w}_mean", f"centered mean over {w} slices in z order, truncated at the study's edges (mean of the available slices)") for w in ROLL_WINDOWS]
+    return out
+
+
+# Features that depend on the direction of the study along z, and what reversing the study makes of them.
+_SWAP_SLICE = {"z_gap_prev": "z_gap_next", "z_gap_next": "z_gap_prev", "index": "reverse_index", "reverse_index": "index"}
+_COMPLEMENT_SLICE = ("position",)  # p -> 1 - p
+_DIRECTIONAL = re.compile(r"^(?P<prefix>diff_)?(?P<side>lag|lead)(?P<k>\d+)$")
+
+
+def reversal_map(columns) -> tuple[np.ndarray, np.ndarray]:
+    """How features change when a study is reversed in z: (source, complement).
+
+    The reversed study's column j is column ``source[j]`` of the original (``lag<k>`` <->
+    ``lead<k>``, ``diff_lag<k>`` <-> ``diff_lead<k>``, ``z_gap_prev`` <-> ``z_gap_next``,
+    ``index`` <-> ``reverse_index``), and ``1 -`` that where ``complement[j]`` (``position``).
+    Every other column (study aggregates, ranks, centered rolling means, across-model columns,
+    DICOM metadata) does not depend on the direction. Rows are reversed by the caller.
+    """
+    names = list(columns)
+    column_of = {name: j for j, name in enumerate(names)}
+    source = np.arange(len(names), dtype=np.int64)
+    complement = np.zeros(len(names), dtype=bool)
+    for j, name in enumerate(names):
+        head, _, feature = name.rpartition("__")
+        partner = None
+        if head == SLICE_PREFIX:
+            partner = _SWAP_SLICE.get(feature)
+            complement[j] = feature in _COMPLEMENT_SLICE
+        elif head and not head.startswith((META_PREFIX + "__", MODELS_PREFIX + "__")):
+            match = _DIRECTIONAL.match(feature)
+            if match:
+                partner = f"{match['prefix'] or ''}{'lead' if match['side'] == 'lag' else 'lag'}{match['k']}"
+        if partner is not None:
+            partner_name = f"{head}__{partner}"
+            if partner_name not in column_of:
+                raise StackkitError(f"feature column '{name}' has no '{partner_name}' to swap with when a study is reversed; rebuild features with `stack features`")
+            source[j] = column_of[partner_name]
+    return source, complement
+
+
+def reverse_features(X: np.ndarray, source: np.ndarray, complement: np.ndarray) -> np.ndarray:
+    """The features of the same slices in a study reversed in z (see :func:`reversal_map`)."""
+    out = np.asarray(X)[:, source]
+    if complement.any():
+        out[:, complement] = 1.0 - out[:, complement]
     return out
 
 

@@ -200,8 +200,10 @@ def base():
 @click.option("--resume", is_flag=True, help="Continue at the first unfinished fold.")
 @click.option("--tta", is_flag=True, help="Average predictions with horizontally flipped images.")
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(0, None), help="DataLoader worker processes. On CPU, training uses one thread per 128x128 pixels of input; set OMP_NUM_THREADS to override.")
+@click.option("--embeddings/--no-embeddings", default=True, show_default=True,
+              help="Also write each fold model's pooled features before the head (preds/NAME/embeddings/, float16).")
 @progress_option
-def base_train(wd, name, arch, context, epochs, batch_size, lr, img_size, folds, device, seed, resume, tta, workers, quiet):
+def base_train(wd, name, arch, context, epochs, batch_size, lr, img_size, folds, device, seed, resume, tta, workers, embeddings, quiet):
     """Train a CNN over the folds of data/folds.parquet and write preds/NAME/.
 
     One model per fold, trained on the other folds: it predicts its own fold (out-of-fold)
@@ -211,7 +213,7 @@ def base_train(wd, name, arch, context, epochs, batch_size, lr, img_size, folds,
 
     summary = train_base(wd, name=name, arch=arch, context=context, epochs=epochs, batch_size=batch_size, lr=lr,
                          img_size=img_size, folds=_int_list(folds), device=device, seed=seed, resume=resume,
-                         tta=tta, workers=workers, progress=not quiet)
+                         tta=tta, workers=workers, progress=not quiet, embeddings=embeddings)
     _print_summary("base train", summary)
 
 
@@ -222,15 +224,21 @@ def base_train(wd, name, arch, context, epochs, batch_size, lr, img_size, folds,
 @click.option("--test", "test_path", required=True, type=click.Path(), help="Test predictions (same formats).")
 @click.option("--logits", is_flag=True, help="The files hold logits: apply a sigmoid.")
 @click.option("--force", is_flag=True, help="Replace an existing preds/NAME/.")
-def base_import(wd, name, oof_path, test_path, logits, force):
+@click.option("--oof-embeddings", default=None, type=click.Path(dir_okay=False),
+              help="NumPy .npy (rows, D) float16/float32: row i embeds the --oof file's row i (by the fold model that did not train on it).")
+@click.option("--test-embeddings", multiple=True, type=click.Path(dir_okay=False),
+              help="NumPy .npy (test rows, D) aligned with the --test file's rows; repeat once per fold model (fold 0 first), or give one.")
+def base_import(wd, name, oof_path, test_path, logits, force, oof_embeddings, test_embeddings):
     """Register predictions made anywhere else as preds/NAME/.
 
     A missing `fold` column is filled from data/folds.parquet; a fold that disagrees with it
-    is refused, because stacking on it would leak labels.
+    is refused, because stacking on it would leak labels. Optional embeddings (the CNN's pooled
+    features) are validated and stored as float16 under preds/NAME/embeddings/.
     """
     from base_models.importer import import_predictions
 
-    summary = import_predictions(wd, name, oof_path=oof_path, test_path=test_path, logits=logits, force=force)
+    summary = import_predictions(wd, name, oof_path=oof_path, test_path=test_path, logits=logits, force=force,
+                                 oof_embeddings=oof_embeddings, test_embeddings=list(test_embeddings))
     _print_summary("base import", summary)
 
 

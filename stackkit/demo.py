@@ -1,7 +1,9 @@
 """`demo`: the whole pipeline on synthetic data, in a fresh work directory.
 
-synth -> prepare -> two small CNNs (one with neighbor context) -> features -> fit --tune ->
-submit. Every step is the same library call the individual commands make.
+synth -> prepare -> two small CNNs (one with neighbor context), each also writing its
+embeddings (the pooled features before the head) -> features -> fit --tune (the default stackers
+plus ``seq_emb``, the sequence stacker that reads the embeddings) -> submit. Every step is the
+same library call the individual commands make.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from stackkit.contract import Workdir
 from stackkit.errors import StackkitError
 
 DEMO_MARKER = ".stackkit-demo"
+# stackers the demo fits besides the default set: the ones that read the CNNs' embeddings
+DEMO_EMBEDDING_STACKERS = ("seq_emb",)
 
 
 def _fresh_workdir(wd: Workdir) -> None:
@@ -60,9 +64,13 @@ def run_demo(wd: Workdir, *, patients: int = 40, trials: int = 8, seed: int = 0,
     trained = {}
     for name, context in (("cnn_plain", 0), ("cnn_ctx1", 1)):
         trained[name] = step(f"base train {name}", train_base, wd, name=name, context=context, epochs=epochs,
-                             seed=seed, progress=progress)
+                             seed=seed, progress=progress, embeddings=True)
     step("stack features", run_stack_features, wd, progress=progress)
-    fit_summary = step("stack fit --tune", run_stack_fit, wd, tune=True, trials=trials, seed=seed, progress=progress)
+    from stackkit.stack.stackers import DEFAULT_STACKERS
+
+    stackers = list(dict.fromkeys([*DEFAULT_STACKERS, *DEMO_EMBEDDING_STACKERS]))
+    fit_summary = step("stack fit --tune", run_stack_fit, wd, stackers=stackers, tune=True, trials=trials, seed=seed,
+                       progress=progress)
     submit_summary = step("submit", write_submission, wd)
 
     lines = [line for line in fit_summary.get("lines", []) if line.startswith(("blend", "the tuned blend"))]

@@ -27,6 +27,9 @@ def test_demo_runs_every_step_and_writes_a_valid_submission(tmp_path):
 
     for name in ("cnn_plain", "cnn_ctx1"):
         assert (wd.root / "preds" / name / "oof.parquet").is_file()
+        # the CNNs export their embeddings, and the demo stacks with them
+        assert json.loads((wd.root / "preds" / name / "model.json").read_text())["embedding_dim"] == 96
+    assert json.loads((wd.stack_dir("seq_emb") / "meta.json").read_text())["score"]["overall"] > 0
     blend = json.loads(wd.blend.read_text())
     for label in LABELS:
         assert abs(sum(blend["weights"][label].values()) - 1) < 1e-6

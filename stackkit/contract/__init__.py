@@ -67,6 +67,7 @@ def check_model_name(name, what: str = "model name") -> str:
         )
     return text
 
+EMBEDDINGS_DIR = "embeddings"
 
 DEFAULT_WORKDIR = "artifacts"
 WORKDIR_ENV = "STACKKIT_WORKDIR"
@@ -148,6 +149,17 @@ class Workdir:
 
     def model_json(self, model: str) -> Path:
         return self.preds_dir(model) / "model.json"
+
+    def embeddings_dir(self, model: str) -> Path:
+        """preds/<model>/embeddings/: optional (v2) pooled CNN features, see stackkit.contract.embeddings."""
+        return self.preds_dir(model) / EMBEDDINGS_DIR
+
+    def oof_embeddings(self, model: str) -> Path:
+        return self.embeddings_dir(model) / "oof.npy"
+
+    def test_embeddings(self, model: str, fold: int | None = None) -> Path:
+        """``test_fold<k>.npy`` of fold model ``fold``, or ``test.npy`` (one embedding per test image) for None."""
+        return self.embeddings_dir(model) / ("test.npy" if fold is None else f"test_fold{int(fold)}.npy")
 
     def model_names(self) -> list[str]:
         """Models under preds/, sorted by name; a model folder without its oof or test file is an error.

@@ -64,6 +64,7 @@ class StackInputs:
     feature_columns: list[str]
     manifest: dict
     folds_hash: str
+    embedding_models: tuple[str, ...] = ()  # base models whose embeddings train/test carry (contract v2)
 
     @property
     def folds(self) -> np.ndarray:
@@ -107,8 +108,13 @@ def _features_frame(path: Path, key_columns, feature_columns, wd: Workdir) -> pd
     return frame
 
 
-def load_stack_inputs(workdir) -> StackInputs:
-    """features/*.parquet + manifest + data/ -> :class:`StackInputs`, checked for fold leakage."""
+def load_stack_inputs(workdir, *, use_embeddings: bool = True) -> StackInputs:
+    """features/*.parquet + manifest + data/ -> :class:`StackInputs`, checked for fold leakage.
+
+    With ``use_embeddings`` (``stack fit --no-embeddings`` turns it off), the embeddings of every
+    model of the features that exported them are attached to ``train``/``test`` (hash-checked,
+    memory-mapped; see :mod:`stackkit.stack.embeddings`); stackers that cannot use them ignore them.
+    """
     wd = Workdir.of(workdir)
     metadata, labels, folds = load_core(wd)
     recover_set(wd.features_dir, clean=False)
@@ -185,7 +191,20 @@ def load_stack_inputs(workdir) -> StackInputs:
     from stackkit.stack.stackers.base import check_labels
 
     check_labels(train_data, "training")  # labels.parquet is validated already; this guards the join
-    return StackInputs(train_keys, test_keys, train_data, test_data, list(feature_columns), manifest, current_hash)
+    embedding_models: tuple[str, ...] = ()
+    if use_embeddings:
+        from dataclasses import replace
+
+        from stackkit.stack.embeddings import load_embedding_sets
+
+        models = manifest.get("models") if isinstance(manifest.get("models"), list) else wd.model_names()
+        n_folds = int(folds["fold"].max()) + 1
+        train_sets, test_sets = load_embedding_sets(wd, models, train_keys["image_id"].to_numpy(), test_keys["image_id"].to_numpy(), n_folds)
+        if train_sets:
+            train_data = replace(train_data, embeddings=train_sets)
+            test_data = replace(test_data, embeddings=test_sets)
+            embedding_models = tuple(train_sets[0].names)
+    return StackInputs(train_keys, test_keys, train_data, test_data, list(feature_columns), manifest, current_hash, embedding_models)
 
 
 def early_stopping_split(

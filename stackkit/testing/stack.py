@@ -85,6 +85,8 @@ FAST_PARAMS = {
     "xgb": {"nthread": 1, "num_boost_round": 150, "early_stopping_rounds": 15},
     "mlp": {"num_threads": 1, "max_epochs": 30, "patience": 4},
     "seq": {"num_threads": 1, "max_epochs": 25, "patience": 4},
+    "seq_emb": {"num_threads": 1, "max_epochs": 20, "patience": 4, "proj": 16, "lr": 5e-3},
+    "transformer": {"num_threads": 1, "max_epochs": 20, "patience": 4, "proj": 16, "lr": 5e-3},
 }
 
 

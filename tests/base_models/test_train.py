@@ -391,6 +391,32 @@ def test_model_json_records_provenance(trained):
         assert (wd.root / rel).is_file() and (wd.root / (rel + ".sha256")).is_file()
 
 
+def test_embeddings_come_from_the_fold_model_that_did_not_train_on_the_image(trained):
+    """oof.npy row i is fold model fold(i)'s pooled features of oof.parquet's row i: its head on them
+    gives the OOF probability; each test_fold<k>.npy through fold model k's head averages to test.parquet."""
+    import io
+
+    from stackkit.contract.embeddings import read_model_embeddings
+    from stackkit.contract.io import read_artifact
+
+    wd, summary = trained
+    info = json.loads(wd.model_json("plain").read_text())
+    oof, test = pd.read_parquet(wd.oof("plain")), pd.read_parquet(wd.test("plain"))
+    assert info["embedding_dim"] == 96  # resnet_tiny's last width
+    assert info["embeddings"]["test"] == [f"embeddings/test_fold{k}.npy" for k in range(SMALL_FOLDS)]
+    emb = read_model_embeddings(wd, "plain", info, n_oof=len(oof), n_test=len(test), n_folds=SMALL_FOLDS)
+    assert emb.oof.dtype == np.float16 and emb.oof.shape == (len(oof), 96) and len(emb.test) == SMALL_FOLDS
+    test_probs = []
+    for k in range(SMALL_FOLDS):
+        state = torch.load(io.BytesIO(read_artifact(wd.root / info["checkpoints"][str(k)])), weights_only=True)
+        head = lambda e: torch.sigmoid(torch.from_numpy(np.asarray(e, dtype=np.float32)) @ state["head.weight"].T + state["head.bias"]).numpy()  # noqa: E731
+        rows = np.flatnonzero(oof["fold"].to_numpy() == k)
+        np.testing.assert_allclose(head(emb.oof[rows]), oof[list(LABELS)].to_numpy()[rows], atol=2e-3)
+        test_probs.append(head(emb.test[k]))
+    np.testing.assert_allclose(np.mean(test_probs, axis=0), test[list(LABELS)].to_numpy(), atol=2e-3)
+    assert any("embeddings: dimension 96" in line for line in summary["lines"])
+
+
 def test_truncated_slice_is_reported_and_still_predicted(trained, small_dataset):
     wd, summary = trained
     victim = (small_dataset.root / "truncated.txt").read_text()
@@ -412,8 +438,9 @@ def test_context_model_is_at_least_as_good_as_no_context(trained, small_dataset,
 
     _, plain = trained
     wd = fresh_workdir(small_dataset, tmp_path / "w")
-    with_context = train_base(wd, name="ctx1", context=1, **SMALL)
+    with_context = train_base(wd, name="ctx1", context=1, embeddings=False, **SMALL)
     info = json.loads(wd.model_json("ctx1").read_text())
+    assert info["embedding_dim"] is None and not wd.embeddings_dir("ctx1").exists()  # --no-embeddings
     assert info["parameters"]["in_channels"] == 9 and info["parameters"]["augment"] == "hflip+zflip"
     assert with_context["oof_logloss"] <= 0.85 * with_context["prior_logloss"]
     assert with_context["oof_logloss"] < 1.05 * plain["oof_logloss"], (with_context["lines"], plain["lines"])
@@ -451,6 +478,9 @@ def test_kill_and_resume_gives_the_uninterrupted_files(trained, small_dataset, t
     for path in (reference.oof("plain"), reference.test("plain")):
         target = wd.root / path.relative_to(reference.root)
         pd.testing.assert_frame_equal(pd.read_parquet(target), pd.read_parquet(path), rtol=0, atol=1e-6)
+    for path in [reference.oof_embeddings("plain")] + [reference.test_embeddings("plain", k) for k in range(SMALL_FOLDS)]:
+        target = wd.root / path.relative_to(reference.root)
+        np.testing.assert_allclose(np.load(target).astype(np.float32), np.load(path).astype(np.float32), rtol=1e-2, atol=1e-3)
     assert len(list(wd.cache_dir.glob("*.npy"))) == 1  # the copied cache was reused, not rebuilt
 
 

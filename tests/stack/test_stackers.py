@@ -26,6 +26,7 @@ from stackkit.stack.crossfit import (
 )
 from stackkit.contract.validate import load_core, read_oof, read_test
 
+from stackkit.testing.embeddings import import_models_with_embeddings
 from stackkit.testing.stack import FAST_PARAMS, write_stack_workdir
 
 ALL_STACKERS = sorted(STACKERS)
@@ -33,7 +34,11 @@ ALL_STACKERS = sorted(STACKERS)
 
 @pytest.fixture(scope="module")
 def stack_workdir(tmp_path_factory) -> Workdir:
-    return write_stack_workdir(tmp_path_factory.mktemp("stack") / "work")
+    """Features of two base models that also exported embeddings (one test file per fold model):
+    stackers that use embeddings are tested with them, the others ignore them."""
+    root = tmp_path_factory.mktemp("stack")
+    wd = write_stack_workdir(root / "work")
+    return import_models_with_embeddings(wd, ("model0", "model1"), tmp=root / "exported")
 
 
 @pytest.fixture(scope="module")
@@ -303,7 +308,7 @@ def test_load_stack_inputs_refuses(case, damage, error, message, stack_workdir, 
 
 
 CALL_ERRORS = [
-    ("unknown stacker", lambda inputs: fit_stacker("catboost", None, inputs, progress=False), r"unknown stacker 'catboost'; valid stackers: lgbm, xgb, mlp, seq"),
+    ("unknown stacker", lambda inputs: fit_stacker("catboost", None, inputs, progress=False), r"unknown stacker 'catboost'; valid stackers: lgbm, xgb, mlp, seq, seq_emb, transformer"),
     ("unknown parameter", lambda inputs: fit_stacker("lgbm", {"num_leaf": 3}, inputs, progress=False), r"unknown parameter\(s\) num_leaf; valid: .*num_leaves"),
     ("wrong feature count", lambda inputs: fitted_one(inputs).predict(StackData(inputs.test.X[:, :5], inputs.test.study_codes, inputs.test.slice_index)), r"have 5 columns but the model was fitted on \d+"),
     ("unfitted predict", lambda inputs: get_stacker("mlp").predict(inputs.test), r"stacker 'mlp' is not fitted"),

@@ -7,13 +7,16 @@ unfitted instance. Importing this package imports neither torch, LightGBM nor XG
 from __future__ import annotations
 
 from stackkit.errors import StackkitError
-from stackkit.stack.stackers.base import NeuralStacker, PerLabelStacker, Stacker, StackData
+from stackkit.stack.stackers.base import EmbeddingSet, NeuralStacker, PerLabelStacker, Stacker, StackData
 from stackkit.stack.stackers.lgbm import LGBMStacker
 from stackkit.stack.stackers.mlp import MLPStacker
 from stackkit.stack.stackers.seq import SeqStacker
+from stackkit.stack.stackers.seqemb import SeqEmbStacker, TransformerStacker
 from stackkit.stack.stackers.xgb import XGBStacker
 
-STACKERS: dict[str, type[Stacker]] = {cls.name: cls for cls in (LGBMStacker, XGBStacker, MLPStacker, SeqStacker)}
+STACKERS: dict[str, type[Stacker]] = {
+    cls.name: cls for cls in (LGBMStacker, XGBStacker, MLPStacker, SeqStacker, SeqEmbStacker, TransformerStacker)
+}
 DEFAULT_STACKERS: tuple[str, ...] = ("lgbm", "xgb", "mlp", "seq")
 
 
@@ -27,14 +30,17 @@ def get_stacker(name: str) -> Stacker:
 
 __all__ = [
     "DEFAULT_STACKERS",
+    "EmbeddingSet",
     "STACKERS",
     "LGBMStacker",
     "MLPStacker",
     "NeuralStacker",
     "PerLabelStacker",
+    "SeqEmbStacker",
     "SeqStacker",
     "StackData",
     "Stacker",
+    "TransformerStacker",
     "XGBStacker",
     "get_stacker",
 ]

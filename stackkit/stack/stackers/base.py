@@ -10,7 +10,7 @@ labels when fitting. Every stacker takes the same ``fit(train, valid, params, se
 ``predict(data)`` signature whether it uses the study structure or not.
 
 Missing features: GBDT stackers (``lgbm``, ``xgb``) take NaN as "missing" natively. Neural
-stackers (``mlp``, ``seq``) standardize every feature with the training mean / std, replace NaN
+stackers (``mlp``, ``seq``, ``seq_emb``, ``transformer``) standardize every feature with the training mean / std, replace NaN
 by 0 (the training mean after standardization) and append one 0/1 missing-indicator column for
 each feature that had a NaN in the training rows. Infinite features are refused by every stacker.
 
@@ -24,7 +24,8 @@ from __future__ import annotations
 import abc
 import json
 import os
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -63,6 +64,11 @@ class StackData:
     ``slice_index``: int (n,) position of the slice in its study (ordered by z).
     ``Y``: (n, 6) 0/1 labels in LABELS order, ``None`` for prediction.
     ``image_ids``: optional (n,) ids, used only to name rows in error messages.
+    ``feature_names``: optional names of the f columns (features/manifest.json): sequence
+    stackers derive from them how a study reversed in z looks (:func:`features.build.reversal_map`).
+    ``embeddings``: optional per-slice embeddings of the base models that have them, one
+    :class:`EmbeddingSet` per embedding space: one for OOF rows, one per base fold model (or one)
+    for test rows. Stackers that do not use embeddings ignore them.
     """
 
     X: np.ndarray
@@ -70,7 +76,8 @@ class StackData:
     slice_index: np.ndarray
     Y: np.ndarray | None = None
     image_ids: np.ndarray | None = None
-    feature_names: tuple | None = None  # names of X's columns (features/manifest.json order), when known
+    feature_names: tuple[str, ...] | None = None  # names of X's columns (features/manifest.json order), when known
+    embeddings: tuple["EmbeddingSet", ...] = ()
 
     def __post_init__(self):
         n = len(self.X)
@@ -80,6 +87,11 @@ class StackData:
             value = getattr(self, name)
             if value is not None and len(value) != n:
                 raise StackkitError(f"StackData.{name} has {len(value)} rows but X has {n}; they must align row by row")
+        if self.feature_names is not None and len(self.feature_names) != np.shape(self.X)[1]:
+            raise StackkitError(f"StackData.feature_names has {len(self.feature_names)} names but X has {np.shape(self.X)[1]} columns")
+        for emb in self.embeddings:
+            if len(emb.rows) != n:
+                raise StackkitError(f"StackData.embeddings has {len(emb.rows)} rows but X has {n}; they must align row by row")
 
     def __len__(self) -> int:
         return len(self.X)
@@ -98,7 +110,80 @@ class StackData:
             Y=None if self.Y is None else self.Y[rows],
             image_ids=None if self.image_ids is None else self.image_ids[rows],
             feature_names=self.feature_names,
+            embeddings=tuple(e.take(rows) for e in self.embeddings),
         )
+
+    def without_embeddings(self) -> "StackData":
+        return StackData(self.X, self.study_codes, self.slice_index, self.Y, self.image_ids, self.feature_names)
+
+
+@dataclass(frozen=True)
+class EmbeddingSet:
+    """The embeddings of several base models in one space (OOF rows, or one base fold model's test rows).
+
+    ``names``: the models; ``arrays``: per model a (file rows, D_m) array, memory-mapped float16
+    (never loaded whole); ``rows``: int64 (n, n_models), the file row each data row reads.
+
+    Reading a row of a memory-mapped file maps more than the row: the kernel maps the cached
+    pages around a faulting page too (64 KiB by default), so gathering scattered rows from a
+    35 GB set of files would leave most of it resident in the process. :meth:`gather` therefore
+    reads in chunks and drops the mapped pages of a file after every :attr:`RELEASE_BYTES` (64 MB) it
+    may have mapped (the pages stay in the OS page cache; only this process lets go of them).
+    """
+
+    names: tuple[str, ...]
+    arrays: tuple[np.ndarray, ...]
+    rows: np.ndarray
+    # per model, bytes possibly mapped since its pages were last released (shared by subsets)
+    _mapped: list = field(default=None, compare=False, repr=False)
+
+    RELEASE_BYTES: ClassVar[int] = 64 << 20
+    FAULT_AROUND_BYTES: ClassVar[int] = 64 << 10
+    CHUNK_ROWS: ClassVar[int] = 1024
+
+    def __post_init__(self):
+        if len(self.names) != len(self.arrays) or np.shape(self.rows)[1:] != (len(self.names),):
+            raise StackkitError(f"EmbeddingSet: {len(self.names)} names, {len(self.arrays)} arrays and rows of shape {np.shape(self.rows)} disagree")
+        if self._mapped is None:
+            from stackkit.contract.embeddings import advise_random
+
+            for array in self.arrays:
+                advise_random(array)  # scattered rows: no readahead
+            object.__setattr__(self, "_mapped", [0] * len(self.arrays))
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        return tuple(int(a.shape[1]) for a in self.arrays)
+
+    def take(self, rows: np.ndarray) -> "EmbeddingSet":
+        return EmbeddingSet(self.names, self.arrays, self.rows[np.asarray(rows)], self._mapped)
+
+    def gather(self, model: int, positions: np.ndarray) -> np.ndarray:
+        """float32 (len(positions), D) embeddings of data rows ``positions`` for model ``model``:
+        sorted reads of the distinct file rows in chunks, cast per chunk (never the whole array)."""
+        from stackkit.contract.embeddings import release_pages
+
+        array = self.arrays[model]
+        file_rows = self.rows[np.asarray(positions), model]
+        unique, inverse = np.unique(file_rows, return_inverse=True)
+        values = np.empty((len(unique), int(array.shape[1])), dtype=np.float32)
+        row_bytes = int(array.shape[1]) * int(np.dtype(array.dtype).itemsize)
+        for start in range(0, len(unique), self.CHUNK_ROWS):
+            chunk = unique[start : start + self.CHUNK_ROWS]
+            values[start : start + len(chunk)] = array[chunk]
+            self._mapped[model] += len(chunk) * (row_bytes + self.FAULT_AROUND_BYTES)
+            if self._mapped[model] >= self.RELEASE_BYTES:
+                release_pages(array)
+                self._mapped[model] = 0
+        return values[inverse]
+
+    def release(self) -> None:
+        """Drop this process's resident pages of every array (they stay in the OS page cache)."""
+        from stackkit.contract.embeddings import release_pages
+
+        for m, array in enumerate(self.arrays):
+            release_pages(array)
+            self._mapped[m] = 0
 
 
 # --- validation -------------------------------------------------------------------------------
@@ -167,16 +252,26 @@ class FeatureScaler:
     indicator_columns: np.ndarray  # features that had a NaN in training: get a 0/1 missing column
 
     @classmethod
-    def fit(cls, X: np.ndarray) -> "FeatureScaler":
-        X = np.asarray(X, dtype=np.float64)
-        missing = np.isnan(X)
-        all_missing = missing.all(axis=0)
-        with np.errstate(invalid="ignore"):
-            mean = np.where(all_missing, 0.0, np.nanmean(np.where(all_missing, 0.0, X), axis=0))
-            std = np.where(all_missing, 1.0, np.nanstd(np.where(all_missing, 0.0, X), axis=0))
+    def fit(cls, X: np.ndarray, block: int = 64) -> "FeatureScaler":
+        """Training mean / std per column, in float64 over blocks of ``block`` columns (no full float64 copy)."""
+        X = np.asarray(X)
+        n_columns = X.shape[1]
+        mean = np.zeros(n_columns, dtype=np.float64)
+        std = np.ones(n_columns, dtype=np.float64)
+        any_missing = np.zeros(n_columns, dtype=bool)
+        for start in range(0, n_columns, block):
+            part = np.asarray(X[:, start : start + block], dtype=np.float64)
+            missing = np.isnan(part)
+            all_missing = missing.all(axis=0)
+            filled = np.where(all_missing, 0.0, part)
+            with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column: handled by all_missing
+                mean[start : start + block] = np.where(all_missing, 0.0, np.nanmean(filled, axis=0))
+                std[start : start + block] = np.where(all_missing, 1.0, np.nanstd(filled, axis=0))
+            any_missing[start : start + block] = missing.any(axis=0)
         # constant columns would divide by zero; they carry no signal anyway
         scale = np.where(std > 1e-12, std, 1.0)
-        return cls(mean.astype(np.float32), scale.astype(np.float32), np.flatnonzero(missing.any(axis=0)).astype(np.int64))
+        return cls(mean.astype(np.float32), scale.astype(np.float32), np.flatnonzero(any_missing).astype(np.int64))
 
     @property
     def n_outputs(self) -> int:
@@ -244,6 +339,8 @@ class Stacker(abc.ABC):
 
     name: ClassVar[str]
     per_label: ClassVar[bool]  # one model per label (GBDT) or one multi-output model (NN)
+    # reads StackData.embeddings (the base models' embeddings) when the data carries them
+    uses_embeddings: ClassVar[bool] = False
 
     def __init__(self):
         self.params: dict | None = None
@@ -501,8 +598,15 @@ class NeuralStacker(Stacker):
     def _build_module(self, n_inputs: int, params: dict): ...
 
     @abc.abstractmethod
-    def _prepare(self, Z: np.ndarray, data: StackData, Y: np.ndarray | None):
-        """Arrays/tensors the batching and prediction below work on."""
+    def _prepare(self, X: np.ndarray, data: StackData, Y: np.ndarray | None):
+        """Arrays/tensors the batching and prediction below work on, from the raw features ``X``
+        (standardize them with :meth:`_standardize`)."""
+
+    def _standardize(self, X: np.ndarray) -> np.ndarray:
+        return self.scaler.transform(X)
+
+    def _fit_inputs(self, train: StackData, X_train: np.ndarray, params: dict) -> None:
+        """Hook before the module is built: fit whatever else the inputs need (the scaler is fitted)."""
 
     @abc.abstractmethod
     def _train_batches(self, module, prepared, params: dict, generator):
@@ -518,8 +622,9 @@ class NeuralStacker(Stacker):
         import torch
 
         self.scaler = FeatureScaler.fit(X_train)
-        prepared_train = self._prepare(self.scaler.transform(X_train), train, Y_train)
-        prepared_valid = self._prepare(self.scaler.transform(X_valid), valid, None)
+        self._fit_inputs(train, X_train, params)
+        prepared_train = self._prepare(X_train, train, Y_train)
+        prepared_valid = self._prepare(X_valid, valid, None)
         targets_valid = torch.from_numpy(Y_valid)
         weights = torch.from_numpy(label_weights())
         previous_threads = torch.get_num_threads()
@@ -540,7 +645,8 @@ class NeuralStacker(Stacker):
                         optimizer.step()
                     module.eval()
                     with torch.no_grad():
-                        valid_loss = float(weighted_bce(self._predict_logits(module, prepared_valid, params, False), targets_valid, weights))
+                        # score what prediction returns (with its test-time augmentation, if any)
+                        valid_loss = float(weighted_bce(self._predict_logits(module, prepared_valid, params, True), targets_valid, weights))
                     if valid_loss < best_loss - 1e-5:
                         best_loss, best_state, stale = valid_loss, copy.deepcopy(module.state_dict()), 0
                     else:
@@ -559,7 +665,7 @@ class NeuralStacker(Stacker):
         previous_threads = torch.get_num_threads()
         torch.set_num_threads(int(self.params["num_threads"]))
         try:
-            prepared = self._prepare(self.scaler.transform(X), data, None)
+            prepared = self._prepare(X, data, None)
             with torch.no_grad():
                 return torch.sigmoid(self._predict_logits(self.module, prepared, self.params, True)).numpy()
         finally:

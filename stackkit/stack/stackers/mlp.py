@@ -50,10 +50,10 @@ class MLPStacker(NeuralStacker):
     def _build_module(self, n_inputs, params):
         return _mlp_module(n_inputs, params)
 
-    def _prepare(self, Z, data, Y):
+    def _prepare(self, X, data, Y):
         import torch
 
-        return torch.from_numpy(Z), None if Y is None else torch.from_numpy(np.asarray(Y, dtype=np.float32))
+        return torch.from_numpy(self._standardize(X)), None if Y is None else torch.from_numpy(np.asarray(Y, dtype=np.float32))
 
     def _train_batches(self, module, prepared, params, generator):
         import torch

@@ -3,15 +3,21 @@
 Per-slice standardized features -> linear projection -> 1-D convolution along the slices ->
 bidirectional GRU (packed, so padding never enters the recurrence) -> six logits per slice.
 Studies are padded to the longest one in a batch; the loss is masked to real slices.
-Training flips half of the studies (a study read bottom-up is as valid as top-down) and
-prediction averages the forward and the reversed study (test-time augmentation).
+Training reverses half of the studies (a study read bottom-up is as valid as top-down) and
+prediction averages the forward and the reversed study (test-time augmentation); early stopping
+scores that average. A reversed study is what the same study looks like stored the other way
+round: its rows in the opposite order *and* its direction-dependent features swapped (lags with
+leads, the z gaps, index with reverse index, position -> 1 - position), from the feature names
+(:func:`features.build.reversal_map`). Without feature names only the row order is reversed.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
-from stackkit.stack.stackers.base import default_threads, NeuralStacker
+from stackkit.stack.stackers.base import StackData, default_threads, NeuralStacker
 
 
 def _seq_module(n_inputs: int, params: dict):
@@ -60,7 +66,44 @@ def study_layout(study_codes: np.ndarray, slice_index: np.ndarray):
     return row_study, row_position, lengths.astype(np.int64)
 
 
-class SeqStacker(NeuralStacker):
+class SequenceStacker(NeuralStacker):
+    """Shared by the stackers that see whole studies: the reversal of a study's features."""
+
+    def __init__(self):
+        super().__init__()
+        self.reversal: tuple[np.ndarray, np.ndarray] | None = None
+
+    def _fit_inputs(self, train: StackData, X_train: np.ndarray, params: dict) -> None:
+        n = X_train.shape[1]
+        if train.feature_names is None:
+            self.reversal = (np.arange(n, dtype=np.int64), np.zeros(n, dtype=bool))
+        else:
+            from features.build import reversal_map
+
+            self.reversal = reversal_map(train.feature_names)
+
+    def _reversed_features(self, X: np.ndarray) -> np.ndarray:
+        from features.build import reverse_features
+
+        return reverse_features(X, *self.reversal)
+
+    def _state(self) -> dict:
+        source, complement = self.reversal
+        return {**super()._state(), "reversal_source": source.tolist(), "reversal_complement": np.flatnonzero(complement).tolist()}
+
+    def _load_models(self, directory: Path, state: dict) -> None:
+        if "reversal_source" not in state:
+            from stackkit.errors import StackkitError
+
+            raise StackkitError(f"{directory}: a '{self.name}' model saved without its study reversal (an older stackkit); refit with `stack fit`")
+        source = np.asarray(state["reversal_source"], dtype=np.int64)
+        complement = np.zeros(len(source), dtype=bool)
+        complement[np.asarray(state["reversal_complement"], dtype=np.int64)] = True
+        self.reversal = (source, complement)
+        super()._load_models(directory, state)
+
+
+class SeqStacker(SequenceStacker):
     name = "seq"
 
     def default_params(self) -> dict:
@@ -90,16 +133,17 @@ class SeqStacker(NeuralStacker):
     def _build_module(self, n_inputs, params):
         return _seq_module(n_inputs, params)
 
-    def _prepare(self, Z, data, Y):
+    def _prepare(self, X, data, Y):
         import torch
 
+        Z = self._standardize(X)
         row_study, row_position, lengths = study_layout(data.study_codes, data.slice_index)
         reversed_position = lengths[row_study] - 1 - row_position
         shape = (len(lengths), int(lengths.max()) if len(lengths) else 0)
         forward = np.zeros((*shape, Z.shape[1]), dtype=np.float32)
         backward = np.zeros_like(forward)
         forward[row_study, row_position] = Z
-        backward[row_study, reversed_position] = Z
+        backward[row_study, reversed_position] = self._standardize(self._reversed_features(X))
         prepared = {
             "forward": torch.from_numpy(forward),
             "backward": torch.from_numpy(backward),
