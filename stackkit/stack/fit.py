@@ -284,6 +284,11 @@ def _summary(wd, record, table, sources: Sources, choice, fitted, studies, secon
     best_source = min((c for c in choice.candidates if c.kind == "source"), key=lambda c: c.cv.overall)
     lines = [f"blend: {choice.chosen.name}: cross-validated {cv.overall:.5f} (in-sample {in_sample.overall:.5f}); "
              f"best single source {best_source.name} {best_source.cv.overall:.5f}"]
+    base = [c for c in choice.candidates if c.kind == "source" and c.name.startswith("preds/")]
+    if base:
+        best_base = min(base, key=lambda c: c.cv.overall)
+        lines.append(f"blend-cv is {1.0 - cv.overall / best_base.cv.overall:.1%} below the best base model "
+                     f"({best_base.name}: {best_base.cv.overall:.5f})")
     weights = ", ".join(f"{w['name']} {w['mean_weight']:.2f}" for w in record["choice"]["weights_summary"] if w["mean_weight"] >= 0.005)
     lines.append(f"weights (mean over labels): {weights}")
     for name, (_result, tuned) in fitted.items():

@@ -293,10 +293,11 @@ def _honest_oof(name, inputs, candidates, kept_oof: dict, fold_sizes, seed: int)
     for k, position in enumerate(chosen):
         trial = candidates[int(position)]
         rows = inputs.folds == k
-        if trial.number not in kept_oof:
+        if trial.number in kept_oof:  # ran in this call: every fold's OOF is in memory
+            honest[rows] = kept_oof[trial.number][rows]
+        else:
             refit = fit_stacker(name, dict(trial.user_attrs["params"]), inputs, seed=seed, progress=False, folds=[k], predict_test=False)
-            kept_oof[trial.number] = refit.oof[list(LABELS)].to_numpy(dtype=np.float32)
-        honest[rows] = kept_oof[trial.number][rows]
+            honest[rows] = refit.oof[list(LABELS)].to_numpy(dtype=np.float32)[rows]
     return honest, [int(candidates[int(p)].number) for p in chosen]
 
 

@@ -107,3 +107,17 @@ def test_binned_datasets_are_reused_across_trials(inputs):
     finally:
         lgb.Dataset.__init__ = original
     assert first > 0 and len(made) == first  # the second fit built no dataset
+
+
+def test_honest_oof_of_trials_run_elsewhere_is_refitted_fold_by_fold(inputs, tmp_path):
+    """Another worker's (or an earlier call's) trials are not in memory: each chosen fold is refitted, none left empty."""
+    from stackkit.stack.tune import _honest_oof
+
+    tuned, storage = _tune(inputs, tmp_path, trials=3)
+    study = optuna.load_study(study_name="t", storage=storage)
+    candidates = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
+    sizes = np.bincount(inputs.folds).astype(float)
+    honest, fold_trials = _honest_oof("lgbm", inputs, candidates, {}, sizes, 0)
+    assert fold_trials == tuned.fold_trials
+    assert np.isfinite(honest).all()
+    assert np.allclose(honest, tuned.result.oof[list(LABELS)].to_numpy(), atol=1e-6)

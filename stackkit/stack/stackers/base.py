@@ -577,6 +577,17 @@ class PerLabelStacker(Stacker):
 # --- shared helpers for torch stackers (torch imported inside the functions only) -----------------
 
 
+def to_device(prepared, device):
+    """Every tensor in ``prepared`` (a tensor, or a tuple/list/dict of them) on ``device``; anything else as it is."""
+    if device.type == "cpu":
+        return prepared
+    if isinstance(prepared, dict):
+        return {k: to_device(v, device) for k, v in prepared.items()}
+    if isinstance(prepared, (tuple, list)):
+        return type(prepared)(to_device(v, device) for v in prepared)
+    return prepared.to(device) if hasattr(prepared, "to") and hasattr(prepared, "device") else prepared
+
+
 class NeuralStacker(Stacker):
     """One multi-output torch network; subclasses say how to build it and how to batch rows.
 
@@ -623,17 +634,18 @@ class NeuralStacker(Stacker):
 
         self.scaler = FeatureScaler.fit(X_train)
         self._fit_inputs(train, X_train, params)
-        prepared_train = self._prepare(X_train, train, Y_train)
-        prepared_valid = self._prepare(X_valid, valid, None)
-        targets_valid = torch.from_numpy(Y_valid)
-        weights = torch.from_numpy(label_weights())
+        device = torch.device(params.get("device", "cpu"))
+        prepared_train = to_device(self._prepare(X_train, train, Y_train), device)
+        prepared_valid = to_device(self._prepare(X_valid, valid, None), device)
+        targets_valid = torch.from_numpy(Y_valid).to(device)
+        weights = torch.from_numpy(label_weights()).to(device)
         previous_threads = torch.get_num_threads()
         torch.set_num_threads(int(params["num_threads"]))
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 generator = torch.Generator().manual_seed(seed)
-                module = self._build_module(self.scaler.n_outputs, params)
+                module = self._build_module(self.scaler.n_outputs, params).to(device)
                 optimizer = torch.optim.AdamW(module.parameters(), lr=float(params["lr"]), weight_decay=float(params["weight_decay"]))
                 best_loss, best_state, stale = float("inf"), copy.deepcopy(module.state_dict()), 0
                 for _epoch in range(int(params["max_epochs"])):
@@ -657,7 +669,7 @@ class NeuralStacker(Stacker):
                 module.eval()
         finally:
             torch.set_num_threads(previous_threads)
-        self.module = module
+        self.module = module.cpu() if device.type != "cpu" else module  # saved and reloaded on any machine
 
     def _predict(self, data, X) -> np.ndarray:
         import torch
@@ -665,9 +677,16 @@ class NeuralStacker(Stacker):
         previous_threads = torch.get_num_threads()
         torch.set_num_threads(int(self.params["num_threads"]))
         try:
-            prepared = self._prepare(X, data, None)
-            with torch.no_grad():
-                return torch.sigmoid(self._predict_logits(self.module, prepared, self.params, True)).numpy()
+            device = torch.device(self.params.get("device", "cpu"))
+            if device.type == "cuda" and not torch.cuda.is_available():
+                device = torch.device("cpu")  # a model fitted on a GPU predicts on a machine without one
+            prepared = to_device(self._prepare(X, data, None), device)
+            module = self.module.to(device)
+            try:
+                with torch.no_grad():
+                    return torch.sigmoid(self._predict_logits(module, prepared, self.params, True)).cpu().numpy()
+            finally:
+                self.module = module.cpu()
         finally:
             torch.set_num_threads(previous_threads)
 

@@ -34,6 +34,7 @@ class MLPStacker(NeuralStacker):
             "batch_size": 256,
             "max_epochs": 60,
             "patience": 6,
+            "device": "cpu",  # stack fit --device cuda puts it on a GPU
             "num_threads": default_threads(),
         }
 
