@@ -86,7 +86,7 @@ def check_import_embeddings(oof_embeddings, test_embeddings, *, n_oof: int, n_te
 
     test_embeddings = list(test_embeddings or ())
     if oof_embeddings is None:
-        raise StackkitError("--test-embeddings given without --oof-embeddings; a model's embeddings need both")
+        raise StackkitError(f"{test_embeddings[0]}: --test-embeddings given without --oof-embeddings; a model's embeddings need both")
     if not test_embeddings:
         raise StackkitError(f"{oof_embeddings}: --oof-embeddings given without --test-embeddings; a model's embeddings need both")
     if len(test_embeddings) not in (1, n_folds):

@@ -197,7 +197,7 @@ BAD_EMBEDDINGS = [
     ("missing-file", _absent, r"test_emb1\.npy: test embedding file not found"),
     ("wrong-number-of-test-files", _drop_test_files, r"test_emb1\.npy: 2 --test-embeddings files; expected 1 .* or one per fold model \(4"),
     ("oof-without-test", _only_oof, r"oof_emb\.npy: --oof-embeddings given without --test-embeddings"),
-    ("test-without-oof", _only_test, r"--test-embeddings given without --oof-embeddings"),
+    ("test-without-oof", _only_test, r"test_emb0\.npy: --test-embeddings given without --oof-embeddings"),
 ]
 
 
