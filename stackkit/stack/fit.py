@@ -68,6 +68,7 @@ def run_stack_fit(
     progress: bool = True,
     heartbeat_interval: int | None = None,
     device: str = "auto",
+    use_embeddings: bool = True,
 ) -> dict:
     """Fit the stackers, choose the blend, write stack/ + blend.json + report.html; returns a summary
     (``table``, ``lines``, paths, scores, studies)."""
@@ -88,7 +89,7 @@ def run_stack_fit(
     fitted, studies = {}, {}
     if names:
         fitted, studies = _fit_stackers(wd, names, tune=tune, trials=trials, deadline=deadline, storage=storage_obj, prefix=prefix,
-                                        seed=seed, device=resolved_device, progress=progress)
+                                        seed=seed, device=resolved_device, progress=progress, use_embeddings=use_embeddings)
     sources = _collect_sources(wd, core, fitted, base_models)
     choice, blend_info = _choose_blend(sources, tune=tune, trials=trials, deadline=deadline, storage=storage_obj, prefix=prefix,
                                        seed=seed, per_label=per_label_weights, any_consistency=any_consistency, progress=progress)
@@ -158,11 +159,11 @@ def device_overrides(name: str, device: str) -> dict:
     return {"device": device}
 
 
-def _fit_stackers(wd, names, *, tune, trials, deadline, storage, prefix, seed, device, progress):
+def _fit_stackers(wd, names, *, tune, trials, deadline, storage, prefix, seed, device, progress, use_embeddings=True):
     """{name: (StackerResult, TunedStacker | None)} saved to stack/<name>/, and {name: StudyInfo}."""
     from stackkit.stack.crossfit import fit_stacker, load_stack_inputs, save_stacker_result
 
-    inputs = load_stack_inputs(wd)
+    inputs = load_stack_inputs(wd, use_embeddings=use_embeddings)
     fitted, studies = {}, {}
     for position, name in enumerate(names):
         overrides = device_overrides(name, device)
@@ -171,7 +172,8 @@ def _fit_stackers(wd, names, *, tune, trials, deadline, storage, prefix, seed, d
             from stackkit.stack.tune import digest, tune_stacker
 
             # everything a trial's score depends on: a continued study never mixes in other data
-            inputs_key = digest(file_sha256(wd.features_manifest), inputs.folds_hash, inputs.train.Y.astype(np.int8), int(seed), name, overrides)
+            inputs_key = digest(file_sha256(wd.features_manifest), inputs.folds_hash, inputs.train.Y.astype(np.int8), int(seed), name, overrides,
+                                [(m, file_sha256(wd.model_json(m))) for m in inputs.embedding_models])
             # one budget for the whole call: each remaining study gets an equal share of what is left (the blend costs little)
             share = None if deadline is None else max(1.0, (deadline - time.monotonic()) / (len(names) - position))
             tuned = tune_stacker(name, inputs, storage=storage, study_name=f"{prefix}-{name}", trials=trials, timeout=share,

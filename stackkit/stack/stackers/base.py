@@ -484,19 +484,51 @@ class PerLabelStacker(Stacker):
         self.boosters: list = []  # one per label, None where the label had one class only
         self.priors: list[float] = []
         self.label_columns: list[np.ndarray | None] = []  # per label: column positions, None = all
+        self.projection = None  # per embedding model (mean, components), or None without embeddings
+        self.projection_models: list[str] = []
 
-    def _columns_for(self, data: StackData, params: dict) -> list[np.ndarray | None]:
+    def _columns_for(self, feature_names, params: dict) -> list[np.ndarray | None]:
         subsets = params.get("feature_subsets", "all")
         if subsets not in FEATURE_SUBSETS:
             raise StackkitError(f"stacker '{self.name}': feature_subsets must be one of {', '.join(FEATURE_SUBSETS)}, got {subsets!r}")
-        if subsets == "all" or data.feature_names is None:
+        if subsets == "all" or feature_names is None:
             return [None] * N_LABELS
-        return [label_feature_columns(data.feature_names, label) for label in LABELS]
+        return [label_feature_columns(feature_names, label) for label in LABELS]
+
+    # -- embeddings: a low-dimensional projection appended to the features
+
+    def _fit_projection(self, train: StackData, valid: StackData, X_train, X_valid, params: dict, seed: int):
+        """(X_train, X_valid, feature names) with each model's embedding PCA appended, fitted on ``train``'s rows only."""
+        components = int(params.get("embedding_components", 0))
+        self.projection, self.projection_models = None, []
+        if components <= 0 or not train.embeddings:
+            return X_train, X_valid, train.feature_names
+        from stackkit.stack.embeddings import fit_projection, project, projection_names
+
+        emb = train.embeddings[0]
+        self.projection = fit_projection(emb, np.arange(len(train)), components, seed=seed)
+        self.projection_models = list(emb.names)
+        names = None if train.feature_names is None else (*train.feature_names, *projection_names(emb, self.projection))
+        return (np.concatenate([X_train, project(emb, self.projection)], axis=1),
+                np.concatenate([X_valid, project(valid.embeddings[0], self.projection)], axis=1), names)
+
+    def _embedding_views(self, data: StackData, X: np.ndarray) -> list[np.ndarray]:
+        """The feature matrix once per embedding space of ``data`` (one per base fold model for test rows)."""
+        if self.projection is None:
+            return [X]
+        from stackkit.stack.embeddings import project
+
+        if not data.embeddings or list(data.embeddings[0].names) != self.projection_models:
+            raise StackkitError(f"stacker '{self.name}' was fitted with the embeddings of {', '.join(self.projection_models)}; "
+                                f"the data has {', '.join(data.embeddings[0].names) if data.embeddings else 'none'}: refit with `stack fit`")
+        # an embedding space is only comparable within one base fold model: predict once per space, average
+        return [np.concatenate([X, project(emb, self.projection)], axis=1) for emb in data.embeddings]
 
     def _fit(self, train, valid, X_train, Y_train, X_valid, Y_valid, params, seed) -> None:
         priors = label_priors(Y_train)
         self.priors = [float(p) for p in priors]
-        self.label_columns = self._columns_for(train, params)
+        X_train, X_valid, feature_names = self._fit_projection(train, valid, X_train, X_valid, params, seed)
+        self.label_columns = self._columns_for(feature_names, params)
         self.boosters = []
         for j in range(N_LABELS):
             if Y_train[:, j].min() == Y_train[:, j].max():
@@ -509,44 +541,61 @@ class PerLabelStacker(Stacker):
             self.boosters.append(self._fit_label(x_fit, Y_train[:, j], x_valid, Y_valid[:, j], params, seed, j, cache))
 
     def _predict(self, data, X) -> np.ndarray:
-        out = np.empty((len(X), N_LABELS), dtype=np.float64)
-        for j, booster in enumerate(self.boosters):
-            columns = self.label_columns[j] if self.label_columns else None
-            out[:, j] = self.priors[j] if booster is None else self._predict_label(booster, X if columns is None else X[:, columns])
-        return out
+        views = self._embedding_views(data, X)
+        out = np.zeros((len(X), N_LABELS), dtype=np.float64)
+        for view in views:
+            for j, booster in enumerate(self.boosters):
+                columns = self.label_columns[j] if self.label_columns else None
+                out[:, j] += self.priors[j] if booster is None else self._predict_label(booster, view if columns is None else view[:, columns])
+        return out / len(views)
 
     def feature_importance(self) -> np.ndarray | None:
-        gain = np.zeros((self.n_features, N_LABELS), dtype=np.float64)
+        width = self.n_features + sum(c.shape[1] for _, c in self.projection or [])
+        gain = np.zeros((width, N_LABELS), dtype=np.float64)
         for j, booster in enumerate(self.boosters):
             if booster is not None:
                 columns = self.label_columns[j] if self.label_columns else None
                 label_gain = self._label_gain(booster)
                 if columns is None:
-                    gain[:, j] = label_gain
+                    gain[: len(label_gain), j] = label_gain
                 else:
                     gain[columns, j] = label_gain
-        return gain
+        # the feature columns only (the importance table names them); the projection's share is left out
+        return gain[: self.n_features]
 
     def _state(self) -> dict:
         return {"priors": self.priors, "has_booster": [b is not None for b in self.boosters],
-                "label_columns": [None if c is None else [int(i) for i in c] for c in self.label_columns]}
+                "label_columns": [None if c is None else [int(i) for i in c] for c in self.label_columns],
+                "projection_models": self.projection_models}
 
     def _model_file(self, j: int) -> str:
         return f"{LABELS[j]}{self.model_suffix}"
 
+    PROJECTION_FILE = "projection.npz"
+
     def _save_models(self, directory: Path) -> list[Path]:
-        return [
+        written = [
             write_artifact(directory / self._model_file(j), self._booster_bytes(b))
             for j, b in enumerate(self.boosters)
             if b is not None
         ]
+        if self.projection is not None:
+            import io
+
+            buffer = io.BytesIO()
+            np.savez(buffer, **{f"{kind}{m}": array for m, pair in enumerate(self.projection) for kind, array in zip(("mean", "components"), pair)})
+            written.append(write_artifact(directory / self.PROJECTION_FILE, buffer.getvalue()))
+        return written
 
     def _load_models(self, directory: Path, state: dict) -> None:
         self.priors = [float(p) for p in state["priors"]]
+        self.projection_models = list(state.get("projection_models") or [])
+        self.projection = self._load_projection(directory) if self.projection_models else None
+        width = self.n_features + sum(c.shape[1] for _, c in self.projection or [])
         columns = state.get("label_columns") or [None] * N_LABELS
         self.label_columns = [None if c is None else np.asarray(c, dtype=np.int64) for c in columns]
-        if any(c is not None and (len(c) == 0 or c.min() < 0 or c.max() >= self.n_features) for c in self.label_columns):
-            raise StackkitError(f"{directory / STACKER_JSON}: label_columns out of range for {self.n_features} features; refit with `stack fit`")
+        if any(c is not None and (len(c) == 0 or c.min() < 0 or c.max() >= width) for c in self.label_columns):
+            raise StackkitError(f"{directory / STACKER_JSON}: label_columns out of range for {width} columns; refit with `stack fit`")
         self.boosters = []
         for j, present in enumerate(state["has_booster"]):
             if not present:
@@ -554,6 +603,17 @@ class PerLabelStacker(Stacker):
                 continue
             path = directory / self._model_file(j)
             self.boosters.append(self._booster_from_bytes(read_artifact(path), path))
+
+    def _load_projection(self, directory: Path):
+        import io
+        import zipfile
+
+        path = directory / self.PROJECTION_FILE
+        try:
+            with np.load(io.BytesIO(read_artifact(path)), allow_pickle=False) as npz:
+                return [(npz[f"mean{m}"], npz[f"components{m}"]) for m in range(len(self.projection_models))]
+        except (ValueError, KeyError, OSError, zipfile.BadZipFile) as exc:
+            raise StackkitError(f"{path}: not a readable embedding projection ({exc}); refit with `stack fit`") from exc
 
     model_suffix: ClassVar[str]
 

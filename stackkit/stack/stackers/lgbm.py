@@ -33,6 +33,7 @@ class LGBMStacker(PerLabelStacker):
             "num_boost_round": 300,
             "early_stopping_rounds": 20,
             "feature_subsets": "label",
+            "embedding_components": 8,  # per model with embeddings: PCA fitted on the training rows, appended (0: off)
             "num_threads": default_threads(),
         }
 
@@ -49,7 +50,7 @@ class LGBMStacker(PerLabelStacker):
         return params
 
     def _booster_params(self, params: dict, seed: int) -> dict:
-        booster_params = {k: v for k, v in params.items() if k not in ("num_boost_round", "early_stopping_rounds", "feature_subsets")}
+        booster_params = {k: v for k, v in params.items() if k not in ("num_boost_round", "early_stopping_rounds", "feature_subsets", "embedding_components")}
         booster_params.update(
             objective="binary",
             metric="binary_logloss",
