@@ -269,7 +269,7 @@ def stack_features(wd, lags, dicom_meta, quiet):
 @click.option("--tune", is_flag=True, help="Tune stacker parameters and blend weights with Optuna.")
 @click.option("--trials", default=20, show_default=True, type=click.IntRange(1, None), help="Optuna trials per study.")
 @click.option("--timeout", default=None, type=click.FloatRange(0, None, min_open=True),
-              help="One time budget in seconds for the whole --tune (shared by the stackers' studies and the blend).")
+              help="One time budget in seconds for the whole --tune (shared by the stackers' studies and the blend; default 420).")
 @click.option("--storage", default=None, help="Optuna storage URL (default: a journal file under the work directory; postgresql://... for many machines).")
 @click.option("--study-name", default=None, help="Study name prefix; reruns and other workers continue it.")
 @click.option("--heartbeat", default=None, type=click.IntRange(1, None),

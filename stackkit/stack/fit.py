@@ -36,6 +36,9 @@ SEED_RANGE = (0, 2**32 - 1)
 CV_METHOD = ("per fold k: each candidate blend refitted on the other folds' OOF rows (weights, temperature/bias and clip), "
              "scored on fold k, pooled over folds; single sources scored on their OOF files")
 OPTUNA_BLEND = "Optuna search over weights, temperature and clip"
+# --tune without --timeout: 20 trials of a GBDT stacker at ~50k images take longer than a user waits
+# for one command; the budget stops the studies in time (each keeps its best complete trial).
+DEFAULT_TUNE_BUDGET_S = 420.0
 
 
 @dataclass
@@ -84,7 +87,8 @@ def run_stack_fit(
         raise StackkitError("nothing to blend: no stackers given and no models under preds/; pass --stackers lgbm (or run base train/import)")
     resolved_device = resolve_device(device, names)
     storage_obj = make_storage(storage, wd, heartbeat_interval=heartbeat_interval) if tune else None
-    deadline = None if timeout is None else time.monotonic() + float(timeout)
+    budget = timeout if timeout is not None else (DEFAULT_TUNE_BUDGET_S if tune else None)
+    deadline = None if budget is None else time.monotonic() + float(budget)
     prefix = study_name or DEFAULT_STUDY
     fitted, studies = {}, {}
     if names:
@@ -96,7 +100,7 @@ def run_stack_fit(
     if blend_info is not None:
         studies["blend"] = blend_info
     record = _blend_record(wd, sources, choice, fitted, studies, tune=tune, seed=seed, storage=storage,
-                           per_label=per_label_weights, device=resolved_device)
+                           per_label=per_label_weights, device=resolved_device, budget=budget)
     write_json(record, wd.blend)
     from stackkit.stack.report import stack_fit_report
 
@@ -255,7 +259,7 @@ def weight_summary(weights: np.ndarray, names: list[str]) -> list[dict]:
     return sorted(rows, key=lambda r: -r["mean_weight"])
 
 
-def _blend_record(wd, sources: Sources, choice, fitted: dict, studies: dict, *, tune, seed, storage, per_label, device) -> dict:
+def _blend_record(wd, sources: Sources, choice, fitted: dict, studies: dict, *, tune, seed, storage, per_label, device, budget) -> dict:
     from stackkit.stack.storage import describe_storage
 
     params = choice.params
@@ -276,7 +280,7 @@ def _blend_record(wd, sources: Sources, choice, fitted: dict, studies: dict, *, 
         "device": device,
         "seed": int(seed),
         "folds_hash": folds_hash(sources.image_ids, sources.folds),
-        "optuna": None if not tune else {"storage": describe_storage(storage, wd),
+        "optuna": None if not tune else {"storage": describe_storage(storage, wd), "budget_s": budget,
                                          "studies": {n: info.as_dict() for n, info in studies.items()}},
     }
 
@@ -298,7 +302,7 @@ def _summary(wd, record, table, sources: Sources, choice, fitted, studies, secon
             lines.append(f"tuned {name}: honest OOF {tuned.result.score.overall:.5f} (selected trial {tuned.info.best_trial}: "
                          f"{tuned.selected_score.overall:.5f}, optimistic); {tuned.info.trials_run} trials now, {tuned.info.trials_total} in study")
     if record["optuna"]:
-        lines.append(f"optuna storage: {record['optuna']['storage']}")
+        lines.append(f"optuna storage: {record['optuna']['storage']}; time budget {record['optuna']['budget_s']:.0f} s (--timeout)")
     lines.append(f"wrote {wd.blend} and {wd.report_html} in {seconds:.1f} s")
     return {
         "table": table,
