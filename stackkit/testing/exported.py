@@ -23,15 +23,19 @@ How the data are made, and why (what makes study-awareness and embeddings matter
 * A model's logit per label: its strength x evidence + an error per study shared by all models
   (a scan artifact fools everyone) + its own error per study + per-slice noise partly shared by
   all models (hard slices are hard for every CNN) and smoothed along z + its own per-slice
-  noise. Each model is miscalibrated its own way (per-label temperature and bias); one or two
-  are weak. An OOF row comes from the fold model of its fold (a small perturbation of the
+  noise. Its head is "trained": a monotone map from the raw score to the labels' rate (so it is
+  roughly calibrated, as a CNN trained with BCE is), then miscalibrated its own way (per-label
+  temperature and bias); one or two models are weak. Mimics (short runs of hemorrhage-like
+  evidence in slices without one) fool every model alike. An OOF row comes from the fold model of its fold (a small perturbation of the
   model plus its own noise); a test row is the mean of the fold models' probabilities.
 * Embeddings: the head of a model sums three latent components per label: its view of the
   evidence (kept), a nuisance response that carries no label information (added by the head
   with weight ``head_nuisance``: it should have been thrown away) and a second, independent
-  view of the evidence (thrown away by the head). The embedding is these 18 components seen
-  through a random orthonormal map into D dims plus small noise, the map slightly different
-  per fold model, so a learner on the embedding can beat the head's own probabilities.
+  view of the evidence (thrown away by the head). The embedding is these 18 components (the
+  two views squashed by the head's calibrated map: pooled features are nonlinear in the
+  evidence too) seen through a random orthonormal map into D dims plus small noise, the map
+  slightly different per fold model, so a learner on the embedding can beat the head's own
+  probabilities (a logistic regression on logits + embedding beats one on the logits alone).
 """
 
 from __future__ import annotations
@@ -57,11 +61,21 @@ SUBTYPE_RUN_SHARE = np.array([0.25, 0.29, 0.30, 0.27, 0.35])
 LABEL_VISIBILITY = np.array([0.8, 1.1, 1.3, 0.85, 1.0, 1.2])
 # Base logit per label of an image without hemorrhage, and the logit gained per unit of evidence.
 NEGATIVE_LOGIT = np.array([-7.0, -5.0, -5.0, -4.6, -4.4, -3.6])
-EVIDENCE_GAIN = 9.0
+EVIDENCE_GAIN = 11.0
 # Quality of the models in order: the 5th and 6th (and 10th) are the weak ones.
 MODEL_STRENGTH = np.array([1.0, 0.95, 0.9, 0.85, 0.55, 0.65, 1.0, 0.9, 0.8, 0.5])
 MODEL_NAMES = ("effnet_b3", "seresnext50", "resnet34_ctx1", "densenet121", "resnet18", "effnet_b0",
                "seresnext101", "inception_v3", "regnety_16", "mobilenet_v3")
+# Spread of the errors (logit units). Most of a CNN's error is shared with other CNNs (a hard scan, a
+# hard slice and its neighbors) and smooth along z, which no stacking removes; sized so that the
+# stackers gain over the best model roughly what RSNA 2019 stacks gained (some 10-20 %).
+STUDY_ERROR_SHARED, STUDY_ERROR_MODEL = 0.7, 0.15
+SLICE_ERROR_SHARED = 1.3
+SLICE_ERROR_MODEL = 0.35  # x (1 + 1.2 x (1 - strength)): weak models are noisier
+TEMPERATURE_SPREAD, BIAS_SPREAD = 0.15, 0.25  # per-label miscalibration (log-temperature, logit bias)
+# Mimics (calcification, beam hardening): short runs of hemorrhage-like evidence in slices without
+# one, seen by every model: false positives that neither neighbors nor other models explain away.
+MIMIC_RATE, MIMIC_LENGTH = 0.12, 3
 N_COMPONENTS = 3  # latent components per label a model's head mixes (see the module docstring)
 # Rough spread of each component, so the embedding's dimensions are O(1) as a CNN's pooled features are.
 COMPONENT_SCALE = 3.0
@@ -178,6 +192,11 @@ def _make_studies(rng: np.random.Generator, n_patients: int, test_fraction: floa
     jitter = np.exp(0.25 * _neighbor_smooth(rng.normal(size=(len(z), N_SUBTYPES)), first, last))
     evidence = np.zeros((len(z), len(LABELS)))
     evidence[:, :N_SUBTYPES] = np.where(present[study_of_row], intensity * jitter * np.where(inside, bump, outside), 0.0)
+    has_mimic = rng.random((n_studies, N_SUBTYPES)) < MIMIC_RATE
+    mimic_start = np.floor(rng.random((n_studies, N_SUBTYPES)) * sizes[:, None])[study_of_row]
+    in_mimic = has_mimic[study_of_row] & (at >= mimic_start) & (at < mimic_start + rng.integers(1, MIMIC_LENGTH + 1, (n_studies, N_SUBTYPES))[study_of_row])
+    mimic = rng.lognormal(-0.6, 0.4, (n_studies, N_SUBTYPES))[study_of_row] * jitter
+    evidence[:, :N_SUBTYPES] = np.where(in_mimic & ~inside, np.maximum(evidence[:, :N_SUBTYPES], mimic), evidence[:, :N_SUBTYPES])
     evidence[:, -1] = evidence[:, :N_SUBTYPES].max(axis=1)
 
     is_test_patient = np.zeros(n_patients, dtype=bool)
@@ -199,6 +218,8 @@ class _Model:
     fold_strength: np.ndarray    # (K,) multiplicative perturbation per fold model
     fold_bias: np.ndarray        # (K, 6)
     rotation: np.ndarray | None  # (K, 18, D): fold model k's map of the components into D dims
+    head_knots: list | None = None  # per label, set by _fit_head: raw score -> calibrated logit
+    head_logit: list | None = None
 
 
 def _orthonormal(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
@@ -216,15 +237,15 @@ def _make_model(rng: np.random.Generator, index: int, n_studies: int, n_folds: i
             raise ValueError(f"embedding_dim {embedding_dim}: need at least {n_latent} (6 labels x {N_COMPONENTS} components)")
         shared = _orthonormal(rng, n_latent, embedding_dim)
         # each fold model's space is a small rotation of the model's: similar, not identical
-        rotation = np.stack([_orthonormal(rng, n_latent, embedding_dim) * 0.25 + shared for _ in range(n_folds)])
+        rotation = np.stack([_orthonormal(rng, n_latent, embedding_dim) * 0.1 + shared for _ in range(n_folds)])
         rotation /= np.linalg.norm(rotation, axis=2, keepdims=True)
     return _Model(
         strength=float(tier * np.exp(rng.normal(0, 0.05))),
-        temperature=np.exp(rng.normal(0, 0.25, len(LABELS))),
-        bias=rng.normal(0, 0.4, len(LABELS)),
+        temperature=np.exp(rng.normal(0, TEMPERATURE_SPREAD, len(LABELS))),
+        bias=rng.normal(0, BIAS_SPREAD, len(LABELS)),
         head_nuisance=rng.uniform(0.25, 0.5, len(LABELS)),
-        study_error=rng.normal(0, 0.35, (n_studies, len(LABELS))),
-        slice_noise=float(0.7 + 0.6 * (1.0 - tier)),
+        study_error=rng.normal(0, STUDY_ERROR_MODEL, (n_studies, len(LABELS))),
+        slice_noise=float(SLICE_ERROR_MODEL * (1.0 + 1.2 * (1.0 - tier))),
         fold_strength=np.exp(rng.normal(0, 0.04, n_folds)),
         fold_bias=rng.normal(0, 0.08, (n_folds, len(LABELS))),
         rotation=rotation,
@@ -241,14 +262,38 @@ def _components(rng, model: _Model, rows: np.ndarray, world: "_World") -> np.nda
     # the fold models of one architecture mostly share their quirks: so does the test mean of them
     nuisance = 0.95 * world.model_nuisance[rows] + 0.3 * rng.normal(size=(n, len(LABELS)))
     # a second look at the evidence the head throws away; noisier but independent of the first
-    second_view = signal + 3.0 * rng.normal(size=(n, len(LABELS)))
+    second_view = signal + 0.8 * rng.normal(size=(n, len(LABELS)))
     return np.stack([view, nuisance, second_view], axis=2)
 
 
+def _head_score(model: _Model, components: np.ndarray) -> np.ndarray:
+    """The head's raw score: the view plus the nuisance it failed to discard; the second view ignored."""
+    return NEGATIVE_LOGIT + components[:, :, 0] + model.head_nuisance * components[:, :, 1]
+
+
+def _fit_head(model: _Model, components: np.ndarray, y: np.ndarray, n_bins: int = 200) -> None:
+    """Train the head: per label, the positive rate of the labels by quantile bin of its raw score,
+    made monotone: a flexible, calibrated map, as a CNN trained with BCE roughly has."""
+    score = _head_score(model, components)
+    model.head_knots, model.head_logit = [], []
+    for j in range(len(LABELS)):  # a loop over the six labels, not rows
+        edges = np.unique(np.quantile(score[:, j], np.linspace(0, 1, n_bins + 1)))
+        bin_of = np.clip(np.searchsorted(edges, score[:, j], side="right") - 1, 0, len(edges) - 2)
+        count = np.bincount(bin_of, minlength=len(edges) - 1)
+        positives = np.bincount(bin_of, weights=y[:, j], minlength=len(edges) - 1)
+        center = np.bincount(bin_of, weights=score[:, j], minlength=len(edges) - 1) / np.maximum(count, 1)
+        prior = (y[:, j].sum() + 0.5) / (len(y) + 1.0)
+        rate = np.maximum.accumulate((positives + 2.0 * prior) / (count + 2.0))
+        keep = count > 0
+        model.head_knots.append(center[keep])
+        model.head_logit.append(np.log(rate[keep] / (1.0 - np.minimum(rate[keep], 1 - 1e-6))))
+
+
 def _head_probabilities(model: _Model, components: np.ndarray, fold: np.ndarray | int) -> np.ndarray:
-    """What the head of fold model ``fold`` (one per row, or one for all) outputs: the view plus
-    the nuisance it failed to discard, the second view ignored, then miscalibrated."""
-    logit = NEGATIVE_LOGIT + components[:, :, 0] + model.head_nuisance * components[:, :, 1]
+    """What the head of fold model ``fold`` (one per row, or one for all) outputs: its trained
+    head on the raw score, then miscalibrated (its own temperature and bias, plus the fold model's)."""
+    score = _head_score(model, components)
+    logit = np.column_stack([np.interp(score[:, j], model.head_knots[j], model.head_logit[j]) for j in range(len(LABELS))])
     fold_strength = np.reshape(model.fold_strength[fold], (-1, 1))
     logit = (fold_strength * logit + model.bias + model.fold_bias[fold]) / model.temperature
     return _sigmoid(logit)
@@ -256,7 +301,13 @@ def _head_probabilities(model: _Model, components: np.ndarray, fold: np.ndarray 
 
 def _embed(rng, model: _Model, components: np.ndarray, fold: np.ndarray | int) -> np.ndarray:
     """Components (standardized) through fold model ``fold``'s map into D dims, plus small noise: float16."""
-    flat = components.reshape(len(components), -1) / COMPONENT_SCALE
+    # pooled CNN features are nonlinear in the evidence, much as the head's output is: the two
+    # views go through the head's calibrated map (so a linear read-out of them is well specified)
+    squashed = components.copy()
+    for j in range(len(LABELS)):
+        for c in (0, 2):
+            squashed[:, j, c] = np.interp(NEGATIVE_LOGIT[j] + components[:, j, c], model.head_knots[j], model.head_logit[j])
+    flat = squashed.reshape(len(components), -1) / COMPONENT_SCALE
     if np.ndim(fold) == 0:
         embedded = flat @ model.rotation[fold]
     else:
@@ -360,9 +411,11 @@ def write_exported_benchmark(
     world = _World(
         study_of_row=s.study_of_row,
         evidence=s.evidence,
-        study_shared=rng.normal(0, 0.5, (n_studies, len(LABELS))),
+        study_shared=rng.normal(0, STUDY_ERROR_SHARED, (n_studies, len(LABELS))),
         # hard slices are hard for every CNN, and so are their neighbors; partly shared across labels
-        slice_shared=0.6 * _neighbor_smooth(0.6 * rng.normal(size=(n, 1)) + 0.8 * rng.normal(size=(n, len(LABELS))), s.first, s.last),
+        # smoothed twice: correlated over about +-2 slices
+        slice_shared=SLICE_ERROR_SHARED * _neighbor_smooth(_neighbor_smooth(
+            0.6 * rng.normal(size=(n, 1)) + 0.8 * rng.normal(size=(n, len(LABELS))), s.first, s.last), s.first, s.last) / 1.2,
         model_noise=np.empty((n, len(LABELS))),
         model_nuisance=np.empty((n, len(LABELS))),
     )
@@ -376,6 +429,7 @@ def write_exported_benchmark(
         world.model_noise = 0.5 * _neighbor_smooth(model_rng.normal(size=(n, len(LABELS))), s.first, s.last) + 0.87 * model_rng.normal(size=(n, len(LABELS)))
         world.model_nuisance = model_rng.normal(size=(n, len(LABELS)))
         oof_components = _components(model_rng, model, oof_rows, world)
+        _fit_head(model, oof_components, s.y[oof_rows].astype(np.float64))
         oof_files[name] = write_parquet(_frame(image_ids[oof_rows], _head_probabilities(model, oof_components, oof_fold), oof_fold), exports / f"{name}_oof.parquet")
         if embedding_dim:
             oof_emb_files[name] = _write_npy(_embed(model_rng, model, oof_components, oof_fold), exports / f"{name}_oof_emb.npy")
