@@ -64,9 +64,11 @@ class Step:
     peak_mib: float
     returncode: int
     log: Path
+    cpu_s: float = float("nan")  # user + system CPU: on a busy machine, closer than wall to what an idle one takes
 
     def as_dict(self) -> dict:
-        return {"wall_s": round(self.wall_s, 3), "peak_mib": round(self.peak_mib, 1), "returncode": self.returncode}
+        return {"wall_s": round(self.wall_s, 3), "cpu_s": round(self.cpu_s, 3), "peak_mib": round(self.peak_mib, 1),
+                "returncode": self.returncode}
 
 
 def run_step(name: str, args: list, log_dir: Path, env: dict) -> Step:
@@ -79,7 +81,8 @@ def run_step(name: str, args: list, log_dir: Path, env: dict) -> Step:
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - started
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return Step(name, wall, usage.ru_maxrss / 1024.0, proc.returncode, log)  # ru_maxrss is in KiB on Linux
+    # ru_maxrss is in KiB on Linux
+    return Step(name, wall, usage.ru_maxrss / 1024.0, proc.returncode, log, usage.ru_utime + usage.ru_stime)
 
 
 def child_env(threads: int | None) -> dict:
@@ -257,10 +260,10 @@ def run_seed(args, seed: int, root: Path, env: dict) -> dict:
 
     imports = [s for s in steps if s.name.startswith("base import")]
     timings = {s.name: s.as_dict() for s in imports}
-    timings["base import (all models)"] = {"wall_s": round(sum(s.wall_s for s in imports), 3),
+    timings["base import (all models)"] = {"wall_s": round(sum(s.wall_s for s in imports), 3), "cpu_s": round(sum(s.cpu_s for s in imports), 3),
                                            "peak_mib": round(max(s.peak_mib for s in imports), 1), "returncode": 0}
     timings.update({s.name: s.as_dict() for s in steps if s not in imports})
-    timings["pipeline total"] = {"wall_s": round(sum(s.wall_s for s in steps), 3),
+    timings["pipeline total"] = {"wall_s": round(sum(s.wall_s for s in steps), 3), "cpu_s": round(sum(s.cpu_s for s in steps), 3),
                                  "peak_mib": round(max(s.peak_mib for s in steps), 1), "returncode": 0}
     if not args.no_baseline:
         started = time.perf_counter()
@@ -307,11 +310,11 @@ def print_seed(result: dict) -> None:
     print(f"\n=== seed {result['seed']}: {d['patients']:,} patients, {d['studies']:,} studies, {d['images']:,} images "
           f"({d['train']:,} train / {d['test']:,} held-out test), {len(d['models'])} models"
           + (f", embeddings D={d['embedding_dim']}" if d["embedding_dim"] else "") + f"; generated in {d['generate_s']:.1f}s")
-    print(f"{'step':34s} {'wall s':>9s} {'peak MiB':>9s}")
+    print(f"{'step':34s} {'wall s':>9s} {'cpu s':>9s} {'peak MiB':>9s}")
     for name, t in result["timings"].items():
         if name.startswith("base import ") and name != "base import (all models)":
             continue
-        print(f"{name:34s} {t['wall_s']:9.1f} {t['peak_mib']:9.0f}")
+        print(f"{name:34s} {t['wall_s']:9.1f} {t.get('cpu_s', float('nan')):9.1f} {t['peak_mib']:9.0f}")
     print_scores(result["scores"], result["scores"].get("baseline lightgbm", {}).get("overall"))
     print("  ".join(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in result["ratios"].items()))
 
@@ -328,7 +331,7 @@ def summarize(results: list[dict]) -> dict:
     """Means across seeds of every step's figures, every score and the ratios."""
     summary = {"seeds": [r["seed"] for r in results], "timings": {}, "scores": {}, "ratios": {}}
     for name in results[0]["timings"]:
-        summary["timings"][name] = {key: float(np.mean([r["timings"][name][key] for r in results])) for key in ("wall_s", "peak_mib")}
+        summary["timings"][name] = {key: float(np.mean([r["timings"][name].get(key, np.nan) for r in results])) for key in ("wall_s", "cpu_s", "peak_mib")}
     for name in results[0]["scores"]:
         have = [r["scores"][name] for r in results if name in r["scores"]]
         summary["scores"][name] = {
@@ -347,11 +350,11 @@ def summarize(results: list[dict]) -> dict:
 
 def print_summary(summary: dict) -> None:
     print(f"\n=== mean over seeds {','.join(map(str, summary['seeds']))}")
-    print(f"{'step':34s} {'wall s':>9s} {'peak MiB':>9s}")
+    print(f"{'step':34s} {'wall s':>9s} {'cpu s':>9s} {'peak MiB':>9s}")
     for name, t in summary["timings"].items():
         if name.startswith("base import ") and name != "base import (all models)":
             continue
-        print(f"{name:34s} {t['wall_s']:9.1f} {t['peak_mib']:9.0f}")
+        print(f"{name:34s} {t['wall_s']:9.1f} {t.get('cpu_s', float('nan')):9.1f} {t['peak_mib']:9.0f}")
     print_scores(summary["scores"], summary["scores"].get("baseline lightgbm", {}).get("overall"))
     print("  ".join(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in summary["ratios"].items()))
 
