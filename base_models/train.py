@@ -483,11 +483,10 @@ def _say(env: DistEnv, progress: bool, text: str) -> None:
         tqdm.write(text, file=sys.stderr)
 
 
-def _train(wd, name, config, metadata, labels, fold_frame, available, requested, dev, env, resume, workers, progress,
-           decode_workers, on_fold_done, embeddings: bool = True) -> dict:
+def _shared_cache(wd, metadata, config, env, decode_workers, progress):
+    """The pixel cache on every rank: rank 0 decodes, the others wait and map the same file."""
     from base_models.cache import load_or_build_cache
 
-    # the pixel cache: rank 0 decodes, the others wait and map the same file
     cache = None
     if env.is_main:
         cache = load_or_build_cache(wd, metadata, size=config.img_size, windows=config.windows, workers=decode_workers,
@@ -495,6 +494,11 @@ def _train(wd, name, config, metadata, labels, fold_frame, available, requested,
     barrier(env)
     if cache is None:
         cache = load_or_build_cache(wd, metadata, size=config.img_size, windows=config.windows, build=False, progress=False)
+    return cache
+
+
+def _undecodable_lines(cache, env) -> list[str]:
+    """The summary's opening lines: a warning naming the slices the cache could not decode (none if all decoded)."""
     lines: list[str] = []
     if cache.bad:
         listed = "; ".join(f"{i} ({why})" for i, why in list(cache.bad.items())[:5])
@@ -504,8 +508,11 @@ def _train(wd, name, config, metadata, labels, fold_frame, available, requested,
         lines.append(message)
         if env.is_main:
             print(message, file=sys.stderr)
+    return lines
 
-    # samples: rows of metadata -> their context slices' cache rows
+
+def _samples(cache, metadata, labels, fold_frame, config) -> tuple:
+    """(train, test_ids, train_rows, test_rows, y, fold_of): labeled rows by image_id, their context slices' cache rows."""
     pixel_rows = cache.rows(metadata["image_id"].to_numpy(dtype=object))[neighbor_table(metadata, config.context)]
     row_of = pd.Series(np.arange(len(metadata)), index=metadata["image_id"].to_numpy(dtype=object))
     train = fold_frame.merge(labels, on="image_id", validate="1:1").sort_values("image_id", kind="stable").reset_index(drop=True)
@@ -514,12 +521,11 @@ def _train(wd, name, config, metadata, labels, fold_frame, available, requested,
     test_rows = pixel_rows[row_of.reindex(test_ids).to_numpy()]
     y = train[list(LABELS)].to_numpy(dtype=np.float32)
     fold_of = train["fold"].to_numpy()
-    test_set = SliceDataset(cache.pixels, test_rows)
+    return train, test_ids, train_rows, test_rows, y, fold_of
 
-    fhash = folds_hash(fold_frame["image_id"], fold_frame["fold"])
-    work = wd.preds_dir(name) / WORK_DIR
-    run_key = {**config.as_dict(), "folds_hash": fhash, "pixels": cache.path.name if cache.path else None,
-               "n_test": int(len(test_ids)), "embeddings": embeddings}
+
+def _folds_to_run(work, run_key, requested, resume, embeddings, env, progress) -> list:
+    """The requested folds still to train, the same on every rank, once the work folder matches ``run_key``."""
     if env.is_main:
         _prepare_work(work, run_key, resume)
     barrier(env)
@@ -529,6 +535,22 @@ def _train(wd, name, config, metadata, labels, fold_frame, available, requested,
     if skipped:
         _say(env, progress, f"resume: folds {','.join(map(str, skipped))} already done, continuing with "
                             f"{','.join(map(str, todo)) or 'none'}")
+    return todo
+
+
+def _train(wd, name, config, metadata, labels, fold_frame, available, requested, dev, env, resume, workers, progress,
+           decode_workers, on_fold_done, embeddings: bool = True) -> dict:
+    cache = _shared_cache(wd, metadata, config, env, decode_workers, progress)
+    lines = _undecodable_lines(cache, env)
+
+    train, test_ids, train_rows, test_rows, y, fold_of = _samples(cache, metadata, labels, fold_frame, config)
+    test_set = SliceDataset(cache.pixels, test_rows)
+
+    fhash = folds_hash(fold_frame["image_id"], fold_frame["fold"])
+    work = wd.preds_dir(name) / WORK_DIR
+    run_key = {**config.as_dict(), "folds_hash": fhash, "pixels": cache.path.name if cache.path else None,
+               "n_test": int(len(test_ids)), "embeddings": embeddings}
+    todo = _folds_to_run(work, run_key, requested, resume, embeddings, env, progress)
 
     runner = _Runner(config, dev, env, workers, progress)
     for fold in todo:
