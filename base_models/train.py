@@ -610,6 +610,57 @@ def _write_model_embeddings(folder, work, available, oof_parts, oof) -> dict:
     return embedding_record(dim, len(available))
 
 
+def _fold_summary(name, config, records: dict, done: list) -> dict:
+    """The run summary's timing and per-fold scores, from the done folds' records."""
+    return {
+        "name": name, "arch": config.arch, "context": config.context,
+        "folds": {f: records[f]["oof_logloss"] for f in done},
+        "seconds": float(sum(r["train_seconds"] + r["predict_seconds"] for r in records.values())),
+        "images_per_second": float(
+            sum(r["train_images"] for r in records.values()) * config.epochs / max(sum(r["train_seconds"] for r in records.values()), 1e-9)
+        ),
+    }
+
+
+def _fold_predictions(wd, name, work, available, fold_frame, test_ids) -> tuple:
+    """(oof_parts, oof, test): the folds' OOF files, their validated union, and the validated mean over the fold models' test files."""
+    oof_parts = [read_table(_fold_paths(work, f)["oof"], what="fold OOF file") for f in available]
+    oof = pd.concat(oof_parts, ignore_index=True).sort_values("image_id", kind="stable").reset_index(drop=True)
+    oof = validate_predictions(oof, str(wd.oof(name)), expected_ids=fold_frame["image_id"], what="labeled", folds=fold_frame)
+    test_stack = np.stack([
+        read_table(_fold_paths(work, f)["test"], what="fold test file").set_index("image_id").reindex(test_ids)[list(LABELS)].to_numpy(np.float64)
+        for f in available
+    ])
+    test = validate_predictions(_probability_frame(test_ids, test_stack.mean(axis=0)), str(wd.test(name)),
+                                expected_ids=test_ids, what="test")
+    return oof_parts, oof, test
+
+
+def _model_info(wd, config, fhash, available, records, score, prior, summary, cache, dev, env, work, torch_version) -> dict:
+    """model.json's contents for a complete trained model (embedding_dim filled in once embeddings are written)."""
+    return {
+        "source": "trained",
+        "architecture": config.arch,
+        "parameters": config.as_dict(),
+        "folds_hash": fhash,
+        "folds": available,
+        "oof_logloss": score.overall,
+        "oof_per_label": score.per_label,
+        "oof_logloss_per_fold": {str(f): records[f]["oof_logloss"] for f in available},
+        "prior_logloss": prior.overall,
+        "train_seconds": float(sum(r["train_seconds"] for r in records.values())),
+        "seconds": summary["seconds"],
+        "train_images_per_second": summary["images_per_second"],
+        "undecodable_images": dict(cache.bad),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch_version": torch_version,
+        "device": str(dev),
+        "world_size": env.world_size,
+        "checkpoints": {str(f): str(_fold_paths(work, f)["checkpoint"].relative_to(wd.root)) for f in available},
+        "embedding_dim": None,
+    }
+
+
 def _finish(wd, name, config, train, test_ids, fold_frame, available, requested, work, fhash, dev, env, lines, cache,
             progress, embeddings: bool = True) -> dict:
     import torch
@@ -619,14 +670,7 @@ def _finish(wd, name, config, train, test_ids, fold_frame, available, requested,
     for f in requested if not progress else []:  # with progress on, each line was shown as its fold ended
         r = records[f]
         lines.append(f"fold {f}: OOF weighted log loss {r['oof_logloss']:.4f} (fold prior {r['fold_prior_logloss']:.4f})")
-    summary = {
-        "name": name, "arch": config.arch, "context": config.context,
-        "folds": {f: records[f]["oof_logloss"] for f in done},
-        "seconds": float(sum(r["train_seconds"] + r["predict_seconds"] for r in records.values())),
-        "images_per_second": float(
-            sum(r["train_images"] for r in records.values()) * config.epochs / max(sum(r["train_seconds"] for r in records.values()), 1e-9)
-        ),
-    }
+    summary = _fold_summary(name, config, records, done)
     missing = [f for f in available if f not in done]
     if missing:
         summary["complete"] = False
@@ -639,41 +683,13 @@ def _finish(wd, name, config, train, test_ids, fold_frame, available, requested,
         return summary
 
     y = train[list(LABELS)].to_numpy(dtype=np.float64)
-    oof_parts = [read_table(_fold_paths(work, f)["oof"], what="fold OOF file") for f in available]
-    oof = pd.concat(oof_parts, ignore_index=True).sort_values("image_id", kind="stable").reset_index(drop=True)
-    oof = validate_predictions(oof, str(wd.oof(name)), expected_ids=fold_frame["image_id"], what="labeled", folds=fold_frame)
-    test_stack = np.stack([
-        read_table(_fold_paths(work, f)["test"], what="fold test file").set_index("image_id").reindex(test_ids)[list(LABELS)].to_numpy(np.float64)
-        for f in available
-    ])
-    test = validate_predictions(_probability_frame(test_ids, test_stack.mean(axis=0)), str(wd.test(name)),
-                                expected_ids=test_ids, what="test")
+    oof_parts, oof, test = _fold_predictions(wd, name, work, available, fold_frame, test_ids)
     aligned = oof.set_index("image_id").reindex(train["image_id"])[list(LABELS)].to_numpy(np.float64)
     score = weighted_log_loss(y, aligned)
     prior = prior_score(y)
 
     seconds = summary["seconds"]
-    model_info = {
-        "source": "trained",
-        "architecture": config.arch,
-        "parameters": config.as_dict(),
-        "folds_hash": fhash,
-        "folds": available,
-        "oof_logloss": score.overall,
-        "oof_per_label": score.per_label,
-        "oof_logloss_per_fold": {str(f): records[f]["oof_logloss"] for f in available},
-        "prior_logloss": prior.overall,
-        "train_seconds": float(sum(r["train_seconds"] for r in records.values())),
-        "seconds": seconds,
-        "train_images_per_second": summary["images_per_second"],
-        "undecodable_images": dict(cache.bad),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "torch_version": torch.__version__,
-        "device": str(dev),
-        "world_size": env.world_size,
-        "checkpoints": {str(f): str(_fold_paths(work, f)["checkpoint"].relative_to(wd.root)) for f in available},
-        "embedding_dim": None,
-    }
+    model_info = _model_info(wd, config, fhash, available, records, score, prior, summary, cache, dev, env, work, torch.__version__)
     # preds/<name>/ replaced as a set (as `base import` does), the fold work carried along by hard links
     with replace_dir(wd.preds_dir(name), keep=(WORK_DIR,)) as folder:
         write_parquet(oof, folder / "oof.parquet")
