@@ -483,11 +483,10 @@ def _say(env: DistEnv, progress: bool, text: str) -> None:
         tqdm.write(text, file=sys.stderr)
 
 
-def _train(wd, name, config, metadata, labels, fold_frame, available, requested, dev, env, resume, workers, progress,
-           decode_workers, on_fold_done, embeddings: bool = True) -> dict:
+def _shared_cache(wd, metadata, config, env, decode_workers, progress):
+    """The pixel cache on every rank: rank 0 decodes, the others wait and map the same file."""
     from base_models.cache import load_or_build_cache
 
-    # the pixel cache: rank 0 decodes, the others wait and map the same file
     cache = None
     if env.is_main:
         cache = load_or_build_cache(wd, metadata, size=config.img_size, windows=config.windows, workers=decode_workers,
@@ -495,6 +494,11 @@ def _train(wd, name, config, metadata, labels, fold_frame, available, requested,
     barrier(env)
     if cache is None:
         cache = load_or_build_cache(wd, metadata, size=config.img_size, windows=config.windows, build=False, progress=False)
+    return cache
+
+
+def _undecodable_lines(cache, env) -> list[str]:
+    """The summary's opening lines: a warning naming the slices the cache could not decode (none if all decoded)."""
     lines: list[str] = []
     if cache.bad:
         listed = "; ".join(f"{i} ({why})" for i, why in list(cache.bad.items())[:5])
@@ -504,8 +508,11 @@ def _train(wd, name, config, metadata, labels, fold_frame, available, requested,
         lines.append(message)
         if env.is_main:
             print(message, file=sys.stderr)
+    return lines
 
-    # samples: rows of metadata -> their context slices' cache rows
+
+def _samples(cache, metadata, labels, fold_frame, config) -> tuple:
+    """(train, test_ids, train_rows, test_rows, y, fold_of): labeled rows by image_id, their context slices' cache rows."""
     pixel_rows = cache.rows(metadata["image_id"].to_numpy(dtype=object))[neighbor_table(metadata, config.context)]
     row_of = pd.Series(np.arange(len(metadata)), index=metadata["image_id"].to_numpy(dtype=object))
     train = fold_frame.merge(labels, on="image_id", validate="1:1").sort_values("image_id", kind="stable").reset_index(drop=True)
@@ -514,12 +521,11 @@ def _train(wd, name, config, metadata, labels, fold_frame, available, requested,
     test_rows = pixel_rows[row_of.reindex(test_ids).to_numpy()]
     y = train[list(LABELS)].to_numpy(dtype=np.float32)
     fold_of = train["fold"].to_numpy()
-    test_set = SliceDataset(cache.pixels, test_rows)
+    return train, test_ids, train_rows, test_rows, y, fold_of
 
-    fhash = folds_hash(fold_frame["image_id"], fold_frame["fold"])
-    work = wd.preds_dir(name) / WORK_DIR
-    run_key = {**config.as_dict(), "folds_hash": fhash, "pixels": cache.path.name if cache.path else None,
-               "n_test": int(len(test_ids)), "embeddings": embeddings}
+
+def _folds_to_run(work, run_key, requested, resume, embeddings, env, progress) -> list:
+    """The requested folds still to train, the same on every rank, once the work folder matches ``run_key``."""
     if env.is_main:
         _prepare_work(work, run_key, resume)
     barrier(env)
@@ -529,6 +535,22 @@ def _train(wd, name, config, metadata, labels, fold_frame, available, requested,
     if skipped:
         _say(env, progress, f"resume: folds {','.join(map(str, skipped))} already done, continuing with "
                             f"{','.join(map(str, todo)) or 'none'}")
+    return todo
+
+
+def _train(wd, name, config, metadata, labels, fold_frame, available, requested, dev, env, resume, workers, progress,
+           decode_workers, on_fold_done, embeddings: bool = True) -> dict:
+    cache = _shared_cache(wd, metadata, config, env, decode_workers, progress)
+    lines = _undecodable_lines(cache, env)
+
+    train, test_ids, train_rows, test_rows, y, fold_of = _samples(cache, metadata, labels, fold_frame, config)
+    test_set = SliceDataset(cache.pixels, test_rows)
+
+    fhash = folds_hash(fold_frame["image_id"], fold_frame["fold"])
+    work = wd.preds_dir(name) / WORK_DIR
+    run_key = {**config.as_dict(), "folds_hash": fhash, "pixels": cache.path.name if cache.path else None,
+               "n_test": int(len(test_ids)), "embeddings": embeddings}
+    todo = _folds_to_run(work, run_key, requested, resume, embeddings, env, progress)
 
     runner = _Runner(config, dev, env, workers, progress)
     for fold in todo:
@@ -588,6 +610,57 @@ def _write_model_embeddings(folder, work, available, oof_parts, oof) -> dict:
     return embedding_record(dim, len(available))
 
 
+def _fold_summary(name, config, records: dict, done: list) -> dict:
+    """The run summary's timing and per-fold scores, from the done folds' records."""
+    return {
+        "name": name, "arch": config.arch, "context": config.context,
+        "folds": {f: records[f]["oof_logloss"] for f in done},
+        "seconds": float(sum(r["train_seconds"] + r["predict_seconds"] for r in records.values())),
+        "images_per_second": float(
+            sum(r["train_images"] for r in records.values()) * config.epochs / max(sum(r["train_seconds"] for r in records.values()), 1e-9)
+        ),
+    }
+
+
+def _fold_predictions(wd, name, work, available, fold_frame, test_ids) -> tuple:
+    """(oof_parts, oof, test): the folds' OOF files, their validated union, and the validated mean over the fold models' test files."""
+    oof_parts = [read_table(_fold_paths(work, f)["oof"], what="fold OOF file") for f in available]
+    oof = pd.concat(oof_parts, ignore_index=True).sort_values("image_id", kind="stable").reset_index(drop=True)
+    oof = validate_predictions(oof, str(wd.oof(name)), expected_ids=fold_frame["image_id"], what="labeled", folds=fold_frame)
+    test_stack = np.stack([
+        read_table(_fold_paths(work, f)["test"], what="fold test file").set_index("image_id").reindex(test_ids)[list(LABELS)].to_numpy(np.float64)
+        for f in available
+    ])
+    test = validate_predictions(_probability_frame(test_ids, test_stack.mean(axis=0)), str(wd.test(name)),
+                                expected_ids=test_ids, what="test")
+    return oof_parts, oof, test
+
+
+def _model_info(wd, config, fhash, available, records, score, prior, summary, cache, dev, env, work, torch_version) -> dict:
+    """model.json's contents for a complete trained model (embedding_dim filled in once embeddings are written)."""
+    return {
+        "source": "trained",
+        "architecture": config.arch,
+        "parameters": config.as_dict(),
+        "folds_hash": fhash,
+        "folds": available,
+        "oof_logloss": score.overall,
+        "oof_per_label": score.per_label,
+        "oof_logloss_per_fold": {str(f): records[f]["oof_logloss"] for f in available},
+        "prior_logloss": prior.overall,
+        "train_seconds": float(sum(r["train_seconds"] for r in records.values())),
+        "seconds": summary["seconds"],
+        "train_images_per_second": summary["images_per_second"],
+        "undecodable_images": dict(cache.bad),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch_version": torch_version,
+        "device": str(dev),
+        "world_size": env.world_size,
+        "checkpoints": {str(f): str(_fold_paths(work, f)["checkpoint"].relative_to(wd.root)) for f in available},
+        "embedding_dim": None,
+    }
+
+
 def _finish(wd, name, config, train, test_ids, fold_frame, available, requested, work, fhash, dev, env, lines, cache,
             progress, embeddings: bool = True) -> dict:
     import torch
@@ -597,14 +670,7 @@ def _finish(wd, name, config, train, test_ids, fold_frame, available, requested,
     for f in requested if not progress else []:  # with progress on, each line was shown as its fold ended
         r = records[f]
         lines.append(f"fold {f}: OOF weighted log loss {r['oof_logloss']:.4f} (fold prior {r['fold_prior_logloss']:.4f})")
-    summary = {
-        "name": name, "arch": config.arch, "context": config.context,
-        "folds": {f: records[f]["oof_logloss"] for f in done},
-        "seconds": float(sum(r["train_seconds"] + r["predict_seconds"] for r in records.values())),
-        "images_per_second": float(
-            sum(r["train_images"] for r in records.values()) * config.epochs / max(sum(r["train_seconds"] for r in records.values()), 1e-9)
-        ),
-    }
+    summary = _fold_summary(name, config, records, done)
     missing = [f for f in available if f not in done]
     if missing:
         summary["complete"] = False
@@ -617,41 +683,13 @@ def _finish(wd, name, config, train, test_ids, fold_frame, available, requested,
         return summary
 
     y = train[list(LABELS)].to_numpy(dtype=np.float64)
-    oof_parts = [read_table(_fold_paths(work, f)["oof"], what="fold OOF file") for f in available]
-    oof = pd.concat(oof_parts, ignore_index=True).sort_values("image_id", kind="stable").reset_index(drop=True)
-    oof = validate_predictions(oof, str(wd.oof(name)), expected_ids=fold_frame["image_id"], what="labeled", folds=fold_frame)
-    test_stack = np.stack([
-        read_table(_fold_paths(work, f)["test"], what="fold test file").set_index("image_id").reindex(test_ids)[list(LABELS)].to_numpy(np.float64)
-        for f in available
-    ])
-    test = validate_predictions(_probability_frame(test_ids, test_stack.mean(axis=0)), str(wd.test(name)),
-                                expected_ids=test_ids, what="test")
+    oof_parts, oof, test = _fold_predictions(wd, name, work, available, fold_frame, test_ids)
     aligned = oof.set_index("image_id").reindex(train["image_id"])[list(LABELS)].to_numpy(np.float64)
     score = weighted_log_loss(y, aligned)
     prior = prior_score(y)
 
     seconds = summary["seconds"]
-    model_info = {
-        "source": "trained",
-        "architecture": config.arch,
-        "parameters": config.as_dict(),
-        "folds_hash": fhash,
-        "folds": available,
-        "oof_logloss": score.overall,
-        "oof_per_label": score.per_label,
-        "oof_logloss_per_fold": {str(f): records[f]["oof_logloss"] for f in available},
-        "prior_logloss": prior.overall,
-        "train_seconds": float(sum(r["train_seconds"] for r in records.values())),
-        "seconds": seconds,
-        "train_images_per_second": summary["images_per_second"],
-        "undecodable_images": dict(cache.bad),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "torch_version": torch.__version__,
-        "device": str(dev),
-        "world_size": env.world_size,
-        "checkpoints": {str(f): str(_fold_paths(work, f)["checkpoint"].relative_to(wd.root)) for f in available},
-        "embedding_dim": None,
-    }
+    model_info = _model_info(wd, config, fhash, available, records, score, prior, summary, cache, dev, env, work, torch.__version__)
     # preds/<name>/ replaced as a set (as `base import` does), the fold work carried along by hard links
     with replace_dir(wd.preds_dir(name), keep=(WORK_DIR,)) as folder:
         write_parquet(oof, folder / "oof.parquet")

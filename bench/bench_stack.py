@@ -214,16 +214,9 @@ def score(frame: pd.DataFrame, truth: pd.DataFrame) -> dict:
 # --- one seed ----------------------------------------------------------------------------------
 
 
-def run_seed(args, seed: int, root: Path, env: dict) -> dict:
-    if root.exists() and any(root.iterdir()):
-        raise SystemExit(f"{root}: not empty; --keep needs a new or empty folder")
-    started = time.perf_counter()
-    bench = write_exported_benchmark(root, n_patients=args.patients, n_models=args.models, seed=seed,
-                                     embedding_dim=args.embedding_dim)
-    generate_s = time.perf_counter() - started
+def _run_pipeline(args, seed: int, bench, logs: Path, env: dict) -> list[Step]:
+    """The CLI steps run (base import per model, stack features, stack fit, submit); exits on the first that fails."""
     wd: Workdir = bench.workdir
-    logs = root / "logs"
-    logs.mkdir(exist_ok=True)
     steps: list[Step] = []
 
     def step(name, *cli_args):
@@ -245,8 +238,12 @@ def run_seed(args, seed: int, root: Path, env: dict) -> dict:
     step("stack features", "stack", "features", "--workdir", wd.root, "--quiet")
     step("stack fit", "stack", "fit", "--workdir", wd.root, "--quiet", *shlex.split(args.fit_args))
     step("submit", "submit", "--workdir", wd.root)
+    return steps
 
-    truth = pd.read_parquet(bench.heldout_test_labels)
+
+def _pipeline_scores(bench, truth: pd.DataFrame) -> dict:
+    """Held-out scores of the submission, every stacker, every base model and the train-rate prior."""
+    wd: Workdir = bench.workdir
     scores = {"submission": score(read_submission(wd.submission), truth)}
     stacker_names = sorted(p.parent.name for p in wd.stack_root.glob("*/test.parquet"))
     for name in stacker_names:
@@ -257,7 +254,11 @@ def run_seed(args, seed: int, root: Path, env: dict) -> dict:
         truth[list(LABELS)].to_numpy(),
         np.broadcast_to(pd.read_parquet(wd.labels)[list(LABELS)].to_numpy().mean(axis=0), (len(truth), len(LABELS))),
     ).as_dict()
+    return scores
 
+
+def _step_timings(steps: list[Step]) -> dict:
+    """Per step wall time and peak memory, the imports also summed over models, and the pipeline total."""
     imports = [s for s in steps if s.name.startswith("base import")]
     timings = {s.name: s.as_dict() for s in imports}
     timings["base import (all models)"] = {"wall_s": round(sum(s.wall_s for s in imports), 3), "cpu_s": round(sum(s.cpu_s for s in imports), 3),
@@ -265,21 +266,30 @@ def run_seed(args, seed: int, root: Path, env: dict) -> dict:
     timings.update({s.name: s.as_dict() for s in steps if s not in imports})
     timings["pipeline total"] = {"wall_s": round(sum(s.wall_s for s in steps), 3), "cpu_s": round(sum(s.cpu_s for s in steps), 3),
                                  "peak_mib": round(max(s.peak_mib for s in steps), 1), "returncode": 0}
-    if not args.no_baseline:
+    return timings
+
+
+def _baseline_results(args, bench, seed: int, truth: pd.DataFrame) -> tuple[dict, dict]:
+    """(timings, scores) of the in-process LightGBM baseline, and with --baseline-ablation of its no-context variant."""
+    timings, scores = {}, {}
+    started = time.perf_counter()
+    with PeakRSS() as peak:
+        baseline = lightgbm_baseline(bench, seed, threads=args.baseline_threads, max_rounds=args.baseline_rounds)
+    timings["baseline lightgbm (in process)"] = {"wall_s": round(time.perf_counter() - started, 3),
+                                                 "peak_mib": round(peak.peak_mib, 1), "returncode": 0}
+    scores["baseline lightgbm"] = score(baseline, truth)
+    if args.baseline_ablation:
         started = time.perf_counter()
         with PeakRSS() as peak:
-            baseline = lightgbm_baseline(bench, seed, threads=args.baseline_threads, max_rounds=args.baseline_rounds)
-        timings["baseline lightgbm (in process)"] = {"wall_s": round(time.perf_counter() - started, 3),
-                                                     "peak_mib": round(peak.peak_mib, 1), "returncode": 0}
-        scores["baseline lightgbm"] = score(baseline, truth)
-        if args.baseline_ablation:
-            started = time.perf_counter()
-            with PeakRSS() as peak:
-                baseline = lightgbm_baseline(bench, seed, threads=args.baseline_threads, max_rounds=args.baseline_rounds, context=False)
-            timings["baseline lightgbm, no context"] = {"wall_s": round(time.perf_counter() - started, 3),
-                                                        "peak_mib": round(peak.peak_mib, 1), "returncode": 0}
-            scores["baseline lightgbm, no context"] = score(baseline, truth)
+            baseline = lightgbm_baseline(bench, seed, threads=args.baseline_threads, max_rounds=args.baseline_rounds, context=False)
+        timings["baseline lightgbm, no context"] = {"wall_s": round(time.perf_counter() - started, 3),
+                                                    "peak_mib": round(peak.peak_mib, 1), "returncode": 0}
+        scores["baseline lightgbm, no context"] = score(baseline, truth)
+    return timings, scores
 
+
+def _ratios(scores: dict) -> dict:
+    """The submission's loss relative to the best stacker, the baseline (when run) and the best base model."""
     ratios = {}
     stacker_scores = {k: v["overall"] for k, v in scores.items() if k.startswith("stacker ")}
     if stacker_scores:
@@ -291,6 +301,28 @@ def run_seed(args, seed: int, root: Path, env: dict) -> dict:
     best_base = min((k for k in scores if k.startswith("base ")), key=lambda k: scores[k]["overall"])
     ratios["best base model"] = best_base.removeprefix("base ")
     ratios["submission / best base model"] = scores["submission"]["overall"] / scores[best_base]["overall"]
+    return ratios
+
+
+def run_seed(args, seed: int, root: Path, env: dict) -> dict:
+    if root.exists() and any(root.iterdir()):
+        raise SystemExit(f"{root}: not empty; --keep needs a new or empty folder")
+    started = time.perf_counter()
+    bench = write_exported_benchmark(root, n_patients=args.patients, n_models=args.models, seed=seed,
+                                     embedding_dim=args.embedding_dim)
+    generate_s = time.perf_counter() - started
+    logs = root / "logs"
+    logs.mkdir(exist_ok=True)
+    steps = _run_pipeline(args, seed, bench, logs, env)
+
+    truth = pd.read_parquet(bench.heldout_test_labels)
+    scores = _pipeline_scores(bench, truth)
+    timings = _step_timings(steps)
+    if not args.no_baseline:
+        baseline_timings, baseline_scores = _baseline_results(args, bench, seed, truth)
+        timings.update(baseline_timings)
+        scores.update(baseline_scores)
+
     return {
         "seed": seed,
         "data": {"patients": bench.n_patients, "studies": bench.n_studies, "images": bench.n_images, "train": bench.n_train,
@@ -298,7 +330,7 @@ def run_seed(args, seed: int, root: Path, env: dict) -> dict:
                  "generate_s": round(generate_s, 2)},
         "timings": timings,
         "scores": scores,
-        "ratios": ratios,
+        "ratios": _ratios(scores),
     }
 
 

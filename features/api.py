@@ -23,23 +23,12 @@ MANIFEST = "manifest.json"
 log = logging.getLogger(__name__)
 
 
-def run_stack_features(workdir: Workdir, *, lags: int = 2, dicom_meta: bool = False, progress: bool = True) -> dict:
-    """Build study-aware features from every model under preds/ and write features/.
-
-    Writes features/train.parquet, features/test.parquet and features/manifest.json as one set:
-    written into a sibling folder (the manifest last, with the tables' sha256) that replaces
-    features/ in one switch, so readers never see tables and a manifest of two runs.
-    Returns a summary: rows, columns, models, seconds and output paths.
-    """
+def _read_inputs(wd: Workdir, models: list, dicom_meta: bool, progress: bool) -> tuple:
+    """(metadata, folds, oof by model, test by model), each model's files validated and checked against model.json."""
     from tqdm.auto import tqdm
 
     from stackkit.contract.validate import load_core, read_oof, read_test, verify_model_files
 
-    started, cpu_started = time.perf_counter(), time.process_time()
-    wd = Workdir.of(workdir)
-    if isinstance(lags, bool) or not isinstance(lags, (int, np.integer)) or lags < 0:
-        raise StackkitError(f"--lags: expected a non-negative integer, got {lags!r}")
-    models = wd.model_names()
     with _object_strings():
         metadata, _labels, folds = load_core(wd)
         if not models:
@@ -55,18 +44,13 @@ def run_stack_features(workdir: Workdir, *, lags: int = 2, dicom_meta: bool = Fa
             test_by_model[model] = read_test(wd.test(model), metadata, wd)
             # contents first (their errors are the more precise), then that they are the set model.json lists
             verify_model_files(wd, model)
-    read_seconds, read_cpu = time.perf_counter() - started, time.process_time() - cpu_started
-    log.info("read %d models in %.1fs", len(models), read_seconds)
+    return metadata, folds, oof_by_model, test_by_model
 
-    train, test, definitions = build_features(
-        metadata, oof_by_model, test_by_model, folds, lags=lags, dicom_meta=dicom_meta, progress=progress
-    )
-    del oof_by_model, test_by_model
-    build_seconds = time.perf_counter() - started - read_seconds
-    build_cpu = time.process_time() - cpu_started - read_cpu
 
+def _features_manifest(wd: Workdir, folds: pd.DataFrame, models: list, lags, dicom_meta: bool, definitions, train, test) -> dict:
+    """features/manifest.json's contents, without the tables' sha256 (write_set_record adds them)."""
     inputs = [wd.metadata, wd.folds] + [p for m in models for p in (wd.oof(m), wd.test(m))]
-    manifest = {
+    return {
         "contract_version": CONTRACT_VERSION,
         "folds_hash": folds_hash(folds["image_id"].to_numpy(dtype=object), folds["fold"].to_numpy()),
         "lags": int(lags),
@@ -78,16 +62,13 @@ def run_stack_features(workdir: Workdir, *, lags: int = 2, dicom_meta: bool = Fa
         "rows": {"train": len(train), "test": len(test)},
         "inputs": {_relative(p, wd): file_sha256(p) for p in inputs},
     }
-    # features/ is replaced as a set: both tables and the manifest (last, with their sha256) are
-    # written into a sibling folder that is switched in at once; any failure keeps the old set.
-    with replace_dir(wd.features_dir) as folder:
-        with atomic_path(folder / wd.features_train.name) as train_tmp:
-            write_feature_table(train, train_tmp)
-        with atomic_path(folder / wd.features_test.name) as test_tmp:
-            write_feature_table(test, test_tmp)
-        write_set_record(folder, MANIFEST, manifest)
-    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-    summary = {
+
+
+def _features_summary(wd: Workdir, models: list, lags, definitions, train, test, wall: tuple, cpu_times: tuple) -> dict:
+    """The run's summary; ``wall`` and ``cpu_times`` are (read, build, total) seconds."""
+    read_seconds, build_seconds, seconds = wall
+    read_cpu, build_cpu, cpu = cpu_times
+    return {
         "rows_train": len(train),
         "rows_test": len(test),
         "columns": len(definitions),
@@ -110,7 +91,43 @@ def run_stack_features(workdir: Workdir, *, lags: int = 2, dicom_meta: bool = Fa
             f"CPU {cpu:.1f}s (read {read_cpu:.1f}s, build {build_cpu:.1f}s, write {cpu - read_cpu - build_cpu:.1f}s)",
         ],
     }
-    return summary
+
+
+def run_stack_features(workdir: Workdir, *, lags: int = 2, dicom_meta: bool = False, progress: bool = True) -> dict:
+    """Build study-aware features from every model under preds/ and write features/.
+
+    Writes features/train.parquet, features/test.parquet and features/manifest.json as one set:
+    written into a sibling folder (the manifest last, with the tables' sha256) that replaces
+    features/ in one switch, so readers never see tables and a manifest of two runs.
+    Returns a summary: rows, columns, models, seconds and output paths.
+    """
+    started, cpu_started = time.perf_counter(), time.process_time()
+    wd = Workdir.of(workdir)
+    if isinstance(lags, bool) or not isinstance(lags, (int, np.integer)) or lags < 0:
+        raise StackkitError(f"--lags: expected a non-negative integer, got {lags!r}")
+    models = wd.model_names()
+    metadata, folds, oof_by_model, test_by_model = _read_inputs(wd, models, dicom_meta, progress)
+    read_seconds, read_cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    log.info("read %d models in %.1fs", len(models), read_seconds)
+
+    train, test, definitions = build_features(
+        metadata, oof_by_model, test_by_model, folds, lags=lags, dicom_meta=dicom_meta, progress=progress
+    )
+    del oof_by_model, test_by_model
+    build_seconds = time.perf_counter() - started - read_seconds
+    build_cpu = time.process_time() - cpu_started - read_cpu
+
+    manifest = _features_manifest(wd, folds, models, lags, dicom_meta, definitions, train, test)
+    # features/ is replaced as a set: both tables and the manifest (last, with their sha256) are
+    # written into a sibling folder that is switched in at once; any failure keeps the old set.
+    with replace_dir(wd.features_dir) as folder:
+        with atomic_path(folder / wd.features_train.name) as train_tmp:
+            write_feature_table(train, train_tmp)
+        with atomic_path(folder / wd.features_test.name) as test_tmp:
+            write_feature_table(test, test_tmp)
+        write_set_record(folder, MANIFEST, manifest)
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    return _features_summary(wd, models, lags, definitions, train, test, (read_seconds, build_seconds, seconds), (read_cpu, build_cpu, cpu))
 
 
 @contextlib.contextmanager

@@ -108,15 +108,8 @@ def _features_frame(path: Path, key_columns, feature_columns, wd: Workdir) -> pd
     return frame
 
 
-def load_stack_inputs(workdir, *, use_embeddings: bool = True) -> StackInputs:
-    """features/*.parquet + manifest + data/ -> :class:`StackInputs`, checked for fold leakage.
-
-    With ``use_embeddings`` (``stack fit --no-embeddings`` turns it off), the embeddings of every
-    model of the features that exported them are attached to ``train``/``test`` (hash-checked,
-    memory-mapped; see :mod:`stackkit.stack.embeddings`); stackers that cannot use them ignore them.
-    """
-    wd = Workdir.of(workdir)
-    metadata, labels, folds = load_core(wd)
+def _checked_manifest(wd: Workdir, folds: pd.DataFrame) -> tuple[dict, str, list]:
+    """The features manifest, the current folds hash and its feature columns, once the set is checked against data/."""
     recover_set(wd.features_dir, clean=False)
     for path in (wd.features_manifest, wd.features_train, wd.features_test):
         if not path.is_file():
@@ -134,15 +127,11 @@ def load_stack_inputs(workdir, *, use_embeddings: bool = True) -> StackInputs:
     feature_columns = manifest.get("feature_columns")
     if not isinstance(feature_columns, list) or not feature_columns or not all(isinstance(c, str) for c in feature_columns):
         raise ContractError(f"features/manifest.json: 'feature_columns' must be a non-empty list of column names; {RERUN_FEATURES}")
+    return manifest, current_hash, feature_columns
 
-    train = _features_frame(wd.features_train, ("image_id", "study_id", "fold", "slice_index"), feature_columns, wd)
-    test = _features_frame(wd.features_test, ("image_id", "study_id", "slice_index"), feature_columns, wd)
-    if "sha256" in manifest:  # written by `stack features` as a set: the tables must be the ones this manifest lists
-        verify_set(wd.features_dir, "features/manifest.json", manifest["sha256"], remedy=RERUN_FEATURES)
-    check_id_coverage(train["image_id"], folds["image_id"], "features/train.parquet", "labeled")
-    test_ids = metadata.loc[metadata["split"] == "test", "image_id"]
-    check_id_coverage(test["image_id"], test_ids, "features/test.parquet", "test")
 
+def _expected_folds(train: pd.DataFrame, folds: pd.DataFrame) -> np.ndarray:
+    """data/folds.parquet's fold per features/train.parquet row, once the table's own fold column agrees with it."""
     fold_of = folds.set_index("image_id")["fold"]
     expected_fold = fold_of.reindex(train["image_id"]).to_numpy()
     given_fold = pd.to_numeric(train["fold"], errors="coerce").to_numpy()
@@ -153,7 +142,13 @@ def load_stack_inputs(workdir, *, use_embeddings: bool = True) -> StackInputs:
             f"features/train.parquet: fold {given_fold[pos]:g} at row {pos + 1} (image_id {train['image_id'].iloc[pos]}) disagrees "
             f"with data/folds.parquet (fold {expected_fold[pos]}): features were built from a different folds file: {RERUN_FEATURES}"
         )
+    return expected_fold
 
+
+def _key_frames(
+    train: pd.DataFrame, test: pd.DataFrame, metadata: pd.DataFrame, expected_fold: np.ndarray
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The (train, test) key frames: ids, study, slice position, and for train the patient and fold."""
     patient_of = metadata.set_index("image_id")["patient_id"]
     train_keys = pd.DataFrame(
         {
@@ -171,6 +166,13 @@ def load_stack_inputs(workdir, *, use_embeddings: bool = True) -> StackInputs:
             "slice_index": test["slice_index"].to_numpy(dtype=np.int64),
         }
     )
+    return train_keys, test_keys
+
+
+def _stack_data(
+    train: pd.DataFrame, test: pd.DataFrame, train_keys: pd.DataFrame, test_keys: pd.DataFrame, labels: pd.DataFrame, feature_columns: list
+) -> tuple[StackData, StackData]:
+    """The (train, test) :class:`StackData`, with study codes shared across both and labels joined on image_id."""
     Y = labels.set_index("image_id").reindex(train["image_id"])[list(LABELS)].to_numpy(dtype=np.float32)
     study_codes, _ = pd.factorize(pd.concat([train_keys["study_id"], test_keys["study_id"]], ignore_index=True))
     train_data = StackData(
@@ -188,22 +190,56 @@ def load_stack_inputs(workdir, *, use_embeddings: bool = True) -> StackInputs:
         image_ids=test_keys["image_id"].to_numpy(),
         feature_names=tuple(feature_columns),
     )
+    return train_data, test_data
+
+
+def _with_embeddings(
+    wd: Workdir, manifest: dict, folds: pd.DataFrame, train_keys: pd.DataFrame, test_keys: pd.DataFrame, train_data: StackData, test_data: StackData
+) -> tuple[StackData, StackData, tuple[str, ...]]:
+    """(train, test, embedding models): the data with the features' models' embeddings attached, unchanged where none were exported."""
+    from dataclasses import replace
+
+    from stackkit.stack.embeddings import load_embedding_sets
+
+    embedding_models: tuple[str, ...] = ()
+    models = manifest.get("models") if isinstance(manifest.get("models"), list) else wd.model_names()
+    n_folds = int(folds["fold"].max()) + 1
+    train_sets, test_sets = load_embedding_sets(wd, models, train_keys["image_id"].to_numpy(), test_keys["image_id"].to_numpy(), n_folds)
+    if train_sets:
+        train_data = replace(train_data, embeddings=train_sets)
+        test_data = replace(test_data, embeddings=test_sets)
+        embedding_models = tuple(train_sets[0].names)
+    return train_data, test_data, embedding_models
+
+
+def load_stack_inputs(workdir, *, use_embeddings: bool = True) -> StackInputs:
+    """features/*.parquet + manifest + data/ -> :class:`StackInputs`, checked for fold leakage.
+
+    With ``use_embeddings`` (``stack fit --no-embeddings`` turns it off), the embeddings of every
+    model of the features that exported them are attached to ``train``/``test`` (hash-checked,
+    memory-mapped; see :mod:`stackkit.stack.embeddings`); stackers that cannot use them ignore them.
+    """
+    wd = Workdir.of(workdir)
+    metadata, labels, folds = load_core(wd)
+    manifest, current_hash, feature_columns = _checked_manifest(wd, folds)
+
+    train = _features_frame(wd.features_train, ("image_id", "study_id", "fold", "slice_index"), feature_columns, wd)
+    test = _features_frame(wd.features_test, ("image_id", "study_id", "slice_index"), feature_columns, wd)
+    if "sha256" in manifest:  # written by `stack features` as a set: the tables must be the ones this manifest lists
+        verify_set(wd.features_dir, "features/manifest.json", manifest["sha256"], remedy=RERUN_FEATURES)
+    check_id_coverage(train["image_id"], folds["image_id"], "features/train.parquet", "labeled")
+    test_ids = metadata.loc[metadata["split"] == "test", "image_id"]
+    check_id_coverage(test["image_id"], test_ids, "features/test.parquet", "test")
+
+    expected_fold = _expected_folds(train, folds)
+    train_keys, test_keys = _key_frames(train, test, metadata, expected_fold)
+    train_data, test_data = _stack_data(train, test, train_keys, test_keys, labels, feature_columns)
     from stackkit.stack.stackers.base import check_labels
 
     check_labels(train_data, "training")  # labels.parquet is validated already; this guards the join
     embedding_models: tuple[str, ...] = ()
     if use_embeddings:
-        from dataclasses import replace
-
-        from stackkit.stack.embeddings import load_embedding_sets
-
-        models = manifest.get("models") if isinstance(manifest.get("models"), list) else wd.model_names()
-        n_folds = int(folds["fold"].max()) + 1
-        train_sets, test_sets = load_embedding_sets(wd, models, train_keys["image_id"].to_numpy(), test_keys["image_id"].to_numpy(), n_folds)
-        if train_sets:
-            train_data = replace(train_data, embeddings=train_sets)
-            test_data = replace(test_data, embeddings=test_sets)
-            embedding_models = tuple(train_sets[0].names)
+        train_data, test_data, embedding_models = _with_embeddings(wd, manifest, folds, train_keys, test_keys, train_data, test_data)
     return StackInputs(train_keys, test_keys, train_data, test_data, list(feature_columns), manifest, current_hash, embedding_models)
 
 

@@ -351,27 +351,9 @@ def _write_npy(array: np.ndarray, path: Path) -> Path:
     return write_bytes(buffer.getvalue(), path)
 
 
-def write_exported_benchmark(
-    root,
-    *,
-    n_patients: int,
-    n_models: int = 6,
-    seed: int = 0,
-    embedding_dim: int = 0,
-    n_folds: int = 5,
-    test_fraction: float = 0.2,
-) -> ExportedBenchmark:
-    """Write the work directory's data/, the held-out test labels and the exported predictions
-    (see the module docstring) under ``root``; deterministic for ``seed``."""
-    from stackkit.data.prepare import make_folds
-
-    if n_models < 1:
-        raise ValueError("n_models must be at least 1")
-    root = Path(root)
-    rng = np.random.default_rng(seed)
-    s = _make_studies(rng, n_patients, test_fraction)
+def _contract_tables(rng: np.random.Generator, s: _Studies, n_patients: int) -> tuple:
+    """(image_ids, metadata, labels, is_test) in anatomical order: the rows of the study arrays."""
     n, n_studies = len(s.z), len(s.patient_of_study)
-
     image_ids = _distinct_ids(rng, n, 9)
     study_ids = _distinct_ids(rng, n_studies, 10)
     patient_ids = _distinct_ids(rng, n_patients, 8)
@@ -384,9 +366,15 @@ def write_exported_benchmark(
         "z": s.z,
     })
     label_frame = pd.DataFrame({"image_id": image_ids, **{label: s.y[:, j] for j, label in enumerate(LABELS)}})
+    return image_ids, metadata, label_frame, is_test
+
+
+def _write_work_data(rng: np.random.Generator, root: Path, metadata, label_frame, is_test, n_folds: int, seed: int) -> tuple:
+    """(wd, folds, heldout labels path, test rows in file order), once data/ and the held-out labels are written."""
+    from stackkit.data.prepare import make_folds
 
     # file order carries nothing: the tables are shuffled; the arrays keep anatomical order
-    shuffled = rng.permutation(n)
+    shuffled = rng.permutation(len(metadata))
     metadata_file = metadata.iloc[shuffled].reset_index(drop=True)
     labels_file = label_frame.iloc[shuffled].reset_index(drop=True)
     test_rows_shuffled = shuffled[is_test[shuffled]]
@@ -399,16 +387,25 @@ def write_exported_benchmark(
     write_parquet(folds, wd.folds)
     heldout = root / "heldout_test_labels.parquet"
     write_parquet(labels_file[is_test[shuffled]].reset_index(drop=True), heldout)
+    return wd, folds, heldout, test_rows_shuffled
 
+
+def _export_rows(rng: np.random.Generator, image_ids, folds: pd.DataFrame, test_rows_shuffled) -> tuple:
+    """(oof rows, their folds, test rows): array rows in the exporter's own order."""
     # exported rows in an order of their own (an exporter's, not the work directory's): importers
     # must align by image_id, and embeddings follow the rows of their prediction file
-    row_of_id = pd.Series(np.arange(n), index=image_ids)
+    row_of_id = pd.Series(np.arange(len(image_ids)), index=image_ids)
     export_order = rng.permutation(len(folds))
     oof_rows = row_of_id.loc[folds["image_id"].to_numpy()[export_order]].to_numpy()
     oof_fold = folds["fold"].to_numpy().astype(np.int64)[export_order]
     test_rows = rng.permutation(test_rows_shuffled)
+    return oof_rows, oof_fold, test_rows
 
-    world = _World(
+
+def _shared_world(rng: np.random.Generator, s: _Studies) -> _World:
+    """The errors every model shares, with the per-model arrays left to fill per model."""
+    n, n_studies = len(s.z), len(s.patient_of_study)
+    return _World(
         study_of_row=s.study_of_row,
         evidence=s.evidence,
         study_shared=rng.normal(0, STUDY_ERROR_SHARED, (n_studies, len(LABELS))),
@@ -419,6 +416,31 @@ def write_exported_benchmark(
         model_noise=np.empty((n, len(LABELS))),
         model_nuisance=np.empty((n, len(LABELS))),
     )
+
+
+def write_exported_benchmark(
+    root,
+    *,
+    n_patients: int,
+    n_models: int = 6,
+    seed: int = 0,
+    embedding_dim: int = 0,
+    n_folds: int = 5,
+    test_fraction: float = 0.2,
+) -> ExportedBenchmark:
+    """Write the work directory's data/, the held-out test labels and the exported predictions
+    (see the module docstring) under ``root``; deterministic for ``seed``."""
+    if n_models < 1:
+        raise ValueError("n_models must be at least 1")
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    s = _make_studies(rng, n_patients, test_fraction)
+    n, n_studies = len(s.z), len(s.patient_of_study)
+
+    image_ids, metadata, label_frame, is_test = _contract_tables(rng, s, n_patients)
+    wd, folds, heldout, test_rows_shuffled = _write_work_data(rng, root, metadata, label_frame, is_test, n_folds, seed)
+    oof_rows, oof_fold, test_rows = _export_rows(rng, image_ids, folds, test_rows_shuffled)
+    world = _shared_world(rng, s)
     exports = root / "exports"
     names = tuple(MODEL_NAMES[m] if m < len(MODEL_NAMES) else f"model{m:02d}" for m in range(n_models))
     oof_files, test_files, oof_emb_files, test_emb_files = {}, {}, {}, {}
