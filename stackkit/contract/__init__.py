@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-CONTRACT_VERSION = 1
+CONTRACT_VERSION = 2  # v2: v1 plus optional embeddings (docs/contract.md)
 
 LABELS: tuple[str, ...] = (
     "epidural",

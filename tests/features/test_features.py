@@ -276,7 +276,7 @@ def test_run_stack_features_writes_tables_and_a_manifest_of_every_column(tmp_pat
     train = pd.read_parquet(wd.features_train)
     test = pd.read_parquet(wd.features_test)
 
-    assert manifest["contract_version"] == 1 and manifest["lags"] == 1
+    assert manifest["contract_version"] == 2 and manifest["lags"] == 1
     assert manifest["models"] == ["cnn_a", "cnn_b"]
     assert list(train.columns) == ["image_id", "study_id", "fold", "slice_index", *manifest["feature_columns"]]
     assert list(test.columns) == ["image_id", "study_id", "slice_index", *manifest["feature_columns"]]
