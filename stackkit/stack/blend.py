@@ -201,6 +201,10 @@ class BlendParams:
 # Wider than the Optuna search range: the solver may need a strong recalibration of a mix of
 # overconfident sources, and the loss itself keeps it from running off.
 FIT_TEMPERATURE_BOUNDS = (0.05, 20.0)
+# A blend is kept only if its cross-validated loss is this much (relative) below the best single
+# source's: smaller gains are within the noise of choosing among a dozen candidates, and a fitted
+# blend meets test predictions (fold models averaged) that behave a little unlike its OOF rows.
+MIN_BLEND_GAIN = 0.005
 BIAS_BOUND = 10.0
 
 
@@ -417,6 +421,9 @@ def choose_blend(preds: np.ndarray, y: np.ndarray, folds: np.ndarray, source_nam
             candidates.append(Candidate(name, "blend", weighted_log_loss(y, extra), _per_fold(y, extra, folds),
                                         final_fit=final_fit, pooled=extra))
     best = min(candidates, key=lambda c: c.cv.overall)  # min keeps the first of equal scores: sources, then simpler recipes
+    best_source = min((c for c in candidates if c.kind == "source"), key=lambda c: c.cv.overall)
+    if best.kind == "blend" and best.cv.overall > best_source.cv.overall * (1.0 - MIN_BLEND_GAIN):
+        best = best_source  # a gain within selection noise: the plain source transfers to the test set more surely
     for candidate in candidates:
         if candidate is not best:
             candidate.pooled = None
@@ -429,6 +436,11 @@ def choose_blend(preds: np.ndarray, y: np.ndarray, folds: np.ndarray, source_nam
     else:
         params = best.final_fit(preds, y)
     runner_up = min((c for c in candidates if c is not best), key=lambda c: c.cv.overall, default=None)
-    reason = f"lowest cross-validated loss of {len(candidates)} candidates ({best.cv.overall:.5f}"
-    reason += f"; next: {runner_up.name} {runner_up.cv.overall:.5f})" if runner_up else ")"
+    lowest = min(candidates, key=lambda c: c.cv.overall)
+    if best is lowest:
+        reason = f"lowest cross-validated loss of {len(candidates)} candidates ({best.cv.overall:.5f}"
+        reason += f"; next: {runner_up.name} {runner_up.cv.overall:.5f})" if runner_up else ")"
+    else:
+        reason = (f"the best single source: the best blend ({lowest.name}, {lowest.cv.overall:.5f}) is less than "
+                  f"{MIN_BLEND_GAIN:.1%} below it ({best.cv.overall:.5f}) on cross-validation")
     return BlendChoice(params, best, candidates, params.score_logits(source_logits, y), reason)
