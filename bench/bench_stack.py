@@ -337,18 +337,23 @@ def run_seed(args, seed: int, root: Path, env: dict) -> dict:
 # --- printing ----------------------------------------------------------------------------------
 
 
+def print_tables(figures: dict) -> None:
+    """The timing table, the score table and the ratios of one seed's (or the mean's) figures."""
+    print(f"{'step':34s} {'wall s':>9s} {'cpu s':>9s} {'peak MiB':>9s}")
+    for name, t in figures["timings"].items():
+        if name.startswith("base import ") and name != "base import (all models)":
+            continue
+        print(f"{name:34s} {t['wall_s']:9.1f} {t.get('cpu_s', float('nan')):9.1f} {t['peak_mib']:9.0f}")
+    print_scores(figures["scores"], figures["scores"].get("baseline lightgbm", {}).get("overall"))
+    print("  ".join(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in figures["ratios"].items()))
+
+
 def print_seed(result: dict) -> None:
     d = result["data"]
     print(f"\n=== seed {result['seed']}: {d['patients']:,} patients, {d['studies']:,} studies, {d['images']:,} images "
           f"({d['train']:,} train / {d['test']:,} held-out test), {len(d['models'])} models"
           + (f", embeddings D={d['embedding_dim']}" if d["embedding_dim"] else "") + f"; generated in {d['generate_s']:.1f}s")
-    print(f"{'step':34s} {'wall s':>9s} {'cpu s':>9s} {'peak MiB':>9s}")
-    for name, t in result["timings"].items():
-        if name.startswith("base import ") and name != "base import (all models)":
-            continue
-        print(f"{name:34s} {t['wall_s']:9.1f} {t.get('cpu_s', float('nan')):9.1f} {t['peak_mib']:9.0f}")
-    print_scores(result["scores"], result["scores"].get("baseline lightgbm", {}).get("overall"))
-    print("  ".join(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in result["ratios"].items()))
+    print_tables(result)
 
 
 def print_scores(scores: dict, baseline: float | None) -> None:
@@ -382,13 +387,7 @@ def summarize(results: list[dict]) -> dict:
 
 def print_summary(summary: dict) -> None:
     print(f"\n=== mean over seeds {','.join(map(str, summary['seeds']))}")
-    print(f"{'step':34s} {'wall s':>9s} {'cpu s':>9s} {'peak MiB':>9s}")
-    for name, t in summary["timings"].items():
-        if name.startswith("base import ") and name != "base import (all models)":
-            continue
-        print(f"{name:34s} {t['wall_s']:9.1f} {t.get('cpu_s', float('nan')):9.1f} {t['peak_mib']:9.0f}")
-    print_scores(summary["scores"], summary["scores"].get("baseline lightgbm", {}).get("overall"))
-    print("  ".join(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in summary["ratios"].items()))
+    print_tables(summary)
 
 
 # --- main --------------------------------------------------------------------------------------

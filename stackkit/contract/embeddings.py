@@ -200,25 +200,24 @@ def _mmap_of(array):
     return handle if isinstance(handle, mmap.mmap) and hasattr(handle, "madvise") else None
 
 
-def advise_random(array: np.ndarray) -> None:
-    """Tell the kernel a memory-mapped array is read at scattered rows (no readahead)."""
+def _madvise(array: np.ndarray, advice: str) -> None:
     handle = _mmap_of(array)
-    if handle is not None and hasattr(mmap, "MADV_RANDOM"):
+    if handle is not None and hasattr(mmap, advice):
         try:
-            handle.madvise(mmap.MADV_RANDOM)
+            handle.madvise(getattr(mmap, advice))
         except (OSError, ValueError):
             pass
+
+
+def advise_random(array: np.ndarray) -> None:
+    """Tell the kernel a memory-mapped array is read at scattered rows (no readahead)."""
+    _madvise(array, "MADV_RANDOM")
 
 
 def release_pages(array: np.ndarray) -> None:
     """Drop the resident pages of a memory-mapped array from this process (they stay in the page
     cache): reading a 35 GB set of files once would otherwise count all of it in the process's RSS."""
-    handle = _mmap_of(array)
-    if handle is not None and hasattr(mmap, "MADV_DONTNEED"):
-        try:
-            handle.madvise(mmap.MADV_DONTNEED)
-        except (OSError, ValueError):
-            pass
+    _madvise(array, "MADV_DONTNEED")
 
 
 __all__ = [

@@ -65,14 +65,14 @@ def render_table(rows) -> str:
 # --- plots ------------------------------------------------------------------------------------------
 
 
-def _figure(figsize):
+def _figure(figsize, nrows: int = 1, ncols: int = 1):
     """A figure on the Agg canvas, without pyplot: no global backend switch, nothing to close."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=figsize)
     FigureCanvasAgg(fig)
-    return fig, fig.subplots()
+    return fig, fig.subplots(nrows, ncols)
 
 
 def _figure_png(fig) -> str:
@@ -162,13 +162,17 @@ def plot_weights(weights: dict) -> str:
 CALIBRATION_BINS = 10
 
 
+def _calibration_bins(p: np.ndarray, label: int, bins: int) -> list[np.ndarray]:
+    """Row positions of ``bins`` equal-count bins of one label's predictions (empty bins dropped)."""
+    order = np.argsort(p[:, label], kind="stable")
+    return [g for g in np.array_split(order, bins) if len(g)]
+
+
 def calibration_table(y: np.ndarray, p: np.ndarray, bins: int = CALIBRATION_BINS) -> pd.DataFrame:
     """Per label: mean prediction, observed rate and the expected calibration error over equal-count bins."""
     rows = []
     for l, label in enumerate(LABELS):
-        order = np.argsort(p[:, l], kind="stable")
-        groups = np.array_split(order, bins)
-        gaps = [abs(p[g, l].mean() - y[g, l].mean()) * len(g) for g in groups if len(g)]
+        gaps = [abs(p[g, l].mean() - y[g, l].mean()) * len(g) for g in _calibration_bins(p, l, bins)]
         rows.append({"label": label, "mean predicted": float(p[:, l].mean()), "observed rate": float(y[:, l].mean()),
                      "ECE": float(np.sum(gaps) / len(y))})
     return pd.DataFrame(rows)
@@ -176,15 +180,9 @@ def calibration_table(y: np.ndarray, p: np.ndarray, bins: int = CALIBRATION_BINS
 
 def plot_calibration(y: np.ndarray, p: np.ndarray, bins: int = CALIBRATION_BINS) -> str:
     """Reliability diagram per label: observed rate against mean prediction in equal-count bins."""
-    from matplotlib.figure import Figure
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    fig = Figure(figsize=(12, 7))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(2, 3)
+    fig, axes = _figure((12, 7), 2, 3)
     for l, (label, ax) in enumerate(zip(LABELS, axes.ravel())):
-        order = np.argsort(p[:, l], kind="stable")
-        groups = [g for g in np.array_split(order, bins) if len(g)]
+        groups = _calibration_bins(p, l, bins)
         ax.plot([0, 1], [0, 1], ":", color="grey")
         ax.plot([p[g, l].mean() for g in groups], [y[g, l].mean() for g in groups], "o-", ms=4)
         ax.set_title(label)
