@@ -14,11 +14,11 @@ import sys
 
 import click
 
-from stackkit.contract import DEFAULT_WORKDIR, WORKDIR_ENV, Workdir
+from stackkit.contract import DEFAULT_WORKDIR, SEED_RANGE, WORKDIR_ENV, Workdir
 
 EXIT_BAD_INPUT = 2
 # Every --seed: the range NumPy, scikit-learn, LightGBM and torch all accept.
-SEED = click.IntRange(0, 2**32 - 1)
+SEED = click.IntRange(*SEED_RANGE)
 
 
 class StackkitGroup(click.Group):

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 
 CONTRACT_VERSION = 2  # v2: v1 plus optional embeddings (docs/contract.md)
+# Every --seed: what numpy's and the libraries' seeds accept.
+SEED_RANGE = (0, 2**32 - 1)
 
 LABELS: tuple[str, ...] = (
     "epidural",

@@ -25,14 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-from stackkit.contract import CONTRACT_VERSION, LABELS, Workdir, file_sha256, folds_hash
+from stackkit.contract import CONTRACT_VERSION, LABELS, SEED_RANGE, Workdir, file_sha256, folds_hash
 from stackkit.contract.io import write_json
 from stackkit.errors import StackkitError
 from stackkit.metric import weighted_log_loss
 
 DEFAULT_STUDY = "stackkit"
 DEVICES = ("auto", "cpu", "cuda")
-SEED_RANGE = (0, 2**32 - 1)
 CV_METHOD = ("per fold k: each candidate blend refitted on the other folds' OOF rows (weights, temperature/bias and clip), "
              "scored on fold k, pooled over folds; single sources scored on their OOF files")
 OPTUNA_BLEND = "Optuna search over weights, temperature and clip"
