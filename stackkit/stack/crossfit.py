@@ -212,15 +212,16 @@ def _with_embeddings(
     return train_data, test_data, embedding_models
 
 
-def load_stack_inputs(workdir, *, use_embeddings: bool = True) -> StackInputs:
+def load_stack_inputs(workdir, *, use_embeddings: bool = True, core=None) -> StackInputs:
     """features/*.parquet + manifest + data/ -> :class:`StackInputs`, checked for fold leakage.
 
     With ``use_embeddings`` (``stack fit --no-embeddings`` turns it off), the embeddings of every
     model of the features that exported them are attached to ``train``/``test`` (hash-checked,
     memory-mapped; see :mod:`stackkit.stack.embeddings`); stackers that cannot use them ignore them.
+    ``core``: (metadata, labels, folds) from ``load_core`` when the caller has read them already.
     """
     wd = Workdir.of(workdir)
-    metadata, labels, folds = load_core(wd)
+    metadata, labels, folds = load_core(wd) if core is None else core
     manifest, current_hash, feature_columns = _checked_manifest(wd, folds)
 
     train = _features_frame(wd.features_train, ("image_id", "study_id", "fold", "slice_index"), feature_columns, wd)
@@ -326,10 +327,12 @@ def fit_stacker(name: str, params: dict | None, inputs: StackInputs, *, seed: in
     )
 
 
-def save_stacker_result(workdir, result: StackerResult) -> None:
-    """stack/<name>/: oof.parquet, test.parquet, fold<k>/ models (+ sha256 sidecars), meta.json (last)."""
+def save_stacker_result(workdir, result: StackerResult, core=None) -> None:
+    """stack/<name>/: oof.parquet, test.parquet, fold<k>/ models (+ sha256 sidecars), meta.json (last).
+
+    ``core``: (metadata, labels, folds) from ``load_core`` when the caller has read them already."""
     wd = Workdir.of(workdir)
-    metadata, _labels, folds = load_core(wd)
+    metadata, _labels, folds = load_core(wd) if core is None else core
     if result.folds_hash != folds_hash(folds["image_id"].to_numpy(dtype=object), folds["fold"].to_numpy()):
         raise LeakageError(f"stacker '{result.name}' was fitted on other folds than data/folds.parquet; refit with `stack fit`")
     directory = wd.stack_dir(result.name)

@@ -91,7 +91,7 @@ def run_stack_fit(
     prefix = study_name or DEFAULT_STUDY
     fitted, studies = {}, {}
     if names:
-        fitted, studies = _fit_stackers(wd, names, tune=tune, trials=trials, deadline=deadline, storage=storage_obj, prefix=prefix,
+        fitted, studies = _fit_stackers(wd, core, names, tune=tune, trials=trials, deadline=deadline, storage=storage_obj, prefix=prefix,
                                         seed=seed, device=resolved_device, progress=progress, use_embeddings=use_embeddings)
     sources = _collect_sources(wd, core, fitted, base_models)
     choice, blend_info = _choose_blend(sources, tune=tune, trials=trials, deadline=deadline, storage=storage_obj, prefix=prefix,
@@ -162,11 +162,11 @@ def device_overrides(name: str, device: str) -> dict:
     return {"device": device}
 
 
-def _fit_stackers(wd, names, *, tune, trials, deadline, storage, prefix, seed, device, progress, use_embeddings=True):
+def _fit_stackers(wd, core, names, *, tune, trials, deadline, storage, prefix, seed, device, progress, use_embeddings=True):
     """{name: (StackerResult, TunedStacker | None)} saved to stack/<name>/, and {name: StudyInfo}."""
     from stackkit.stack.crossfit import fit_stacker, load_stack_inputs, save_stacker_result
 
-    inputs = load_stack_inputs(wd, use_embeddings=use_embeddings)
+    inputs = load_stack_inputs(wd, use_embeddings=use_embeddings, core=core)  # data/ read and checked once per call
     fitted, studies = {}, {}
     for position, name in enumerate(names):
         overrides = device_overrides(name, device)
@@ -185,7 +185,7 @@ def _fit_stackers(wd, names, *, tune, trials, deadline, storage, prefix, seed, d
             studies[name] = tuned.info
         else:
             result = fit_stacker(name, overrides, inputs, seed=seed, progress=progress)
-        save_stacker_result(wd, result)
+        save_stacker_result(wd, result, core)
         fitted[name] = (result, tuned)
     return fitted, studies
 
