@@ -6,6 +6,7 @@ throwaway cluster started by the `postgres_url` fixture, else skipped.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -35,9 +36,12 @@ def _tune_args(wd, url, study, trials, *extra):
 
 def test_two_workers_share_one_study(pipeline_workdir, tmp_path, postgres_url):
     study = f"share-{uuid.uuid4().hex[:8]}"
+    # two workers on one machine: one thread each (OpenMP threads over the core count spin-wait
+    # and run several times slower), and no time budget, so that each really runs its 3 trials
+    env = {**os.environ, "STACKKIT_THREADS": "1"}
     workers = [
-        subprocess.Popen([*CLI, *_tune_args(_copy(pipeline_workdir, tmp_path, f"w{i}"), postgres_url, study, 3)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen([*CLI, *_tune_args(_copy(pipeline_workdir, tmp_path, f"w{i}"), postgres_url, study, 3, "--timeout", "3600")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         for i in range(2)
     ]
     for proc in workers:
