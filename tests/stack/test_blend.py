@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -248,7 +249,7 @@ WORKER = textwrap.dedent(
     from stackkit.contract import Workdir
     from stackkit.stack.fit import run_stack_fit
     summary = run_stack_fit(Workdir.resolve(sys.argv[1]), stackers=[], tune=True, trials=int(sys.argv[2]), seed=int(sys.argv[3]),
-                            study_name="shared", progress=False)
+                            timeout=3600, study_name="shared", progress=False)
     print(summary["studies"]["blend"]["trials_run_now"])
     """
 )
@@ -260,9 +261,10 @@ def test_two_tune_processes_share_the_default_journal(tmp_path):
 
     wd = base_model_workdir(tmp_path / "work", n_patients=16)
     trials = 6
+    env = {**os.environ, "STACKKIT_THREADS": "1"}  # two processes on one machine split its cores
     procs = [
         subprocess.Popen([sys.executable, "-c", WORKER, str(wd.root), str(trials), str(seed)], cwd=REPO_ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         for seed in (0, 1)
     ]
     outputs = [p.communicate(timeout=240) for p in procs]
