@@ -191,29 +191,6 @@ def plot_calibration(y: np.ndarray, p: np.ndarray, bins: int = CALIBRATION_BINS)
     return _figure_png(fig)
 
 
-def write_report_html(workdir: Workdir, *, rows, importances: dict | None = None, histories: dict | None = None,
-                      blend_weights: dict | None = None, notes: list[str] | None = None) -> Path:
-    """stack/report.html: the table plus per-label loss bars, feature importance (top 20 per GBDT
-    stacker), Optuna history per study and the blend weights. Written atomically."""
-    rows = [r if isinstance(r, ScoreRow) else ScoreRow.from_score(r["name"], r["kind"], r) for r in rows]
-    sections = [
-        "<h2>Scores</h2>",
-        html_table(_score_frame(rows)),
-        _img(plot_label_losses(rows), "per-label log loss"),
-    ]
-    if blend_weights:
-        sections += ["<h2>Blend weights</h2>", _img(plot_weights(blend_weights), "blend weights")]
-    for name, importance in (importances or {}).items():
-        if importance is not None and len(importance):
-            sections += [f"<h2>Feature importance: {html.escape(name)}</h2>", _img(plot_importance(name, importance), f"{name} importance")]
-    for study_name, history in (histories or {}).items():
-        if history:
-            sections += [f"<h2>Optuna: {html.escape(study_name)}</h2>", _img(plot_history(study_name, history), f"{study_name} history")]
-    if notes:
-        sections += ["<h2>Notes</h2>", "<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>"]
-    return _write_page(workdir, sections)
-
-
 def html_table(frame: pd.DataFrame, *, highlight: int | None = None, digits: int = 5) -> str:
     """A real HTML table (full names, numbers right-aligned); row ``highlight`` in bold."""
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
