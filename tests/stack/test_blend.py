@@ -309,6 +309,10 @@ def test_blend_output_properties_hold_for_any_parameters():
 def test_chosen_blend_is_never_worse_on_cv_than_its_best_source():
     from stackkit.stack.blend import MIN_BLEND_GAIN, choose_blend
 
+    def clearly_better(blend, source):
+        return (all(b["overall"] < s["overall"] for b, s in zip(blend.per_fold, source.per_fold))
+                and blend.cv.overall <= source.cv.overall * (1 - MIN_BLEND_GAIN))
+
     rng = np.random.default_rng(11)
     for trial in range(12):
         n_sources = int(rng.integers(1, 5))
@@ -317,9 +321,10 @@ def test_chosen_blend_is_never_worse_on_cv_than_its_best_source():
         choice = choose_blend(preds, y, folds, [f"s{i}" for i in range(n_sources)])
         best_source = min(weighted_log_loss(y, p).overall for p in preds)
         assert choice.cv.overall <= best_source + 1e-12
-        lowest = min(choice.candidates, key=lambda c: c.cv.overall)
-        # the lowest candidate, or the best source when no blend is MIN_BLEND_GAIN below it
-        assert choice.chosen is lowest or (choice.chosen.kind == "source" and lowest.cv.overall > choice.cv.overall * (1 - MIN_BLEND_GAIN))
+        best_source_candidate = min((c for c in choice.candidates if c.kind == "source"), key=lambda c: c.cv.overall)
+        eligible = [c for c in choice.candidates if c.kind == "blend" and clearly_better(c, best_source_candidate)]
+        # the lowest blend below the best source on every fold and by MIN_BLEND_GAIN overall, else the best source
+        assert choice.chosen is (min(eligible, key=lambda c: c.cv.overall) if eligible else best_source_candidate)
         assert np.allclose(choice.params.weights.sum(axis=0), 1.0)
 
 
@@ -336,6 +341,37 @@ def test_a_blend_that_cannot_help_falls_back_to_the_single_source():
     assert choice.chosen.kind == "source" and choice.chosen.name == "a"
     assert np.allclose(choice.params.apply(preds), truth, atol=1e-9)  # the source as it is
     assert "lowest cross-validated loss" in choice.reason
+
+
+def _two_noisy_sources(corrupt_fold: int | None, seed: int = 3):
+    """Two independent noisy views of one truth (blending them helps); with ``corrupt_fold``, the
+    second is pure noise on that fold's rows only, so a blend fitted on the other folds hurts there."""
+    rng = np.random.default_rng(seed)
+    n = 2000
+    truth_logits = rng.normal(-1.5, 1.5, size=(n, 6))
+    y = (rng.random((n, 6)) < 1 / (1 + np.exp(-truth_logits))).astype(float)
+    folds = np.arange(n) % 4
+    a, b = (1 / (1 + np.exp(-(truth_logits + rng.normal(0, 1.0, (n, 6))))) for _ in range(2))
+    if corrupt_fold is not None:
+        b[folds == corrupt_fold] = rng.uniform(0.01, 0.99, ((folds == corrupt_fold).sum(), 6))
+    return np.stack([a, b]), y, folds
+
+
+@pytest.mark.parametrize("corrupt_fold", [None, 3])
+def test_a_blend_is_kept_only_when_it_beats_the_best_source_on_every_fold(corrupt_fold):
+    from stackkit.stack.blend import MIN_BLEND_GAIN, choose_blend
+
+    preds, y, folds = _two_noisy_sources(corrupt_fold)
+    choice = choose_blend(preds, y, folds, ["a", "b"])
+    lowest = min(choice.candidates, key=lambda c: c.cv.overall)
+    source = next(c for c in choice.candidates if c.name == "a")
+    assert lowest.kind == "blend" and lowest.cv.overall < source.cv.overall * (1 - 4 * MIN_BLEND_GAIN)  # a large gain overall
+    worse = [k for k, (f, g) in enumerate(zip(lowest.per_fold, source.per_fold)) if f["overall"] >= g["overall"]]
+    if corrupt_fold is None:
+        assert worse == [] and choice.chosen is lowest
+    else:
+        assert worse == [corrupt_fold] and choice.chosen is source
+        assert "not below it on 1 of 4 folds" in choice.reason
 
 
 def test_any_consistency_is_kept_only_where_it_helps():

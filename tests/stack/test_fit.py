@@ -75,8 +75,11 @@ def test_fit_without_tune_writes_stackers_blend_and_report(wd):
 
     lowest = min(candidates.values(), key=lambda c: c["cv"]["overall"])
     best_source = min((c for c in candidates.values() if c["kind"] == "source"), key=lambda c: c["cv"]["overall"])
-    expected = lowest if lowest["cv"]["overall"] <= best_source["cv"]["overall"] * (1 - MIN_BLEND_GAIN) else best_source
+    eligible = [c for c in candidates.values() if c["kind"] == "blend" and c["cv"]["overall"] <= best_source["cv"]["overall"] * (1 - MIN_BLEND_GAIN)
+                and all(f["overall"] < g["overall"] for f, g in zip(c["per_fold"], best_source["per_fold"]))]
+    expected = min(eligible, key=lambda c: c["cv"]["overall"]) if eligible else best_source
     assert choice["chosen"] == expected["name"]
+    assert lowest["cv"]["overall"] <= expected["cv"]["overall"]
     scores = record["scores"]
     assert np.isclose(scores["cv"]["overall"], candidates[choice["chosen"]]["cv"]["overall"])
     assert scores["cv"]["overall"] <= min(_oof_scores(wd, record)) + 1e-12
