@@ -106,6 +106,11 @@ class Workdir:
 
     root: Path
 
+    def __post_init__(self):
+        # Workdir("artifacts") is the natural call from a notebook: accept any path-like
+        if not isinstance(self.root, Path):
+            object.__setattr__(self, "root", Path(self.root))
+
     @classmethod
     def resolve(cls, option: str | os.PathLike | None = None) -> "Workdir":
         return cls(resolve_workdir(option))

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stackkit.contract import resolve_workdir, slice_order
+from stackkit.contract import Workdir, resolve_workdir, slice_order
 from stackkit.contract.io import atomic_path, read_artifact, read_table, write_artifact, write_parquet
 from stackkit.errors import ContractError, StackkitError
 
@@ -22,6 +22,8 @@ def test_workdir_resolution(monkeypatch, tmp_path):
     monkeypatch.setenv("STACKKIT_WORKDIR", str(tmp_path))
     assert resolve_workdir(None) == tmp_path
     assert str(resolve_workdir("elsewhere")) == "elsewhere"
+    # a plain string is a path too: Workdir("w").data_dir must not fail on str / str
+    assert Workdir(str(tmp_path)).metadata == tmp_path / "data" / "metadata.parquet" == Workdir.of(str(tmp_path)).metadata
 
 
 def test_atomic_write_keeps_old_file_when_writer_fails(tmp_path):
