@@ -19,6 +19,7 @@ import pandas as pd
 
 from stackkit.contract import LABELS, Workdir
 from stackkit.contract.io import write_text
+from stackkit.stack.blend import MIN_BLEND_GAIN
 
 TOP_FEATURES = 20
 
@@ -261,8 +262,8 @@ def stack_fit_report(workdir: Workdir, record: dict, sources, choice, fitted: di
 
 
 CANDIDATE_NOTE = ("Every candidate is scored on predictions it was not fitted on: a source on its OOF file, a blend refitted on the other "
-                  "folds for each fold. The lowest cross-validated blend that is below the best single source on every fold and at least 0.5% "
-                  "below it overall is kept (ties go to the simpler one); else the best source is kept. So the kept blend is never worse on CV than its best "
+                  "folds for each fold. The lowest cross-validated blend that is below the best single source on every fold and at least "
+                  f"{MIN_BLEND_GAIN:.1%} below it overall is kept (ties go to the simpler one); else the best source is kept. So the kept blend is never worse on CV than its best "
                   "source, and a post-processing step is used only where it lowered the cross-validated loss.")
 PAGE_STYLE = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto}img{max-width:100%}"
               "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px}"
