@@ -392,10 +392,14 @@ class BlendChoice:
         return self.chosen.cv
 
 
+def _folds_not_below(blend: Candidate, source: Candidate) -> int:
+    """How many folds ``blend`` does not score below ``source`` on."""
+    return sum(b["overall"] >= s["overall"] for b, s in zip(blend.per_fold, source.per_fold))
+
+
 def _clearly_better(blend: Candidate, source: Candidate) -> bool:
     """``blend`` is MIN_BLEND_GAIN below ``source`` overall and below it on every fold."""
-    every_fold = all(b["overall"] < s["overall"] for b, s in zip(blend.per_fold, source.per_fold))
-    return every_fold and blend.cv.overall <= source.cv.overall * (1.0 - MIN_BLEND_GAIN)
+    return _folds_not_below(blend, source) == 0 and blend.cv.overall <= source.cv.overall * (1.0 - MIN_BLEND_GAIN)
 
 
 def _per_fold(y: np.ndarray, pooled: np.ndarray, folds: np.ndarray) -> list[dict]:
@@ -456,7 +460,7 @@ def choose_blend(preds: np.ndarray, y: np.ndarray, folds: np.ndarray, source_nam
         reason = (f"the lowest blend below the best source on every fold and >= {MIN_BLEND_GAIN:.1%} overall ({best.cv.overall:.5f}); "
                   f"{lowest.name} ({lowest.cv.overall:.5f}) is not")
     else:
-        worse_folds = sum(f["overall"] >= g["overall"] for f, g in zip(lowest.per_fold, best.per_fold))
+        worse_folds = _folds_not_below(lowest, best)
         reason = (f"the best single source ({best.cv.overall:.5f}): the best blend ({lowest.name}, {lowest.cv.overall:.5f}) is "
                   + (f"not below it on {worse_folds} of {len(best.per_fold)} folds" if worse_folds else f"less than {MIN_BLEND_GAIN:.1%} below it")
                   + " on cross-validation")

@@ -288,22 +288,33 @@ class FeatureScaler:
         return np.ascontiguousarray(Z, dtype=np.float32)
 
     def to_bytes(self) -> bytes:
-        import io
-
-        buffer = io.BytesIO()
-        np.savez(buffer, mean=self.mean, scale=self.scale, indicator_columns=self.indicator_columns)
-        return buffer.getvalue()
+        return npz_bytes(mean=self.mean, scale=self.scale, indicator_columns=self.indicator_columns)
 
     @classmethod
     def from_bytes(cls, raw: bytes, source) -> "FeatureScaler":
-        import io
-        import zipfile
+        arrays = read_npz(raw, source, "feature-scaler file", ("mean", "scale", "indicator_columns"))
+        return cls(arrays["mean"], arrays["scale"], arrays["indicator_columns"])
 
-        try:
-            with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
-                return cls(npz["mean"], npz["scale"], npz["indicator_columns"])
-        except (ValueError, KeyError, OSError, zipfile.BadZipFile) as exc:
-            raise StackkitError(f"{source}: not a readable feature-scaler file ({exc}); refit with `stack fit`") from exc
+
+def npz_bytes(**arrays: np.ndarray) -> bytes:
+    """The .npz bytes of ``arrays`` (no pickles), for write_artifact."""
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def read_npz(raw: bytes, source, what: str, keys) -> dict[str, np.ndarray]:
+    """``keys`` of the .npz bytes ``raw`` (pickles refused); a bad or incomplete file is a one-line error naming ``source``."""
+    import io
+    import zipfile
+
+    try:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
+            return {key: npz[key] for key in keys}
+    except (ValueError, KeyError, OSError, zipfile.BadZipFile) as exc:
+        raise StackkitError(f"{source}: not a readable {what} ({exc}); refit with `stack fit`") from exc
 
 
 def write_json_artifact(obj: dict, path: str | os.PathLike) -> Path:
@@ -479,6 +490,11 @@ class PerLabelStacker(Stacker):
     """
 
     per_label = True
+    # parameters stackkit itself acts on (boosting schedule, columns): never passed to the library
+    OWN_PARAMS: ClassVar[tuple[str, ...]] = ("num_boost_round", "early_stopping_rounds", "feature_subsets", "embedding_components")
+
+    def _library_params(self, params: dict) -> dict:
+        return {k: v for k, v in params.items() if k not in self.OWN_PARAMS}
 
     def __init__(self):
         super().__init__()
@@ -550,9 +566,13 @@ class PerLabelStacker(Stacker):
                 out[:, j] += self.priors[j] if booster is None else self._predict_label(booster, view if columns is None else view[:, columns])
         return out / len(views)
 
+    @property
+    def _n_columns(self) -> int:
+        """Columns the boosters read: the features plus each embedding model's projection."""
+        return self.n_features + sum(c.shape[1] for _, c in self.projection or [])
+
     def feature_importance(self) -> np.ndarray | None:
-        width = self.n_features + sum(c.shape[1] for _, c in self.projection or [])
-        gain = np.zeros((width, N_LABELS), dtype=np.float64)
+        gain = np.zeros((self._n_columns, N_LABELS), dtype=np.float64)
         for j, booster in enumerate(self.boosters):
             if booster is not None:
                 columns = self.label_columns[j] if self.label_columns else None
@@ -581,20 +601,17 @@ class PerLabelStacker(Stacker):
             if b is not None
         ]
         if self.projection is not None:
-            import io
-
-            buffer = io.BytesIO()
-            np.savez(buffer, **{f"{kind}{m}": array for m, pair in enumerate(self.projection) for kind, array in zip(("mean", "components"), pair)})
-            written.append(write_artifact(directory / self.PROJECTION_FILE, buffer.getvalue()))
+            arrays = {f"{kind}{m}": array for m, pair in enumerate(self.projection) for kind, array in zip(("mean", "components"), pair)}
+            written.append(write_artifact(directory / self.PROJECTION_FILE, npz_bytes(**arrays)))
         return written
 
     def _load_models(self, directory: Path, state: dict) -> None:
         self.priors = [float(p) for p in state["priors"]]
         self.projection_models = list(state.get("projection_models") or [])
         self.projection = self._load_projection(directory) if self.projection_models else None
-        width = self.n_features + sum(c.shape[1] for _, c in self.projection or [])
         columns = state.get("label_columns") or [None] * N_LABELS
         self.label_columns = [None if c is None else np.asarray(c, dtype=np.int64) for c in columns]
+        width = self._n_columns
         if any(c is not None and (len(c) == 0 or c.min() < 0 or c.max() >= width) for c in self.label_columns):
             raise StackkitError(f"{directory / STACKER_JSON}: label_columns out of range for {width} columns; refit with `stack fit`")
         self.boosters = []
@@ -606,15 +623,10 @@ class PerLabelStacker(Stacker):
             self.boosters.append(self._booster_from_bytes(read_artifact(path), path))
 
     def _load_projection(self, directory: Path):
-        import io
-        import zipfile
-
         path = directory / self.PROJECTION_FILE
-        try:
-            with np.load(io.BytesIO(read_artifact(path)), allow_pickle=False) as npz:
-                return [(npz[f"mean{m}"], npz[f"components{m}"]) for m in range(len(self.projection_models))]
-        except (ValueError, KeyError, OSError, zipfile.BadZipFile) as exc:
-            raise StackkitError(f"{path}: not a readable embedding projection ({exc}); refit with `stack fit`") from exc
+        models = range(len(self.projection_models))
+        arrays = read_npz(read_artifact(path), path, "embedding projection", [f"{kind}{m}" for m in models for kind in ("mean", "components")])
+        return [(arrays[f"mean{m}"], arrays[f"components{m}"]) for m in models]
 
     model_suffix: ClassVar[str]
 

@@ -50,7 +50,7 @@ class LGBMStacker(PerLabelStacker):
         return params
 
     def _booster_params(self, params: dict, seed: int) -> dict:
-        booster_params = {k: v for k, v in params.items() if k not in ("num_boost_round", "early_stopping_rounds", "feature_subsets", "embedding_components")}
+        booster_params = self._library_params(params)
         booster_params.update(
             objective="binary",
             metric="binary_logloss",

@@ -59,7 +59,7 @@ class XGBStacker(PerLabelStacker):
     def _fit_label(self, X_train, y_train, X_valid, y_valid, params, seed, label_position, cache):
         xgb = _xgboost()
 
-        booster_params = {k: v for k, v in params.items() if k not in ("num_boost_round", "early_stopping_rounds", "feature_subsets", "embedding_components")}
+        booster_params = self._library_params(params)
         booster_params.update(objective="binary:logistic", eval_metric="logloss", tree_method="hist", seed=seed, verbosity=0)
         # quantile sketching is a large share of a fit: one matrix per fold and label serves every trial
         key = ("xgb-matrix", int(params["max_bin"]))
