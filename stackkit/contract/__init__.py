@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-CONTRACT_VERSION = 2  # v2: v1 plus optional embeddings (docs/contract.md)
+CONTRACT_VERSION = 3  # v2: v1 plus optional embeddings; v3: optional per-fold test predictions (docs/contract.md)
 # Every --seed: what numpy's and the libraries' seeds accept.
 SEED_RANGE = (0, 2**32 - 1)
 
@@ -153,6 +153,17 @@ class Workdir:
 
     def test(self, model: str) -> Path:
         return self.preds_dir(model) / "test.parquet"
+
+    def test_fold(self, model: str, fold: int) -> Path:
+        """preds/<model>/test_fold<k>.parquet (v3, optional): fold model k's test predictions."""
+        return self.preds_dir(model) / f"test_fold{int(fold)}.parquet"
+
+    def test_fold_files(self, model: str) -> list[Path]:
+        """The model's per-fold test files that exist, fold 0, 1, ... (empty for a model with only test.parquet)."""
+        found = []
+        while self.test_fold(model, len(found)).is_file():
+            found.append(self.test_fold(model, len(found)))
+        return found
 
     def model_json(self, model: str) -> Path:
         return self.preds_dir(model) / "model.json"

@@ -275,8 +275,35 @@ def read_test(path: os.PathLike, metadata: pd.DataFrame, workdir: Workdir | None
     return validate_predictions(read_table(path, what="test prediction file"), source, expected_ids=test_ids, what="test")
 
 
-def verify_model_files(workdir: Workdir, model: str, names=("oof.parquet", "test.parquet")) -> None:
-    """Check preds/<model>/ files against the sha256 its model.json records (when it records them).
+def read_test_folds(workdir: Workdir, model: str, metadata: pd.DataFrame, n_folds: int) -> list[pd.DataFrame] | None:
+    """preds/<model>/test_fold<k>.parquet (v3) for k = 0..K-1, each validated like test.parquet and
+    put in its row order; None for a model with only an averaged test.parquet.
+
+    One per fold model or none: a partial set (or one past fold K-1) is an error, because a test
+    set with some fold models missing would not be distributed like the OOF rows."""
+    present = sorted(p.name for p in workdir.preds_dir(model).glob("test_fold*.parquet"))
+    if not present:
+        return None
+    expected = sorted(workdir.test_fold(model, k).name for k in range(n_folds))
+    if present != expected:
+        raise ContractError(
+            f"{workdir.preds_dir(model)}: model '{model}' has per-fold test files {', '.join(present)}; expected exactly "
+            f"test_fold0..test_fold{n_folds - 1}.parquet (one per fold of data/folds.parquet) or none: "
+            f"rerun `base train` or `base import --force` for it"
+        )
+    found = [workdir.test_fold(model, k) for k in range(n_folds)]
+    test = read_test(workdir.test(model), metadata, workdir)
+    order = test["image_id"]
+    frames = []
+    for path in found:
+        frame = read_test(path, metadata, workdir)
+        frames.append(frame.set_index("image_id").reindex(order).reset_index())
+    return frames
+
+
+def verify_model_files(workdir: Workdir, model: str, names=None) -> None:
+    """Check preds/<model>/ files against the sha256 its model.json records (when it records them):
+    ``names``, else oof.parquet, test.parquet and any test_fold<k>.parquet.
 
     A work directory assembled by hand may have no model.json; a record that lists hashes must
     match, else the folder mixes two versions of the model or was edited since."""
@@ -287,6 +314,13 @@ def verify_model_files(workdir: Workdir, model: str, names=("oof.parquet", "test
     hashes = record.get("sha256") if isinstance(record, dict) else None
     if hashes is None:
         return
+    if names is None:
+        fold_files = sorted(p.name for p in workdir.preds_dir(model).glob("test_fold*.parquet"))
+        unlisted = [name for name in fold_files if isinstance(hashes, dict) and name not in hashes]
+        if unlisted:
+            raise ContractError(f"{workdir.preds_dir(model) / unlisted[0]}: not listed in {_source(record_path, workdir)} "
+                                f"(added after the model was written); rerun `base train` or `base import --force` for model '{model}'")
+        names = ["oof.parquet", "test.parquet", *fold_files]
     verify_set(workdir.preds_dir(model), _source(record_path, workdir), hashes, names=names,
                remedy=f"rerun `base train` or `base import --force` for model '{model}'")
 
