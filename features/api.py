@@ -16,7 +16,7 @@ from stackkit.contract import CONTRACT_VERSION, Workdir, file_sha256, folds_hash
 from stackkit.errors import ContractError, StackkitError
 from stackkit.contract.io import atomic_path, replace_dir, write_set_record
 
-from features.build import DICOM_META_COLUMNS, TEST_KEY_COLUMNS, TRAIN_KEY_COLUMNS, build_features
+from features.build import DICOM_META_COLUMNS, TEST_KEY_COLUMNS, TRAIN_KEY_COLUMNS, build_features, build_test_features
 
 MANIFEST = "manifest.json"
 
@@ -24,10 +24,11 @@ log = logging.getLogger(__name__)
 
 
 def _read_inputs(wd: Workdir, models: list, dicom_meta: bool, progress: bool) -> tuple:
-    """(metadata, folds, oof by model, test by model), each model's files validated and checked against model.json."""
+    """(metadata, folds, oof by model, test by model, per-fold test by model), each model's files validated
+    and checked against model.json; a model without per-fold test files (v3) maps to None."""
     from tqdm.auto import tqdm
 
-    from stackkit.contract.validate import load_core, read_oof, read_test, verify_model_files
+    from stackkit.contract.validate import load_core, read_oof, read_test, read_test_folds, verify_model_files
 
     with _object_strings():
         metadata, _labels, folds = load_core(wd)
@@ -38,18 +39,30 @@ def _read_inputs(wd: Workdir, models: list, dicom_meta: bool, progress: bool) ->
                 f"{wd.metadata}: --dicom-meta needs DICOM header columns ({', '.join(DICOM_META_COLUMNS)}), found none; "
                 "run `data prepare` from the DICOM files or drop --dicom-meta"
             )
-        oof_by_model, test_by_model = {}, {}
+        n_folds = int(folds["fold"].max()) + 1
+        oof_by_model, test_by_model, test_folds_by_model = {}, {}, {}
         for model in tqdm(models, desc="read predictions", unit="model", disable=not progress):
             oof_by_model[model] = read_oof(wd.oof(model), folds, wd)
             test_by_model[model] = read_test(wd.test(model), metadata, wd)
+            test_folds_by_model[model] = read_test_folds(wd, model, metadata, n_folds)
             # contents first (their errors are the more precise), then that they are the set model.json lists
             verify_model_files(wd, model)
-    return metadata, folds, oof_by_model, test_by_model
+    return metadata, folds, oof_by_model, test_by_model, test_folds_by_model
 
 
-def _features_manifest(wd: Workdir, folds: pd.DataFrame, models: list, lags, dicom_meta: bool, definitions, train, test) -> dict:
+def test_fold_sets(test_by_model: dict, test_folds_by_model: dict) -> list[dict]:
+    """Per base fold k, the test predictions each model's fold model k made; [] when no model has per-fold files.
+
+    A model with only an averaged test.parquet contributes it to every set: the best it has."""
+    n_sets = max((len(frames) for frames in test_folds_by_model.values() if frames), default=0)
+    return [{m: (frames[k] if frames else test_by_model[m]) for m, frames in test_folds_by_model.items()} for k in range(n_sets)]
+
+
+def _features_manifest(wd: Workdir, folds: pd.DataFrame, models: list, lags, dicom_meta: bool, definitions, train, test,
+                       test_folds_by_model: dict) -> dict:
     """features/manifest.json's contents, without the tables' sha256 (write_set_record adds them)."""
-    inputs = [wd.metadata, wd.folds] + [p for m in models for p in (wd.oof(m), wd.test(m))]
+    inputs = [wd.metadata, wd.folds] + [p for m in models for p in (wd.oof(m), wd.test(m), *wd.test_fold_files(m))]
+    n_sets = max((len(frames) for frames in test_folds_by_model.values() if frames), default=0)
     return {
         "contract_version": CONTRACT_VERSION,
         "folds_hash": folds_hash(folds["image_id"].to_numpy(dtype=object), folds["fold"].to_numpy()),
@@ -60,6 +73,10 @@ def _features_manifest(wd: Workdir, folds: pd.DataFrame, models: list, lags, dic
         "feature_columns": list(definitions),
         "columns": definitions,
         "rows": {"train": len(train), "test": len(test)},
+        # v3: test features once per base fold model (features/test_fold<k>.parquet), 0 when no model has per-fold files
+        "test_folds": n_sets,
+        "test_fold_files": [wd.features_test_fold(k).name for k in range(n_sets)],
+        "models_without_test_folds": [m for m in models if not test_folds_by_model.get(m)] if n_sets else list(models),
         "inputs": {_relative(p, wd): file_sha256(p) for p in inputs},
     }
 
@@ -106,18 +123,19 @@ def run_stack_features(workdir: Workdir, *, lags: int = 2, dicom_meta: bool = Fa
     if isinstance(lags, bool) or not isinstance(lags, (int, np.integer)) or lags < 0:
         raise StackkitError(f"--lags: expected a non-negative integer, got {lags!r}")
     models = wd.model_names()
-    metadata, folds, oof_by_model, test_by_model = _read_inputs(wd, models, dicom_meta, progress)
+    metadata, folds, oof_by_model, test_by_model, test_folds_by_model = _read_inputs(wd, models, dicom_meta, progress)
     read_seconds, read_cpu = time.perf_counter() - started, time.process_time() - cpu_started
     log.info("read %d models in %.1fs", len(models), read_seconds)
 
     train, test, definitions = build_features(
         metadata, oof_by_model, test_by_model, folds, lags=lags, dicom_meta=dicom_meta, progress=progress
     )
-    del oof_by_model, test_by_model
+    del oof_by_model
+    fold_sets = test_fold_sets(test_by_model, test_folds_by_model)
     build_seconds = time.perf_counter() - started - read_seconds
     build_cpu = time.process_time() - cpu_started - read_cpu
 
-    manifest = _features_manifest(wd, folds, models, lags, dicom_meta, definitions, train, test)
+    manifest = _features_manifest(wd, folds, models, lags, dicom_meta, definitions, train, test, test_folds_by_model)
     # features/ is replaced as a set: both tables and the manifest (last, with their sha256) are
     # written into a sibling folder that is switched in at once; any failure keeps the old set.
     with replace_dir(wd.features_dir) as folder:
@@ -125,9 +143,20 @@ def run_stack_features(workdir: Workdir, *, lags: int = 2, dicom_meta: bool = Fa
             write_feature_table(train, train_tmp)
         with atomic_path(folder / wd.features_test.name) as test_tmp:
             write_feature_table(test, test_tmp)
+        # one set at a time: at RSNA size each is ~0.7 GB in memory
+        for k, predictions in enumerate(fold_sets):
+            fold_test = build_test_features(metadata, predictions, lags=lags, dicom_meta=dicom_meta)
+            with atomic_path(folder / wd.features_test_fold(k).name) as fold_tmp:
+                write_feature_table(fold_test, fold_tmp)
+            del fold_test
         write_set_record(folder, MANIFEST, manifest)
     seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-    return _features_summary(wd, models, lags, definitions, train, test, (read_seconds, build_seconds, seconds), (read_cpu, build_cpu, cpu))
+    summary = _features_summary(wd, models, lags, definitions, train, test, (read_seconds, build_seconds, seconds), (read_cpu, build_cpu, cpu))
+    if fold_sets:
+        without = manifest["models_without_test_folds"]
+        summary["lines"].insert(3, f"  test_fold0..{len(fold_sets) - 1}: the test features once per base fold model"
+                                   + (f" (averaged test.parquet for {', '.join(without)})" if without else ""))
+    return summary
 
 
 @contextlib.contextmanager

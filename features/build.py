@@ -450,6 +450,27 @@ def build_features(
     return train, test, definitions
 
 
+def build_test_features(
+    metadata: pd.DataFrame,
+    test_by_model: dict[str, pd.DataFrame],
+    *,
+    lags: int = 2,
+    dicom_meta: bool = False,
+) -> pd.DataFrame:
+    """The test features of one set of test predictions (e.g. base fold model k's, contract v3).
+
+    Every feature is computed inside a study (or across models on one row), and no study has both
+    train and test images, so this is exactly the test frame :func:`build_features` returns for
+    the same test predictions; the train rows are simply not built.
+    """
+    test_meta = metadata[metadata["split"] == "test"].reset_index(drop=True)
+    no_oof = {model: pd.DataFrame({"image_id": pd.Series([], dtype=object), **{label: pd.Series([], dtype=np.float32) for label in LABELS}})
+              for model in test_by_model}
+    no_folds = pd.DataFrame({"image_id": pd.Series([], dtype=object), "fold": pd.Series([], dtype=np.int8)})
+    _train, test, _definitions = build_features(test_meta, no_oof, test_by_model, no_folds, lags=lags, dicom_meta=dicom_meta, progress=False)
+    return test
+
+
 def _check_build_inputs(metadata, oof_by_model, test_by_model, lags) -> list[str]:
     """The models, sorted; one-line errors for bad arguments before any work."""
     if isinstance(lags, bool) or not isinstance(lags, (int, np.integer)) or lags < 0:

@@ -67,6 +67,17 @@ def check_blend_record(record: dict, path) -> None:
         sha = source.get("test_sha256")
         if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
             raise _field_error(path, f"sources[{i}].test_sha256", sha, "a sha256 hex digest")
+        folds = source.get("test_folds", [])
+        if not isinstance(folds, list) or not all(isinstance(f, dict) and isinstance(f.get("path"), str)
+                                                   and isinstance(f.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", f["sha256"])
+                                                   for f in folds):
+            raise _field_error(path, f"sources[{i}].test_folds", folds, "a list of {path, sha256} per base fold model's test set")
+    n_sets = record.get("test_sets", 1)
+    if isinstance(n_sets, bool) or not isinstance(n_sets, int) or n_sets < 1:
+        raise _field_error(path, "test_sets", n_sets, "a positive integer")
+    for i, source in enumerate(record["sources"]):
+        if source.get("test_folds") and len(source["test_folds"]) != n_sets:
+            raise _field_error(path, f"sources[{i}].test_folds", f"{len(source['test_folds'])} files", f"{n_sets} (test_sets) or none")
     clip = record.get("clip")
     if not number(clip) or not 0.0 <= clip < 0.5:
         raise _field_error(path, "clip", clip, "a number in [0, 0.5)")
@@ -103,19 +114,33 @@ def blended_test_predictions(workdir: Workdir) -> tuple[pd.DataFrame, dict]:
     test_ids = np.sort(metadata.loc[metadata["split"] == "test", "image_id"].to_numpy(dtype=object))
     if len(test_ids) == 0:
         raise ContractError(f"{workdir.metadata}: no test images (split == 'test'); nothing to submit")
-    stacked = np.empty((len(sources), len(test_ids), len(LABELS)), dtype=np.float64)
-    for s, source in enumerate(sources):
-        path = workdir.root / source["test"]
+    def read_source_file(source: dict, relative: str, expected: str | None) -> np.ndarray:
+        path = workdir.root / relative
         if not path.is_file():
             raise StackkitError(f"{workdir.blend}: source '{source['name']}' refers to {path}, which does not exist; rerun `stack fit`")
-        expected = source.get("test_sha256")
         if expected and file_sha256(path) != expected:
             raise StackkitError(
                 f"{path}: changed since stack/blend.json was fitted (sha256 differs); rerun `stack fit` before submitting"
             )
         frame = read_test(path, metadata, workdir)  # every test image exactly once, finite probabilities
-        stacked[s] = frame.set_index("image_id").reindex(test_ids)[list(LABELS)].to_numpy(dtype=np.float64)
-    blended = params.apply(stacked)
+        return frame.set_index("image_id").reindex(test_ids)[list(LABELS)].to_numpy(dtype=np.float64)
+
+    # v3: the blend was fitted on single fold models' OOF predictions; it meets each base fold model's
+    # test set in turn (a source without per-fold files enters every set with its average), then averages
+    n_sets = record.get("test_sets", 1)
+    averaged = [None if source.get("test_folds") else read_source_file(source, source["test"], source.get("test_sha256"))
+                for source in sources]
+    blended = np.zeros((len(test_ids), len(LABELS)), dtype=np.float64)
+    stacked = np.empty((len(sources), len(test_ids), len(LABELS)), dtype=np.float64)
+    for k in range(n_sets):
+        for s, source in enumerate(sources):
+            if averaged[s] is not None:
+                stacked[s] = averaged[s]
+            else:
+                entry = source["test_folds"][k]
+                stacked[s] = read_source_file(source, entry["path"], entry["sha256"])
+        blended += params.apply(stacked)
+    blended /= n_sets
     out = pd.DataFrame(blended, columns=list(LABELS))
     out.insert(0, "image_id", test_ids)
     return out, record

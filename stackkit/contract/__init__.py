@@ -220,6 +220,10 @@ class Workdir:
     def features_test(self) -> Path:
         return self.features_dir / "test.parquet"
 
+    def features_test_fold(self, fold: int) -> Path:
+        """features/test_fold<k>.parquet (v3): the test features built from base fold model k's predictions."""
+        return self.features_dir / f"test_fold{int(fold)}.parquet"
+
     @property
     def features_manifest(self) -> Path:
         return self.features_dir / "manifest.json"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +65,8 @@ class StackInputs:
     manifest: dict
     folds_hash: str
     embedding_models: tuple[str, ...] = ()  # base models whose embeddings train/test carry (contract v2)
+    # v3: features/test_fold<k>.parquet, the test features once per base fold model (empty: only test.parquet)
+    test_fold_paths: tuple[Path, ...] = ()
 
     @property
     def folds(self) -> np.ndarray:
@@ -78,6 +80,34 @@ class StackInputs:
     @property
     def n_folds(self) -> int:
         return int(self.folds.max()) + 1
+
+    @property
+    def n_test_sets(self) -> int:
+        return max(1, len(self.test_fold_paths))
+
+    def test_sets(self):
+        """The test rows once per base fold model's predictions (features/test_fold<k>.parquet, each
+        with fold model k's embeddings), so every test row is built like an OOF row; else ``test`` once.
+
+        Read one at a time (at RSNA size each is ~0.7 GB), in ``test``'s row order (checked)."""
+        from dataclasses import replace
+
+        if not self.test_fold_paths:
+            yield self.test
+            return
+        expected_ids = self.test_keys["image_id"].to_numpy(dtype=object)
+        for k, path in enumerate(self.test_fold_paths):
+            source = f"features/{path.name}"
+            frame = read_table(path, what="features file", columns=["image_id", *self.feature_columns])
+            require_columns(frame, self.feature_columns, source, f"features/manifest.json lists them; {RERUN_FEATURES}")
+            ids = frame["image_id"].to_numpy(dtype=object)
+            if len(ids) != len(expected_ids) or not np.array_equal(ids, expected_ids):
+                raise ContractError(f"{source}: its rows are not the images of features/test.parquet in the same order; {RERUN_FEATURES}")
+            embeddings = self.test.embeddings
+            if len(embeddings) == len(self.test_fold_paths):  # base fold model k's features with its own embeddings
+                embeddings = (embeddings[k],)
+            yield replace(self.test, X=frame[self.feature_columns].to_numpy(dtype=np.float32), embeddings=embeddings)
+            del frame
 
 
 @dataclass
@@ -94,6 +124,8 @@ class StackerResult:
     feature_columns: list[str]
     folds_hash: str
     tuning: dict | None = None  # with --tune: selected trial, honest and selected scores, per-fold trials
+    # v3: per base fold model's test set, the mean over the fold models (empty: one averaged test set)
+    test_folds: list = field(default_factory=list)
 
 
 def _features_frame(path: Path, key_columns, feature_columns, wd: Workdir) -> pd.DataFrame:
@@ -241,7 +273,21 @@ def load_stack_inputs(workdir, *, use_embeddings: bool = True, core=None) -> Sta
     embedding_models: tuple[str, ...] = ()
     if use_embeddings:
         train_data, test_data, embedding_models = _with_embeddings(wd, manifest, folds, train_keys, test_keys, train_data, test_data)
-    return StackInputs(train_keys, test_keys, train_data, test_data, list(feature_columns), manifest, current_hash, embedding_models)
+    test_fold_paths = _test_fold_paths(wd, manifest)
+    return StackInputs(train_keys, test_keys, train_data, test_data, list(feature_columns), manifest, current_hash, embedding_models,
+                       test_fold_paths)
+
+
+def _test_fold_paths(wd: Workdir, manifest: dict) -> tuple[Path, ...]:
+    """features/test_fold<k>.parquet as the manifest lists them (v3); () for features without per-fold test sets."""
+    names = manifest.get("test_fold_files", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ContractError(f"features/manifest.json: 'test_fold_files' must be a list of file names; {RERUN_FEATURES}")
+    paths = tuple(wd.features_test_fold(k) for k in range(len(names)))
+    for name, path in zip(names, paths):
+        if name != path.name or not path.is_file():
+            raise ContractError(f"features/manifest.json: lists {name}, expected {path.name} to exist in features/; {RERUN_FEATURES}")
+    return paths
 
 
 def early_stopping_split(
@@ -284,7 +330,6 @@ def fit_stacker(name: str, params: dict | None, inputs: StackInputs, *, seed: in
     fold_of_row = inputs.folds
     wanted = list(range(inputs.n_folds)) if folds is None else [int(k) for k in folds]
     oof = np.full((len(inputs.train), len(LABELS)), np.nan, dtype=np.float32)
-    test_sum = np.zeros((len(inputs.test), len(LABELS)), dtype=np.float64)
     models, fold_scores, gains = [], [], []
     for k in tqdm(wanted, desc=f"stack fit {name}", unit="fold", disable=not progress):
         fit_rows, valid_rows = early_stopping_split(fold_of_row, inputs.groups, k, seed)
@@ -292,8 +337,6 @@ def fit_stacker(name: str, params: dict | None, inputs: StackInputs, *, seed: in
         cache = None if caches is None else caches.setdefault(k, {})
         stacker = get_stacker(name).fit(inputs.train.take(fit_rows), inputs.train.take(valid_rows), resolved, seed=seed + k, cache=cache)
         oof[held_rows] = stacker.predict(inputs.train.take(held_rows))
-        if predict_test:
-            test_sum += stacker.predict(inputs.test)
         fold_scores.append(weighted_log_loss(inputs.train.Y[held_rows], oof[held_rows]).overall)
         models.append(stacker)
         gain = stacker.feature_importance()
@@ -305,8 +348,10 @@ def fit_stacker(name: str, params: dict | None, inputs: StackInputs, *, seed: in
     oof_frame = pd.DataFrame(oof, columns=list(LABELS))
     oof_frame.insert(0, "fold", fold_of_row.astype(np.int8))
     oof_frame.insert(0, "image_id", inputs.train_keys["image_id"].to_numpy())
-    test_frame = pd.DataFrame((test_sum / max(1, len(models))).astype(np.float32), columns=list(LABELS))
-    test_frame.insert(0, "image_id", inputs.test_keys["image_id"].to_numpy())
+    test_ids = inputs.test_keys["image_id"].to_numpy()
+    set_predictions = predict_test_sets(models, inputs) if predict_test else [np.zeros((len(inputs.test), len(LABELS)))]
+    test_frame = _prediction_frame(test_ids, np.mean(set_predictions, axis=0))
+    test_folds = [_prediction_frame(test_ids, p) for p in set_predictions] if len(set_predictions) > 1 else []
     importance = None
     if gains:
         importance = pd.DataFrame(np.mean(gains, axis=0), columns=list(LABELS))
@@ -316,6 +361,7 @@ def fit_stacker(name: str, params: dict | None, inputs: StackInputs, *, seed: in
         name=name,
         oof=oof_frame,
         test=test_frame,
+        test_folds=test_folds,
         score=weighted_log_loss(inputs.train.Y[scored], oof[scored]),
         fold_scores=fold_scores,
         models=models,
@@ -325,6 +371,23 @@ def fit_stacker(name: str, params: dict | None, inputs: StackInputs, *, seed: in
         feature_columns=list(inputs.feature_columns),
         folds_hash=inputs.folds_hash,
     )
+
+
+def predict_test_sets(models: list[Stacker], inputs: StackInputs) -> list[np.ndarray]:
+    """Per test set (one per base fold model, or the averaged one), the mean of the stacker's fold models' predictions."""
+    out = []
+    for data in inputs.test_sets():
+        total = np.zeros((len(data), len(LABELS)), dtype=np.float64)
+        for model in models:  # fold order: the same sum, and so the same bits, on every run
+            total += model.predict(data)
+        out.append(total / max(1, len(models)))
+    return out
+
+
+def _prediction_frame(image_ids: np.ndarray, probabilities: np.ndarray) -> pd.DataFrame:
+    frame = pd.DataFrame(np.asarray(probabilities).astype(np.float32), columns=list(LABELS))
+    frame.insert(0, "image_id", image_ids)
+    return frame
 
 
 def save_stacker_result(workdir, result: StackerResult, core=None) -> None:
@@ -348,6 +411,7 @@ def save_stacker_result(workdir, result: StackerResult, core=None) -> None:
         "fold_scores": result.fold_scores,
         "seconds": result.seconds,
         "n_folds": len(result.models),
+        "test_folds": [f"test_fold{k}.parquet" for k in range(len(result.test_folds))],
         "feature_columns": result.feature_columns,
         "folds_hash": result.folds_hash,
         "tuning": result.tuning,
@@ -361,6 +425,9 @@ def save_stacker_result(workdir, result: StackerResult, core=None) -> None:
             model.save(folder / f"fold{k}")
         write_parquet(oof, folder / "oof.parquet")
         write_parquet(test, folder / "test.parquet")
+        for k, fold_test in enumerate(result.test_folds):
+            fold_test = validate_predictions(fold_test, f"{source}/test_fold{k}.parquet", expected_ids=test_ids, what="test")
+            write_parquet(fold_test, folder / f"test_fold{k}.parquet")
         if result.importance is not None:
             write_parquet(result.importance, folder / "importance.parquet")
         write_set_record(folder, STACKER_RECORD, record)

@@ -48,6 +48,7 @@ class Sources:
     kinds: list[str]  # "stacker" or "base"
     oof_paths: list[Path]
     test_paths: list[Path]
+    test_fold_paths: list[list[Path]]  # v3: per base fold model's test set, [] for a source with only test.parquet
     preds: np.ndarray  # (S, n, 6) OOF probabilities
     y: np.ndarray  # (n, 6)
     folds: np.ndarray  # (n,)
@@ -192,27 +193,31 @@ def _fit_stackers(wd, core, names, *, tune, trials, deadline, storage, prefix, s
 
 def _collect_sources(wd, core, fitted: dict, base_models: list[str]) -> Sources:
     """Stackers' OOF from memory (validated when saved), base models' through the validating readers."""
-    from stackkit.contract.validate import read_oof, read_test
+    from stackkit.contract.validate import read_oof, read_test, read_test_folds
 
     metadata, labels, folds = core
     image_ids = folds["image_id"].to_numpy(dtype=object)
-    names, kinds, oof_paths, test_paths, arrays = [], [], [], [], []
+    names, kinds, oof_paths, test_paths, fold_paths, arrays = [], [], [], [], [], []
+    n_folds = int(folds["fold"].max()) + 1
     for name, (result, _tuned) in fitted.items():
         names.append(f"stack/{name}")
         kinds.append("stacker")
         oof_paths.append(wd.stack_dir(name) / "oof.parquet")
         test_paths.append(wd.stack_dir(name) / "test.parquet")
+        fold_paths.append([wd.stack_dir(name) / f"test_fold{k}.parquet" for k in range(len(result.test_folds))])
         arrays.append(result.oof.set_index("image_id").reindex(image_ids)[list(LABELS)].to_numpy(dtype=np.float64))
     for model in base_models:
         oof = read_oof(wd.oof(model), folds, wd)  # LeakageError when its folds disagree with data/folds.parquet
         read_test(wd.test(model), metadata, wd)  # submit needs it: refuse a bad one now
+        per_fold = read_test_folds(wd, model, metadata, n_folds)
         names.append(f"preds/{model}")
         kinds.append("base")
         oof_paths.append(wd.oof(model))
         test_paths.append(wd.test(model))
+        fold_paths.append(wd.test_fold_files(model) if per_fold is not None else [])
         arrays.append(oof.set_index("image_id").reindex(image_ids)[list(LABELS)].to_numpy(dtype=np.float64))
     y = labels.set_index("image_id").reindex(image_ids)[list(LABELS)].to_numpy(dtype=np.float64)
-    return Sources(names, kinds, oof_paths, test_paths, np.stack(arrays), y, folds["fold"].to_numpy(), image_ids)
+    return Sources(names, kinds, oof_paths, test_paths, fold_paths, np.stack(arrays), y, folds["fold"].to_numpy(), image_ids)
 
 
 def _choose_blend(sources: Sources, *, tune, trials, deadline, storage, prefix, seed, per_label, any_consistency, progress):
@@ -242,6 +247,7 @@ def _choose_blend(sources: Sources, *, tune, trials, deadline, storage, prefix, 
 def _source_record(wd, sources: Sources, s: int, fitted: dict) -> dict:
     entry = {"name": sources.names[s], "kind": sources.kinds[s], "oof": _relative(sources.oof_paths[s], wd),
              "test": _relative(sources.test_paths[s], wd), "test_sha256": file_sha256(sources.test_paths[s]),
+             "test_folds": [{"path": _relative(p, wd), "sha256": file_sha256(p)} for p in sources.test_fold_paths[s]],
              "oof_score": weighted_log_loss(sources.y, sources.preds[s]).as_dict()}
     tuned = fitted.get(sources.names[s].removeprefix("stack/"), (None, None))[1] if sources.kinds[s] == "stacker" else None
     if tuned is not None:
@@ -275,6 +281,7 @@ def _blend_record(wd, sources: Sources, choice, fitted: dict, studies: dict, *, 
                    "candidates": [c.as_dict() for c in choice.candidates],
                    "weights_summary": weight_summary(params.weights, sources.names)},
         "cv_method": CV_METHOD,
+        **test_sets_record(sources),
         "tuned": bool(tune),
         "device": device,
         "seed": int(seed),
@@ -282,6 +289,18 @@ def _blend_record(wd, sources: Sources, choice, fitted: dict, studies: dict, *, 
         "optuna": None if not tune else {"storage": describe_storage(storage, wd), "budget_s": budget,
                                          "studies": {n: info.as_dict() for n, info in studies.items()}},
     }
+
+
+def test_sets_record(sources: Sources) -> dict:
+    """How `submit` meets the test set (v3): with per-fold test files, the blend is applied to each base
+    fold model's set (a source without them enters every set with its averaged test.parquet) and the
+    results averaged, so it sees single-model predictions as in its OOF fit; else once, to the averages."""
+    n_sets = max((len(p) for p in sources.test_fold_paths), default=0)
+    return {"test_sets": n_sets if n_sets > 1 else 1,
+            "test_sets_method": ("blend applied per base fold model's test set, then averaged" if n_sets > 1
+                                 else "blend applied to the averaged test predictions"),
+            "models_without_test_folds": [n.removeprefix("preds/") for n, kind, p in zip(sources.names, sources.kinds, sources.test_fold_paths)
+                                          if kind == "base" and not p]}
 
 
 def _summary(wd, record, table, sources: Sources, choice, fitted, studies, seconds) -> dict:

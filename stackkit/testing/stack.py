@@ -90,8 +90,10 @@ FAST_PARAMS = {
 }
 
 
-def base_model_workdir(root: Path, *, n_patients: int = 24, models=(("m1", 1, 2.0), ("m2", 2, 1.0)), seed: int = 0) -> Workdir:
-    """data/ (metadata, labels, folds) + preds/<m>/oof|test.parquet for each (name, seed, strength)."""
+def base_model_workdir(root: Path, *, n_patients: int = 24, models=(("m1", 1, 2.0), ("m2", 2, 1.0)), seed: int = 0,
+                       per_fold_test=()) -> Workdir:
+    """data/ (metadata, labels, folds) + preds/<m>/oof|test.parquet for each (name, seed, strength);
+    the models named in ``per_fold_test`` also get test_fold<k>.parquet (v3), test.parquet their mean."""
     wd = Workdir(Path(root))
     metadata, labels, folds = make_contract_frames(n_patients=n_patients, seed=seed)
     write_parquet(metadata, wd.metadata)
@@ -102,7 +104,16 @@ def base_model_workdir(root: Path, *, n_patients: int = 24, models=(("m1", 1, 2.
         oof = noisy_predictions(labels, folds["image_id"], strength=strength, seed=model_seed)
         oof.insert(1, "fold", folds["fold"].to_numpy())
         write_parquet(oof, wd.oof(name))
-        write_parquet(noisy_predictions(labels, test_ids, strength=strength, seed=model_seed + 100), wd.test(name))
+        if name not in per_fold_test:
+            write_parquet(noisy_predictions(labels, test_ids, strength=strength, seed=model_seed + 100), wd.test(name))
+            continue
+        n_folds = int(folds["fold"].max()) + 1
+        fold_frames = [noisy_predictions(labels, test_ids, strength=strength, seed=model_seed + 100 + 7 * k) for k in range(n_folds)]
+        for k, frame in enumerate(fold_frames):
+            write_parquet(frame, wd.test_fold(name, k))
+        mean = fold_frames[0].copy()
+        mean[list(LABELS)] = np.mean([f[list(LABELS)].to_numpy(dtype=np.float64) for f in fold_frames], axis=0).astype(np.float32)
+        write_parquet(mean, wd.test(name))
     return wd
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from features.api import run_stack_features
 from features.build import DICOM_META_COLUMNS, ROLL_WINDOWS, TOP_K, build_features, feature_columns
-from stackkit.contract import LABELS, Workdir, file_sha256, folds_hash
+from stackkit.contract import CONTRACT_VERSION, LABELS, Workdir, file_sha256, folds_hash
 from stackkit.errors import ContractError, LeakageError, StackkitError
 from stackkit.contract.io import write_parquet
 
@@ -276,7 +276,7 @@ def test_run_stack_features_writes_tables_and_a_manifest_of_every_column(tmp_pat
     train = pd.read_parquet(wd.features_train)
     test = pd.read_parquet(wd.features_test)
 
-    assert manifest["contract_version"] == 2 and manifest["lags"] == 1
+    assert manifest["contract_version"] == CONTRACT_VERSION and manifest["lags"] == 1
     assert manifest["models"] == ["cnn_a", "cnn_b"]
     assert list(train.columns) == ["image_id", "study_id", "fold", "slice_index", *manifest["feature_columns"]]
     assert list(test.columns) == ["image_id", "study_id", "slice_index", *manifest["feature_columns"]]
