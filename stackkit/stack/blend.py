@@ -397,9 +397,9 @@ def _folds_not_below(blend: Candidate, source: Candidate) -> int:
     return sum(b["overall"] >= s["overall"] for b, s in zip(blend.per_fold, source.per_fold))
 
 
-def _clearly_better(blend: Candidate, source: Candidate) -> bool:
-    """``blend`` is MIN_BLEND_GAIN below ``source`` overall and below it on every fold."""
-    return _folds_not_below(blend, source) == 0 and blend.cv.overall <= source.cv.overall * (1.0 - MIN_BLEND_GAIN)
+def _clearly_better(blend: Candidate, source: Candidate, min_gain: float = MIN_BLEND_GAIN, every_fold: bool = True) -> bool:
+    """``blend`` is ``min_gain`` below ``source`` overall and (``every_fold``) below it on every fold."""
+    return (not every_fold or _folds_not_below(blend, source) == 0) and blend.cv.overall <= source.cv.overall * (1.0 - min_gain)
 
 
 def _per_fold(y: np.ndarray, pooled: np.ndarray, folds: np.ndarray) -> list[dict]:
@@ -408,7 +408,8 @@ def _per_fold(y: np.ndarray, pooled: np.ndarray, folds: np.ndarray) -> list[dict
 
 
 def choose_blend(preds: np.ndarray, y: np.ndarray, folds: np.ndarray, source_names: list[str], *, per_label: bool = True,
-                 allow_any_consistency: bool = True, extra_fits: dict | None = None, on_fold=None) -> BlendChoice:
+                 allow_any_consistency: bool = True, extra_fits: dict | None = None, on_fold=None,
+                 min_gain: float = MIN_BLEND_GAIN, every_fold: bool = True) -> BlendChoice:
     """The blend or single source kept for submission, chosen on cross-validated scores.
 
     Candidates: every single source, every recipe and every ``extra_fits`` blend. The lowest
@@ -437,7 +438,7 @@ def choose_blend(preds: np.ndarray, y: np.ndarray, folds: np.ndarray, source_nam
             candidates.append(Candidate(name, "blend", weighted_log_loss(y, extra), _per_fold(y, extra, folds),
                                         final_fit=final_fit, pooled=extra))
     best_source = min((c for c in candidates if c.kind == "source"), key=lambda c: c.cv.overall)
-    eligible = [c for c in candidates if c.kind == "blend" and _clearly_better(c, best_source)]
+    eligible = [c for c in candidates if c.kind == "blend" and _clearly_better(c, best_source, min_gain, every_fold)]
     # min keeps the first of equal scores: simpler recipes first
     best = min(eligible, key=lambda c: c.cv.overall) if eligible else best_source
     for candidate in candidates:
