@@ -207,7 +207,8 @@ def base_train(wd, name, arch, context, epochs, batch_size, lr, img_size, folds,
     """Train a CNN over the folds of data/folds.parquet and write preds/NAME/.
 
     One model per fold, trained on the other folds: it predicts its own fold (out-of-fold)
-    and the test set (mean over fold models). Runs under torchrun for several GPUs.
+    and the test set (test_fold<k>.parquet per fold model, test.parquet their mean). Runs
+    under torchrun for several GPUs.
     """
     from base_models.train import train_base
 
