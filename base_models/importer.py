@@ -2,6 +2,8 @@
 
 Accepts Parquet or CSV, wide (``image_id`` + six label columns, optional ``fold``) or the
 RSNA long format (``ID,Label`` with ``ID = <image_id>_<label>``), probabilities or logits.
+Optional (contract v3): one test file per fold model (``--test-fold``), stored as
+``test_fold<k>.parquet`` beside ``test.parquet`` (their mean when ``--test`` is not given).
 """
 
 from __future__ import annotations
@@ -105,25 +107,79 @@ def check_import_embeddings(oof_embeddings, test_embeddings, *, n_oof: int, n_te
     return oof, tests, dim
 
 
-def import_predictions(wd: Workdir, name: str, *, oof_path, test_path, logits: bool = False, force: bool = False,
-                       oof_embeddings=None, test_embeddings=()) -> dict:
-    """``oof_embeddings`` / ``test_embeddings`` (optional, contract v2): .npy files whose rows are
-    aligned with the rows of ``oof_path`` / ``test_path`` as given; several test files are fold
-    models 0, 1, ... in order, one is ``test.npy``. float32 is stored as float16."""
+def check_test_fold_count(test_path, test_folds: list, n_folds: int) -> None:
+    """``--test`` and/or exactly one ``--test-fold`` per fold model (K, from data/folds.parquet), before any file is read."""
+    if test_path is None and not test_folds:
+        raise StackkitError(
+            f"no test predictions: give --test FILE, or one --test-fold FILE per fold model ({n_folds}, fold 0 first), or both"
+        )
+    if test_folds and len(test_folds) != n_folds:
+        raise StackkitError(
+            f"{test_folds[-1]}: {len(test_folds)} --test-fold files; expected one per fold model ({n_folds}: the folds of "
+            "data/folds.parquet, fold 0 first) or none"
+        )
+
+
+def read_test_fold_files(test_folds: list, test_ids, *, logits: bool) -> tuple[list[pd.DataFrame], list[pd.DataFrame]]:
+    """Each ``--test-fold`` file read and validated like ``--test``: (raw tables as given, validated tables)."""
+    raws, frames = [], []
+    for k, path in enumerate(test_folds):
+        raw = read_prediction_file(path, logits=logits, what=f"fold {k} test")
+        raws.append(raw)
+        frames.append(validate_predictions(raw, str(path), expected_ids=test_ids, what="test"))
+    return raws, frames
+
+
+def mean_of_folds(frames: list[pd.DataFrame], order) -> pd.DataFrame:
+    """image_id (in ``order``) + the mean of the fold models' probabilities (probability space, float32)."""
+    stack = np.stack([_in_order(f, order)[list(LABELS)].to_numpy(np.float64) for f in frames])
+    mean = pd.DataFrame(stack.mean(axis=0).astype(np.float32), columns=list(LABELS))
+    mean.insert(0, "image_id", np.asarray(order, dtype=object))
+    return mean
+
+
+def _in_order(frame: pd.DataFrame, order) -> pd.DataFrame:
+    """``frame``'s rows in the image order ``order`` (same set of ids, checked by the validators)."""
+    return frame.set_index("image_id").reindex(pd.Index(np.asarray(order, dtype=object), name="image_id")).reset_index()
+
+
+def import_predictions(wd: Workdir, name: str, *, oof_path, test_path=None, logits: bool = False, force: bool = False,
+                       oof_embeddings=None, test_embeddings=(), test_folds=()) -> dict:
+    """``test_folds`` (optional, contract v3): one test prediction file per fold model, fold 0
+    first (exactly K, the number of folds of data/folds.parquet), each in any layout ``test_path``
+    accepts; stored as ``test_fold<k>.parquet`` in ``test.parquet``'s row order. ``test_path``
+    may then be None: ``test.parquet`` is the mean of the fold files' probabilities.
+
+    ``oof_embeddings`` / ``test_embeddings`` (optional, contract v2): .npy files whose rows are
+    aligned with the rows of ``oof_path`` / ``test_path`` as given (without ``test_path``: with the
+    first ``test_folds`` file's); several test files are fold models 0, 1, ... in order, one is
+    ``test.npy``. float32 is stored as float16."""
     check_model_name(name)
     metadata, labels, folds = load_core(wd)
     target = wd.preds_dir(name)
     if target.exists() and not force:
         raise StackkitError(f"{target}: model '{name}' already exists; pass --force to replace it or choose another name")
+    n_folds = int(folds["fold"].max()) + 1
+    test_folds = list(test_folds or ())
+    check_test_fold_count(test_path, test_folds, n_folds)
 
     raw_oof = read_prediction_file(oof_path, logits=logits, what="OOF")
     oof = validate_predictions(raw_oof, str(oof_path), expected_ids=folds["image_id"], what="labeled", folds=folds)
-    raw_test = read_prediction_file(test_path, logits=logits, what="test")
     test_ids = metadata.loc[metadata["split"] == "test", "image_id"]
-    test = validate_predictions(raw_test, str(test_path), expected_ids=test_ids, what="test")
+    raw_test = test = None
+    if test_path is not None:
+        raw_test = read_prediction_file(test_path, logits=logits, what="test")
+        test = validate_predictions(raw_test, str(test_path), expected_ids=test_ids, what="test")
+    raw_folds, fold_tests = read_test_fold_files(test_folds, test_ids, logits=logits)
+    if test is None:
+        # fold 0's file as given sets the row order; the mean is taken in probability space
+        raw_test = raw_folds[0]
+        test = validate_predictions(mean_of_folds(fold_tests, fold_tests[0]["image_id"]), str(wd.test(name)),
+                                    expected_ids=test_ids, what="test")
+    # every fold file is written in test.parquet's row order
+    fold_tests = [_in_order(frame, test["image_id"]) for frame in fold_tests]
     embeddings = None
     if oof_embeddings is not None or test_embeddings:
-        n_folds = int(folds["fold"].max()) + 1
         oof_emb, test_embs, dim = check_import_embeddings(oof_embeddings, test_embeddings, n_oof=len(raw_oof),
                                                           n_test=len(raw_test), n_folds=n_folds)
         # the written rows follow the validated tables; the embeddings follow them row for row
@@ -133,7 +189,8 @@ def import_predictions(wd: Workdir, name: str, *, oof_path, test_path, logits: b
     score = weighted_log_loss(y_true, oof[list(LABELS)].to_numpy())
     prior = prior_score(y_true)
 
-    parameters = {"oof_file": str(oof_path), "test_file": str(test_path), "logits": logits}
+    parameters = {"oof_file": str(oof_path), "test_file": None if test_path is None else str(test_path),
+                  "test_fold_files": [str(t) for t in test_folds], "logits": logits}
     if embeddings is not None:
         parameters.update(oof_embeddings=str(oof_embeddings), test_embeddings=[str(t) for t in test_embeddings])
     record = {
@@ -149,12 +206,15 @@ def import_predictions(wd: Workdir, name: str, *, oof_path, test_path, logits: b
         "n_oof": int(len(oof)),
         "n_test": int(len(test)),
         "embedding_dim": None,
+        "test_folds": [wd.test_fold(name, k).name for k in range(len(fold_tests))],
     }
     # preds/<name>/ is replaced as a set: every file (embeddings included) is written into a fresh sibling
     # folder, the record (model.json, with the sha256 of every other file) last, then the folder is switched in.
     with replace_dir(target) as folder:
         write_parquet(oof, folder / "oof.parquet")
         write_parquet(test, folder / "test.parquet")
+        for file_name, frame in zip(record["test_folds"], fold_tests):
+            write_parquet(frame, folder / file_name)
         if embeddings is not None:
             from stackkit.contract.embeddings import embedding_record, test_file_names, write_embeddings
 
@@ -168,6 +228,9 @@ def import_predictions(wd: Workdir, name: str, *, oof_path, test_path, logits: b
         f"imported '{name}': {len(oof)} OOF and {len(test)} test images -> {target}",
         f"OOF weighted log loss {score.overall:.5f} (prior {prior.overall:.5f})",
     ]
+    if fold_tests:
+        lines.append(f"test: one file per fold model ({len(fold_tests)}), test.parquet "
+                     + ("as given" if test_path is not None else "their mean"))
     if record["embedding_dim"]:
         n_test_files = len(record["embeddings"]["test"])
         lines.append(f"embeddings: dimension {record['embedding_dim']}, "

@@ -1,7 +1,8 @@
-"""`base train`: one CNN per fold of data/folds.parquet -> preds/<name>/{oof,test}.parquet, model.json.
+"""`base train`: one CNN per fold of data/folds.parquet -> preds/<name>/{oof,test,test_fold<k>}.parquet, model.json.
 
 Fold ``k``'s model is trained on the other folds' labeled images, predicts its own fold (the
-out-of-fold predictions) and the test set; test predictions are the mean over the fold models.
+out-of-fold predictions) and the test set; fold model k's test predictions are written as
+``test_fold<k>.parquet`` (contract v3) and ``test.parquet`` is their mean.
 Each fold's outcome is kept under ``preds/<name>/_work/`` (state_dict checkpoint with a sha256
 sidecar, small OOF/test parquet files, a JSON record), so ``resume=True`` continues at the first
 unfinished fold. Every fold is seeded from (seed, fold) alone, so a resumed run gives the same
@@ -411,7 +412,9 @@ def train_base(
     on_fold_done=None,
     embeddings: bool = True,
 ) -> dict:
-    """Train ``arch`` on every requested fold; write preds/<name>/ when all folds are done.
+    """Train ``arch`` on every requested fold; write preds/<name>/ when all folds are done:
+    oof.parquet, test.parquet (the mean over the fold models) and one test_fold<k>.parquet per fold
+    model (contract v3), listed in model.json's ``test_folds``.
 
     With ``embeddings`` (the default; ``--no-embeddings`` turns it off) each fold model also
     writes its pooled features before the head (contract v2): for its own fold's images (the OOF
@@ -623,17 +626,20 @@ def _fold_summary(name, config, records: dict, done: list) -> dict:
 
 
 def _fold_predictions(wd, name, work, available, fold_frame, test_ids) -> tuple:
-    """(oof_parts, oof, test): the folds' OOF files, their validated union, and the validated mean over the fold models' test files."""
+    """(oof_parts, oof, test, test_folds): the folds' OOF files, their validated union, the validated
+    mean over the fold models' test files, and each fold model's test file validated (contract v3's
+    test_fold<k>.parquet), all test tables in ``test_ids`` order."""
     oof_parts = [read_table(_fold_paths(work, f)["oof"], what="fold OOF file") for f in available]
     oof = pd.concat(oof_parts, ignore_index=True).sort_values("image_id", kind="stable").reset_index(drop=True)
     oof = validate_predictions(oof, str(wd.oof(name)), expected_ids=fold_frame["image_id"], what="labeled", folds=fold_frame)
-    test_stack = np.stack([
-        read_table(_fold_paths(work, f)["test"], what="fold test file").set_index("image_id").reindex(test_ids)[list(LABELS)].to_numpy(np.float64)
-        for f in available
-    ])
+    test_folds = []
+    for f in available:
+        frame = read_table(_fold_paths(work, f)["test"], what="fold test file").set_index("image_id").reindex(test_ids).reset_index()
+        test_folds.append(validate_predictions(frame, str(wd.test_fold(name, f)), expected_ids=test_ids, what="test"))
+    test_stack = np.stack([frame[list(LABELS)].to_numpy(np.float64) for frame in test_folds])
     test = validate_predictions(_probability_frame(test_ids, test_stack.mean(axis=0)), str(wd.test(name)),
                                 expected_ids=test_ids, what="test")
-    return oof_parts, oof, test
+    return oof_parts, oof, test, test_folds
 
 
 def _model_info(wd, config, fhash, available, records, score, prior, summary, cache, dev, env, work, torch_version) -> dict:
@@ -683,17 +689,20 @@ def _finish(wd, name, config, train, test_ids, fold_frame, available, requested,
         return summary
 
     y = train[list(LABELS)].to_numpy(dtype=np.float64)
-    oof_parts, oof, test = _fold_predictions(wd, name, work, available, fold_frame, test_ids)
+    oof_parts, oof, test, test_folds = _fold_predictions(wd, name, work, available, fold_frame, test_ids)
     aligned = oof.set_index("image_id").reindex(train["image_id"])[list(LABELS)].to_numpy(np.float64)
     score = weighted_log_loss(y, aligned)
     prior = prior_score(y)
 
     seconds = summary["seconds"]
     model_info = _model_info(wd, config, fhash, available, records, score, prior, summary, cache, dev, env, work, torch.__version__)
+    model_info["test_folds"] = [wd.test_fold(name, f).name for f in available]
     # preds/<name>/ replaced as a set (as `base import` does), the fold work carried along by hard links
     with replace_dir(wd.preds_dir(name), keep=(WORK_DIR,)) as folder:
         write_parquet(oof, folder / "oof.parquet")
         write_parquet(test, folder / "test.parquet")
+        for file_name, frame in zip(model_info["test_folds"], test_folds):
+            write_parquet(frame, folder / file_name)  # fold model k's test predictions (contract v3)
         if embeddings:
             model_info.update(_write_model_embeddings(folder, work, available, oof_parts, oof))
             lines.append(f"embeddings: dimension {model_info['embedding_dim']} (pooled features before the head), "

@@ -207,7 +207,8 @@ def base_train(wd, name, arch, context, epochs, batch_size, lr, img_size, folds,
     """Train a CNN over the folds of data/folds.parquet and write preds/NAME/.
 
     One model per fold, trained on the other folds: it predicts its own fold (out-of-fold)
-    and the test set (mean over fold models). Runs under torchrun for several GPUs.
+    and the test set (test_fold<k>.parquet per fold model, test.parquet their mean). Runs
+    under torchrun for several GPUs.
     """
     from base_models.train import train_base
 
@@ -221,24 +222,31 @@ def base_train(wd, name, arch, context, epochs, batch_size, lr, img_size, folds,
 @workdir_option
 @click.argument("name")
 @click.option("--oof", "oof_path", required=True, type=click.Path(), help="Out-of-fold predictions (Parquet or CSV, wide or RSNA long).")
-@click.option("--test", "test_path", required=True, type=click.Path(), help="Test predictions (same formats).")
+@click.option("--test", "test_path", default=None, type=click.Path(),
+              help="Test predictions (same formats); may be left out with --test-fold (then the mean of those).")
+@click.option("--test-fold", "test_folds", multiple=True, type=click.Path(),
+              help="Test predictions of one fold model (same formats); repeat once per fold of data/folds.parquet, fold 0 first.")
 @click.option("--logits", is_flag=True, help="The files hold logits: apply a sigmoid.")
 @click.option("--force", is_flag=True, help="Replace an existing preds/NAME/.")
 @click.option("--oof-embeddings", default=None, type=click.Path(dir_okay=False),
               help="NumPy .npy (rows, D) float16/float32: row i embeds the --oof file's row i (by the fold model that did not train on it).")
 @click.option("--test-embeddings", multiple=True, type=click.Path(dir_okay=False),
-              help="NumPy .npy (test rows, D) aligned with the --test file's rows; repeat once per fold model (fold 0 first), or give one.")
-def base_import(wd, name, oof_path, test_path, logits, force, oof_embeddings, test_embeddings):
+              help="NumPy .npy (test rows, D) aligned with the --test file's rows (without --test: the first --test-fold file's); "
+                   "repeat once per fold model (fold 0 first), or give one.")
+def base_import(wd, name, oof_path, test_path, test_folds, logits, force, oof_embeddings, test_embeddings):
     """Register predictions made anywhere else as preds/NAME/.
 
     A missing `fold` column is filled from data/folds.parquet; a fold that disagrees with it
-    is refused, because stacking on it would leak labels. Optional embeddings (the CNN's pooled
-    features) are validated and stored as float16 under preds/NAME/embeddings/.
+    is refused, because stacking on it would leak labels. Optional per-fold test predictions
+    (--test-fold, one per fold model) are stored as preds/NAME/test_fold<k>.parquet, so stackers
+    meet test rows made like their OOF rows. Optional embeddings (the CNN's pooled features) are
+    validated and stored as float16 under preds/NAME/embeddings/.
     """
     from base_models.importer import import_predictions
 
     summary = import_predictions(wd, name, oof_path=oof_path, test_path=test_path, logits=logits, force=force,
-                                 oof_embeddings=oof_embeddings, test_embeddings=list(test_embeddings))
+                                 oof_embeddings=oof_embeddings, test_embeddings=list(test_embeddings),
+                                 test_folds=list(test_folds))
     _print_summary("base import", summary)
 
 

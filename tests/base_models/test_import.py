@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from stackkit.cli import cli
 from stackkit.contract import LABELS
-from stackkit.contract.io import read_json, write_parquet
+from stackkit.contract.io import read_json, read_table, write_parquet
 from stackkit.contract.validate import load_core, read_oof, read_test
 
 from stackkit.testing.contract import noisy_predictions, snapshot
@@ -171,3 +171,193 @@ def test_real_process_prints_no_traceback(contract_workdir, tmp_path):
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert "o.csv: missing column(s) image_id" in proc.stderr
+
+
+# --- per-fold test predictions (contract v3): --test-fold -----------------------------------------
+
+
+def _tree_digest(root) -> str:
+    """sha256 over every path under root (folders too: a leftover set folder counts) and every file's bytes."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(root).rglob("*")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0")
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _fold_inputs(wd, tmp_path):
+    """OOF, a --test file and one file per fold model, each test file in its own row order; fold 1 in the RSNA long CSV format."""
+    metadata, labels, folds, oof, test = _wide(wd)
+    n_folds = int(folds["fold"].max()) + 1
+    write_parquet(oof, tmp_path / "oof.parquet")
+    write_parquet(test.sample(frac=1.0, random_state=9), tmp_path / "test.parquet")
+    fold_frames, fold_paths = [], []
+    for k in range(n_folds):
+        frame = noisy_predictions(labels, test["image_id"], seed=10 + k).sample(frac=1.0, random_state=k).reset_index(drop=True)
+        fold_frames.append(frame)
+        if k == 1:
+            path = tmp_path / f"test_fold{k}.csv"
+            _to_long(frame).to_csv(path, index=False)
+        else:
+            path = tmp_path / f"test_fold{k}.parquet"
+            write_parquet(frame, path)
+        fold_paths.append(path)
+    return metadata, folds, oof, test, fold_frames, fold_paths, n_folds
+
+
+def _fold_args(paths):
+    return [arg for path in paths for arg in ("--test-fold", str(path))]
+
+
+def test_import_test_folds_writes_them_and_their_mean(contract_workdir, tmp_path):
+    from stackkit.contract.validate import read_test_folds, verify_model_files
+
+    wd = contract_workdir
+    metadata, folds, oof, test, fold_frames, fold_paths, n_folds = _fold_inputs(wd, tmp_path)
+    result = _invoke(wd, "m1", "--oof", str(tmp_path / "oof.parquet"), *_fold_args(fold_paths))
+    assert result.exit_code == 0, result.output
+    assert f"one file per fold model ({n_folds}), test.parquet their mean" in result.output
+
+    written = pd.read_parquet(wd.test("m1"))
+    assert list(written.columns) == ["image_id", *LABELS] and all(written[c].dtype == np.float32 for c in LABELS)
+    assert written["image_id"].tolist() == fold_frames[0]["image_id"].tolist()  # fold 0's file as given sets the order
+    per_fold = [pd.read_parquet(wd.test_fold("m1", k)) for k in range(n_folds)]
+    for k, frame in enumerate(per_fold):
+        assert list(frame.columns) == ["image_id", *LABELS]
+        assert frame["image_id"].tolist() == written["image_id"].tolist()  # test.parquet's row order
+        given = fold_frames[k].set_index("image_id").loc[frame["image_id"], list(LABELS)].to_numpy()
+        np.testing.assert_allclose(frame[list(LABELS)].to_numpy(), given, rtol=1e-6)  # fold 1 went through CSV
+    mean = np.mean([f[list(LABELS)].to_numpy(np.float64) for f in per_fold], axis=0).astype(np.float32)
+    np.testing.assert_array_equal(written[list(LABELS)].to_numpy(), mean)
+
+    record = read_json(wd.model_json("m1"))
+    names = [f"test_fold{k}.parquet" for k in range(n_folds)]
+    assert record["test_folds"] == names
+    assert set(record["sha256"]) >= {"oof.parquet", "test.parquet", *names}
+    assert record["parameters"]["test_file"] is None and len(record["parameters"]["test_fold_files"]) == n_folds
+    verify_model_files(wd, "m1")
+    read_back = read_test_folds(wd, "m1", metadata, n_folds)
+    assert len(read_back) == n_folds
+    for frame, back in zip(per_fold, read_back):
+        pd.testing.assert_frame_equal(back, frame)
+
+
+def test_import_test_and_test_folds_keeps_test_as_given(contract_workdir, tmp_path):
+    wd = contract_workdir
+    metadata, folds, oof, test, fold_frames, fold_paths, n_folds = _fold_inputs(wd, tmp_path)
+    result = _invoke(wd, "m1", "--oof", str(tmp_path / "oof.parquet"), "--test", str(tmp_path / "test.parquet"), *_fold_args(fold_paths))
+    assert result.exit_code == 0, result.output
+    given = pd.read_parquet(tmp_path / "test.parquet").reset_index(drop=True)
+    written = pd.read_parquet(wd.test("m1"))
+    pd.testing.assert_frame_equal(written, given)  # not replaced by the mean
+    for k in range(n_folds):
+        assert pd.read_parquet(wd.test_fold("m1", k))["image_id"].tolist() == given["image_id"].tolist()
+    assert read_json(wd.model_json("m1"))["test_folds"] == [f"test_fold{k}.parquet" for k in range(n_folds)]
+
+
+def test_import_without_test_folds_records_none_and_reimport_drops_them(contract_workdir, tmp_path):
+    wd = contract_workdir
+    metadata, folds, oof, test, fold_frames, fold_paths, n_folds = _fold_inputs(wd, tmp_path)
+    assert _invoke(wd, "m1", "--oof", str(tmp_path / "oof.parquet"), *_fold_args(fold_paths)).exit_code == 0
+    assert _invoke(wd, "m1", "--force", "--oof", str(tmp_path / "oof.parquet"), "--test", str(tmp_path / "test.parquet")).exit_code == 0
+    assert read_json(wd.model_json("m1"))["test_folds"] == []
+    assert wd.test_fold_files("m1") == []
+
+
+def test_test_embeddings_without_test_follow_the_first_fold_file(contract_workdir, tmp_path):
+    from stackkit.contract.embeddings import read_model_embeddings
+
+    wd = contract_workdir
+    metadata, folds, oof, test, fold_frames, fold_paths, n_folds = _fold_inputs(wd, tmp_path)
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "oof_emb.npy", rng.normal(size=(len(oof), 4)).astype(np.float32))
+    code = np.arange(len(fold_frames[0]), dtype=np.float32)  # row i of fold 0's file as given
+    np.save(tmp_path / "test_emb.npy", np.stack([code] * 4, axis=1))
+    result = _invoke(wd, "m1", "--oof", str(tmp_path / "oof.parquet"), *_fold_args(fold_paths),
+                     "--oof-embeddings", str(tmp_path / "oof_emb.npy"), "--test-embeddings", str(tmp_path / "test_emb.npy"))
+    assert result.exit_code == 0, result.output
+    record = read_json(wd.model_json("m1"))
+    written = pd.read_parquet(wd.test("m1"))
+    emb = read_model_embeddings(wd, "m1", record, n_oof=len(oof), n_test=len(written), n_folds=n_folds)
+    position = {image: i for i, image in enumerate(fold_frames[0]["image_id"])}
+    np.testing.assert_array_equal(emb.test[0][:, 0], np.array([position[i] for i in written["image_id"]], dtype=np.float16))
+
+
+def _drop_last_fold(paths, tmp_path):
+    return paths[:-1]
+
+
+def _rewrite(k, change):
+    """A corruption that rewrites fold file k (as wide Parquet) with change(frame)."""
+
+    def corrupt(paths, tmp_path):
+        frame = read_table(paths[k])
+        if "ID" in frame.columns:
+            raise AssertionError("rewrite a wide file")
+        path = tmp_path / f"bad_fold{k}.parquet"
+        write_parquet(change(frame), path)
+        return [*paths[:k], path, *paths[k + 1:]]
+
+    return corrupt
+
+
+def _other_format(paths, tmp_path):
+    path = tmp_path / "bad_fold2.csv"
+    path.write_text("image,probability\nID_1,0.5\n")
+    return [*paths[:2], path, *paths[3:]]
+
+
+def _absent(paths, tmp_path):
+    return [*paths[:3], tmp_path / "nowhere.parquet"]
+
+
+def _extra_id(frame):
+    extra = frame.iloc[[0]].assign(image_id="ID_extra")
+    return pd.concat([frame, extra], ignore_index=True)
+
+
+# (case, corruption of the list of --test-fold paths, keep --test, expected one-line message)
+BAD_TEST_FOLDS = [
+    ("wrong-count", _drop_last_fold, False, r"test_fold2\.parquet: 3 --test-fold files; expected one per fold model \(4"),
+    ("wrong-count-with-test", _drop_last_fold, True, r"test_fold2\.parquet: 3 --test-fold files; expected one per fold model \(4"),
+    ("neither-test-nor-folds", lambda paths, tmp_path: [], False, r"no test predictions: give --test FILE, or one --test-fold FILE per fold model \(4"),
+    ("missing-test-id", _rewrite(2, lambda f: f.iloc[1:]), False, r"bad_fold2\.parquet: 1 test image\(s\) missing, e\.g\. image_id 'ID_"),
+    ("extra-id", _rewrite(3, _extra_id), True, r"bad_fold3\.parquet: image_id 'ID_extra' at row \d+ is not a test image"),
+    ("train-id", _rewrite(0, lambda f: f.assign(image_id=f["image_id"].where(f.index != 4, "ID_train"))), False, r"bad_fold0\.parquet: image_id 'ID_train' at row 5 is not a test image"),
+    ("duplicate-id", _rewrite(0, lambda f: pd.concat([f, f.iloc[[2]]], ignore_index=True)), False, r"bad_fold0\.parquet: duplicate image_id '.*' at row"),
+    ("above-one", _rewrite(2, lambda f: _set(f, 3, "any", 1.5)), False, r"bad_fold2\.parquet: column 'any' has 1\.5 at row 4 .*pass --logits"),
+    ("negative", _rewrite(3, lambda f: _set(f, 0, "epidural", -0.2)), True, r"bad_fold3\.parquet: column 'epidural' has -0\.2 at row 1"),
+    ("nan", _rewrite(0, lambda f: _set(f, 1, "subdural", np.nan)), False, r"bad_fold0\.parquet: column 'subdural' has nan at row 2"),
+    ("other-format", _other_format, False, r"bad_fold2\.csv: missing column\(s\) image_id, .*expected image_id \+ .* or ID,Label"),
+    ("missing-file", _absent, False, r"nowhere\.parquet: fold 3 test prediction file not found"),
+]
+
+
+@pytest.mark.parametrize("case, corrupt, with_test, message", BAD_TEST_FOLDS, ids=[c[0] for c in BAD_TEST_FOLDS])
+def test_bad_test_folds_are_one_line_exit_2_and_change_nothing(contract_workdir, tmp_path, case, corrupt, with_test, message):
+    from base_models.importer import import_predictions
+    from stackkit.errors import StackkitError
+
+    wd = contract_workdir
+    metadata, folds, oof, test, fold_frames, fold_paths, n_folds = _fold_inputs(wd, tmp_path)
+    # an existing model with per-fold files must survive the failed --force import byte for byte
+    assert _invoke(wd, "kept", "--oof", str(tmp_path / "oof.parquet"), *_fold_args(fold_paths)).exit_code == 0
+    before = _tree_digest(wd.root)
+    bad = corrupt(list(fold_paths), tmp_path)
+    test_path = tmp_path / "test.parquet" if with_test else None
+
+    with pytest.raises(StackkitError, match=message) as info:
+        import_predictions(wd, "kept", oof_path=tmp_path / "oof.parquet", test_path=test_path, force=True, test_folds=bad)
+    assert "\n" not in str(info.value)
+    assert _tree_digest(wd.root) == before
+
+    args = ["--oof", str(tmp_path / "oof.parquet"), *_fold_args(bad)] + (["--test", str(test_path)] if with_test else [])
+    result = _invoke(wd, "kept", "--force", *args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    assert re.search(message, lines[0]), lines[0]
+    assert _tree_digest(wd.root) == before

@@ -417,6 +417,32 @@ def test_embeddings_come_from_the_fold_model_that_did_not_train_on_the_image(tra
     assert any("embeddings: dimension 96" in line for line in summary["lines"])
 
 
+def test_test_fold_files_are_the_fold_models_test_predictions_and_average_to_test(trained):
+    """Contract v3: one test_fold<k>.parquet per fold model, in test.parquet's row order, listed and
+    hashed in model.json; their mean (probability space, float32) is test.parquet."""
+    from stackkit.contract.validate import read_test_folds, verify_model_files
+
+    wd, _ = trained
+    metadata, _, _ = load_core(wd)
+    info = json.loads(wd.model_json("plain").read_text())
+    names = [f"test_fold{k}.parquet" for k in range(SMALL_FOLDS)]
+    assert info["test_folds"] == names and set(info["sha256"]) >= set(names)
+    assert [p.name for p in wd.test_fold_files("plain")] == names
+    verify_model_files(wd, "plain")
+    test = pd.read_parquet(wd.test("plain"))
+    per_fold = read_test_folds(wd, "plain", metadata, SMALL_FOLDS)
+    for k, frame in enumerate(per_fold):
+        raw = pd.read_parquet(wd.test_fold("plain", k))
+        assert list(raw.columns) == ["image_id", *LABELS] and all(raw[c].dtype == np.float32 for c in LABELS)
+        assert raw["image_id"].tolist() == test["image_id"].tolist()
+        pd.testing.assert_frame_equal(frame, raw)
+        work = pd.read_parquet(wd.preds_dir("plain") / "_work" / f"fold{k}_test.parquet").set_index("image_id")
+        np.testing.assert_array_equal(raw[list(LABELS)].to_numpy(), work.loc[raw["image_id"], list(LABELS)].to_numpy())
+    mean = np.mean([f[list(LABELS)].to_numpy(np.float64) for f in per_fold], axis=0).astype(np.float32)
+    np.testing.assert_array_equal(test[list(LABELS)].to_numpy(), mean)
+    assert not np.allclose(per_fold[0][list(LABELS)].to_numpy(), per_fold[1][list(LABELS)].to_numpy())  # distinct fold models
+
+
 def test_truncated_slice_is_reported_and_still_predicted(trained, small_dataset):
     wd, summary = trained
     victim = (small_dataset.root / "truncated.txt").read_text()
@@ -466,6 +492,7 @@ def test_kill_and_resume_gives_the_uninterrupted_files(trained, small_dataset, t
     # a partial run (one fold) writes only its work and says so
     partial = train_base(wd, name="plain", context=0, folds=[1], resume=True, **SMALL)
     assert not partial["complete"] and not wd.oof("plain").exists()
+    assert wd.test_fold_files("plain") == []  # no per-fold test file before the set of K is complete
     assert any("partial" in line for line in partial["lines"])
 
     # resuming with different settings is refused rather than mixing two models
@@ -475,7 +502,8 @@ def test_kill_and_resume_gives_the_uninterrupted_files(trained, small_dataset, t
     trained_folds = []
     summary = train_base(wd, name="plain", context=0, resume=True, on_fold_done=trained_folds.append, **SMALL)
     assert trained_folds == [2] and summary["complete"]
-    for path in (reference.oof("plain"), reference.test("plain")):
+    assert json.loads(wd.model_json("plain").read_text())["test_folds"] == [f"test_fold{k}.parquet" for k in range(SMALL_FOLDS)]
+    for path in (reference.oof("plain"), reference.test("plain"), *[reference.test_fold("plain", k) for k in range(SMALL_FOLDS)]):
         target = wd.root / path.relative_to(reference.root)
         pd.testing.assert_frame_equal(pd.read_parquet(target), pd.read_parquet(path), rtol=0, atol=1e-6)
     for path in [reference.oof_embeddings("plain")] + [reference.test_embeddings("plain", k) for k in range(SMALL_FOLDS)]:
