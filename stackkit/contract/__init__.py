@@ -1,4 +1,4 @@
-"""The stackkit contract (v2): label order, metric weights and the work-directory layout.
+"""The stackkit contract (v3): label order, metric weights and the work-directory layout.
 
 See ``docs/contract.md`` for the formats themselves; this package
 is the single place in the code that names files and columns.
