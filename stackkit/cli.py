@@ -283,7 +283,7 @@ def stack_features(wd, lags, dicom_meta, quiet):
 @click.option("--heartbeat", default=None, type=click.IntRange(1, None),
               help="Seconds between worker heartbeats (database storages; default 60): a killed worker's trial is retried after 2x this.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
-              help="auto: CUDA when a GPU is visible (XGBoost and the torch stackers; LightGBM stays on the CPU).")
+              help="auto: CUDA when a GPU is visible. On CUDA: XGBoost (gpu extra), mlp, seq, seq_emb, transformer; LightGBM stays on the CPU.")
 @click.option("--embeddings/--no-embeddings", default=True, show_default=True,
               help="Stackers that can use the base models' embeddings (seq_emb, transformer; a PCA of them in lgbm/xgb) use every model's that has them.")
 @click.option("--no-base-in-blend", is_flag=True, help="Blend only the stackers, not the base models.")

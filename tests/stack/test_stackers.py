@@ -16,7 +16,7 @@ from stackkit.contract import LABELS, Workdir
 from stackkit.errors import LeakageError, StackkitError
 from stackkit.contract.io import read_json, write_json, write_parquet
 from stackkit.metric import prior_score, weighted_log_loss
-from stackkit.stack.stackers import STACKERS, StackData, get_stacker
+from stackkit.stack.stackers import STACKERS, NeuralStacker, StackData, get_stacker
 from stackkit.stack.crossfit import (
     early_stopping_split,
     fit_stacker,
@@ -201,6 +201,110 @@ class TestStacker:
         study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
         params = stacker.suggest_params(study.ask())
         assert stacker.resolve_params(params) == params
+
+
+# --- device: every torch stacker follows its `device` parameter (stack fit --device) --------------
+
+TORCH_STACKERS = sorted(name for name, cls in STACKERS.items() if issubclass(cls, NeuralStacker))
+NO_GPU = r"^stacker '{name}': device 'cuda' but no CUDA GPU is visible \(torch\.cuda\.is_available\(\) is False\); use --device cpu or auto$"
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    """This machine as one without a CUDA GPU, whatever it has."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("stackkit.stack.fit._cuda_visible", lambda: False)
+
+
+def test_every_torch_stacker_takes_a_device_that_tuning_leaves_alone():
+    optuna = pytest.importorskip("optuna")
+    from stackkit.stack.fit import device_overrides
+
+    assert TORCH_STACKERS == ["mlp", "seq", "seq_emb", "transformer"]
+    for name in TORCH_STACKERS:
+        stacker = get_stacker(name)
+        assert stacker.default_params()["device"] == "cpu"
+        assert device_overrides(name, "cuda") == {"device": "cuda"} and device_overrides(name, "cpu") == {}
+        trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+        assert stacker.suggest_params(trial)["device"] == "cpu" and "device" not in trial.params
+
+
+@pytest.mark.parametrize("name", TORCH_STACKERS)
+def test_device_cuda_without_a_gpu_is_refused_before_any_work(name, stack_inputs, no_gpu):
+    train, valid, _ = _single_fold_data(stack_inputs)
+    unlabeled = StackData(train.X, train.study_codes, train.slice_index)  # refused for its labels, were the device checked later
+    with pytest.raises(StackkitError, match=NO_GPU.format(name=name)) as info:
+        get_stacker(name).fit(unlabeled, valid, {**FAST_PARAMS[name], "device": "cuda"})
+    assert "\n" not in str(info.value)
+    with pytest.raises(StackkitError, match=rf"^stacker '{name}': device must be cpu, cuda or cuda:N, got 'tpu'$"):
+        get_stacker(name).fit(unlabeled, valid, {**FAST_PARAMS[name], "device": "tpu"})
+
+
+def test_stack_fit_device_cuda_without_a_gpu_exits_2_with_one_line(stack_workdir, no_gpu):
+    from click.testing import CliRunner
+
+    from stackkit.cli import cli
+    from stackkit.testing.contract import snapshot
+
+    before = snapshot(stack_workdir.root)
+    result = CliRunner().invoke(cli, ["stack", "fit", "--stackers", "seq", "--device", "cuda", "--workdir", str(stack_workdir.root)])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines() == ["Error: --device cuda: no CUDA GPU is visible (torch.cuda.is_available() is False); use --device cpu or auto"]
+    assert snapshot(stack_workdir.root) == before
+
+
+@pytest.mark.parametrize("name", TORCH_STACKERS)
+def test_a_model_fitted_for_a_gpu_loads_and_predicts_on_a_cpu_only_machine(name, fitted, stack_inputs, tmp_path, no_gpu):
+    import copy
+    import io
+
+    import torch
+
+    model = fitted(name).models[0]
+    expected = model.predict(stack_inputs.test)
+    for_gpu = copy.copy(model)
+    for_gpu.params = {**model.params, "device": "cuda"}  # what `stack fit --device cuda` saves
+    for_gpu.save(tmp_path / "fold0")
+    state = torch.load(io.BytesIO((tmp_path / "fold0" / NeuralStacker.MODEL_FILE).read_bytes()), weights_only=True)
+    assert all(tensor.device.type == "cpu" for tensor in state.values())
+    loaded = STACKERS[name].load(tmp_path / "fold0")
+    assert loaded.params["device"] == "cuda"
+    np.testing.assert_array_equal(loaded.predict(stack_inputs.test), expected)
+
+
+@pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", TORCH_STACKERS)
+def test_a_fit_on_the_gpu_matches_a_fit_on_the_cpu(name, stack_inputs, tmp_path, monkeypatch):
+    import io
+
+    import torch
+
+    train, valid, held = _single_fold_data(stack_inputs)
+    params = {**FAST_PARAMS[name], "dropout": 0.0}  # dropout masks come from each device's own RNG
+    on_cpu = get_stacker(name).fit(train, valid, params, seed=0).predict(held)
+    # cuDNN's TF32 convolutions round to 10 bits: compare float32 with float32
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
+        gpu = get_stacker(name).fit(train, valid, {**params, "device": "cuda"}, seed=0)
+        on_gpu = gpu.predict(held)
+    assert isinstance(on_gpu, np.ndarray) and on_gpu.dtype == np.float32 and on_gpu.shape == on_cpu.shape
+    assert all(p.device.type == "cpu" for p in gpu.module.parameters())  # kept (and saved) on the CPU
+    np.testing.assert_allclose(on_gpu, on_cpu, atol=1e-2)
+    assert np.abs(on_gpu - on_cpu).mean() < 1e-3
+    assert weighted_log_loss(held.Y, on_gpu).overall == pytest.approx(weighted_log_loss(held.Y, on_cpu).overall, rel=0.02)
+    gpu.save(tmp_path / "fold0")
+    state = torch.load(io.BytesIO((tmp_path / "fold0" / NeuralStacker.MODEL_FILE).read_bytes()), weights_only=True)
+    assert all(tensor.device.type == "cpu" for tensor in state.values())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # loaded on a machine without a GPU
+    np.testing.assert_allclose(STACKERS[name].load(tmp_path / "fold0").predict(held), on_gpu, atol=1e-5)
 
 
 # --- leakage: the early-stopping split never sees the held-out fold -----------------------------

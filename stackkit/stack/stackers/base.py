@@ -388,6 +388,7 @@ class Stacker(abc.ABC):
         GBDT datasets). Only ever pass the same fold's cache with the same rows.
         """
         params = self.resolve_params(params)
+        self._check_params(params)
         Y_train = check_labels(train, "training")
         Y_valid = check_labels(valid, "early-stopping")
         X_train = check_features(train, what="training")
@@ -413,6 +414,9 @@ class Stacker(abc.ABC):
     def feature_importance(self) -> np.ndarray | None:
         """(n_features, 6) total gain per feature and label for tree models, else None."""
         return None
+
+    def _check_params(self, params: dict) -> None:
+        """Refuse, before any work, parameters this machine cannot honour (a torch stacker on a missing GPU)."""
 
     @abc.abstractmethod
     def _fit(self, train, valid, X_train, Y_train, X_valid, Y_valid, params: dict, seed: int) -> None: ...
@@ -650,6 +654,45 @@ class PerLabelStacker(Stacker):
 # --- shared helpers for torch stackers (torch imported inside the functions only) -----------------
 
 
+def fit_device(requested, stacker: str):
+    """The ``torch.device`` a torch stacker fits on, from its ``device`` parameter (cpu, cuda or cuda:N).
+
+    The one place every torch stacker refuses a GPU this machine does not have: a one-line
+    :class:`StackkitError` at fit time, before any work. (``stack fit --device cuda`` refuses
+    earlier still, in :func:`stackkit.stack.fit.resolve_device`.)
+    """
+    import torch
+
+    try:
+        device = torch.device(str(requested))
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise StackkitError(f"stacker '{stacker}': device must be cpu, cuda or cuda:N, got {requested!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise StackkitError(f"stacker '{stacker}': device {requested!r} but no CUDA GPU is visible "
+                                "(torch.cuda.is_available() is False); use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise StackkitError(f"stacker '{stacker}': device {requested!r} but only {torch.cuda.device_count()} CUDA GPU(s) are visible; "
+                                "use --device cuda or cpu")
+    return device
+
+
+def predict_device(requested):
+    """Where a fitted torch stacker predicts: the device it was fitted for when this machine has it, else the CPU
+    (models are saved as CPU state_dicts, so a model fitted on a GPU predicts anywhere)."""
+    import torch
+
+    try:
+        device = torch.device(str(requested or "cpu"))
+    except RuntimeError:  # not a device name (a hand-edited stacker.json): the CPU
+        return torch.device("cpu")
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        return torch.device("cpu")
+    return device if device.type in ("cpu", "cuda") else torch.device("cpu")
+
+
 def to_device(prepared, device):
     """Every tensor in ``prepared`` (a tensor, or a tuple/list/dict of them) on ``device``; anything else as it is."""
     if device.type == "cpu":
@@ -667,6 +710,10 @@ class NeuralStacker(Stacker):
     Training: weighted BCE (metric weights, ``any`` twice), Adam, early stopping on the inner
     split's loss with the best epoch's weights kept. Inputs go through :class:`FeatureScaler`.
     Randomness comes from ``seed`` only (a forked torch RNG), so a fit is repeatable.
+
+    Device: the ``device`` parameter (``cpu``, ``cuda``, ``cuda:N``; :func:`fit_device` refuses a
+    GPU that is not there). The module, every batch and the loss live there, in float32; the
+    fitted module is kept and saved on the CPU, and predicts on the CPU where the GPU is missing.
     """
 
     per_label = False
@@ -692,6 +739,13 @@ class NeuralStacker(Stacker):
     def _fit_inputs(self, train: StackData, X_train: np.ndarray, params: dict) -> None:
         """Hook before the module is built: fit whatever else the inputs need (the scaler is fitted)."""
 
+    def _check_params(self, params: dict) -> None:
+        fit_device(params.get("device", "cpu"), self.name)
+
+    def _to_device(self, prepared, device):
+        """What :meth:`_prepare` returned, moved to ``device`` once per fit or prediction (all of its tensors by default)."""
+        return to_device(prepared, device)
+
     @abc.abstractmethod
     def _train_batches(self, module, prepared, params: dict, generator):
         """Yield (logits, targets, mask-or-None) for one shuffled epoch."""
@@ -705,17 +759,19 @@ class NeuralStacker(Stacker):
 
         import torch
 
+        device = fit_device(params.get("device", "cpu"), self.name)
         self.scaler = FeatureScaler.fit(X_train)
         self._fit_inputs(train, X_train, params)
-        device = torch.device(params.get("device", "cpu"))
-        prepared_train = to_device(self._prepare(X_train, train, Y_train), device)
-        prepared_valid = to_device(self._prepare(X_valid, valid, None), device)
+        prepared_train = self._to_device(self._prepare(X_train, train, Y_train), device)
+        prepared_valid = self._to_device(self._prepare(X_valid, valid, None), device)
         targets_valid = torch.from_numpy(Y_valid).to(device)
         weights = torch.from_numpy(label_weights()).to(device)
         previous_threads = torch.get_num_threads()
         torch.set_num_threads(int(params["num_threads"]))
         try:
-            with torch.random.fork_rng(devices=[]):
+            # the GPU's RNG (dropout on a GPU) is seeded and restored too
+            rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+            with torch.random.fork_rng(devices=rng_devices):
                 torch.manual_seed(seed)
                 generator = torch.Generator().manual_seed(seed)
                 module = self._build_module(self.scaler.n_outputs, params).to(device)
@@ -750,10 +806,8 @@ class NeuralStacker(Stacker):
         previous_threads = torch.get_num_threads()
         torch.set_num_threads(int(self.params["num_threads"]))
         try:
-            device = torch.device(self.params.get("device", "cpu"))
-            if device.type == "cuda" and not torch.cuda.is_available():
-                device = torch.device("cpu")  # a model fitted on a GPU predicts on a machine without one
-            prepared = to_device(self._prepare(X, data, None), device)
+            device = predict_device(self.params.get("device", "cpu"))  # a model fitted on a GPU predicts on a machine without one
+            prepared = self._to_device(self._prepare(X, data, None), device)
             module = self.module.to(device)
             try:
                 with torch.no_grad():
@@ -772,7 +826,8 @@ class NeuralStacker(Stacker):
         import torch
 
         buffer = io.BytesIO()
-        torch.save(self.module.state_dict(), buffer)
+        # CPU tensors whatever device fitted it: loadable with weights_only=True on a machine without a GPU
+        torch.save(self.module.cpu().state_dict(), buffer)
         return [
             write_artifact(directory / self.MODEL_FILE, buffer.getvalue()),
             write_artifact(directory / self.SCALER_FILE, self.scaler.to_bytes()),

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stackkit.stack.stackers.base import StackData, default_threads, NeuralStacker
+from stackkit.stack.stackers.base import StackData, default_threads, NeuralStacker, to_device
 
 
 def _seq_module(n_inputs: int, params: dict):
@@ -116,6 +116,7 @@ class SeqStacker(SequenceStacker):
             "batch_size": 16,  # studies per batch
             "max_epochs": 40,
             "patience": 5,
+            "device": "cpu",  # stack fit --device cuda puts it on a GPU
             "num_threads": default_threads(),
         }
 
@@ -161,42 +162,50 @@ class SeqStacker(SequenceStacker):
             prepared["targets_backward"] = torch.from_numpy(targets_backward)
         return prepared
 
+    def _to_device(self, prepared, device):
+        # the lengths stay on the CPU: pack_padded_sequence takes them there
+        return {key: value if key == "lengths" else to_device(value, device) for key, value in prepared.items()}
+
     @staticmethod
-    def _batch_mask(lengths, width):
+    def _batch_mask(lengths, width, device):
         import torch
 
-        return torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)
+        return torch.arange(width, device=device).unsqueeze(0) < lengths.to(device).unsqueeze(1)
 
     def _train_batches(self, module, prepared, params, generator):
         import torch
 
         lengths_all = prepared["lengths"]
+        device = prepared["forward"].device
         order = torch.randperm(len(lengths_all), generator=generator)
         flip_all = torch.rand(len(lengths_all), generator=generator) < 0.5
         for studies in torch.split(order, int(params["batch_size"])):
             lengths = lengths_all[studies]
             width = int(lengths.max())
-            flip = flip_all[studies].view(-1, 1, 1)
-            x = torch.where(flip, prepared["backward"][studies, :width], prepared["forward"][studies, :width])
-            y = torch.where(flip, prepared["targets_backward"][studies, :width], prepared["targets_forward"][studies, :width])
-            mask = self._batch_mask(lengths, width)
+            flip = flip_all[studies].view(-1, 1, 1).to(device)
+            on_device = studies.to(device)
+            x = torch.where(flip, prepared["backward"][on_device, :width], prepared["forward"][on_device, :width])
+            y = torch.where(flip, prepared["targets_backward"][on_device, :width], prepared["targets_forward"][on_device, :width])
+            mask = self._batch_mask(lengths, width, device)
             yield module(x, lengths, mask), y, mask
 
     def _predict_logits(self, module, prepared, params, tta):
         import torch
 
         lengths_all = prepared["lengths"]
+        device = prepared["forward"].device
         n_studies = len(lengths_all)
         width = int(lengths_all.max())
-        logits_forward = torch.zeros((n_studies, width, 6))
-        logits_backward = torch.zeros((n_studies, width, 6))
+        logits_forward = torch.zeros((n_studies, width, 6), device=device)
+        logits_backward = torch.zeros((n_studies, width, 6), device=device)
         # longer batches at prediction time: no gradients to hold
         step = max(1, 4 * int(params["batch_size"]))
         for start in range(0, n_studies, step):
             studies = torch.arange(start, min(start + step, n_studies))
             lengths = lengths_all[studies]
             w = int(lengths.max())
-            mask = self._batch_mask(lengths, w)
+            mask = self._batch_mask(lengths, w, device)
+            studies = studies.to(device)
             logits_forward[studies, :w] = module(prepared["forward"][studies, :w], lengths, mask)
             if tta:
                 logits_backward[studies, :w] = module(prepared["backward"][studies, :w], lengths, mask)

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from stackkit.errors import StackkitError
-from stackkit.stack.stackers.base import N_LABELS, StackData, default_threads
+from stackkit.stack.stackers.base import N_LABELS, StackData, default_threads, to_device
 from stackkit.stack.stackers.seq import SequenceStacker, study_layout
 
 # rows used to estimate each embedding column's mean / std (spread over the studies' slices)
@@ -168,6 +168,7 @@ class EmbeddingSequenceStacker(SequenceStacker):
             "crop_prob": 0.5,  # share of training studies cut to a random contiguous part
             "min_crop": 0.5,  # shortest crop, as a share of the study's slices
             "use_embeddings": True,
+            "device": "cpu",  # stack fit --device cuda puts it on a GPU
             "num_threads": default_threads(),
         }
 
@@ -236,9 +237,10 @@ class EmbeddingSequenceStacker(SequenceStacker):
             "sets": self._check_embeddings(data),
         }
 
-    def _batch(self, prepared, studies, reverse, crop_start, crop_length, variant: int):
+    def _batch(self, prepared, studies, reverse, crop_start, crop_length, variant: int, device):
         """Tensors of one batch of studies: features (B, W, f), per model the flat (N, D)
-        embeddings, the flat grid index of each row, lengths, mask; and the data rows (N,)."""
+        embeddings, the flat grid index of each row, lengths, mask; and the data rows (N,).
+        All on ``device`` but the lengths, which pack_padded_sequence takes on the CPU."""
         import torch
 
         lengths = crop_length
@@ -261,12 +263,14 @@ class EmbeddingSequenceStacker(SequenceStacker):
         flat_index = torch.from_numpy(batch_of * width + step)
         lengths_t = torch.from_numpy(lengths.astype(np.int64))
         mask = torch.arange(width).unsqueeze(0) < lengths_t.unsqueeze(1)
-        return (torch.from_numpy(x), embeddings, flat_index, lengths_t, mask), (batch_of, step, rows)
+        x, embeddings, flat_index, mask = to_device((torch.from_numpy(x), embeddings, flat_index, mask), device)
+        return (x, embeddings, flat_index, lengths_t, mask), (batch_of, step, rows)
 
     def _train_batches(self, module, prepared, params, generator):
         import torch
 
         lengths_all = prepared["lengths"]
+        device = next(module.parameters()).device
         n_studies = len(lengths_all)
         order = torch.randperm(n_studies, generator=generator).numpy()
         reverse_all = (torch.rand(n_studies, generator=generator) < 0.5).numpy()
@@ -280,29 +284,31 @@ class EmbeddingSequenceStacker(SequenceStacker):
         for start in range(0, n_studies, int(params["batch_size"])):
             studies = order[start : start + int(params["batch_size"])]
             inputs, (batch_of, step, rows) = self._batch(prepared, studies, reverse_all[studies], crop_start[studies],
-                                                         crop_length[studies], 0)
+                                                         crop_length[studies], 0, device)
             logits = module(*inputs)
-            yield logits[torch.from_numpy(batch_of), torch.from_numpy(step)], Y[torch.from_numpy(rows)], None
+            at = to_device((torch.from_numpy(batch_of), torch.from_numpy(step)), device)
+            yield logits[at], to_device(Y[torch.from_numpy(rows)], device), None
         self._release(prepared)
 
     def _predict_logits(self, module, prepared, params, tta):
         import torch
 
         lengths_all = prepared["lengths"]
+        device = next(module.parameters()).device
         n_studies, n_rows = len(lengths_all), len(prepared["X"])
         step_size = max(1, 4 * int(params["batch_size"]))
         variants = range(max(1, len(prepared["sets"])))
         directions = (False, True) if tta else (False,)
-        total = torch.zeros((n_rows, N_LABELS), dtype=torch.float64)
+        total = torch.zeros((n_rows, N_LABELS), dtype=torch.float64, device=device)
         zeros = np.zeros(n_studies, dtype=np.int64)
         for variant in variants:
             for reverse in directions:
                 for start in range(0, n_studies, step_size):
                     studies = np.arange(start, min(start + step_size, n_studies))
                     flags = np.full(len(studies), reverse)
-                    inputs, (batch_of, step, rows) = self._batch(prepared, studies, flags, zeros[studies], lengths_all[studies], variant)
-                    logits = module(*inputs)[torch.from_numpy(batch_of), torch.from_numpy(step)]
-                    total[torch.from_numpy(rows)] += torch.sigmoid(logits.double())
+                    inputs, (batch_of, step, rows) = self._batch(prepared, studies, flags, zeros[studies], lengths_all[studies], variant, device)
+                    logits = module(*inputs)[to_device((torch.from_numpy(batch_of), torch.from_numpy(step)), device)]
+                    total[to_device(torch.from_numpy(rows), device)] += torch.sigmoid(logits.double())
         self._release(prepared)
         probability = total / (len(variants) * len(directions))
         # averaged probabilities, returned as logits so the caller applies one sigmoid
