@@ -5,8 +5,9 @@ or a second worker started beside the first (same journal file, or the same data
 another machine), adds its trials to the same study. Each call runs ``trials`` more trials
 (or until ``timeout``). TPE is seeded for reproducibility and uses ``constant_liar`` so
 concurrent workers do not all sample around the same point (see :func:`open_study` for how the
-sampler is seeded; workers started at the same instant with one seed may still draw the same
-random start-up trials: give them different ``--seed`` values to avoid that).
+sampler is seeded; workers started at the same instant may still draw the same random start-up
+trials). Workers of a stacker study share trials only with one ``--seed``: the seed is part of
+its trials' key (fits depend on it) and picks the study's outer fold.
 
 Every trial records an ``inputs_key`` (a digest of what it was fitted on). The best trial is
 picked only among trials with the current key, so a study continued after the features or
