@@ -123,7 +123,7 @@ class StackerResult:
     seconds: float
     feature_columns: list[str]
     folds_hash: str
-    tuning: dict | None = None  # with --tune: selected trial, honest and selected scores, per-fold trials
+    tuning: dict | None = None  # with --tune: outer fold, its honest and the defaults' scores, the selected trial's inner CV
     # v3: per base fold model's test set, the mean over the fold models (empty: one averaged test set)
     test_folds: list = field(default_factory=list)
 
@@ -291,16 +291,22 @@ def _test_fold_paths(wd: Workdir, manifest: dict) -> tuple[Path, ...]:
 
 
 def early_stopping_split(
-    folds: np.ndarray, groups: np.ndarray, held_out_fold: int, seed: int = 0, valid_fraction: float = EARLY_STOPPING_FRACTION
+    folds: np.ndarray, groups: np.ndarray, held_out_fold: int, seed: int = 0, valid_fraction: float = EARLY_STOPPING_FRACTION,
+    exclude_fold: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Row positions (fit, early-stopping) inside the training folds of ``held_out_fold``.
 
     Patients (``groups``) are never split between the two parts, and no row of the held-out
     fold appears in either: early stopping on it would leak that fold's labels into its OOF.
+    No row of ``exclude_fold`` either (tuning's outer fold, see ``fit_stacker``).
     """
     from sklearn.model_selection import GroupShuffleSplit
 
-    training_rows = np.flatnonzero(np.asarray(folds) != held_out_fold)
+    folds = np.asarray(folds)
+    training = folds != held_out_fold
+    if exclude_fold is not None:
+        training &= folds != exclude_fold
+    training_rows = np.flatnonzero(training)
     if len(training_rows) == 0:
         raise StackkitError(f"fold {held_out_fold}: no training rows in the other folds; data/folds.parquet needs at least 2 folds")
     training_groups = np.asarray(groups)[training_rows]
@@ -316,12 +322,15 @@ class FoldPruned(Exception):
 
 
 def fit_stacker(name: str, params: dict | None, inputs: StackInputs, *, seed: int = 0, progress: bool = True,
-                folds: list[int] | None = None, on_fold=None, caches: dict | None = None, predict_test: bool = True) -> StackerResult:
+                folds: list[int] | None = None, on_fold=None, caches: dict | None = None, predict_test: bool = True,
+                exclude_fold: int | None = None) -> StackerResult:
     """K-fold fit of stacker ``name``: OOF for every train image, test = mean of the fold models.
 
-    ``folds``: fit only these held-out folds (the other rows' OOF stay NaN; a tuning trial is
-    refitted on single folds this way). ``on_fold(k, fold_loss)`` after each fold may raise
-    :class:`FoldPruned`. ``caches``: {fold: dict} kept across calls (see ``Stacker.fit``).
+    ``folds``: fit only these held-out folds (the other rows' OOF stay NaN). ``exclude_fold``:
+    its rows are never trained, early-stopped on or predicted (tuning's outer fold: a trial is
+    cross-validated over the other folds only); ``folds`` must leave it out. ``on_fold(k, fold_loss)``
+    after each fold may raise :class:`FoldPruned`. ``caches``: {fold: dict} kept across calls
+    with the same ``exclude_fold`` (see ``Stacker.fit``).
     """
     from tqdm.auto import tqdm
 
@@ -329,10 +338,12 @@ def fit_stacker(name: str, params: dict | None, inputs: StackInputs, *, seed: in
     resolved = get_stacker(name).resolve_params(params)
     fold_of_row = inputs.folds
     wanted = list(range(inputs.n_folds)) if folds is None else [int(k) for k in folds]
+    if exclude_fold is not None and int(exclude_fold) in wanted:
+        raise StackkitError(f"fit_stacker: fold {exclude_fold} is excluded from training and cannot be held out too")
     oof = np.full((len(inputs.train), len(LABELS)), np.nan, dtype=np.float32)
     models, fold_scores, gains = [], [], []
     for k in tqdm(wanted, desc=f"stack fit {name}", unit="fold", disable=not progress):
-        fit_rows, valid_rows = early_stopping_split(fold_of_row, inputs.groups, k, seed)
+        fit_rows, valid_rows = early_stopping_split(fold_of_row, inputs.groups, k, seed, exclude_fold=exclude_fold)
         held_rows = np.flatnonzero(fold_of_row == k)
         cache = None if caches is None else caches.setdefault(k, {})
         stacker = get_stacker(name).fit(inputs.train.take(fit_rows), inputs.train.take(valid_rows), resolved, seed=seed + k, cache=cache)

@@ -4,8 +4,10 @@ Order of work (each artifact written atomically):
 
 1. every stacker is fitted over data/folds.parquet, with its default parameters or (``--tune``)
    by an Optuna study ``<study>-<stacker>`` (trial 0 = the defaults, per-fold pruning, one time
-   budget for the whole call); a tuned stacker's OOF is the honest one: fold k holds the
-   predictions of the trial that was best on the other folds (``tune.honest_fold_choice``);
+   budget for the whole call) that never sees one outer fold (``seed % K``): trials are
+   cross-validated on the other folds, the best one's parameters are refitted as one recipe over
+   all folds (its OOF, test predictions and fold models are saved) and its loss on the outer
+   fold is the honest score, shown beside the defaults' (``tune.tune_stacker``);
 2. the blend sources: every stacker's OOF and, unless disabled, every base model's
    preds/<m>/oof.parquet (a fold that disagrees with data/folds.parquet is refused: it would leak);
 3. the blend is *chosen* on honest numbers (``blend.choose_blend``): every recipe (non-negative
@@ -251,7 +253,7 @@ def _source_record(wd, sources: Sources, s: int, fitted: dict) -> dict:
              "oof_score": weighted_log_loss(sources.y, sources.preds[s]).as_dict()}
     tuned = fitted.get(sources.names[s].removeprefix("stack/"), (None, None))[1] if sources.kinds[s] == "stacker" else None
     if tuned is not None:
-        entry["tuning"] = tuned.as_dict()  # oof_score is the honest one; tuning.selected the optimistic one
+        entry["tuning"] = tuned.as_dict()  # tuning.honest: the outer fold's loss; tuning.selected: inner CV (optimistic)
     return entry
 
 
@@ -317,8 +319,9 @@ def _summary(wd, record, table, sources: Sources, choice, fitted, studies, secon
     lines.append(f"weights (mean over labels): {weights}")
     for name, (_result, tuned) in fitted.items():
         if tuned is not None:
-            lines.append(f"tuned {name}: honest OOF {tuned.result.score.overall:.5f} (selected trial {tuned.info.best_trial}: "
-                         f"{tuned.selected_score.overall:.5f}, optimistic); {tuned.info.trials_run} trials now, {tuned.info.trials_total} in study")
+            lines.append(f"tuned {name}: honest {tuned.honest.overall:.5f} on outer fold {tuned.outer_fold} (defaults "
+                         f"{tuned.defaults_outer.overall:.5f}); selected trial {tuned.info.best_trial}: inner CV {tuned.selected_score.overall:.5f} "
+                         f"(optimistic); {tuned.info.trials_run} trials now, {tuned.info.trials_total} in study")
     if record["optuna"]:
         lines.append(f"optuna storage: {record['optuna']['storage']}; time budget {record['optuna']['budget_s']:.0f} s (--timeout)")
     lines.append(f"wrote {wd.blend} and {wd.report_html} in {seconds:.1f} s")

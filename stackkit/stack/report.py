@@ -50,8 +50,8 @@ def render_table(rows) -> str:
     name_width = max(12, *(len(r.name) for r in rows))
     header = f"{'source':<{name_width}}  {'kind':<8}  {'overall':>8}  " + "  ".join(f"{short[l]:>12}" for l in LABELS)
     lines = [header, "-" * len(header)]
-    # the marker goes to the best honest number: in-sample blend scores flatter themselves
-    honest = [r for r in rows if r.kind != "blend"]
+    # the marker goes to the best honest number: in-sample blend scores and a tuned trial's own score flatter themselves
+    honest = [r for r in rows if r.kind not in ("blend", "selected")]
     best = min(honest or rows, key=lambda r: r.overall)
     for r in rows:
         mark = "*" if r is best else " "
@@ -238,8 +238,10 @@ def stack_fit_report(workdir: Workdir, record: dict, sources, choice, fitted: di
         f"Clip {record['clip']:.3g}; any &ge; max(subtypes): {record['any_consistency']}.</p>",
         "<h2>Scores (weighted log loss, lower is better)</h2>",
         html_table(_score_frame(rows)),
-        "<p>base and stacker rows are out-of-fold; a tuned stacker's row is its honest OOF (fold k from the trial best on the other folds), "
-        "'selected trial' is the best trial's own OOF, chosen on those same rows (optimistic). 'blend' is in-sample, 'blend-cv' refitted per fold.</p>",
+        "<p>base and stacker rows are out-of-fold; a tuned stacker's row is the OOF of its one refitted recipe (all folds but the outer "
+        "one took part in choosing it), 'selected trial' is that trial's cross-validated score on the folds it was chosen on (optimistic); "
+        "the honest estimate of a tuned stacker is its outer-fold score under Tuning. 'blend' is in-sample, 'blend-cv' refitted per fold.</p>",
+        *_tuning_section(record),
         _img(plot_label_losses(rows), "per-label log loss"),
         "<h2>Candidates and per-fold scores</h2>",
         html_table(candidates, highlight=choice.candidates.index(chosen)),
@@ -259,6 +261,21 @@ def stack_fit_report(workdir: Workdir, record: dict, sources, choice, fitted: di
             sections += [f"<h2>Optuna: {html.escape(info.name)} (trials of the current inputs)</h2>", _img(plot_history(info.name, info.history), info.name)]
     _write_page(workdir, sections)
     return render_table(rows)
+
+
+def _tuning_section(record: dict) -> list[str]:
+    """Per tuned stacker: the outer fold's scores (selected recipe, defaults) beside the selected trial's inner CV."""
+    rows = [{"stacker": s["name"], "outer fold": str(t["outer_fold"]), "honest (outer fold)": t["honest"]["overall"],
+             "defaults (outer fold)": t["defaults_outer"]["overall"], "selected trial": str(t["selected_trial"]),
+             "its inner CV (optimistic)": t["selected"]["overall"],
+             "trials now / complete / pruned": f"{t['trials']['run_now']} / {t['trials']['complete']} / {t['trials']['pruned']}"}
+            for s in record["sources"] if s["kind"] == "stacker" and (t := s.get("tuning"))]
+    if not rows:
+        return []
+    return ["<h2>Tuning</h2>", html_table(pd.DataFrame(rows)),
+            "<p>The study never saw the outer fold: trials were cross-validated on the other folds, and the selected parameters were "
+            "refitted over all folds. The outer fold's score is honest (no label of it took part in the choice); the defaults are "
+            "scored on the same rows.</p>"]
 
 
 CANDIDATE_NOTE = ("Every candidate is scored on predictions it was not fitted on: a source on its OOF file, a blend refitted on the other "

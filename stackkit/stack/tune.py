@@ -5,12 +5,17 @@ or a second worker started beside the first (same journal file, or the same data
 another machine), adds its trials to the same study. Each call runs ``trials`` more trials
 (or until ``timeout``). TPE is seeded for reproducibility and uses ``constant_liar`` so
 concurrent workers do not all sample around the same point (see :func:`open_study` for how the
-sampler is seeded; workers started at the same instant with one seed may still draw the same
-random start-up trials: give them different ``--seed`` values to avoid that).
+sampler is seeded; workers started at the same instant may still draw the same random start-up
+trials). Workers of a stacker study share trials only with one ``--seed``: the seed is part of
+its trials' key (fits depend on it) and picks the study's outer fold.
 
 Every trial records an ``inputs_key`` (a digest of what it was fitted on). The best trial is
 picked only among trials with the current key, so a study continued after the features or
 the stackers changed never hands back parameters scored on other data.
+
+A stacker's study never sees one outer fold (``seed % K``, part of the key): trials are
+cross-validated on the other folds, and the selected parameters are refitted as one recipe over
+all folds, whose loss on the outer fold is the honest estimate (:func:`tune_stacker`).
 """
 
 from __future__ import annotations
@@ -89,8 +94,9 @@ def _storage_errors(study_name: str):
 
 
 def run_trials(study, objective: Callable, *, trials: int, timeout: float | None, progress: bool, desc: str,
-               inputs_key: str | None = None) -> int:
-    """``trials`` more trials (fewer if ``timeout`` seconds pass) with a tqdm bar; returns how many ran here.
+               inputs_key: str | None = None, stop: Callable[[], bool] | None = None) -> int:
+    """``trials`` more trials (fewer if ``timeout`` seconds pass or ``stop()`` turns true after a trial) with a
+    tqdm bar; returns how many ran here.
 
     The bar's ``best=`` counts only trials of ``inputs_key`` (a continued study may hold trials
     scored on other data) and includes the trial that just ended.
@@ -111,6 +117,8 @@ def run_trials(study, objective: Callable, *, trials: int, timeout: float | None
                 best = trial.value if best is None else min(best, trial.value)
             if best is not None:
                 bar.set_postfix(best=f"{best:.5f}", refresh=False)
+            if stop is not None and stop():
+                study.stop()
 
         with _storage_errors(study.study_name):
             study.optimize(objective, n_trials=trials, timeout=timeout, callbacks=[on_trial_end], gc_after_trial=False)
@@ -165,18 +173,35 @@ class StudyInfo:
 # --- stackers ------------------------------------------------------------------------------------
 
 
+TUNING_METHOD = ("outer fold o (seed % K) held out of the study: trials are scored, pruned and proposed on CV over the other "
+                 "folds (each inner fit trains on K-2 folds); the best trial's parameters are refitted as one recipe over all "
+                 "K folds (OOF, test predictions, fold models); honest = that recipe's loss on fold o, defaults_outer = the "
+                 "defaults' loss on fold o, selected = the best trial's inner-CV loss (optimistic: chosen on it)")
+
+
+def outer_fold_of(seed: int, n_folds: int) -> int:
+    """The fold a tuning call holds out of its studies: ``seed % n_folds`` (deterministic, recorded)."""
+    return int(seed) % int(n_folds)
+
+
 @dataclass
 class TunedStacker:
-    """A tuned stacker: ``result`` holds the honest OOF (``result.score``) with the selected trial's test predictions and models."""
+    """A tuned stacker: ``result`` is ONE recipe (the selected trial's parameters) fitted over all K folds.
 
-    result: object  # crossfit.StackerResult
-    selected_score: object  # the best trial's own OOF score: optimistic, the trial was chosen on it
-    fold_trials: list[int]  # per fold k: the trial whose parameters were best on the other folds
+    ``honest`` is that recipe's loss on the outer fold, which no trial ever trained, early-stopped
+    or was scored on; ``defaults_outer`` the untuned defaults' loss on the same rows;
+    ``selected_score`` the selected trial's inner-CV loss (optimistic: it was chosen on it).
+    """
+
+    result: object  # crossfit.StackerResult of the selected parameters; result.tuning holds the record below
+    outer_fold: int
+    honest: object  # metric.Score on the outer fold
+    defaults_outer: object  # metric.Score on the outer fold
+    selected_score: object  # metric.Score: the selected trial's CV over the inner folds
     info: StudyInfo
 
     def as_dict(self) -> dict:
-        return {"honest": self.result.score.as_dict(), "selected": self.selected_score.as_dict(), "fold_trials": self.fold_trials,
-                "study": self.info.as_dict()}
+        return {**self.result.tuning, "study": self.info.as_dict()}
 
 
 class _DefaultsTrial:
@@ -192,25 +217,24 @@ class _DefaultsTrial:
     suggest_float = suggest_int = suggest_categorical = _suggest
 
 
-def honest_fold_choice(fold_losses: np.ndarray, fold_sizes: np.ndarray) -> np.ndarray:
-    """Per fold k, the row (trial) with the lowest loss on the OTHER folds: (trials, folds) -> (folds,).
-
-    A fold's own loss never takes part in choosing the parameters whose predictions fill it,
-    so the assembled OOF is an honest estimate however many trials were run.
-    """
-    total = fold_losses @ fold_sizes  # (trials,)
-    others = (total[:, None] - fold_losses * fold_sizes[None, :]) / (fold_sizes.sum() - fold_sizes)[None, :]
-    return np.argmin(others, axis=0)  # first of equal losses: the earlier trial
-
-
 def tune_stacker(name: str, inputs, *, storage, study_name: str, trials: int, timeout: float | None, seed: int,
-                 inputs_key: str, overrides: dict | None = None, progress: bool = True, verbose: bool = False) -> TunedStacker:
-    """Tune stacker ``name`` on OOF weighted log loss with per-fold pruning; honest OOF by per-fold selection.
+                 inputs_key: str, overrides: dict | None = None, progress: bool = True, verbose: bool = False,
+                 outer_fold: int | None = None) -> TunedStacker:
+    """Tune stacker ``name`` with an outer fold the study never sees; refit the winner as one recipe.
 
-    Trial 0 is the stacker's defaults. Each trial reports its running loss after every fold
-    (Optuna's median pruner stops trials that are clearly worse) and records its per-fold losses.
-    Trials run here keep their OOF in memory; a trial of an earlier run or another worker that
-    is chosen for some fold is refitted on that fold only.
+    Fold ``o = outer_fold`` (default :func:`outer_fold_of` the seed) is held out of the study:
+    every trial is a cross-validation over the other K-1 folds (each fit trains and early-stops
+    on K-2 of them, ``fit_stacker(..., exclude_fold=o)``), reports its running loss after each
+    fold (Optuna's median pruner stops clearly worse trials) and is scored by its pooled inner
+    OOF loss; TPE only ever sees those scores. Trial 0 is the stacker's defaults. The trial best
+    on the inner CV (among every trial of this key in the study: earlier runs and other workers
+    count) is refitted over all K folds with ``fit_stacker(name, params, inputs)``: its OOF, test
+    predictions and fold models are what is saved. Its loss on fold o is the honest estimate
+    (fold o's model trained on the other folds, and no label of fold o took part in choosing
+    the trial); the defaults are fitted on fold o too (one fit, shared binned datasets) for the
+    comparison. ``inputs_key`` is mixed with o, so a continued study never mixes trials of
+    another outer fold. The time budget ``timeout`` includes the refit: the study stops early
+    enough to leave the time the final fits are expected to take.
     """
     import time
 
@@ -218,87 +242,115 @@ def tune_stacker(name: str, inputs, *, storage, study_name: str, trials: int, ti
 
     from stackkit.stack.crossfit import FoldPruned, fit_stacker
     from stackkit.stack.stackers import get_stacker
-    from stackkit.metric import weighted_log_loss
+    from stackkit.metric import Score, weighted_log_loss
 
     stacker = get_stacker(name)
     overrides = dict(overrides or {})
-    fold_sizes = np.bincount(inputs.folds, minlength=inputs.n_folds).astype(np.float64)
+    n_folds = inputs.n_folds
+    if n_folds < 3:
+        raise StackkitError(f"--tune needs at least 3 folds (one held out of the study, two for its cross-validation); "
+                            f"data/folds.parquet has {n_folds}")
+    outer = outer_fold_of(seed, n_folds) if outer_fold is None else int(outer_fold)
+    if not 0 <= outer < n_folds:
+        raise StackkitError(f"outer fold {outer}: expected 0..{n_folds - 1}")
+    inner = [k for k in range(n_folds) if k != outer]
+    key = digest(inputs_key, "outer_fold", outer, n_folds)
+    fold_sizes = np.bincount(inputs.folds, minlength=n_folds).astype(np.float64)
+    inner_sizes = fold_sizes[inner]
+    # a final fit trains on K-1 folds where a trial's fits train on K-2: scale their measured time
+    growth = (n_folds - 1) / (n_folds - 2)
     deadline = None if timeout is None else time.monotonic() + timeout
-    kept_oof: dict[int, np.ndarray] = {}
+    defaults = _DefaultsTrial(stacker.default_params())
+    default_params = {**stacker.suggest_params(defaults), **overrides}  # trial 0's parameters
+    fit_seconds: dict = {}  # trial number (and "defaults") -> seconds per inner fit, complete trials run here
     best_here: dict = {}
-    caches: dict = {}
+    study_caches: dict = {}  # per inner fold: training rows without fold o (never shared with full fits)
+
+    def reserve() -> float:
+        """Seconds the refit (K fits + test predictions) and the defaults' outer fit are expected to take."""
+        if not best_here:
+            return 0.0
+        per_fit = fit_seconds[best_here["number"]]
+        return growth * (n_folds * per_fit + fit_seconds.get("defaults", per_fit))
+
+    def out_of_time() -> bool:
+        return deadline is not None and bool(best_here) and time.monotonic() > deadline - reserve()
 
     def objective(trial):
         params = {**stacker.suggest_params(trial), **overrides}
-        trial.set_user_attr("inputs_key", inputs_key)
+        trial.set_user_attr("inputs_key", key)
+        trial.set_user_attr("outer_fold", outer)
         trial.set_user_attr("params", json.loads(json.dumps(params, default=_json_scalar)))
+        losses: list[float] = []
 
         def on_fold(k, fold_loss):
-            done = len(losses) + 1
             losses.append(fold_loss)
-            trial.report(float(np.dot(losses, fold_sizes[:done]) / fold_sizes[:done].sum()), step=k)
+            done = inner_sizes[: len(losses)]
+            trial.report(float(np.dot(losses, done) / done.sum()), step=k)
             if trial.should_prune():
                 raise FoldPruned
-            if deadline is not None and time.monotonic() > deadline and best_here:
-                raise FoldPruned  # the time budget is spent and a complete trial exists
+            if out_of_time():
+                raise FoldPruned  # the budget (less the refit's share) is spent and a complete trial exists
 
-        losses: list[float] = []
         try:
-            result = fit_stacker(name, params, inputs, seed=seed, progress=False, on_fold=on_fold, caches=caches)
+            result = fit_stacker(name, params, inputs, seed=seed, progress=False, folds=inner, exclude_fold=outer,
+                                 on_fold=on_fold, caches=study_caches, predict_test=False)
         except FoldPruned:
             raise optuna.TrialPruned() from None
         trial.set_user_attr("fold_losses", [float(v) for v in result.fold_scores])
-        kept_oof[trial.number] = result.oof[list(LABELS)].to_numpy(dtype=np.float32)
+        trial.set_user_attr("score", result.score.as_dict())
         value = float(result.score.overall)
+        fit_seconds[trial.number] = result.seconds / len(inner)
+        if _same_params(params, default_params):
+            fit_seconds["defaults"] = fit_seconds[trial.number]
         if not best_here or value < best_here["value"]:
-            best_here.update(value=value, number=trial.number, result=result)
+            best_here.update(value=value, number=trial.number)
         return value
 
     with optuna_logging(verbose):
         study = open_study(study_name, storage, seed=seed, pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0))
-        defaults = _DefaultsTrial(stacker.default_params())
-        stacker.suggest_params(defaults)
-        study.enqueue_trial(defaults.values, skip_if_exists=True)
+        # the defaults are a trial of every key (Optuna's skip_if_exists would also skip them for trials of other data)
+        if not any(t.params == defaults.values for t in study.get_trials(deepcopy=False) if t.user_attrs.get("inputs_key") == key):
+            study.enqueue_trial(defaults.values, user_attrs={"inputs_key": key})
         remaining = None if deadline is None else max(1.0, deadline - time.monotonic())
-        ran = run_trials(study, objective, trials=trials, timeout=remaining, progress=progress, desc=f"tune {name}", inputs_key=inputs_key)
-        candidates = [t for t in completed_trials(study, inputs_key) if len(t.user_attrs.get("fold_losses", [])) == inputs.n_folds]
+        ran = run_trials(study, objective, trials=trials, timeout=remaining, progress=progress, desc=f"tune {name}", inputs_key=key,
+                         stop=out_of_time)
+        candidates = [t for t in completed_trials(study, key) if len(t.user_attrs.get("fold_losses", [])) == len(inner)]
         if not candidates:
             raise StackkitError(f"study '{study_name}': no trial of stacker '{name}' completed; see the errors above or rerun with more --trials")
         best = min(candidates, key=lambda t: t.value)
-        if best_here and best_here["number"] == best.number:
-            result = best_here["result"]
+        params = dict(best.user_attrs["params"])
+        full_caches: dict = {}  # per fold, all other folds' rows: shared by the refit and the defaults' outer fit
+        result = fit_stacker(name, params, inputs, seed=seed, progress=progress, caches=full_caches)
+        rows = inputs.folds == outer
+        labels = list(LABELS)
+        honest = weighted_log_loss(inputs.train.Y[rows], result.oof[labels].to_numpy()[rows])
+        if _same_params(params, default_params):
+            defaults_outer = honest
         else:
-            result = fit_stacker(name, dict(best.user_attrs["params"]), inputs, seed=seed, progress=progress)
-        selected_score = result.score
-        honest, fold_trials = _honest_oof(name, inputs, candidates, kept_oof, fold_sizes, seed)
-        result.oof = result.oof.copy()
-        result.oof[list(LABELS)] = honest
-        result.score = weighted_log_loss(inputs.train.Y, honest)
-        result.tuning = {"selected_trial": int(best.number), "selected_score": selected_score.as_dict(), "honest_score": result.score.as_dict(),
-                         "fold_trials": fold_trials, "oof": "per fold k: the OOF of the trial best on the other folds (honest)"}
-        info = StudyInfo(study_name, len(study.get_trials(deepcopy=False)), ran, float(best.value), best.number,
-                         study_history(study, inputs_key))
-    return TunedStacker(result, selected_score, fold_trials, info)
+            plain = fit_stacker(name, default_params, inputs, seed=seed, progress=False, folds=[outer], caches=full_caches, predict_test=False)
+            defaults_outer = weighted_log_loss(inputs.train.Y[rows], plain.oof[labels].to_numpy()[rows])
+        selected = Score(float(best.user_attrs["score"]["overall"]), dict(best.user_attrs["score"]["per_label"]))
+        states = [t.state for t in study.get_trials(deepcopy=False) if t.user_attrs.get("inputs_key") == key]
+        info = StudyInfo(study_name, len(study.get_trials(deepcopy=False)), ran, float(best.value), best.number, study_history(study, key))
+    result.tuning = {
+        "outer_fold": outer,
+        "inner_folds": inner,
+        "honest": honest.as_dict(),
+        "defaults_outer": defaults_outer.as_dict(),
+        "selected": selected.as_dict(),
+        "selected_trial": int(best.number),
+        "selected_is_defaults": _same_params(params, default_params),
+        "trials": {"run_now": ran, "complete": states.count(optuna.trial.TrialState.COMPLETE),
+                   "pruned": states.count(optuna.trial.TrialState.PRUNED), "inputs_key": key},
+        "method": TUNING_METHOD,
+    }
+    return TunedStacker(result, outer, honest, defaults_outer, selected, info)
 
 
-def _honest_oof(name, inputs, candidates, kept_oof: dict, fold_sizes, seed: int) -> tuple[np.ndarray, list[int]]:
-    """(n, 6) OOF whose fold k comes from the trial best on the other folds, and those trials' numbers.
-
-    A chosen trial that ran in another process or an earlier call is refitted on that fold only.
-    """
-    from stackkit.stack.crossfit import fit_stacker
-
-    chosen = honest_fold_choice(np.array([t.user_attrs["fold_losses"] for t in candidates]), fold_sizes)
-    honest = np.empty((len(inputs.train), len(LABELS)), dtype=np.float32)
-    for k, position in enumerate(chosen):
-        trial = candidates[int(position)]
-        rows = inputs.folds == k
-        if trial.number in kept_oof:  # ran in this call: every fold's OOF is in memory
-            honest[rows] = kept_oof[trial.number][rows]
-        else:
-            refit = fit_stacker(name, dict(trial.user_attrs["params"]), inputs, seed=seed, progress=False, folds=[k], predict_test=False)
-            honest[rows] = refit.oof[list(LABELS)].to_numpy(dtype=np.float32)[rows]
-    return honest, [int(candidates[int(p)].number) for p in chosen]
+def _same_params(a: dict, b: dict) -> bool:
+    """Equal once both are JSON-normalized (how trial parameters are stored)."""
+    return json.dumps(a, sort_keys=True, default=_json_scalar) == json.dumps(b, sort_keys=True, default=_json_scalar)
 
 
 def _json_scalar(value):

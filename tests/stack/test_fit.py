@@ -103,10 +103,18 @@ def test_fit_tune_records_studies_and_a_rerun_continues_them(wd):
     weights = np.array([[record["weights"][l][s["name"]] for l in LABELS] for s in record["sources"]])
     assert np.allclose(weights.sum(axis=0), 1.0) and (weights >= 0).all()
     assert _images_in_report(wd) >= 5  # + one optimization history per study
-    # the tuned stacker reports its honest OOF (what the file holds) beside the selected trial's own score
+    # the tuned stacker's files are one recipe; its honest score is their loss on the outer fold (seed 0 % 4 folds)
     tuned = record["sources"][0]
     assert np.isclose(tuned["oof_score"]["overall"], _oof_scores(wd, record)[0])
-    assert np.isclose(tuned["tuning"]["honest"]["overall"], tuned["oof_score"]["overall"]) and len(tuned["tuning"]["fold_trials"]) == 4
+    tuning = tuned["tuning"]
+    assert tuning["outer_fold"] == 0 and tuning["inner_folds"] == [1, 2, 3]
+    _, labels, folds = load_core(wd)
+    outer = folds.loc[folds["fold"] == 0, "image_id"]
+    oof = pd.read_parquet(wd.root / tuned["oof"]).set_index("image_id").reindex(outer)[list(LABELS)].to_numpy()
+    y = labels.set_index("image_id").reindex(outer)[list(LABELS)].to_numpy()
+    assert np.isclose(tuning["honest"]["overall"], weighted_log_loss(y, oof).overall)
+    assert {"defaults_outer", "selected", "selected_trial", "trials"} <= set(tuning) and tuning["trials"]["run_now"] == 2
+    assert read_json(wd.stack_dir(FAST) / "meta.json")["tuning"]["honest"] == tuning["honest"]
     assert scores["cv"]["overall"] <= min(_oof_scores(wd, record)) + 1e-12
     assert any("Optuna" in c["name"] for c in record["choice"]["candidates"])
 
@@ -125,7 +133,7 @@ def test_changed_labels_start_a_fresh_tuning_history(wd):
     study = summary["studies"][FAST]
     assert study["trials_total"] == 4 and study["best_trial"] >= 2  # the best is one of this run's trials
     record = read_json(wd.blend)
-    assert set(record["sources"][0]["tuning"]["fold_trials"]) <= {2, 3}
+    assert record["sources"][0]["tuning"]["selected_trial"] in {2, 3}
 
 
 def _other_folds_hash(wd):

@@ -1,16 +1,22 @@
-"""Tuning a stacker (stackkit.stack.tune): honest OOF by per-fold selection, pruning, the time budget, dataset reuse."""
+"""Tuning a stacker (stackkit.stack.tune): an outer fold the study never sees, one refitted recipe, pruning, the budget, dataset reuse."""
 
 from __future__ import annotations
+
+import zlib
+from pathlib import Path
 
 import numpy as np
 import optuna
 import pytest
 
-from stackkit.contract import LABELS
+from stackkit.contract import LABEL_WEIGHTS, LABELS
+from stackkit.errors import StackkitError
 from stackkit.metric import weighted_log_loss
-from stackkit.stack.crossfit import fit_stacker, load_stack_inputs
+from stackkit.stack import crossfit
+from stackkit.stack.crossfit import early_stopping_split, fit_stacker, load_stack_inputs
+from stackkit.stack.stackers import STACKERS, Stacker
 from stackkit.stack.storage import make_storage
-from stackkit.stack.tune import honest_fold_choice, tune_stacker
+from stackkit.stack.tune import outer_fold_of, tune_stacker
 from stackkit.testing.stack import FAST_PARAMS, write_stack_workdir
 
 LGBM_FAST = {k: v for k, v in FAST_PARAMS["lgbm"].items() if k != "num_boost_round"} | {"num_boost_round": 60}
@@ -26,65 +32,202 @@ def inputs(tune_workdir):
     return load_stack_inputs(tune_workdir)
 
 
-def test_honest_choice_removes_the_selection_bias_of_many_equal_trials():
-    """30 trials of equal true loss 0.2 with fold noise: the best trial's own score is biased low, the honest one is not."""
-    rng = np.random.default_rng(0)
-    sizes = np.full(5, 100.0)
-    selected, honest = [], []
-    for _ in range(300):
-        losses = 0.2 + rng.normal(0, 0.01, size=(30, 5))
-        selected.append((losses @ sizes).min() / sizes.sum())
-        chosen = honest_fold_choice(losses, sizes)
-        honest.append(losses[chosen, np.arange(5)].mean())
-    assert np.mean(selected) < 0.2 - 0.006  # the minimum of 30 noisy means
-    assert abs(np.mean(honest) - 0.2) < 0.001
-
-
-def test_honest_choice_never_uses_a_folds_own_loss():
-    losses = np.array([[0.1, 0.5, 0.5], [0.4, 0.4, 0.4]])  # trial 0 wins overall by luck on fold 0
-    chosen = honest_fold_choice(losses, np.ones(3))
-    assert chosen.tolist() == [1, 0, 0]
-
-
-def _tune(inputs, tmp_path, **kwargs):
+def _tune(inputs, tmp_path, name="lgbm", **kwargs):
     storage = make_storage(str(tmp_path / "journal.log"), None)
-    args = dict(storage=storage, study_name="t", trials=6, timeout=None, seed=0, inputs_key="k", overrides=LGBM_FAST, progress=False)
-    return tune_stacker("lgbm", inputs, **{**args, **kwargs}), storage
+    args = dict(storage=storage, study_name="t", trials=6, timeout=None, seed=0, inputs_key="k",
+                overrides=LGBM_FAST if name == "lgbm" else {}, progress=False)
+    return tune_stacker(name, inputs, **{**args, **kwargs}), storage
 
 
-def test_tuned_oof_is_assembled_from_per_fold_choices(inputs, tmp_path):
-    tuned, storage = _tune(inputs, tmp_path)
-    study = optuna.load_study(study_name="t", storage=storage)
-    done = {t.number: t for t in study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE}
+def _trials(storage, name="t"):
+    return optuna.load_study(study_name=name, storage=storage).get_trials()
+
+
+# --- a case whose selection bias is known -----------------------------------------------------------
+
+
+def _row_noise(noise_seed: int, image_ids) -> np.ndarray:
+    """(n, 6) standard normal values, a fixed function of (noise_seed, image id, label): splitmix64 + the normal quantile."""
+    from scipy.special import ndtri
+
+    ids = np.array([zlib.crc32(str(i).encode()) for i in image_ids], dtype=np.uint64)
+    x = (ids[:, None] * np.uint64(8) + np.arange(len(LABELS), dtype=np.uint64)[None, :]) ^ (np.uint64(noise_seed) << np.uint64(35))
+    z = x + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return ndtri(((z >> np.uint64(11)).astype(np.float64) + 0.5) / 2.0**53)
+
+
+class NoiseStacker(Stacker):
+    """Predicts its training rows' label rates, shifted per row by ``sigma`` x noise drawn from ``noise_seed``.
+
+    The features are ignored and every ``noise_seed`` is as good as any other: all trials have
+    the same expected loss, and they differ only by noise that the labels of the rows they are
+    scored on may happen to favour.
+    """
+
+    name = "noise"
+    per_label = False
+
+    def default_params(self) -> dict:
+        return {"noise_seed": 0, "sigma": 0.7}
+
+    def suggest_params(self, trial) -> dict:
+        return {**self.default_params(), "noise_seed": trial.suggest_int("noise_seed", 0, 2**20)}
+
+    def _fit(self, train, valid, X_train, Y_train, X_valid, Y_valid, params, seed):
+        self.prior = np.clip(Y_train.mean(axis=0), 0.01, 0.99)
+
+    def _predict(self, data, X):
+        logits = np.log(self.prior / (1 - self.prior)) + self.params["sigma"] * _row_noise(self.params["noise_seed"], data.image_ids)
+        return 1.0 / (1.0 + np.exp(-logits))
+
+    def _state(self) -> dict:
+        return {"prior": self.prior.tolist()}
+
+    def _save_models(self, directory: Path) -> list[Path]:
+        return []
+
+    def _load_models(self, directory: Path, state: dict) -> None:
+        self.prior = np.array(state["prior"])
+
+
+def _expected_loss(Y: np.ndarray, prior: np.ndarray, sigma: float) -> tuple[float, float]:
+    """Mean and standard deviation over the noise of NoiseStacker's weighted log loss on labels ``Y`` (Gauss-Hermite)."""
+    nodes, weights = np.polynomial.hermite_e.hermegauss(80)
+    weights = weights / weights.sum()
+    logits = np.log(prior / (1 - prior))[:, None] + sigma * nodes[None, :]  # (6, nodes)
+    p = 1.0 / (1.0 + np.exp(-logits))
+    loss = {1: -np.log(p), 0: -np.log1p(-p)}  # per label and node, for a positive or a negative row
+    mean = {y: (loss[y] * weights).sum(axis=1) for y in (0, 1)}
+    var = {y: ((loss[y] - mean[y][:, None]) ** 2 * weights).sum(axis=1) for y in (0, 1)}
+    positives, n = Y.sum(axis=0), len(Y)
+    w = LABEL_WEIGHTS / LABEL_WEIGHTS.sum()
+    expected = float((w * (positives * mean[1] + (n - positives) * mean[0]) / n).sum())
+    spread = float(np.sqrt((w**2 * (positives * var[1] + (n - positives) * var[0]) / n**2).sum()))
+    return expected, spread
+
+
+def _expected_inner_cv(inputs, outer: int, seed: int, sigma: float) -> tuple[float, float]:
+    """The same for the pooled inner CV: each inner fold predicted from the rates of its fit rows (fold ``outer`` excluded)."""
+    parts = []
+    for k in (k for k in range(inputs.n_folds) if k != outer):
+        fit_rows, _ = early_stopping_split(inputs.folds, inputs.groups, k, seed, exclude_fold=outer)
+        held = inputs.folds == k
+        parts.append((held.sum(), *_expected_loss(inputs.train.Y[held], np.clip(inputs.train.Y[fit_rows].mean(axis=0), 0.01, 0.99), sigma)))
+    n = sum(p[0] for p in parts)
+    return sum(p[0] * p[1] for p in parts) / n, float(np.sqrt(sum((p[0] * p[2]) ** 2 for p in parts))) / n
+
+
+def test_the_outer_fold_removes_the_selection_bias_of_many_equal_trials(inputs, monkeypatch):
+    """40 trials that differ only by noise: the selected trial's inner CV is biased low, the outer fold's score is not.
+
+    One run per outer fold (seeds 0..3 -> folds 0..3); scores are compared with their exact
+    expectation over the noise (and its spread), computed from the labels.
+    """
+    monkeypatch.setitem(STACKERS, "noise", NoiseStacker)
+    sigma = NoiseStacker().default_params()["sigma"]
+    selected_z, honest_z = [], []
+    for seed in range(inputs.n_folds):
+        tuned = tune_stacker("noise", inputs, storage=None, study_name=f"bias-{seed}", trials=40, timeout=None, seed=seed,
+                             inputs_key="k", progress=False)
+        outer = tuned.outer_fold
+        assert outer == seed == tuned.result.tuning["outer_fold"]
+        rows = inputs.folds == outer
+        true_outer, spread_outer = _expected_loss(inputs.train.Y[rows], tuned.result.models[outer].prior, sigma)
+        true_inner, spread_inner = _expected_inner_cv(inputs, outer, seed, sigma)
+        selected_z.append((tuned.selected_score.overall - true_inner) / spread_inner)
+        honest_z.append((tuned.honest.overall - true_outer) / spread_outer)
+        assert tuned.selected_score.overall < true_inner - spread_inner  # the best of many noisy trials: optimistic
+        assert abs(tuned.honest.overall - true_outer) < 3.5 * spread_outer  # an ordinary draw around the true loss
+        assert selected_z[-1] < honest_z[-1]
+    assert np.mean(selected_z) < -1.5  # the expected minimum of ~40 standard normals is about -2.2
+    assert abs(np.mean(honest_z)) < 1.5  # not systematically below: the mean of 4 draws has spread 0.5
+
+
+# --- one recipe, the outer fold out of the study --------------------------------------------------------
+
+
+def test_saved_predictions_are_one_recipe_refitted_over_all_folds(inputs, tmp_path):
+    tuned, storage = _tune(inputs, tmp_path, trials=8)
+    done = {t.number: t for t in _trials(storage) if t.state == optuna.trial.TrialState.COMPLETE}
     assert 0 in done and done[0].params["num_leaves"] == 15  # trial 0 is the defaults
-    # each fold's rows hold the chosen trial's refitted predictions for that fold
-    for k, number in enumerate(tuned.fold_trials):
-        refit = fit_stacker("lgbm", done[number].user_attrs["params"], inputs, folds=[k], progress=False, predict_test=False)
-        rows = inputs.folds == k
-        assert np.allclose(tuned.result.oof[list(LABELS)].to_numpy()[rows], refit.oof[list(LABELS)].to_numpy()[rows], atol=1e-6)
-    assert np.isclose(tuned.result.score.overall, weighted_log_loss(inputs.train.Y, tuned.result.oof[list(LABELS)].to_numpy()).overall)
-    assert tuned.selected_score.overall == pytest.approx(min(t.value for t in done.values()))
-    assert tuned.result.tuning["fold_trials"] == tuned.fold_trials
+    best = min(done.values(), key=lambda t: t.value)
+    tuning = tuned.result.tuning
+    assert tuning["selected_trial"] == best.number and tuning["selected"]["overall"] == pytest.approx(best.value)
+    plain = fit_stacker("lgbm", best.user_attrs["params"], inputs, seed=0, progress=False)
+    assert np.array_equal(tuned.result.oof[list(LABELS)].to_numpy(), plain.oof[list(LABELS)].to_numpy())
+    assert np.array_equal(tuned.result.test[list(LABELS)].to_numpy(), plain.test[list(LABELS)].to_numpy())
+    assert len(tuned.result.models) == inputs.n_folds and tuned.result.params == plain.params
+    rows = inputs.folds == tuning["outer_fold"]
+    assert tuning["honest"]["overall"] == pytest.approx(weighted_log_loss(inputs.train.Y[rows], plain.oof[list(LABELS)].to_numpy()[rows]).overall)
+    defaults = fit_stacker("lgbm", done[0].user_attrs["params"], inputs, seed=0, progress=False, folds=[tuning["outer_fold"]], predict_test=False)
+    defaults_loss = weighted_log_loss(inputs.train.Y[rows], defaults.oof[list(LABELS)].to_numpy()[rows]).overall
+    assert tuning["defaults_outer"]["overall"] == pytest.approx(defaults_loss)
+    assert tuning["trials"]["run_now"] == 8 and tuning["trials"]["complete"] + tuning["trials"]["pruned"] == 8
+    assert tuned.as_dict()["study"]["best_trial"] == best.number
 
 
-def test_a_rerun_stays_honest_and_refits_chosen_trials_of_earlier_runs(inputs, tmp_path):
-    first, _ = _tune(inputs, tmp_path, trials=3)
-    second, _ = _tune(inputs, tmp_path, trials=2)  # trials of the first run are no longer in memory
-    assert second.info.trials_total == 5
-    assert np.isfinite(second.result.oof[list(LABELS)].to_numpy()).all()
+def test_the_outer_fold_is_never_fitted_during_the_study(inputs, tmp_path, monkeypatch):
+    """Every fit of every trial holds out an inner fold and trains without the outer fold's rows; only the final fits touch it."""
+    fits = []
+    original = crossfit.early_stopping_split
+
+    def recording(folds, groups, held_out_fold, seed=0, **kwargs):
+        fit_rows, valid_rows = original(folds, groups, held_out_fold, seed, **kwargs)
+        fits.append((int(held_out_fold), set(np.unique(np.asarray(folds)[np.concatenate([fit_rows, valid_rows])]).tolist())))
+        return fit_rows, valid_rows
+
+    monkeypatch.setattr(crossfit, "early_stopping_split", recording)
+    tuned, storage = _tune(inputs, tmp_path, trials=8, seed=6)
+    outer = tuned.outer_fold
+    assert outer == outer_fold_of(6, inputs.n_folds) == 2
+    trials = _trials(storage)
+    in_study = sum(len(t.intermediate_values) for t in trials)  # one report per fold fitted, pruned trials included
+    assert in_study >= 8 and all(outer not in t.intermediate_values for t in trials)
+    for held_out, trained_on in fits[:in_study]:
+        assert held_out != outer and outer not in trained_on and held_out not in trained_on
+    final = fits[in_study:]
+    refit = [(k, set(range(inputs.n_folds)) - {k}) for k in range(inputs.n_folds)]
+    assert final == refit + ([] if tuned.result.tuning["selected_is_defaults"] else [refit[outer]])
+
+
+def test_a_continued_study_never_mixes_trials_of_another_outer_fold(inputs, tmp_path):
+    first, storage = _tune(inputs, tmp_path, trials=3, outer_fold=0)
+    again, _ = _tune(inputs, tmp_path, trials=2, outer_fold=0)  # the same outer fold: the study continues
+    assert again.info.trials_total == 5 and again.result.tuning["trials"]["complete"] + again.result.tuning["trials"]["pruned"] == 5
+    other, _ = _tune(inputs, tmp_path, trials=3, outer_fold=1)
+    trials = _trials(storage)
+    assert other.info.trials_total == 8 and other.info.best_trial >= 5 and len(other.info.history) == 3
+    assert trials[5].params["num_leaves"] == 15 and trials[5].user_attrs["outer_fold"] == 1  # the defaults again, for the new key
+    keys = {t.user_attrs["outer_fold"]: t.user_attrs["inputs_key"] for t in trials}
+    assert keys[0] != keys[1] and other.result.tuning["trials"]["inputs_key"] == keys[1]
+
+
+def test_tuning_needs_three_folds(tmp_path):
+    two = load_stack_inputs(write_stack_workdir(tmp_path / "two", n_patients=12, n_folds=2))
+    with pytest.raises(StackkitError, match="--tune needs at least 3 folds"):
+        tune_stacker("lgbm", two, storage=None, study_name="x", trials=1, timeout=None, seed=0, inputs_key="k", progress=False)
+
+
+# --- pruning, the budget, reuse --------------------------------------------------------------------------
 
 
 def test_pruning_stops_bad_trials_after_a_fold(inputs, tmp_path):
     tuned, storage = _tune(inputs, tmp_path, trials=12)
-    states = [t.state for t in optuna.load_study(study_name="t", storage=storage).get_trials()]
-    assert optuna.trial.TrialState.PRUNED in states
-    pruned = [t for t in optuna.load_study(study_name="t", storage=storage).get_trials() if t.state == optuna.trial.TrialState.PRUNED]
-    assert all(len(t.intermediate_values) < inputs.n_folds for t in pruned)
+    pruned = [t for t in _trials(storage) if t.state == optuna.trial.TrialState.PRUNED]
+    assert pruned and all(len(t.intermediate_values) < inputs.n_folds - 1 for t in pruned)
+    assert tuned.result.tuning["trials"]["pruned"] == len(pruned)
 
 
 def test_time_budget_stops_the_study(inputs, tmp_path):
+    import time
+
+    started = time.monotonic()
     tuned, _ = _tune(inputs, tmp_path, trials=500, timeout=2.0)
     assert 1 <= tuned.info.trials_run < 500
+    assert time.monotonic() - started < 30  # the refit's expected time is kept out of the study's share
 
 
 def test_binned_datasets_are_reused_across_trials(inputs):
@@ -101,7 +244,8 @@ def test_binned_datasets_are_reused_across_trials(inputs):
     lgb.Dataset.__init__ = counting
     try:
         for leaves in (7, 15):
-            fit_stacker("lgbm", {**LGBM_FAST, "num_leaves": leaves}, inputs, progress=False, caches=caches, predict_test=False)
+            fit_stacker("lgbm", {**LGBM_FAST, "num_leaves": leaves}, inputs, progress=False, caches=caches, predict_test=False,
+                        folds=[1, 2, 3], exclude_fold=0)
             if leaves == 7:
                 first = len(made)
     finally:
@@ -109,15 +253,9 @@ def test_binned_datasets_are_reused_across_trials(inputs):
     assert first > 0 and len(made) == first  # the second fit built no dataset
 
 
-def test_honest_oof_of_trials_run_elsewhere_is_refitted_fold_by_fold(inputs, tmp_path):
-    """Another worker's (or an earlier call's) trials are not in memory: each chosen fold is refitted, none left empty."""
-    from stackkit.stack.tune import _honest_oof
-
-    tuned, storage = _tune(inputs, tmp_path, trials=3)
-    study = optuna.load_study(study_name="t", storage=storage)
-    candidates = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
-    sizes = np.bincount(inputs.folds).astype(float)
-    honest, fold_trials = _honest_oof("lgbm", inputs, candidates, {}, sizes, 0)
-    assert fold_trials == tuned.fold_trials
-    assert np.isfinite(honest).all()
-    assert np.allclose(honest, tuned.result.oof[list(LABELS)].to_numpy(), atol=1e-6)
+def test_an_excluded_fold_is_neither_trained_nor_predicted(inputs):
+    result = fit_stacker("lgbm", LGBM_FAST, inputs, progress=False, folds=[1, 2, 3], exclude_fold=0, predict_test=False)
+    oof = result.oof[list(LABELS)].to_numpy()
+    assert np.isnan(oof[inputs.folds == 0]).all() and np.isfinite(oof[inputs.folds != 0]).all()
+    with pytest.raises(StackkitError, match="excluded from training"):
+        fit_stacker("lgbm", LGBM_FAST, inputs, progress=False, exclude_fold=0)
