@@ -324,6 +324,9 @@ def _summary(wd, record, table, sources: Sources, choice, fitted, studies, secon
                          f"(optimistic); {tuned.info.trials_run} trials now, {tuned.info.trials_total} in study")
     if record["optuna"]:
         lines.append(f"optuna storage: {record['optuna']['storage']}; time budget {record['optuna']['budget_s']:.0f} s (--timeout)")
+    from stackkit.stack.report import test_sets_note
+
+    lines.append(test_sets_note(record))
     lines.append(f"wrote {wd.blend} and {wd.report_html} in {seconds:.1f} s")
     return {
         "table": table,

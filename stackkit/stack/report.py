@@ -236,6 +236,7 @@ def stack_fit_report(workdir: Workdir, record: dict, sources, choice, fitted: di
         f"<p>Kept for submission: <b>{html.escape(chosen.name)}</b>: {html.escape(choice.reason)}. "
         f"Cross-validated {choice.cv.overall:.5f}, in-sample {choice.in_sample.overall:.5f} (in-sample flatters a fitted blend). "
         f"Clip {record['clip']:.3g}; any &ge; max(subtypes): {record['any_consistency']}.</p>",
+        f"<p>{html.escape(test_sets_note(record))}</p>",
         "<h2>Scores (weighted log loss, lower is better)</h2>",
         html_table(_score_frame(rows)),
         "<p>base and stacker rows are out-of-fold; a tuned stacker's row is the OOF of its one refitted recipe (all folds but the outer "
@@ -261,6 +262,18 @@ def stack_fit_report(workdir: Workdir, record: dict, sources, choice, fitted: di
             sections += [f"<h2>Optuna: {html.escape(info.name)} (trials of the current inputs)</h2>", _img(plot_history(info.name, info.history), info.name)]
     _write_page(workdir, sections)
     return render_table(rows)
+
+
+def test_sets_note(record: dict) -> str:
+    """How submit meets the test set (contract v3), and which base models had no per-fold test files."""
+    without = record.get("models_without_test_folds", [])
+    if record.get("test_sets", 1) > 1:
+        note = (f"Test set: the blend is applied to each of the {record['test_sets']} base fold models' test sets, then averaged, "
+                "so it meets single-model predictions as in its out-of-fold fit.")
+        return note + (f" Without per-fold test files (their averaged test.parquet enters every set): {', '.join(without)}." if without else "")
+    return ("Test set: no base model has per-fold test files (preds/<model>/test_fold<k>.parquet), so the test features and the blend "
+            "use the fold-averaged test predictions, smoother than the single fold models' OOF rows the stackers and the blend were fitted on"
+            + (f" ({', '.join(without)})." if without else "."))
 
 
 def _tuning_section(record: dict) -> list[str]:
