@@ -16,7 +16,7 @@ from stackkit.contract import CONTRACT_VERSION, Workdir, file_sha256, folds_hash
 from stackkit.errors import ContractError, StackkitError
 from stackkit.contract.io import atomic_path, replace_dir, write_set_record
 
-from features.build import DICOM_META_COLUMNS, TEST_KEY_COLUMNS, TRAIN_KEY_COLUMNS, build_features, build_test_features
+from features.build import DICOM_META_COLUMNS, TEST_KEY_COLUMNS, TRAIN_KEY_COLUMNS, build_features, build_test_features, check_feature_set
 
 MANIFEST = "manifest.json"
 
@@ -59,7 +59,7 @@ def test_fold_sets(test_by_model: dict, test_folds_by_model: dict) -> list[dict]
 
 
 def _features_manifest(wd: Workdir, folds: pd.DataFrame, models: list, lags, dicom_meta: bool, definitions, train, test,
-                       test_folds_by_model: dict) -> dict:
+                       test_folds_by_model: dict, feature_set: str = "basic") -> dict:
     """features/manifest.json's contents, without the tables' sha256 (write_set_record adds them)."""
     inputs = [wd.metadata, wd.folds] + [p for m in models for p in (wd.oof(m), wd.test(m), *wd.test_fold_files(m))]
     n_sets = max((len(frames) for frames in test_folds_by_model.values() if frames), default=0)
@@ -67,6 +67,7 @@ def _features_manifest(wd: Workdir, folds: pd.DataFrame, models: list, lags, dic
         "contract_version": CONTRACT_VERSION,
         "folds_hash": folds_hash(folds["image_id"].to_numpy(dtype=object), folds["fold"].to_numpy()),
         "lags": int(lags),
+        "feature_set": feature_set,
         "dicom_meta": bool(dicom_meta),
         "models": models,
         "key_columns": {"train": list(TRAIN_KEY_COLUMNS), "test": list(TEST_KEY_COLUMNS)},
@@ -81,7 +82,8 @@ def _features_manifest(wd: Workdir, folds: pd.DataFrame, models: list, lags, dic
     }
 
 
-def _features_summary(wd: Workdir, models: list, lags, definitions, train, test, wall: tuple, cpu_times: tuple) -> dict:
+def _features_summary(wd: Workdir, models: list, lags, definitions, train, test, wall: tuple, cpu_times: tuple,
+                      feature_set: str = "basic") -> dict:
     """The run's summary; ``wall`` and ``cpu_times`` are (read, build, total) seconds."""
     read_seconds, build_seconds, seconds = wall
     read_cpu, build_cpu, cpu = cpu_times
@@ -91,6 +93,7 @@ def _features_summary(wd: Workdir, models: list, lags, definitions, train, test,
         "columns": len(definitions),
         "models": ", ".join(models),
         "lags": int(lags),
+        "feature_set": feature_set,
         "seconds": round(seconds, 2),
         "timing": {
             "read_seconds": read_seconds, "build_seconds": build_seconds, "write_seconds": seconds - read_seconds - build_seconds,
@@ -100,7 +103,7 @@ def _features_summary(wd: Workdir, models: list, lags, definitions, train, test,
         "test": str(wd.features_test),
         "manifest": str(wd.features_manifest),
         "lines": [
-            f"stack features: {len(definitions)} feature columns from {len(models)} model(s) ({', '.join(models)}), lags={lags}",
+            f"stack features: {len(definitions)} feature columns from {len(models)} model(s) ({', '.join(models)}), lags={lags}, feature set {feature_set}",
             f"  train {len(train):,} rows -> {wd.features_train}",
             f"  test  {len(test):,} rows -> {wd.features_test}",
             f"  manifest -> {wd.features_manifest}",
@@ -110,32 +113,35 @@ def _features_summary(wd: Workdir, models: list, lags, definitions, train, test,
     }
 
 
-def run_stack_features(workdir: Workdir, *, lags: int = 2, dicom_meta: bool = False, progress: bool = True) -> dict:
+def run_stack_features(workdir: Workdir, *, lags: int = 2, dicom_meta: bool = False, progress: bool = True,
+                       feature_set: str = "basic") -> dict:
     """Build study-aware features from every model under preds/ and write features/.
 
     Writes features/train.parquet, features/test.parquet and features/manifest.json as one set:
     written into a sibling folder (the manifest last, with the tables' sha256) that replaces
     features/ in one switch, so readers never see tables and a manifest of two runs.
+    ``feature_set``: ``"basic"`` or ``"wide"`` (features.build's module docstring), recorded in the manifest.
     Returns a summary: rows, columns, models, seconds and output paths.
     """
     started, cpu_started = time.perf_counter(), time.process_time()
     wd = Workdir.of(workdir)
     if isinstance(lags, bool) or not isinstance(lags, (int, np.integer)) or lags < 0:
         raise StackkitError(f"--lags: expected a non-negative integer, got {lags!r}")
+    check_feature_set(feature_set)
     models = wd.model_names()
     metadata, folds, oof_by_model, test_by_model, test_folds_by_model = _read_inputs(wd, models, dicom_meta, progress)
     read_seconds, read_cpu = time.perf_counter() - started, time.process_time() - cpu_started
     log.info("read %d models in %.1fs", len(models), read_seconds)
 
     train, test, definitions = build_features(
-        metadata, oof_by_model, test_by_model, folds, lags=lags, dicom_meta=dicom_meta, progress=progress
+        metadata, oof_by_model, test_by_model, folds, lags=lags, dicom_meta=dicom_meta, progress=progress, feature_set=feature_set
     )
     del oof_by_model
     fold_sets = test_fold_sets(test_by_model, test_folds_by_model)
     build_seconds = time.perf_counter() - started - read_seconds
     build_cpu = time.process_time() - cpu_started - read_cpu
 
-    manifest = _features_manifest(wd, folds, models, lags, dicom_meta, definitions, train, test, test_folds_by_model)
+    manifest = _features_manifest(wd, folds, models, lags, dicom_meta, definitions, train, test, test_folds_by_model, feature_set)
     # features/ is replaced as a set: both tables and the manifest (last, with their sha256) are
     # written into a sibling folder that is switched in at once; any failure keeps the old set.
     with replace_dir(wd.features_dir) as folder:
@@ -145,13 +151,14 @@ def run_stack_features(workdir: Workdir, *, lags: int = 2, dicom_meta: bool = Fa
             write_feature_table(test, test_tmp)
         # one set at a time: at RSNA size each is ~0.7 GB in memory
         for k, predictions in enumerate(fold_sets):
-            fold_test = build_test_features(metadata, predictions, lags=lags, dicom_meta=dicom_meta)
+            fold_test = build_test_features(metadata, predictions, lags=lags, dicom_meta=dicom_meta, feature_set=feature_set)
             with atomic_path(folder / wd.features_test_fold(k).name) as fold_tmp:
                 write_feature_table(fold_test, fold_tmp)
             del fold_test
         write_set_record(folder, MANIFEST, manifest)
     seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-    summary = _features_summary(wd, models, lags, definitions, train, test, (read_seconds, build_seconds, seconds), (read_cpu, build_cpu, cpu))
+    summary = _features_summary(wd, models, lags, definitions, train, test, (read_seconds, build_seconds, seconds), (read_cpu, build_cpu, cpu),
+                               feature_set)
     if fold_sets:
         without = manifest["models_without_test_folds"]
         summary["lines"].insert(3, f"  test_fold0..{len(fold_sets) - 1}: the test features once per base fold model"

@@ -18,6 +18,11 @@ Definitions (also written, per column, into features/manifest.json):
 * ``study_top3_mean``: mean of the min(3, n) largest predictions of the study.
 * ``roll<w>_mean``: centered mean over w slices, truncated at study edges (mean of the
   slices available inside the study).
+
+Feature sets (``--feature-set``): ``basic`` (the default) and ``wide``, which adds what RSNA
+2019's top second stages also used, per model and label ``study_min``, ``minus_study_mean``
+(pred - study mean), ``minus_study_max`` (pred - study max), ``roll7_mean`` and ``roll9_mean``,
+and per label across models ``max`` and ``min``. None of them depends on the direction along z.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from stackkit.errors import ContractError, LeakageError, StackkitError
 
 TOP_K = 3
 ROLL_WINDOWS = (3, 5)
+FEATURE_SETS = ("basic", "wide")
+WIDE_ROLL_WINDOWS = (7, 9)  # besides ROLL_WINDOWS, in the wide set
 DICOM_META_COLUMNS = ("slice_thickness", "pixel_spacing", "window_center", "window_width")
 TRAIN_KEY_COLUMNS = ("image_id", "study_id", "fold", "slice_index")
 TEST_KEY_COLUMNS = ("image_id", "study_id", "slice_index")
@@ -56,8 +63,21 @@ SLICE_FEATURES = {
 }
 
 
-def model_feature_names(lags: int) -> list[tuple[str, str]]:
-    """(feature, definition) pairs computed for every model and label, in column order."""
+def roll_windows(feature_set: str = "basic") -> tuple[int, ...]:
+    """The centered rolling-mean windows of a feature set."""
+    return ROLL_WINDOWS + (WIDE_ROLL_WINDOWS if feature_set == "wide" else ())
+
+
+def _roll_text(w: int) -> str:
+    return f"centered mean over {w} slices in z order, truncated at the study's edges (mean of the available slices)"
+
+
+def model_feature_names(lags: int, feature_set: str = "basic") -> list[tuple[str, str]]:
+    """(feature, definition) pairs computed for every model and label, in column order.
+
+    ``wide`` is ``basic`` followed by its own columns, so a basic column keeps its name and text.
+    """
+    check_feature_set(feature_set)
     out = [("pred", "the model's predicted probability")]
     out += [(f"lag{k}", f"prediction of the slice {k} below in z order (NaN past the study's first slice)") for k in range(1, lags + 1)]
     out += [(f"lead{k}", f"prediction of the slice {k} above in z order (NaN past the study's last slice)") for k in range(1, lags + 1)]
@@ -70,8 +90,21 @@ def model_feature_names(lags: int) -> list[tuple[str, str]]:
         (f"study_top{TOP_K}_mean", f"mean of the min({TOP_K}, n) largest predictions of the study"),
         ("study_rank", "average 1-based rank of the prediction among the study's slices (ties share the mean of their ranks) divided by n; the maximum gets 1.0"),
     ]
-    out += [(f"roll{w}_mean", f"centered mean over {w} slices in z order, truncated at the study's edges (mean of the available slices)") for w in ROLL_WINDOWS]
+    out += [(f"roll{w}_mean", _roll_text(w)) for w in ROLL_WINDOWS]
+    if feature_set == "wide":
+        out += [
+            ("study_min", "minimum prediction over the study's slices"),
+            ("minus_study_mean", "pred - study_mean: the prediction minus the mean prediction over the study's slices"),
+            ("minus_study_max", "pred - study_max: the prediction minus the maximum prediction over the study's slices (0 at the maximum)"),
+        ]
+        out += [(f"roll{w}_mean", _roll_text(w)) for w in WIDE_ROLL_WINDOWS]
     return out
+
+
+def check_feature_set(feature_set) -> None:
+    """A one-line error for a feature set that is not one of :data:`FEATURE_SETS`."""
+    if feature_set not in FEATURE_SETS:
+        raise StackkitError(f"--feature-set: expected one of {', '.join(FEATURE_SETS)}, got {feature_set!r}")
 
 
 # Features that depend on the direction of the study along z, and what reversing the study makes of them.
@@ -119,7 +152,7 @@ def reverse_features(X: np.ndarray, source: np.ndarray, complement: np.ndarray) 
     return out
 
 
-def feature_columns(models, lags: int, meta_columns=()) -> dict[str, str]:
+def feature_columns(models, lags: int, meta_columns=(), feature_set: str = "basic") -> dict[str, str]:
     """Ordered {column: definition} for the given models: slice, meta, across-model, per-model blocks.
 
     Adding or removing a model adds or removes only its own block; every other name keeps its
@@ -131,7 +164,10 @@ def feature_columns(models, lags: int, meta_columns=()) -> dict[str, str]:
     for label in LABELS:
         columns[f"{MODELS_PREFIX}__{label}__mean"] = f"mean of the '{label}' prediction across models"
         columns[f"{MODELS_PREFIX}__{label}__std"] = f"population standard deviation (ddof=0) of the '{label}' prediction across models; 0 with one model"
-    per_model = model_feature_names(lags)
+        if feature_set == "wide":
+            columns[f"{MODELS_PREFIX}__{label}__max"] = f"maximum of the '{label}' prediction across models"
+            columns[f"{MODELS_PREFIX}__{label}__min"] = f"minimum of the '{label}' prediction across models"
+    per_model = model_feature_names(lags, feature_set)
     for model in sorted(models):
         for label in LABELS:
             for feature, text in per_model:
@@ -204,6 +240,7 @@ class Plan:
         self.segment_key = layout.segment.astype(np.uint64) << np.uint64(32)
         self.base_rank = (layout.index + 1.0) / layout.counts[layout.segment]  # rank of untied values
         self.ends = layout.starts + layout.counts
+        self.windows = tuple(windows)
         self.edges = {}
         for w in windows:
             half = w // 2
@@ -246,10 +283,11 @@ def rolling_mean(cumulative: np.ndarray, plan: Plan, window: int, out: np.ndarra
 class SegmentStats:
     """Per-study reductions of one prediction column (arrays of one value per study) and its rank."""
 
-    def __init__(self, values: np.ndarray, plan: Plan):
+    def __init__(self, values: np.ndarray, plan: Plan, minimum: bool = False):
         layout = plan.layout
         starts, counts = layout.starts, layout.counts
         self.max = np.maximum.reduceat(values, starts)
+        self.min = np.minimum.reduceat(values, starts) if minimum else None
         self.mean = np.add.reduceat(values, starts, dtype=np.float64) / counts
         dev = values - np.repeat(self.mean, counts)
         np.multiply(dev, dev, out=dev)
@@ -393,6 +431,7 @@ def build_features(
     lags: int = 2,
     dicom_meta: bool = False,
     progress: bool = True,
+    feature_set: str = "basic",
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, str]]:
     """Train features, test features and {feature column: definition}.
 
@@ -401,16 +440,17 @@ def build_features(
     by stackkit.contract.validate); ``folds``: data/folds.parquet. Train rows are the metadata's
     ``split == 'train'`` images; OOF predictions fill train rows and test predictions fill test
     rows only. Frames are sorted by (study_id, slice_index); feature columns are float32.
+    ``feature_set``: ``"basic"`` or ``"wide"`` (see the module docstring).
     """
     from tqdm.auto import tqdm
 
-    models = _check_build_inputs(metadata, oof_by_model, test_by_model, lags)
+    models = _check_build_inputs(metadata, oof_by_model, test_by_model, lags, feature_set)
     lags = int(lags)
     steps = tqdm(total=len(models) + 2, desc="stack features", unit="step", disable=not progress, file=sys.stderr)
     rows = _row_order(metadata)
     fold_sorted = _sorted_folds(folds, rows)
     meta_columns = [c for c in DICOM_META_COLUMNS if c in metadata.columns] if dicom_meta else []
-    definitions = feature_columns(models, lags, meta_columns)
+    definitions = feature_columns(models, lags, meta_columns, feature_set)
     col = _FeatureMatrix(rows.n_rows, definitions)
     _slice_columns(col, rows)
     order = rows.layout.order
@@ -420,16 +460,17 @@ def build_features(
 
     # validation first, in model order: the first bad file is the one reported
     aligned = {m: _model_predictions(m, oof_by_model[m], test_by_model[m], rows, fold_sorted) for m in models}
-    plan = Plan(rows.layout, lags)
+    plan = Plan(rows.layout, lags, roll_windows(feature_set))
+    wide = feature_set == "wide"
     # numpy's kernels release the GIL: one thread per core overlaps models (about 1.7x on 2 cores)
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=_feature_threads(len(models))) as pool:
-        columns_of_model = functools.partial(_model_columns, col, plan=plan, lags=lags)
+        columns_of_model = functools.partial(_model_columns, col, plan=plan, lags=lags, wide=wide)
         for model in pool.map(columns_of_model, models, [aligned[m] for m in models]):
             steps.set_postfix_str(model)
             steps.update(1)
-    _cross_model_columns(col, [aligned[m] for m in models])
+    _cross_model_columns(col, [aligned[m] for m in models], wide=wide)
     del aligned
 
     n_train = rows.layout.n_train
@@ -456,6 +497,7 @@ def build_test_features(
     *,
     lags: int = 2,
     dicom_meta: bool = False,
+    feature_set: str = "basic",
 ) -> pd.DataFrame:
     """The test features of one set of test predictions (e.g. base fold model k's, contract v3).
 
@@ -467,14 +509,16 @@ def build_test_features(
     no_oof = {model: pd.DataFrame({"image_id": pd.Series([], dtype=object), **{label: pd.Series([], dtype=np.float32) for label in LABELS}})
               for model in test_by_model}
     no_folds = pd.DataFrame({"image_id": pd.Series([], dtype=object), "fold": pd.Series([], dtype=np.int8)})
-    _train, test, _definitions = build_features(test_meta, no_oof, test_by_model, no_folds, lags=lags, dicom_meta=dicom_meta, progress=False)
+    _train, test, _definitions = build_features(test_meta, no_oof, test_by_model, no_folds, lags=lags, dicom_meta=dicom_meta, progress=False,
+                                            feature_set=feature_set)
     return test
 
 
-def _check_build_inputs(metadata, oof_by_model, test_by_model, lags) -> list[str]:
+def _check_build_inputs(metadata, oof_by_model, test_by_model, lags, feature_set="basic") -> list[str]:
     """The models, sorted; one-line errors for bad arguments before any work."""
     if isinstance(lags, bool) or not isinstance(lags, (int, np.integer)) or lags < 0:
         raise StackkitError(f"--lags: expected a non-negative integer, got {lags!r}")
+    check_feature_set(feature_set)
     models = sorted(oof_by_model)
     if not models:
         raise StackkitError("no predictions under preds/: run base train or base import")
@@ -564,8 +608,10 @@ def _model_predictions(model: str, oof: pd.DataFrame, test: pd.DataFrame, rows: 
     return preds
 
 
-def _model_columns(col: _FeatureMatrix, model: str, preds: np.ndarray, plan: Plan, lags: int) -> str:
-    """Every column of one model; models write disjoint columns, so they run in parallel."""
+def _model_columns(col: _FeatureMatrix, model: str, preds: np.ndarray, plan: Plan, lags: int, wide: bool = False) -> str:
+    """Every column of one model; models write disjoint columns, so they run in parallel.
+
+    ``wide``: also the wide set's columns (its rolling windows come from ``plan``)."""
     counts = plan.layout.counts
     cumulative = np.zeros(preds.shape[1] + 1, dtype=np.float64)
     for j, label in enumerate(LABELS):
@@ -577,20 +623,26 @@ def _model_columns(col: _FeatureMatrix, model: str, preds: np.ndarray, plan: Pla
             np.subtract(p, lagged, out=col(f"{prefix}diff_lag{k}"))
             led = lead(p, plan, k, col(f"{prefix}lead{k}"))
             np.subtract(p, led, out=col(f"{prefix}diff_lead{k}"))
-        stats = SegmentStats(p, plan)
+        stats = SegmentStats(p, plan, minimum=wide)
         col(prefix + "study_max")[:] = np.repeat(stats.max, counts)
         col(prefix + "study_mean")[:] = np.repeat(stats.mean.astype(np.float32), counts)
         col(prefix + "study_std")[:] = np.repeat(stats.std.astype(np.float32), counts)
         col(prefix + f"study_top{TOP_K}_mean")[:] = np.repeat(stats.top_mean.astype(np.float32), counts)
         col(prefix + "study_rank")[:] = stats.rank
+        if wide:
+            col(prefix + "study_min")[:] = np.repeat(stats.min, counts)
+            # the float64 mean: the difference is rounded once
+            np.subtract(p, np.repeat(stats.mean, counts), out=col(prefix + "minus_study_mean"))
+            np.subtract(p, np.repeat(stats.max, counts), out=col(prefix + "minus_study_max"))
         np.cumsum(p, dtype=np.float64, out=cumulative[1:])
-        for w in ROLL_WINDOWS:
+        for w in plan.windows:
             rolling_mean(cumulative, plan, w, col(f"{prefix}roll{w}_mean"))
     return model
 
 
-def _cross_model_columns(col: _FeatureMatrix, model_preds: list[np.ndarray]) -> None:
-    """Mean and std over models, summed in model order after the parallel part: the same bits on every run."""
+def _cross_model_columns(col: _FeatureMatrix, model_preds: list[np.ndarray], wide: bool = False) -> None:
+    """Mean and std (and with ``wide`` max and min) over models, summed in model order after the
+    parallel part: the same bits on every run."""
     n_models = len(model_preds)
     for j, label in enumerate(LABELS):
         total = np.zeros(model_preds[0].shape[1], dtype=np.float64)
@@ -605,6 +657,12 @@ def _cross_model_columns(col: _FeatureMatrix, model_preds: list[np.ndarray]) -> 
             col(f"{MODELS_PREFIX}__{label}__std")[:] = 0.0
         else:
             col(f"{MODELS_PREFIX}__{label}__std")[:] = np.sqrt(np.maximum(total_sq / n_models - mean * mean, 0.0))
+        if wide:
+            highest, lowest = col(f"{MODELS_PREFIX}__{label}__max"), col(f"{MODELS_PREFIX}__{label}__min")
+            highest[:] = lowest[:] = model_preds[0][j]
+            for preds in model_preds[1:]:
+                np.maximum(highest, preds[j], out=highest)
+                np.minimum(lowest, preds[j], out=lowest)
 
 
 def _feature_threads(n_models: int) -> int:

@@ -262,12 +262,15 @@ def stack():
 @workdir_option
 @click.option("--lags", default=2, show_default=True, type=click.IntRange(0, 64), help="Neighbor distances 1..L along z.")
 @click.option("--dicom-meta", is_flag=True, help="Add DICOM metadata columns (slice thickness, spacing, window).")
+@click.option("--feature-set", type=click.Choice(["basic", "wide"]), default="basic", show_default=True,
+              help="'wide' adds per model and label study_min, minus_study_mean (pred - study mean), minus_study_max "
+                   "(pred - study max), roll7_mean and roll9_mean, and per label models__<label>__max/min across models.")
 @progress_option
-def stack_features(wd, lags, dicom_meta, quiet):
+def stack_features(wd, lags, dicom_meta, feature_set, quiet):
     """Build study-aware features from every model under preds/."""
     from features.api import run_stack_features
 
-    summary = run_stack_features(wd, lags=lags, dicom_meta=dicom_meta, progress=not quiet)
+    summary = run_stack_features(wd, lags=lags, dicom_meta=dicom_meta, progress=not quiet, feature_set=feature_set)
     _print_summary("stack features", summary)
 
 

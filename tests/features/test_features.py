@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from features.api import run_stack_features
-from features.build import DICOM_META_COLUMNS, ROLL_WINDOWS, TOP_K, build_features, feature_columns
+from features.build import DICOM_META_COLUMNS, TOP_K, build_features, build_test_features, feature_columns, roll_windows
 from stackkit.contract import CONTRACT_VERSION, LABELS, Workdir, file_sha256, folds_hash
 from stackkit.errors import ContractError, LeakageError, StackkitError
 from stackkit.contract.io import write_parquet
@@ -72,7 +72,7 @@ def build(metadata, folds, preds, **kwargs):
 # --- the slow reference: one study at a time --------------------------------------------------
 
 
-def reference_features(metadata, folds, preds, lags, dicom_meta=False) -> pd.DataFrame:
+def reference_features(metadata, folds, preds, lags, dicom_meta=False, feature_set="basic") -> pd.DataFrame:
     out = []
     fold_of = folds.set_index("image_id")["fold"]
     for study_id, study in metadata.groupby("study_id"):
@@ -109,12 +109,19 @@ def reference_features(metadata, folds, preds, lags, dicom_meta=False) -> pd.Dat
                 f[pre + "study_std"] = s.std(ddof=0)
                 f[pre + f"study_top{TOP_K}_mean"] = s.nlargest(TOP_K).mean()
                 f[pre + "study_rank"] = s.rank(method="average") / n
-                for w in ROLL_WINDOWS:
+                if feature_set == "wide":
+                    f[pre + "study_min"] = s.min()
+                    f[pre + "minus_study_mean"] = s - s.mean()
+                    f[pre + "minus_study_max"] = s - s.max()
+                for w in (3, 5, 7, 9) if feature_set == "wide" else (3, 5):
                     f[pre + f"roll{w}_mean"] = s.rolling(w, center=True, min_periods=1).mean()
         for label in LABELS:
             stacked = np.vstack(per_label[label])
             f[f"models__{label}__mean"] = stacked.mean(axis=0)
             f[f"models__{label}__std"] = stacked.std(axis=0)
+            if feature_set == "wide":
+                f[f"models__{label}__max"] = stacked.max(axis=0)
+                f[f"models__{label}__min"] = stacked.min(axis=0)
         if study["split"].iloc[0] == "train":
             f["fold"] = fold_of.reindex(study["image_id"]).to_numpy()
         out.append(pd.DataFrame(f))
@@ -124,11 +131,17 @@ def reference_features(metadata, folds, preds, lags, dicom_meta=False) -> pd.Dat
 # --- the families against the reference ------------------------------------------------------
 
 
-@pytest.mark.parametrize("seed, lags, dicom_meta", [(0, 2, False), (1, 1, True), (2, 3, False), (3, 0, True)])
-def test_every_feature_matches_the_per_study_reference(seed, lags, dicom_meta):
-    metadata, _labels, folds, preds = make_data(seed, models=("m_b", "m_a", "m_c"))
-    train, test, definitions = build(metadata, folds, preds, lags=lags, dicom_meta=dicom_meta)
-    reference = reference_features(metadata, folds, preds, lags, dicom_meta).set_index("image_id")
+@pytest.mark.parametrize(
+    "seed, lags, dicom_meta, feature_set",
+    [(0, 2, False, "basic"), (1, 1, True, "basic"), (2, 3, False, "basic"), (3, 0, True, "basic"),
+     (4, 2, False, "wide"), (5, 0, True, "wide"), (6, 9, False, "wide")],
+)
+def test_every_feature_matches_the_per_study_reference(seed, lags, dicom_meta, feature_set):
+    models = ("m_b", "m_a", "m_c") if seed != 5 else ("m_a",)  # one model: the across-model max = min = pred
+    metadata, _labels, folds, preds = make_data(seed, models=models)
+    kwargs = {} if feature_set == "basic" else {"feature_set": feature_set}  # basic: the default
+    train, test, definitions = build(metadata, folds, preds, lags=lags, dicom_meta=dicom_meta, **kwargs)
+    reference = reference_features(metadata, folds, preds, lags, dicom_meta, feature_set).set_index("image_id")
 
     feature_names = list(definitions)
     assert list(train.columns) == ["image_id", "study_id", "fold", "slice_index", *feature_names]
@@ -369,3 +382,112 @@ def test_threads_do_not_change_a_single_bit(monkeypatch):
         built[threads] = build(metadata, folds, preds, lags=2)
     for one, many in zip(built["1"][:2], built["3"][:2]):
         pd.testing.assert_frame_equal(one, many, check_exact=True)
+
+
+# --- the feature sets ----------------------------------------------------------------------------
+
+WIDE_MODEL_FEATURES = ("study_min", "minus_study_mean", "minus_study_max", "roll7_mean", "roll9_mean")
+
+
+def test_wide_is_the_basic_columns_unchanged_plus_its_own():
+    metadata, _labels, folds, preds = make_data(12, models=("m_b", "m_a"))
+    basic = build(metadata, folds, preds, lags=2, dicom_meta=True)
+    explicit = build(metadata, folds, preds, lags=2, dicom_meta=True, feature_set="basic")
+    wide = build(metadata, folds, preds, lags=2, dicom_meta=True, feature_set="wide")
+    for one, other in zip(basic[:2], explicit[:2]):
+        pd.testing.assert_frame_equal(one, other, check_exact=True)
+    assert basic[2] == explicit[2] == feature_columns(["m_a", "m_b"], 2, ["slice_thickness", "window_center"])
+    assert roll_windows("basic") == (3, 5) and roll_windows("wide") == (3, 5, 7, 9)
+
+    basic_names, wide_names = list(basic[2]), list(wide[2])
+    added = [c for c in wide_names if c not in basic[2]]
+    assert [c for c in wide_names if c in basic[2]] == basic_names  # same relative order
+    assert {c: wide[2][c] for c in basic_names} == basic[2]  # same definitions
+    assert sorted(added) == sorted(
+        [f"models__{label}__{agg}" for label in LABELS for agg in ("max", "min")]
+        + [f"{m}__{label}__{f}" for m in ("m_a", "m_b") for label in LABELS for f in WIDE_MODEL_FEATURES]
+    )
+    assert len(wide_names) == len(basic_names) + len(LABELS) * (2 + 2 * len(WIDE_MODEL_FEATURES))
+    assert all(isinstance(wide[2][c], str) and wide[2][c] for c in added)
+    for b, w in zip(basic[:2], wide[:2]):
+        pd.testing.assert_frame_equal(w[list(b.columns)], b, check_exact=True)
+        # the new columns mean what they say, in the table's own float32 columns
+        np.testing.assert_allclose(w["m_a__any__minus_study_max"], w["m_a__any__pred"] - w["m_a__any__study_max"], atol=1e-7)
+        np.testing.assert_allclose(w["m_b__epidural__minus_study_mean"], w["m_b__epidural__pred"] - w["m_b__epidural__study_mean"], atol=1e-6)
+        assert (w["m_a__any__study_min"] <= w["m_a__any__pred"]).all()
+        assert (w["models__any__min"] <= w["models__any__mean"] + 1e-6).all() and (w["models__any__mean"] <= w["models__any__max"] + 1e-6).all()
+
+
+def test_wide_threads_do_not_change_a_single_bit(monkeypatch):
+    metadata, _labels, folds, preds = make_data(13, models=("m_a", "m_b", "m_c"))
+    built = {}
+    for threads in ("1", "3"):
+        monkeypatch.setenv("STACKKIT_THREADS", threads)
+        built[threads] = build(metadata, folds, preds, lags=1, feature_set="wide")
+    for one, many in zip(built["1"][:2], built["3"][:2]):
+        pd.testing.assert_frame_equal(one, many, check_exact=True)
+
+
+def test_build_test_features_passes_the_feature_set_on():
+    metadata, _labels, folds, preds = make_data(14)
+    _, wide_test, _ = build(metadata, folds, preds, lags=1, feature_set="wide")
+    alone = build_test_features(metadata, {m: p[1] for m, p in preds.items()}, lags=1, feature_set="wide")
+    assert "cnn_a__any__roll9_mean" in alone.columns and "models__any__max" in alone.columns
+    pd.testing.assert_frame_equal(alone, wide_test)
+
+
+def test_an_unknown_feature_set_is_refused_in_one_line(tmp_path):
+    metadata, _labels, folds, preds = make_data(15)
+    with pytest.raises(StackkitError, match=r"^--feature-set: expected one of basic, wide, got 'huge'$"):
+        build(metadata, folds, preds, feature_set="huge")
+    with pytest.raises(StackkitError, match=r"^--feature-set: expected one of basic, wide, got 'huge'$"):
+        feature_columns(["m"], 2, feature_set="huge")
+    with pytest.raises(StackkitError, match=r"^--feature-set: expected one of basic, wide, got 'huge'$"):
+        run_stack_features(write_workdir(tmp_path), feature_set="huge", progress=False)
+
+
+def test_run_stack_features_wide_records_the_set_and_passes_it_to_the_per_fold_test_features(tmp_path):
+    wd = write_workdir(tmp_path)
+    n_folds = int(pd.read_parquet(wd.folds)["fold"].max()) + 1
+    test = pd.read_parquet(wd.test("cnn_a"))
+    rng = np.random.default_rng(3)
+    for k in range(n_folds):  # cnn_a: one test file per fold model
+        write_parquet(random_predictions(rng, test["image_id"]), wd.test_fold("cnn_a", k))
+
+    summary = run_stack_features(wd, lags=1, progress=False)
+    assert json.loads(wd.features_manifest.read_text())["feature_set"] == "basic"
+    assert summary["lines"][0].endswith("lags=1, feature set basic")
+    basic_columns = summary["columns"]
+
+    summary = run_stack_features(wd, lags=1, progress=False, feature_set="wide")
+    manifest = json.loads(wd.features_manifest.read_text())
+    assert manifest["feature_set"] == "wide" and summary["feature_set"] == "wide"
+    assert summary["lines"][0] == f"stack features: {summary['columns']} feature columns from 2 model(s) (cnn_a, cnn_b), lags=1, feature set wide"
+    assert summary["columns"] == basic_columns + len(LABELS) * (2 + 2 * len(WIDE_MODEL_FEATURES))
+    assert manifest["columns"]["cnn_b__any__minus_study_max"].startswith("cnn_b, any: pred - study_max")
+    assert manifest["columns"]["models__epidural__min"] == "minimum of the 'epidural' prediction across models"
+    assert manifest["test_folds"] == n_folds
+    metadata = pd.read_parquet(wd.metadata)
+    for k in range(n_folds):
+        fold_test = pd.read_parquet(wd.features_test_fold(k))
+        assert list(fold_test.columns) == ["image_id", "study_id", "slice_index", *manifest["feature_columns"]]
+        sets = {"cnn_a": pd.read_parquet(wd.test_fold("cnn_a", k)), "cnn_b": pd.read_parquet(wd.test("cnn_b"))}
+        expected = build_test_features(metadata, sets, lags=1, feature_set="wide")
+        pd.testing.assert_frame_equal(fold_test, expected, check_dtype=False, check_index_type=False)
+
+
+def test_cli_feature_set_is_a_choice(tmp_path):
+    from click.testing import CliRunner
+
+    from stackkit.cli import cli
+
+    result = CliRunner().invoke(cli, ["stack", "features", "--help"])
+    assert result.exit_code == 0 and "--feature-set [basic|wide]" in result.output and "minus_study_mean" in result.output
+    wd = write_workdir(tmp_path)
+    result = CliRunner().invoke(cli, ["stack", "features", "--workdir", str(wd.root), "--feature-set", "huge"])
+    assert result.exit_code == 2 and "Invalid value for '--feature-set'" in result.output
+    assert not wd.features_dir.exists()
+    result = CliRunner().invoke(cli, ["stack", "features", "--workdir", str(wd.root), "--feature-set", "wide", "--lags", "1", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "feature set wide" in result.output
+    assert json.loads(wd.features_manifest.read_text())["feature_set"] == "wide"

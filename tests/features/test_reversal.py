@@ -43,12 +43,12 @@ def _data(seed: int, n_studies: int = 24, models=("cnn_a", "cnn_b")):
     return metadata, folds, oof, test
 
 
-@pytest.mark.parametrize("seed, lags", [(0, 2), (1, 3), (2, 1)])
-def test_a_study_reversed_in_z_gives_the_reversed_features(seed, lags):
+@pytest.mark.parametrize("seed, lags, feature_set", [(0, 2, "basic"), (1, 3, "basic"), (2, 1, "basic"), (3, 2, "wide"), (4, 9, "wide")])
+def test_a_study_reversed_in_z_gives_the_reversed_features(seed, lags, feature_set):
     metadata, folds, oof, test = _data(seed)
-    forward = build_features(metadata, oof, test, folds, lags=lags, dicom_meta=True, progress=False)
+    forward = build_features(metadata, oof, test, folds, lags=lags, dicom_meta=True, progress=False, feature_set=feature_set)
     flipped_meta = metadata.assign(z=-metadata["z"])
-    backward = build_features(flipped_meta, oof, test, folds, lags=lags, dicom_meta=True, progress=False)
+    backward = build_features(flipped_meta, oof, test, folds, lags=lags, dicom_meta=True, progress=False, feature_set=feature_set)
     names = list(forward[2])
     source, complement = reversal_map(names)
     for part in (0, 1):  # train, test
@@ -82,3 +82,18 @@ def test_reversal_map_swaps_every_direction_column_and_nothing_else():
 def test_reversal_map_refuses_a_lag_without_its_lead():
     with pytest.raises(StackkitError, match=r"'m1__any__lag1' has no 'm1__any__lead1' to swap with"):
         reversal_map(["m1__any__pred", "m1__any__lag1"])
+
+
+def test_the_wide_columns_do_not_depend_on_the_direction():
+    basic = list(feature_columns(["m1", "m2"], lags=2, meta_columns=["slice_thickness"]))
+    wide = list(feature_columns(["m1", "m2"], lags=2, meta_columns=["slice_thickness"], feature_set="wide"))
+    added = [n for n in wide if n not in basic]
+    assert {n.rsplit("__", 1)[1] for n in added} == {"study_min", "minus_study_mean", "minus_study_max", "roll7_mean", "roll9_mean", "max", "min"}
+    source, complement = reversal_map(wide)
+    kept = {wide[j] for j in range(len(wide)) if source[j] == j and not complement[j]}
+    assert set(added) <= kept
+    # the basic columns map as they do without the wide set
+    basic_source, basic_complement = reversal_map(basic)
+    position = {name: j for j, name in enumerate(wide)}
+    assert [wide[source[position[n]]] for n in basic] == [basic[s] for s in basic_source]
+    np.testing.assert_array_equal(complement[[position[n] for n in basic]], basic_complement)
