@@ -152,9 +152,26 @@ def blended_test(preds: np.ndarray, sets: np.ndarray, y: np.ndarray, folds: np.n
     return out / n_sets, choice.chosen.name
 
 
-def evaluate(scenario: str, seed: int, bench, stackers: list[str], out: Path, with_base: bool) -> list[dict]:
-    wd = bench.workdir
-    cache_dir = out / f"{scenario}-{seed}" / "fits"
+def feature_variant(bench, name: str, features_args: str, env: dict) -> Workdir:
+    """The benchmark's work directory with `stack features FEATURES_ARGS` (a copy per variant; '' is the prepared one)."""
+    import shlex
+    import shutil
+
+    if not features_args:
+        return bench.workdir
+    target = Workdir(bench.workdir.root.parent / f"work-{name}")
+    if not (target.features_manifest).is_file():
+        shutil.rmtree(target.root, ignore_errors=True)
+        shutil.copytree(bench.workdir.root, target.root, ignore=shutil.ignore_patterns("stack", "features"))
+        step = bench_stack._step_runner(name, bench.workdir.root.parent / "logs", env, [])
+        step(f"stack features {name}", "stack", "features", "--workdir", target.root, "--quiet", *shlex.split(features_args))
+    return target
+
+
+def evaluate(scenario: str, seed: int, bench, stackers: list[str], out: Path, with_base: bool, features: str = "basic",
+             wd: Workdir | None = None) -> list[dict]:
+    wd = wd or bench.workdir
+    cache_dir = out / f"{scenario}-{seed}" / (f"fits-{features}" if features != "basic" else "fits")
     cache_dir.mkdir(parents=True, exist_ok=True)
     ref = references(bench, seed, out / f"{scenario}-{seed}" / "references.json")
     fits = {}
@@ -178,12 +195,12 @@ def evaluate(scenario: str, seed: int, bench, stackers: list[str], out: Path, wi
             for rule in RULES:
                 test, chosen = blended_test(preds, sets, labels, folds, names, rule)
                 loss = weighted_log_loss(truth, test).overall
-                rows.append({"scenario": scenario, "seed": seed, "stackers": "+".join(subset), "rule": rule, "chosen": chosen,
+                rows.append({"scenario": scenario, "seed": seed, "features": features, "stackers": "+".join(subset), "rule": rule, "chosen": chosen,
                              "heldout": loss, "x_lightgbm": loss / ref["lightgbm"], "gap_closed": (ref["lightgbm"] - loss) / gap,
                              "fit_seconds": seconds, "x_lightgbm_time": seconds / ref["lightgbm_seconds"]})
     for name in stackers:  # each stacker alone, as its own test.parquet (mean over sets)
         loss = weighted_log_loss(truth, fits[name]["sets"].mean(axis=0)).overall
-        rows.append({"scenario": scenario, "seed": seed, "stackers": name, "rule": "alone", "chosen": name, "heldout": loss,
+        rows.append({"scenario": scenario, "seed": seed, "features": features, "stackers": name, "rule": "alone", "chosen": name, "heldout": loss,
                      "x_lightgbm": loss / ref["lightgbm"], "gap_closed": (ref["lightgbm"] - loss) / gap,
                      "fit_seconds": float(fits[name]["seconds"]), "x_lightgbm_time": float(fits[name]["seconds"]) / ref["lightgbm_seconds"]})
     print(f"  {scenario}-{seed}: best base {ref['best_base']:.5f}, LightGBM {ref['lightgbm']:.5f} ({ref['lightgbm_seconds']:.0f} s), "
@@ -198,6 +215,7 @@ def main(argv=None) -> pd.DataFrame:
     parser.add_argument("--stackers", default="lgbm,xgb,mlp,seq")
     parser.add_argument("--patients", type=int, default=1200)
     parser.add_argument("--no-base", action="store_true", help="blend the stackers only")
+    parser.add_argument("--features", default="basic=", help="'NAME=STACK FEATURES ARGS;...' (default: the prepared basic features)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "defaults")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -216,15 +234,18 @@ def main(argv=None) -> pd.DataFrame:
     for scenario in scenarios:
         for seed in seeds:
             bench = prepared_bench(scenario, seed, args.out, args.patients, env)
-            rows += evaluate(scenario, seed, bench, stackers, args.out, with_base=not args.no_base)
+            for variant in filter(None, args.features.split(";")):
+                name, _, features_args = variant.partition("=")
+                wd = feature_variant(bench, name, features_args, env)
+                rows += evaluate(scenario, seed, bench, stackers, args.out, with_base=not args.no_base, features=name, wd=wd)
     table = pd.DataFrame(rows)
     table.to_csv(args.out / "results.csv", index=False)
     pd.set_option("display.width", 200)
     pd.set_option("display.max_rows", 500)
-    per_seed = table.pivot_table(index=["stackers", "rule"], columns=["scenario", "seed"], values="x_lightgbm")
+    per_seed = table.pivot_table(index=["features", "stackers", "rule"], columns=["scenario", "seed"], values="x_lightgbm")
     print("\nx plain study LightGBM (held-out), per scenario and seed:")
     print(per_seed.round(4).to_string())
-    summary = table.groupby(["stackers", "rule"]).agg(x_lightgbm=("x_lightgbm", "mean"), worst=("x_lightgbm", "max"),
+    summary = table.groupby(["features", "stackers", "rule"]).agg(x_lightgbm=("x_lightgbm", "mean"), worst=("x_lightgbm", "max"),
                                                      gap_closed=("gap_closed", "mean"), x_time=("x_lightgbm_time", "mean"))
     print("\nmean over scenarios and seeds (worst = the highest x LightGBM of any scenario and seed):")
     print(summary.sort_values("x_lightgbm").round(4).to_string())
