@@ -128,14 +128,30 @@ class PeakRSS:
 # --- the plain LightGBM baseline ---------------------------------------------------------------
 
 
-def lightgbm_baseline(bench, seed: int, threads: int = 2, max_rounds: int = 2000, context: bool = True) -> pd.DataFrame:
+def exported_predictions(bench) -> dict[str, pd.DataFrame]:
+    """Each model's predictions of every image (its OOF rows and its test file): image_id + six labels."""
+    return {model: pd.concat([pd.read_parquet(bench.oof_files[model]).drop(columns="fold"), pd.read_parquet(bench.test_files[model])])
+            for model in bench.models}
+
+
+def latent_evidence(bench) -> dict[str, pd.DataFrame]:
+    """The generator's latent evidence of every image (before any model error), as one "model": the floor's input."""
+    return {"latent": pd.read_parquet(bench.latent_evidence)}
+
+
+def lightgbm_baseline(bench, seed: int, threads: int = 2, max_rounds: int = 2000, context: bool = True,
+                      inputs: dict[str, pd.DataFrame] | None = None) -> pd.DataFrame:
     """A booster per label on the exported predictions' lags/leads 1-2, study max/mean and position.
 
     Trained on every labeled row, early stopping on 10 % of the patients; returns the test images'
     probabilities (image_id + six labels). ``context=False`` keeps only each slice's own
-    predictions and its position: what study-awareness adds is the difference.
+    predictions and its position: what study-awareness adds is the difference. ``inputs``
+    (name -> image_id + six columns, every image) replaces the exported predictions: with
+    ``latent_evidence(bench)`` the same learner gives the scenario's floor.
     """
     import lightgbm as lgb
+
+    inputs = exported_predictions(bench) if inputs is None else inputs
 
     meta = pd.read_parquet(bench.workdir.metadata, columns=["image_id", "patient_id", "study_id", "split", "z"])
     study_code = pd.factorize(meta["study_id"])[0]
@@ -146,11 +162,10 @@ def lightgbm_baseline(bench, seed: int, threads: int = 2, max_rounds: int = 2000
     index = np.arange(len(meta)) - np.repeat(starts, size)
     in_study = np.repeat(size, size)
     per_label = 1 + (6 if context else 0)  # the prediction, lag1/2, lead1/2, study max/mean
-    X = np.empty((len(meta), 1 + len(bench.models) * len(LABELS) * per_label), dtype=np.float32)
+    X = np.empty((len(meta), 1 + len(inputs) * len(LABELS) * per_label), dtype=np.float32)
     X[:, 0] = index / np.maximum(in_study - 1, 1)  # position in the study
     col = 1
-    for model in bench.models:
-        both = pd.concat([pd.read_parquet(bench.oof_files[model]).drop(columns="fold"), pd.read_parquet(bench.test_files[model])])
+    for both in inputs.values():
         pred = both.set_index("image_id").reindex(meta["image_id"])[list(LABELS)].to_numpy(np.float32)
         for j in range(len(LABELS)):
             p = pred[:, j]

@@ -66,9 +66,7 @@ EVIDENCE_GAIN = 11.0
 MODEL_STRENGTH = np.array([1.0, 0.95, 0.9, 0.85, 0.55, 0.65, 1.0, 0.9, 0.8, 0.5])
 MODEL_NAMES = ("effnet_b3", "seresnext50", "resnet34_ctx1", "densenet121", "resnet18", "effnet_b0",
                "seresnext101", "inception_v3", "regnety_16", "mobilenet_v3")
-# Spread of the errors (logit units). Most of a CNN's error is shared with other CNNs (a hard scan, a
-# hard slice and its neighbors) and smooth along z, which no stacking removes; sized so that the
-# stackers gain over the best model roughly what RSNA 2019 stacks gained (some 10-20 %).
+# Spread of the errors (logit units) of the "independent" scenario (see SCENARIOS for the others).
 STUDY_ERROR_SHARED, STUDY_ERROR_MODEL = 0.7, 0.15
 SLICE_ERROR_SHARED = 1.3
 SLICE_ERROR_MODEL = 0.35  # x (1 + 1.2 x (1 - strength)): weak models are noisier
@@ -79,6 +77,55 @@ MIMIC_RATE, MIMIC_LENGTH = 0.12, 3
 N_COMPONENTS = 3  # latent components per label a model's head mixes (see the module docstring)
 # Rough spread of each component, so the embedding's dimensions are O(1) as a CNN's pooled features are.
 COMPONENT_SCALE = 3.0
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """The generator's dials. Errors are in logit units; a ``*_persistence`` is the AR(1)
+    coefficient along z of that error inside a study (0: the "independent" scenario's short
+    +-1/+-2-slice smoothing, kept bit for bit)."""
+
+    name: str
+    description: str
+    n_models: int = 6
+    evidence_gain: float = EVIDENCE_GAIN
+    # errors every model shares: a study offset, and a slice error (hard slices are hard for every CNN)
+    study_error_shared: float = STUDY_ERROR_SHARED
+    slice_error_shared: float = SLICE_ERROR_SHARED
+    slice_shared_persistence: float = 0.0
+    # a model's own errors: per study, and per slice (scaled by 1 + 1.2 x (1 - strength))
+    study_error_model: float = STUDY_ERROR_MODEL
+    slice_error_model: float = SLICE_ERROR_MODEL
+    model_error_persistence: float = 0.0
+    # per slice: weight of the model's own noise (shared by its K fold models) and of each fold
+    # model's own noise (an OOF row has one fold model's, a test row the mean of K)
+    model_noise_weight: float = 0.94
+    fold_noise_weight: float = 0.35
+    fold_error_persistence: float = 0.0
+    fold_strength_spread: float = 0.04
+    fold_bias_spread: float = 0.08
+    temperature_spread: float = TEMPERATURE_SPREAD
+    bias_spread: float = BIAS_SPREAD
+    mimic_rate: float = MIMIC_RATE
+
+
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
+    Scenario(
+        "independent",
+        "the original generator: short-range errors that neighbors and study aggregates largely remove "
+        "(stacking gains far more than on real CNN predictions)",
+    ),
+    Scenario(
+        "persistent",
+        "errors persistent along z and mostly shared by the models, per-fold-model errors; calibrated so a "
+        "plain LightGBM on context gains ~10 % over the best model on tuning seeds 0 and 1 (RSNA 2019: 9-14 %)",
+        n_models=6,
+        study_error_shared=0.5, slice_error_shared=1.3, slice_shared_persistence=0.85,
+        study_error_model=0.15, slice_error_model=0.3, model_error_persistence=0.7,
+        model_noise_weight=0.7, fold_noise_weight=0.7, fold_error_persistence=0.7,
+        fold_strength_spread=0.06, fold_bias_spread=0.1,
+    ),
+)}
 
 
 @dataclass(frozen=True)
@@ -100,6 +147,9 @@ class ExportedBenchmark:
     n_patients: int
     n_folds: int
     embedding_dim: int
+    test_fold_files: dict[str, list[Path]] = None   # fold model 0, 1, ...'s test predictions per model
+    latent_evidence: Path | None = None             # the evidence every model sees, before any error
+    scenario: str = "independent"
 
 
 def hex_ids(values: np.ndarray, prefix: str = "ID_", digits: int = 9) -> np.ndarray:
@@ -129,6 +179,25 @@ def _neighbor_smooth(values: np.ndarray, first: np.ndarray, last: np.ndarray) ->
     return (prev + 2.0 * values + nxt) / np.sqrt(weight)
 
 
+def _persistent_noise(rng: np.random.Generator, n_columns: int, first: np.ndarray, slice_no: np.ndarray,
+                      persistence: float) -> np.ndarray:
+    """(n, n_columns) unit-variance AR(1) noise along the rows, coefficient ``persistence``, restarted at
+    every study's first row (independent across studies): an error that persists over a stretch of
+    slices, correlation length about 1 / (1 - persistence) slices. Vectorized: one linear filter over
+    the whole column, then what it carried across study boundaries is subtracted."""
+    from scipy.signal import lfilter
+
+    innovation = rng.normal(size=(len(first), n_columns))
+    innovation[~first] *= np.sqrt(1.0 - persistence ** 2)  # a study's first row already has unit variance
+    filtered = lfilter([1.0], [1.0, -persistence], innovation, axis=0)
+    # row t of a study that starts at row s carries persistence^(t-s+1) x filtered[s-1] from the study before
+    starts = np.flatnonzero(first)
+    before_start = np.zeros((len(starts), n_columns))
+    before_start[1:] = filtered[starts[1:] - 1]
+    study = np.cumsum(first) - 1
+    return filtered - persistence ** (slice_no + 1.0)[:, None] * before_start[study]
+
+
 # --- studies, labels and the latent evidence ---------------------------------------------------
 
 
@@ -147,7 +216,7 @@ class _Studies:
     is_test_patient: np.ndarray
 
 
-def _make_studies(rng: np.random.Generator, n_patients: int, test_fraction: float) -> _Studies:
+def _make_studies(rng: np.random.Generator, n_patients: int, test_fraction: float, mimic_rate: float = MIMIC_RATE) -> _Studies:
     studies_per_patient = 1 + (rng.random(n_patients) < 0.08)
     patient_of_study = np.repeat(np.arange(n_patients), studies_per_patient)
     n_studies = len(patient_of_study)
@@ -192,7 +261,7 @@ def _make_studies(rng: np.random.Generator, n_patients: int, test_fraction: floa
     jitter = np.exp(0.25 * _neighbor_smooth(rng.normal(size=(len(z), N_SUBTYPES)), first, last))
     evidence = np.zeros((len(z), len(LABELS)))
     evidence[:, :N_SUBTYPES] = np.where(present[study_of_row], intensity * jitter * np.where(inside, bump, outside), 0.0)
-    has_mimic = rng.random((n_studies, N_SUBTYPES)) < MIMIC_RATE
+    has_mimic = rng.random((n_studies, N_SUBTYPES)) < mimic_rate
     mimic_start = np.floor(rng.random((n_studies, N_SUBTYPES)) * sizes[:, None])[study_of_row]
     in_mimic = has_mimic[study_of_row] & (at >= mimic_start) & (at < mimic_start + rng.integers(1, MIMIC_LENGTH + 1, (n_studies, N_SUBTYPES))[study_of_row])
     mimic = rng.lognormal(-0.6, 0.4, (n_studies, N_SUBTYPES))[study_of_row] * jitter
@@ -228,7 +297,8 @@ def _orthonormal(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
     return q.T if rows < cols else q
 
 
-def _make_model(rng: np.random.Generator, index: int, n_studies: int, n_folds: int, embedding_dim: int) -> _Model:
+def _make_model(rng: np.random.Generator, index: int, n_studies: int, n_folds: int, embedding_dim: int,
+                scenario: Scenario) -> _Model:
     tier = MODEL_STRENGTH[index % len(MODEL_STRENGTH)]
     rotation = None
     if embedding_dim:
@@ -241,13 +311,13 @@ def _make_model(rng: np.random.Generator, index: int, n_studies: int, n_folds: i
         rotation /= np.linalg.norm(rotation, axis=2, keepdims=True)
     return _Model(
         strength=float(tier * np.exp(rng.normal(0, 0.05))),
-        temperature=np.exp(rng.normal(0, TEMPERATURE_SPREAD, len(LABELS))),
-        bias=rng.normal(0, BIAS_SPREAD, len(LABELS)),
+        temperature=np.exp(rng.normal(0, scenario.temperature_spread, len(LABELS))),
+        bias=rng.normal(0, scenario.bias_spread, len(LABELS)),
         head_nuisance=rng.uniform(0.25, 0.5, len(LABELS)),
-        study_error=rng.normal(0, STUDY_ERROR_MODEL, (n_studies, len(LABELS))),
-        slice_noise=float(SLICE_ERROR_MODEL * (1.0 + 1.2 * (1.0 - tier))),
-        fold_strength=np.exp(rng.normal(0, 0.04, n_folds)),
-        fold_bias=rng.normal(0, 0.08, (n_folds, len(LABELS))),
+        study_error=rng.normal(0, scenario.study_error_model, (n_studies, len(LABELS))),
+        slice_noise=float(scenario.slice_error_model * (1.0 + 1.2 * (1.0 - tier))),
+        fold_strength=np.exp(rng.normal(0, scenario.fold_strength_spread, n_folds)),
+        fold_bias=rng.normal(0, scenario.fold_bias_spread, (n_folds, len(LABELS))),
         rotation=rotation,
     )
 
@@ -255,10 +325,16 @@ def _make_model(rng: np.random.Generator, index: int, n_studies: int, n_folds: i
 
 def _components(rng, model: _Model, rows: np.ndarray, world: "_World") -> np.ndarray:
     """(n_rows, 6, 3) latent components one fold model computes for ``rows``: what it sees."""
-    n = len(rows)
-    signal = model.strength * LABEL_VISIBILITY * EVIDENCE_GAIN * world.evidence[rows]
+    n, scenario = len(rows), world.scenario
+    signal = model.strength * LABEL_VISIBILITY * scenario.evidence_gain * world.evidence[rows]
+    if scenario.fold_error_persistence:
+        # the fold model's own errors persist along z too: drawn over every image, in slice order
+        fold_noise = _persistent_noise(rng, len(LABELS), world.first, world.slice_no, scenario.fold_error_persistence)[rows]
+    else:
+        fold_noise = rng.normal(size=(n, len(LABELS)))
     view = (signal + world.study_shared[world.study_of_row[rows]] + model.study_error[world.study_of_row[rows]]
-            + world.slice_shared[rows] + model.slice_noise * (0.94 * world.model_noise[rows] + 0.35 * rng.normal(size=(n, len(LABELS)))))
+            + world.slice_shared[rows] + model.slice_noise * (scenario.model_noise_weight * world.model_noise[rows]
+                                                              + scenario.fold_noise_weight * fold_noise))
     # the fold models of one architecture mostly share their quirks: so does the test mean of them
     nuisance = 0.95 * world.model_nuisance[rows] + 0.3 * rng.normal(size=(n, len(LABELS)))
     # a second look at the evidence the head throws away; noisier but independent of the first
@@ -330,6 +406,9 @@ class _World:
     slice_shared: np.ndarray   # (n, 6) smoothed along z
     model_noise: np.ndarray    # (n, 6) rewritten per model: its own noise, shared by its fold models
     model_nuisance: np.ndarray  # (n, 6) rewritten per model: the nuisance response of its fold models
+    scenario: Scenario
+    first: np.ndarray          # row is its study's first slice (the rows are in slice order)
+    slice_no: np.ndarray
 
 
 # --- writing -----------------------------------------------------------------------------------
@@ -402,19 +481,31 @@ def _export_rows(rng: np.random.Generator, image_ids, folds: pd.DataFrame, test_
     return oof_rows, oof_fold, test_rows
 
 
-def _shared_world(rng: np.random.Generator, s: _Studies) -> _World:
+def _shared_world(rng: np.random.Generator, s: _Studies, scenario: Scenario) -> _World:
     """The errors every model shares, with the per-model arrays left to fill per model."""
     n, n_studies = len(s.z), len(s.patient_of_study)
+    study_shared = rng.normal(0, scenario.study_error_shared, (n_studies, len(LABELS)))
+    # hard slices are hard for every CNN, and so are their neighbors; partly shared across labels
+    if scenario.slice_shared_persistence:
+        # a stretch of slices every CNN misreads (an artifact, an anatomy they all find hard), as
+        # long as a lesion's run: neighbors and study aggregates cannot tell it from a lesion
+        rho = scenario.slice_shared_persistence
+        slice_shared = scenario.slice_error_shared * (0.6 * _persistent_noise(rng, 1, s.first, s.slice_no, rho)
+                                                      + 0.8 * _persistent_noise(rng, len(LABELS), s.first, s.slice_no, rho))
+    else:
+        # smoothed twice: correlated over about +-2 slices
+        slice_shared = scenario.slice_error_shared * _neighbor_smooth(_neighbor_smooth(
+            0.6 * rng.normal(size=(n, 1)) + 0.8 * rng.normal(size=(n, len(LABELS))), s.first, s.last), s.first, s.last) / 1.2
     return _World(
         study_of_row=s.study_of_row,
         evidence=s.evidence,
-        study_shared=rng.normal(0, STUDY_ERROR_SHARED, (n_studies, len(LABELS))),
-        # hard slices are hard for every CNN, and so are their neighbors; partly shared across labels
-        # smoothed twice: correlated over about +-2 slices
-        slice_shared=SLICE_ERROR_SHARED * _neighbor_smooth(_neighbor_smooth(
-            0.6 * rng.normal(size=(n, 1)) + 0.8 * rng.normal(size=(n, len(LABELS))), s.first, s.last), s.first, s.last) / 1.2,
+        study_shared=study_shared,
+        slice_shared=slice_shared,
         model_noise=np.empty((n, len(LABELS))),
         model_nuisance=np.empty((n, len(LABELS))),
+        scenario=scenario,
+        first=s.first,
+        slice_no=s.slice_no,
     )
 
 
@@ -422,33 +513,46 @@ def write_exported_benchmark(
     root,
     *,
     n_patients: int,
-    n_models: int = 6,
+    n_models: int | None = None,
     seed: int = 0,
     embedding_dim: int = 0,
     n_folds: int = 5,
     test_fraction: float = 0.2,
+    scenario: str | Scenario = "independent",
 ) -> ExportedBenchmark:
-    """Write the work directory's data/, the held-out test labels and the exported predictions
-    (see the module docstring) under ``root``; deterministic for ``seed``."""
+    """Write the work directory's data/, the held-out test labels, the latent evidence and the
+    exported predictions (see the module docstring) under ``root``; deterministic for ``seed``.
+    ``scenario``: a name in SCENARIOS (or a Scenario); ``n_models`` defaults to the scenario's."""
+    if isinstance(scenario, str):
+        if scenario not in SCENARIOS:
+            raise ValueError(f"unknown scenario {scenario!r}: one of {', '.join(SCENARIOS)}")
+        scenario = SCENARIOS[scenario]
+    n_models = scenario.n_models if n_models is None else n_models
     if n_models < 1:
         raise ValueError("n_models must be at least 1")
     root = Path(root)
     rng = np.random.default_rng(seed)
-    s = _make_studies(rng, n_patients, test_fraction)
+    s = _make_studies(rng, n_patients, test_fraction, scenario.mimic_rate)
     n, n_studies = len(s.z), len(s.patient_of_study)
 
     image_ids, metadata, label_frame, is_test = _contract_tables(rng, s, n_patients)
     wd, folds, heldout, test_rows_shuffled = _write_work_data(rng, root, metadata, label_frame, is_test, n_folds, seed)
+    # outside the work directory, like the held-out labels: the floor's input, never the pipeline's
+    latent = write_parquet(_frame(image_ids, s.evidence), root / "latent_evidence.parquet")
     oof_rows, oof_fold, test_rows = _export_rows(rng, image_ids, folds, test_rows_shuffled)
-    world = _shared_world(rng, s)
+    world = _shared_world(rng, s, scenario)
     exports = root / "exports"
     names = tuple(MODEL_NAMES[m] if m < len(MODEL_NAMES) else f"model{m:02d}" for m in range(n_models))
-    oof_files, test_files, oof_emb_files, test_emb_files = {}, {}, {}, {}
+    oof_files, test_files, test_fold_files, oof_emb_files, test_emb_files = {}, {}, {}, {}, {}
     for m, name in enumerate(names):
         model_rng = np.random.default_rng([seed, m + 1])
-        model = _make_model(model_rng, m, n_studies, n_folds, embedding_dim)
-        # a model's own errors: half of them smooth along z (neighboring slices look alike)
-        world.model_noise = 0.5 * _neighbor_smooth(model_rng.normal(size=(n, len(LABELS))), s.first, s.last) + 0.87 * model_rng.normal(size=(n, len(LABELS)))
+        model = _make_model(model_rng, m, n_studies, n_folds, embedding_dim, scenario)
+        if scenario.model_error_persistence:
+            # a model's own errors persist along z as the shared ones do
+            world.model_noise = _persistent_noise(model_rng, len(LABELS), s.first, s.slice_no, scenario.model_error_persistence)
+        else:
+            # a model's own errors: half of them smooth along z (neighboring slices look alike)
+            world.model_noise = 0.5 * _neighbor_smooth(model_rng.normal(size=(n, len(LABELS))), s.first, s.last) + 0.87 * model_rng.normal(size=(n, len(LABELS)))
         world.model_nuisance = model_rng.normal(size=(n, len(LABELS)))
         oof_components = _components(model_rng, model, oof_rows, world)
         _fit_head(model, oof_components, s.y[oof_rows].astype(np.float64))
@@ -457,10 +561,12 @@ def write_exported_benchmark(
             oof_emb_files[name] = _write_npy(_embed(model_rng, model, oof_components, oof_fold), exports / f"{name}_oof_emb.npy")
         del oof_components
         test_probability = np.zeros((len(test_rows), len(LABELS)))
-        test_emb_files[name] = []
+        test_emb_files[name], test_fold_files[name] = [], []
         for k in range(n_folds):  # the K fold models each predict every test image
             components = _components(model_rng, model, test_rows, world)
-            test_probability += _head_probabilities(model, components, k) / n_folds
+            fold_probability = _head_probabilities(model, components, k)
+            test_probability += fold_probability / n_folds
+            test_fold_files[name].append(write_parquet(_frame(image_ids[test_rows], fold_probability), exports / f"{name}_test_fold{k}.parquet"))
             if embedding_dim:
                 test_emb_files[name].append(_write_npy(_embed(model_rng, model, components, k), exports / f"{name}_test_emb_fold{k}.npy"))
         test_files[name] = write_parquet(_frame(image_ids[test_rows], test_probability), exports / f"{name}_test.parquet")
@@ -470,4 +576,5 @@ def write_exported_benchmark(
         root=root, workdir=wd, heldout_test_labels=heldout, models=names, oof_files=oof_files, test_files=test_files,
         oof_embedding_files=oof_emb_files, test_embedding_files=test_emb_files, n_images=n, n_train=len(folds),
         n_test=len(test_rows), n_studies=n_studies, n_patients=n_patients, n_folds=n_folds, embedding_dim=embedding_dim,
+        test_fold_files=test_fold_files, latent_evidence=latent, scenario=scenario.name,
     )
