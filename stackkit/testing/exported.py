@@ -40,7 +40,7 @@ How the data are made, and why (what makes study-awareness and embeddings matter
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +93,9 @@ class Scenario:
     study_error_shared: float = STUDY_ERROR_SHARED
     slice_error_shared: float = SLICE_ERROR_SHARED
     slice_shared_persistence: float = 0.0
+    # share of the shared slice error's standard deviation common to the six labels (the rest is
+    # per label): a CNN that misreads a slice misreads it for `any` and the subtypes alike
+    slice_shared_label_common: float = 0.6
     # a model's own errors: per study, and per slice (scaled by 1 + 1.2 x (1 - strength))
     study_error_model: float = STUDY_ERROR_MODEL
     slice_error_model: float = SLICE_ERROR_MODEL
@@ -107,6 +110,30 @@ class Scenario:
     temperature_spread: float = TEMPERATURE_SPREAD
     bias_spread: float = BIAS_SPREAD
     mimic_rate: float = MIMIC_RATE
+    # a lesion's visibility over its run: run_end_visibility + (1 - it) x a sine bump (faint ends,
+    # where neighbors help most), and partial_volume x exp(-distance / 0.8) just outside it
+    run_end_visibility: float = 0.25
+    partial_volume: float = 0.35
+    # False ("independent"): shared errors are added to every model's logit at the same size while
+    # the evidence is scaled by each model's strength, so the difference of a strong and a weak
+    # model's logits cancels them and a stacker recovers the evidence. True: the shared errors are
+    # part of what every model perceives and are scaled with the evidence: nothing cancels them.
+    shared_error_scaled: bool = False
+    # x the weight (uniform 0.25-0.5 per model and label) the head gives its model's own nuisance
+    # response: an error of the model's own, the same in all its fold models
+    head_nuisance_scale: float = 1.0
+    # True: a model's raw `any` score is the max of its raw subtype scores (one backbone sees blood
+    # and then its type), so `any` carries no error of its own that the subtypes could average
+    # away; False ("independent"): `any` has its own view with its own errors
+    any_from_subtypes: bool = False
+    # Errors every model makes on whole lesions, which no neighbor or study aggregate can undo: a
+    # lesion under- or over-read by all (its signal x exp(N(0, spread)) per study and subtype), and
+    # runs of hemorrhage-like signal all models see where there is none (rate per study and subtype,
+    # up to false_run_length slices, lognormal strength in evidence units) but that are not in the
+    # latent evidence: the floor does not see them.
+    shared_lesion_spread: float = 0.0
+    false_run_rate: float = 0.0
+    false_run_length: int = 6
 
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
@@ -117,15 +144,20 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     ),
     Scenario(
         "persistent",
-        "errors persistent along z and mostly shared by the models, per-fold-model errors; calibrated so a "
-        "plain LightGBM on context gains ~10 % over the best model on tuning seeds 0 and 1 (RSNA 2019: 9-14 %)",
+        "errors persistent along z, shared by the models and scaled with what they see, whole lesions "
+        "under-read and false runs seen by all, per-fold-model errors, `any` read off the subtypes",
         n_models=6,
-        study_error_shared=0.5, slice_error_shared=1.3, slice_shared_persistence=0.85,
+        evidence_gain=7.0,
+        shared_error_scaled=True, any_from_subtypes=True,
+        study_error_shared=0.5, slice_error_shared=1.0, slice_shared_persistence=0.95,
         study_error_model=0.15, slice_error_model=0.3, model_error_persistence=0.7,
         model_noise_weight=0.7, fold_noise_weight=0.7, fold_error_persistence=0.7,
-        fold_strength_spread=0.06, fold_bias_spread=0.1,
+        fold_strength_spread=0.06, fold_bias_spread=0.1, head_nuisance_scale=0.3,
     ),
 )}
+# the persistent scenario with ten models (3 of them weak): what more models add when errors are shared
+SCENARIOS["many_models"] = replace(SCENARIOS["persistent"], name="many_models", n_models=10,
+                                   description="the persistent scenario with 10 models")
 
 
 @dataclass(frozen=True)
@@ -216,7 +248,7 @@ class _Studies:
     is_test_patient: np.ndarray
 
 
-def _make_studies(rng: np.random.Generator, n_patients: int, test_fraction: float, mimic_rate: float = MIMIC_RATE) -> _Studies:
+def _make_studies(rng: np.random.Generator, n_patients: int, test_fraction: float, scenario: "Scenario") -> _Studies:
     studies_per_patient = 1 + (rng.random(n_patients) < 0.08)
     patient_of_study = np.repeat(np.arange(n_patients), studies_per_patient)
     n_studies = len(patient_of_study)
@@ -254,14 +286,14 @@ def _make_studies(rng: np.random.Generator, n_patients: int, test_fraction: floa
 
     # visibility: a sine bump over the run (faint at its ends), 0.35 x exp(-distance) just outside it
     length_r = run_length[study_of_row]
-    bump = 0.25 + 0.75 * np.sin(np.pi * (at - start_r + 0.5) / length_r)
+    bump = scenario.run_end_visibility + (1.0 - scenario.run_end_visibility) * np.sin(np.pi * (at - start_r + 0.5) / length_r)
     distance_out = np.maximum(start_r - at, at - (end_r - 1))
-    outside = 0.35 * np.exp(-distance_out / 0.8)
+    outside = scenario.partial_volume * np.exp(-distance_out / 0.8)
     intensity = rng.lognormal(0.0, 0.45, (n_studies, N_SUBTYPES))[study_of_row]
     jitter = np.exp(0.25 * _neighbor_smooth(rng.normal(size=(len(z), N_SUBTYPES)), first, last))
     evidence = np.zeros((len(z), len(LABELS)))
     evidence[:, :N_SUBTYPES] = np.where(present[study_of_row], intensity * jitter * np.where(inside, bump, outside), 0.0)
-    has_mimic = rng.random((n_studies, N_SUBTYPES)) < mimic_rate
+    has_mimic = rng.random((n_studies, N_SUBTYPES)) < scenario.mimic_rate
     mimic_start = np.floor(rng.random((n_studies, N_SUBTYPES)) * sizes[:, None])[study_of_row]
     in_mimic = has_mimic[study_of_row] & (at >= mimic_start) & (at < mimic_start + rng.integers(1, MIMIC_LENGTH + 1, (n_studies, N_SUBTYPES))[study_of_row])
     mimic = rng.lognormal(-0.6, 0.4, (n_studies, N_SUBTYPES))[study_of_row] * jitter
@@ -313,7 +345,7 @@ def _make_model(rng: np.random.Generator, index: int, n_studies: int, n_folds: i
         strength=float(tier * np.exp(rng.normal(0, 0.05))),
         temperature=np.exp(rng.normal(0, scenario.temperature_spread, len(LABELS))),
         bias=rng.normal(0, scenario.bias_spread, len(LABELS)),
-        head_nuisance=rng.uniform(0.25, 0.5, len(LABELS)),
+        head_nuisance=scenario.head_nuisance_scale * rng.uniform(0.25, 0.5, len(LABELS)),
         study_error=rng.normal(0, scenario.study_error_model, (n_studies, len(LABELS))),
         slice_noise=float(scenario.slice_error_model * (1.0 + 1.2 * (1.0 - tier))),
         fold_strength=np.exp(rng.normal(0, scenario.fold_strength_spread, n_folds)),
@@ -326,15 +358,22 @@ def _make_model(rng: np.random.Generator, index: int, n_studies: int, n_folds: i
 def _components(rng, model: _Model, rows: np.ndarray, world: "_World") -> np.ndarray:
     """(n_rows, 6, 3) latent components one fold model computes for ``rows``: what it sees."""
     n, scenario = len(rows), world.scenario
-    signal = model.strength * LABEL_VISIBILITY * scenario.evidence_gain * world.evidence[rows]
+    evidence = world.evidence if world.perceived_evidence is None else world.perceived_evidence
+    signal = model.strength * LABEL_VISIBILITY * scenario.evidence_gain * evidence[rows]
     if scenario.fold_error_persistence:
         # the fold model's own errors persist along z too: drawn over every image, in slice order
         fold_noise = _persistent_noise(rng, len(LABELS), world.first, world.slice_no, scenario.fold_error_persistence)[rows]
     else:
         fold_noise = rng.normal(size=(n, len(LABELS)))
-    view = (signal + world.study_shared[world.study_of_row[rows]] + model.study_error[world.study_of_row[rows]]
-            + world.slice_shared[rows] + model.slice_noise * (scenario.model_noise_weight * world.model_noise[rows]
-                                                              + scenario.fold_noise_weight * fold_noise))
+    study_shared, slice_shared = world.study_shared[world.study_of_row[rows]], world.slice_shared[rows]
+    if scenario.shared_error_scaled:
+        study_shared, slice_shared = model.strength * study_shared, model.strength * slice_shared
+    # (the sum in the original order: "independent" stays bit for bit what it was)
+    view = (signal + study_shared + model.study_error[world.study_of_row[rows]]
+            + slice_shared + model.slice_noise * (scenario.model_noise_weight * world.model_noise[rows]
+                                                  + scenario.fold_noise_weight * fold_noise))
+    if scenario.any_from_subtypes:
+        view[:, -1] = (NEGATIVE_LOGIT[:N_SUBTYPES] + view[:, :N_SUBTYPES]).max(axis=1) - NEGATIVE_LOGIT[-1]
     # the fold models of one architecture mostly share their quirks: so does the test mean of them
     nuisance = 0.95 * world.model_nuisance[rows] + 0.3 * rng.normal(size=(n, len(LABELS)))
     # a second look at the evidence the head throws away; noisier but independent of the first
@@ -409,6 +448,7 @@ class _World:
     scenario: Scenario
     first: np.ndarray          # row is its study's first slice (the rows are in slice order)
     slice_no: np.ndarray
+    perceived_evidence: np.ndarray | None = None  # the evidence as every model reads it, when not the latent one
 
 
 # --- writing -----------------------------------------------------------------------------------
@@ -490,15 +530,33 @@ def _shared_world(rng: np.random.Generator, s: _Studies, scenario: Scenario) -> 
         # a stretch of slices every CNN misreads (an artifact, an anatomy they all find hard), as
         # long as a lesion's run: neighbors and study aggregates cannot tell it from a lesion
         rho = scenario.slice_shared_persistence
-        slice_shared = scenario.slice_error_shared * (0.6 * _persistent_noise(rng, 1, s.first, s.slice_no, rho)
-                                                      + 0.8 * _persistent_noise(rng, len(LABELS), s.first, s.slice_no, rho))
+        common = scenario.slice_shared_label_common
+        slice_shared = scenario.slice_error_shared * (common * _persistent_noise(rng, 1, s.first, s.slice_no, rho)
+                                                      + np.sqrt(1.0 - common ** 2) * _persistent_noise(rng, len(LABELS), s.first, s.slice_no, rho))
     else:
         # smoothed twice: correlated over about +-2 slices
+        common = scenario.slice_shared_label_common
         slice_shared = scenario.slice_error_shared * _neighbor_smooth(_neighbor_smooth(
-            0.6 * rng.normal(size=(n, 1)) + 0.8 * rng.normal(size=(n, len(LABELS))), s.first, s.last), s.first, s.last) / 1.2
+            common * rng.normal(size=(n, 1)) + np.sqrt(1.0 - common ** 2) * rng.normal(size=(n, len(LABELS))), s.first, s.last), s.first, s.last) / 1.2
+    perceived = None
+    if scenario.shared_lesion_spread or scenario.false_run_rate:
+        sizes = np.bincount(s.study_of_row)
+        shape = (n_studies, N_SUBTYPES)
+        lesion_factor = np.exp(rng.normal(0, scenario.shared_lesion_spread, shape))[s.study_of_row]
+        at = s.slice_no[:, None].astype(np.float64)
+        false_start = np.floor(rng.random(shape) * sizes[:, None])[s.study_of_row]
+        false_length = rng.integers(2, scenario.false_run_length + 1, shape)[s.study_of_row]
+        in_false = (rng.random(shape) < scenario.false_run_rate)[s.study_of_row] & (at >= false_start) & (at < false_start + false_length)
+        # a bump over the false run, as a lesion's (faint at its ends)
+        bump = 0.25 + 0.75 * np.sin(np.pi * (at - false_start + 0.5) / false_length)
+        false_evidence = np.where(in_false, rng.lognormal(-0.9, 0.5, shape)[s.study_of_row] * bump, 0.0)
+        perceived = np.empty_like(s.evidence)
+        perceived[:, :N_SUBTYPES] = np.maximum(s.evidence[:, :N_SUBTYPES] * lesion_factor, false_evidence)
+        perceived[:, -1] = perceived[:, :N_SUBTYPES].max(axis=1)
     return _World(
         study_of_row=s.study_of_row,
         evidence=s.evidence,
+        perceived_evidence=perceived,
         study_shared=study_shared,
         slice_shared=slice_shared,
         model_noise=np.empty((n, len(LABELS))),
@@ -532,7 +590,7 @@ def write_exported_benchmark(
         raise ValueError("n_models must be at least 1")
     root = Path(root)
     rng = np.random.default_rng(seed)
-    s = _make_studies(rng, n_patients, test_fraction, scenario.mimic_rate)
+    s = _make_studies(rng, n_patients, test_fraction, scenario)
     n, n_studies = len(s.z), len(s.patient_of_study)
 
     image_ids, metadata, label_frame, is_test = _contract_tables(rng, s, n_patients)
