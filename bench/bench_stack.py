@@ -1,25 +1,33 @@
 """Held-out benchmark of the whole stacking pipeline, through the real command line.
 
-    python bench/bench_stack.py                                  # 1,200 patients (~50k images), 6 models, seed 0
-    python bench/bench_stack.py --fit-args "--stackers lgbm"     # options passed on to `stack fit`
-    python bench/bench_stack.py --seeds 0,1,2 --json out.json
+    python bench/bench_stack.py --scenario persistent --seeds tuning            # seeds 0,1: choose defaults here
+    python bench/bench_stack.py --seeds report --json out.json                  # every scenario, seeds 101,102,103
+    python bench/bench_stack.py --scenario persistent --variants 'lgbm=--stackers lgbm;blend=--stackers lgbm,mlp'
+    python bench/bench_stack.py --fit-args "--stackers lgbm"                    # one variant `default`
     python bench/bench_stack.py --embeddings                     # also export and import 64-dim embeddings
     python bench/bench_stack.py --scale full --no-baseline       # ~870,000 images x 10 models
 
-Per seed, stackkit.testing.exported writes a work directory's data/ (metadata, labels, folds),
-base-model predictions exported outside it (study-structured errors, miscalibrated, one or two
-weak models) and the test labels, held out in a file the pipeline never sees. Then, each in its
-own process, as a user would: `base import` per model, `stack features`, `stack fit [FIT ARGS]`,
-`submit`; each step's wall time and peak resident memory (the child's ru_maxrss from wait4).
-The submission, every stacker's stack/<name>/test.parquet and every base model's test
-predictions are scored on the held-out labels with the RSNA weighted log loss, next to a plain
-LightGBM baseline run in this process (a booster per label on lags/leads/study max/mean of the
-exported predictions and the slice position). No asserts: it prints figures.
+Per scenario (stackkit.testing.exported.SCENARIOS: independent, persistent, many_models) and seed,
+the generator writes a work directory's data/ (metadata, labels, folds), base-model predictions
+exported outside it (OOF, the fold models' mean on test and each fold model's test file), the
+latent evidence and the test labels, the last two held out in files the pipeline never sees.
+Then, each in its own process, as a user would: `base import` per model (with `--test-fold` per
+fold model where this checkout's `base import` lists that option), `stack features`, and per
+variant (`--variants 'NAME=FIT ARGS;...'`, each on its own copy of the work directory, so all
+see identical inputs) `stack fit [FIT ARGS]` and `submit`; each step's wall/cpu time and peak
+resident memory (the child's ru_maxrss from wait4).
 
-Measured on an idle 2-core machine, 2026-12-01 (README, "stack fit on held-out labels"):
-1,200 patients (~51k images), 6 models, seeds 0/1/2: default `stack fit` 43-48 s, submission
-0.02337 / 0.02174 / 0.01714 = the lgbm stacker's, 0.75 / 0.87 / 0.82 x the baseline.
-`--scale full` (870,033 images, 10 models): `stack fit` 1,253 s, peak 11.2 GiB, submission 0.01439.
+Scored on the held-out labels (RSNA weighted log loss): the best base model, a plain LightGBM run
+in this process (a booster per label on lags/leads 1-2, study max/mean of the exported predictions
+and the slice position; its wall time is printed: the default `stack fit` should stay within 3x
+of it), the floor (the same LightGBM on the latent evidence instead of the predictions: what no
+model error would leave), and per variant the submission and every stacker's
+stack/<name>/test.parquet, each as a ratio to the plain LightGBM and as the share of the gap it
+closed, (lgbm - method) / (lgbm - floor). Then the mean over seeds per scenario and variant. No
+asserts: it prints figures (and --json writes them all).
+
+Seeds: TUNING_SEEDS (0, 1) are where defaults and the scenarios' dials are chosen; REPORT_SEEDS
+(101, 102, 103) give the figures a change is judged by, and are never used to choose anything.
 """
 
 from __future__ import annotations
