@@ -1,14 +1,34 @@
 """A held-out benchmark: a work directory's data/ plus base-model predictions exported elsewhere.
 
-``write_exported_benchmark(root, n_patients=...)`` writes, vectorized over whole columns (no
-Python loop over patients, studies or images):
+``write_exported_benchmark(root, n_patients=..., scenario=...)`` writes, vectorized over whole
+columns (no Python loop over patients, studies or images):
 
     root/work/data/metadata.parquet, labels.parquet, folds.parquet   the contract layout
     root/heldout_test_labels.parquet       the test images' labels: outside the work directory
+    root/latent_evidence.parquet           image_id + six columns, every image: the latent evidence
+                                           before any model error (a benchmark's floor is a learner
+                                           fed this instead of the predictions)
     root/exports/<model>_oof.parquet       image_id, fold, six probabilities (as `base import` takes)
     root/exports/<model>_test.parquet      image_id, six probabilities (mean of the fold models)
+    root/exports/<model>_test_fold<k>.parquet   fold model k's test probabilities (their mean is the above)
     root/exports/<model>_oof_emb.npy       with embedding_dim > 0: float16, rows of the oof file
     root/exports/<model>_test_emb_fold<k>.npy                      fold model k's test embedding
+
+Scenarios (``SCENARIOS``: frozen ``Scenario`` dataclasses of the dials below):
+
+* ``independent``: the original generator, unchanged bit for bit. Stacking gains far more here
+  than on real CNN predictions (a plain LightGBM 58 % below the best model on seed 0), for two reasons
+  found while calibrating ``persistent``: the shared errors are added to every model's logit at
+  the same size while the evidence is scaled by the model's strength, so a strong and a weak
+  model's difference cancels them; and each label has its own error, so `any` is denoised by the
+  five subtype channels (an absent subtype's prediction is pure error).
+* ``persistent``: shared errors scaled with each model's strength (part of what it perceives),
+  `any`'s raw score the max of the subtypes' (one backbone), errors persistent along z (AR(1),
+  0.95 for the shared slice error, 0.7 for a model's and a fold model's own), larger
+  per-fold-model errors (an OOF row has one fold model's, a test row the mean of K). Calibration
+  target: the plain LightGBM of bench/bench_stack.py ~10 % below the best model (RSNA 2019 second
+  stages: 9-14 %) on the tuning seeds; see the README for what it reaches.
+* ``many_models``: ``persistent`` with ten models.
 
 How the data are made, and why (what makes study-awareness and embeddings matter):
 
@@ -40,7 +60,7 @@ How the data are made, and why (what makes study-awareness and embeddings matter
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -66,9 +86,7 @@ EVIDENCE_GAIN = 11.0
 MODEL_STRENGTH = np.array([1.0, 0.95, 0.9, 0.85, 0.55, 0.65, 1.0, 0.9, 0.8, 0.5])
 MODEL_NAMES = ("effnet_b3", "seresnext50", "resnet34_ctx1", "densenet121", "resnet18", "effnet_b0",
                "seresnext101", "inception_v3", "regnety_16", "mobilenet_v3")
-# Spread of the errors (logit units). Most of a CNN's error is shared with other CNNs (a hard scan, a
-# hard slice and its neighbors) and smooth along z, which no stacking removes; sized so that the
-# stackers gain over the best model roughly what RSNA 2019 stacks gained (some 10-20 %).
+# Spread of the errors (logit units) of the "independent" scenario (see SCENARIOS for the others).
 STUDY_ERROR_SHARED, STUDY_ERROR_MODEL = 0.7, 0.15
 SLICE_ERROR_SHARED = 1.3
 SLICE_ERROR_MODEL = 0.35  # x (1 + 1.2 x (1 - strength)): weak models are noisier
@@ -79,6 +97,87 @@ MIMIC_RATE, MIMIC_LENGTH = 0.12, 3
 N_COMPONENTS = 3  # latent components per label a model's head mixes (see the module docstring)
 # Rough spread of each component, so the embedding's dimensions are O(1) as a CNN's pooled features are.
 COMPONENT_SCALE = 3.0
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """The generator's dials. Errors are in logit units; a ``*_persistence`` is the AR(1)
+    coefficient along z of that error inside a study (0: the "independent" scenario's short
+    +-1/+-2-slice smoothing, kept bit for bit)."""
+
+    name: str
+    description: str
+    n_models: int = 6
+    evidence_gain: float = EVIDENCE_GAIN
+    # errors every model shares: a study offset, and a slice error (hard slices are hard for every CNN)
+    study_error_shared: float = STUDY_ERROR_SHARED
+    slice_error_shared: float = SLICE_ERROR_SHARED
+    slice_shared_persistence: float = 0.0
+    # share of the shared slice error's standard deviation common to the six labels (the rest is
+    # per label): a CNN that misreads a slice misreads it for `any` and the subtypes alike
+    slice_shared_label_common: float = 0.6
+    # a model's own errors: per study, and per slice (scaled by 1 + 1.2 x (1 - strength))
+    study_error_model: float = STUDY_ERROR_MODEL
+    slice_error_model: float = SLICE_ERROR_MODEL
+    model_error_persistence: float = 0.0
+    # per slice: weight of the model's own noise (shared by its K fold models) and of each fold
+    # model's own noise (an OOF row has one fold model's, a test row the mean of K)
+    model_noise_weight: float = 0.94
+    fold_noise_weight: float = 0.35
+    fold_error_persistence: float = 0.0
+    fold_strength_spread: float = 0.04
+    fold_bias_spread: float = 0.08
+    temperature_spread: float = TEMPERATURE_SPREAD
+    bias_spread: float = BIAS_SPREAD
+    mimic_rate: float = MIMIC_RATE
+    # a lesion's visibility over its run: run_end_visibility + (1 - it) x a sine bump (faint ends,
+    # where neighbors help most), and partial_volume x exp(-distance / 0.8) just outside it
+    run_end_visibility: float = 0.25
+    partial_volume: float = 0.35
+    # False ("independent"): shared errors are added to every model's logit at the same size while
+    # the evidence is scaled by each model's strength, so the difference of a strong and a weak
+    # model's logits cancels them and a stacker recovers the evidence. True: the shared errors are
+    # part of what every model perceives and are scaled with the evidence: nothing cancels them.
+    shared_error_scaled: bool = False
+    # x the weight (uniform 0.25-0.5 per model and label) the head gives its model's own nuisance
+    # response: an error of the model's own, the same in all its fold models
+    head_nuisance_scale: float = 1.0
+    # True: a model's raw `any` score is the max of its raw subtype scores (one backbone sees blood
+    # and then its type), so `any` carries no error of its own that the subtypes could average
+    # away; False ("independent"): `any` has its own view with its own errors
+    any_from_subtypes: bool = False
+    # Errors every model makes on whole lesions, which no neighbor or study aggregate can undo: a
+    # lesion under- or over-read by all (its signal x exp(N(0, spread)) per study and subtype), and
+    # runs of hemorrhage-like signal all models see where there is none (rate per study and subtype,
+    # up to false_run_length slices, lognormal strength in evidence units) but that are not in the
+    # latent evidence: the floor does not see them.
+    shared_lesion_spread: float = 0.0
+    false_run_rate: float = 0.0
+    false_run_length: int = 6
+
+
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
+    Scenario(
+        "independent",
+        "the original generator: short-range errors that neighbors and study aggregates largely remove "
+        "(stacking gains far more than on real CNN predictions)",
+    ),
+    Scenario(
+        "persistent",
+        "errors persistent along z, shared by the models and scaled with what they see, whole lesions "
+        "under-read and false runs seen by all, per-fold-model errors, `any` read off the subtypes",
+        n_models=6,
+        evidence_gain=7.0,
+        shared_error_scaled=True, any_from_subtypes=True,
+        study_error_shared=0.5, slice_error_shared=1.0, slice_shared_persistence=0.95,
+        study_error_model=0.15, slice_error_model=0.3, model_error_persistence=0.7,
+        model_noise_weight=0.7, fold_noise_weight=0.7, fold_error_persistence=0.7,
+        fold_strength_spread=0.06, fold_bias_spread=0.1, head_nuisance_scale=0.3,
+    ),
+)}
+# the persistent scenario with ten models (3 of them weak): what more models add when errors are shared
+SCENARIOS["many_models"] = replace(SCENARIOS["persistent"], name="many_models", n_models=10,
+                                   description="the persistent scenario with 10 models")
 
 
 @dataclass(frozen=True)
@@ -100,6 +199,9 @@ class ExportedBenchmark:
     n_patients: int
     n_folds: int
     embedding_dim: int
+    test_fold_files: dict[str, list[Path]] = None   # fold model 0, 1, ...'s test predictions per model
+    latent_evidence: Path | None = None             # the evidence every model sees, before any error
+    scenario: str = "independent"
 
 
 def hex_ids(values: np.ndarray, prefix: str = "ID_", digits: int = 9) -> np.ndarray:
@@ -129,6 +231,25 @@ def _neighbor_smooth(values: np.ndarray, first: np.ndarray, last: np.ndarray) ->
     return (prev + 2.0 * values + nxt) / np.sqrt(weight)
 
 
+def _persistent_noise(rng: np.random.Generator, n_columns: int, first: np.ndarray, slice_no: np.ndarray,
+                      persistence: float) -> np.ndarray:
+    """(n, n_columns) unit-variance AR(1) noise along the rows, coefficient ``persistence``, restarted at
+    every study's first row (independent across studies): an error that persists over a stretch of
+    slices, correlation length about 1 / (1 - persistence) slices. Vectorized: one linear filter over
+    the whole column, then what it carried across study boundaries is subtracted."""
+    from scipy.signal import lfilter
+
+    innovation = rng.normal(size=(len(first), n_columns))
+    innovation[~first] *= np.sqrt(1.0 - persistence ** 2)  # a study's first row already has unit variance
+    filtered = lfilter([1.0], [1.0, -persistence], innovation, axis=0)
+    # row t of a study that starts at row s carries persistence^(t-s+1) x filtered[s-1] from the study before
+    starts = np.flatnonzero(first)
+    before_start = np.zeros((len(starts), n_columns))
+    before_start[1:] = filtered[starts[1:] - 1]
+    study = np.cumsum(first) - 1
+    return filtered - persistence ** (slice_no + 1.0)[:, None] * before_start[study]
+
+
 # --- studies, labels and the latent evidence ---------------------------------------------------
 
 
@@ -147,7 +268,7 @@ class _Studies:
     is_test_patient: np.ndarray
 
 
-def _make_studies(rng: np.random.Generator, n_patients: int, test_fraction: float) -> _Studies:
+def _make_studies(rng: np.random.Generator, n_patients: int, test_fraction: float, scenario: "Scenario") -> _Studies:
     studies_per_patient = 1 + (rng.random(n_patients) < 0.08)
     patient_of_study = np.repeat(np.arange(n_patients), studies_per_patient)
     n_studies = len(patient_of_study)
@@ -185,14 +306,14 @@ def _make_studies(rng: np.random.Generator, n_patients: int, test_fraction: floa
 
     # visibility: a sine bump over the run (faint at its ends), 0.35 x exp(-distance) just outside it
     length_r = run_length[study_of_row]
-    bump = 0.25 + 0.75 * np.sin(np.pi * (at - start_r + 0.5) / length_r)
+    bump = scenario.run_end_visibility + (1.0 - scenario.run_end_visibility) * np.sin(np.pi * (at - start_r + 0.5) / length_r)
     distance_out = np.maximum(start_r - at, at - (end_r - 1))
-    outside = 0.35 * np.exp(-distance_out / 0.8)
+    outside = scenario.partial_volume * np.exp(-distance_out / 0.8)
     intensity = rng.lognormal(0.0, 0.45, (n_studies, N_SUBTYPES))[study_of_row]
     jitter = np.exp(0.25 * _neighbor_smooth(rng.normal(size=(len(z), N_SUBTYPES)), first, last))
     evidence = np.zeros((len(z), len(LABELS)))
     evidence[:, :N_SUBTYPES] = np.where(present[study_of_row], intensity * jitter * np.where(inside, bump, outside), 0.0)
-    has_mimic = rng.random((n_studies, N_SUBTYPES)) < MIMIC_RATE
+    has_mimic = rng.random((n_studies, N_SUBTYPES)) < scenario.mimic_rate
     mimic_start = np.floor(rng.random((n_studies, N_SUBTYPES)) * sizes[:, None])[study_of_row]
     in_mimic = has_mimic[study_of_row] & (at >= mimic_start) & (at < mimic_start + rng.integers(1, MIMIC_LENGTH + 1, (n_studies, N_SUBTYPES))[study_of_row])
     mimic = rng.lognormal(-0.6, 0.4, (n_studies, N_SUBTYPES))[study_of_row] * jitter
@@ -228,7 +349,8 @@ def _orthonormal(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
     return q.T if rows < cols else q
 
 
-def _make_model(rng: np.random.Generator, index: int, n_studies: int, n_folds: int, embedding_dim: int) -> _Model:
+def _make_model(rng: np.random.Generator, index: int, n_studies: int, n_folds: int, embedding_dim: int,
+                scenario: Scenario) -> _Model:
     tier = MODEL_STRENGTH[index % len(MODEL_STRENGTH)]
     rotation = None
     if embedding_dim:
@@ -241,13 +363,13 @@ def _make_model(rng: np.random.Generator, index: int, n_studies: int, n_folds: i
         rotation /= np.linalg.norm(rotation, axis=2, keepdims=True)
     return _Model(
         strength=float(tier * np.exp(rng.normal(0, 0.05))),
-        temperature=np.exp(rng.normal(0, TEMPERATURE_SPREAD, len(LABELS))),
-        bias=rng.normal(0, BIAS_SPREAD, len(LABELS)),
-        head_nuisance=rng.uniform(0.25, 0.5, len(LABELS)),
-        study_error=rng.normal(0, STUDY_ERROR_MODEL, (n_studies, len(LABELS))),
-        slice_noise=float(SLICE_ERROR_MODEL * (1.0 + 1.2 * (1.0 - tier))),
-        fold_strength=np.exp(rng.normal(0, 0.04, n_folds)),
-        fold_bias=rng.normal(0, 0.08, (n_folds, len(LABELS))),
+        temperature=np.exp(rng.normal(0, scenario.temperature_spread, len(LABELS))),
+        bias=rng.normal(0, scenario.bias_spread, len(LABELS)),
+        head_nuisance=scenario.head_nuisance_scale * rng.uniform(0.25, 0.5, len(LABELS)),
+        study_error=rng.normal(0, scenario.study_error_model, (n_studies, len(LABELS))),
+        slice_noise=float(scenario.slice_error_model * (1.0 + 1.2 * (1.0 - tier))),
+        fold_strength=np.exp(rng.normal(0, scenario.fold_strength_spread, n_folds)),
+        fold_bias=rng.normal(0, scenario.fold_bias_spread, (n_folds, len(LABELS))),
         rotation=rotation,
     )
 
@@ -255,10 +377,23 @@ def _make_model(rng: np.random.Generator, index: int, n_studies: int, n_folds: i
 
 def _components(rng, model: _Model, rows: np.ndarray, world: "_World") -> np.ndarray:
     """(n_rows, 6, 3) latent components one fold model computes for ``rows``: what it sees."""
-    n = len(rows)
-    signal = model.strength * LABEL_VISIBILITY * EVIDENCE_GAIN * world.evidence[rows]
-    view = (signal + world.study_shared[world.study_of_row[rows]] + model.study_error[world.study_of_row[rows]]
-            + world.slice_shared[rows] + model.slice_noise * (0.94 * world.model_noise[rows] + 0.35 * rng.normal(size=(n, len(LABELS)))))
+    n, scenario = len(rows), world.scenario
+    evidence = world.evidence if world.perceived_evidence is None else world.perceived_evidence
+    signal = model.strength * LABEL_VISIBILITY * scenario.evidence_gain * evidence[rows]
+    if scenario.fold_error_persistence:
+        # the fold model's own errors persist along z too: drawn over every image, in slice order
+        fold_noise = _persistent_noise(rng, len(LABELS), world.first, world.slice_no, scenario.fold_error_persistence)[rows]
+    else:
+        fold_noise = rng.normal(size=(n, len(LABELS)))
+    study_shared, slice_shared = world.study_shared[world.study_of_row[rows]], world.slice_shared[rows]
+    if scenario.shared_error_scaled:
+        study_shared, slice_shared = model.strength * study_shared, model.strength * slice_shared
+    # (the sum in the original order: "independent" stays bit for bit what it was)
+    view = (signal + study_shared + model.study_error[world.study_of_row[rows]]
+            + slice_shared + model.slice_noise * (scenario.model_noise_weight * world.model_noise[rows]
+                                                  + scenario.fold_noise_weight * fold_noise))
+    if scenario.any_from_subtypes:
+        view[:, -1] = (NEGATIVE_LOGIT[:N_SUBTYPES] + view[:, :N_SUBTYPES]).max(axis=1) - NEGATIVE_LOGIT[-1]
     # the fold models of one architecture mostly share their quirks: so does the test mean of them
     nuisance = 0.95 * world.model_nuisance[rows] + 0.3 * rng.normal(size=(n, len(LABELS)))
     # a second look at the evidence the head throws away; noisier but independent of the first
@@ -330,6 +465,10 @@ class _World:
     slice_shared: np.ndarray   # (n, 6) smoothed along z
     model_noise: np.ndarray    # (n, 6) rewritten per model: its own noise, shared by its fold models
     model_nuisance: np.ndarray  # (n, 6) rewritten per model: the nuisance response of its fold models
+    scenario: Scenario
+    first: np.ndarray          # row is its study's first slice (the rows are in slice order)
+    slice_no: np.ndarray
+    perceived_evidence: np.ndarray | None = None  # the evidence as every model reads it, when not the latent one
 
 
 # --- writing -----------------------------------------------------------------------------------
@@ -402,19 +541,49 @@ def _export_rows(rng: np.random.Generator, image_ids, folds: pd.DataFrame, test_
     return oof_rows, oof_fold, test_rows
 
 
-def _shared_world(rng: np.random.Generator, s: _Studies) -> _World:
+def _shared_world(rng: np.random.Generator, s: _Studies, scenario: Scenario) -> _World:
     """The errors every model shares, with the per-model arrays left to fill per model."""
     n, n_studies = len(s.z), len(s.patient_of_study)
+    study_shared = rng.normal(0, scenario.study_error_shared, (n_studies, len(LABELS)))
+    # hard slices are hard for every CNN, and so are their neighbors; partly shared across labels
+    if scenario.slice_shared_persistence:
+        # a stretch of slices every CNN misreads (an artifact, an anatomy they all find hard), as
+        # long as a lesion's run: neighbors and study aggregates cannot tell it from a lesion
+        rho = scenario.slice_shared_persistence
+        common = scenario.slice_shared_label_common
+        slice_shared = scenario.slice_error_shared * (common * _persistent_noise(rng, 1, s.first, s.slice_no, rho)
+                                                      + np.sqrt(1.0 - common ** 2) * _persistent_noise(rng, len(LABELS), s.first, s.slice_no, rho))
+    else:
+        # smoothed twice: correlated over about +-2 slices
+        common = scenario.slice_shared_label_common
+        slice_shared = scenario.slice_error_shared * _neighbor_smooth(_neighbor_smooth(
+            common * rng.normal(size=(n, 1)) + np.sqrt(1.0 - common ** 2) * rng.normal(size=(n, len(LABELS))), s.first, s.last), s.first, s.last) / 1.2
+    perceived = None
+    if scenario.shared_lesion_spread or scenario.false_run_rate:
+        sizes = np.bincount(s.study_of_row)
+        shape = (n_studies, N_SUBTYPES)
+        lesion_factor = np.exp(rng.normal(0, scenario.shared_lesion_spread, shape))[s.study_of_row]
+        at = s.slice_no[:, None].astype(np.float64)
+        false_start = np.floor(rng.random(shape) * sizes[:, None])[s.study_of_row]
+        false_length = rng.integers(2, scenario.false_run_length + 1, shape)[s.study_of_row]
+        in_false = (rng.random(shape) < scenario.false_run_rate)[s.study_of_row] & (at >= false_start) & (at < false_start + false_length)
+        # a bump over the false run, as a lesion's (faint at its ends)
+        bump = 0.25 + 0.75 * np.sin(np.pi * (at - false_start + 0.5) / false_length)
+        false_evidence = np.where(in_false, rng.lognormal(-0.9, 0.5, shape)[s.study_of_row] * bump, 0.0)
+        perceived = np.empty_like(s.evidence)
+        perceived[:, :N_SUBTYPES] = np.maximum(s.evidence[:, :N_SUBTYPES] * lesion_factor, false_evidence)
+        perceived[:, -1] = perceived[:, :N_SUBTYPES].max(axis=1)
     return _World(
         study_of_row=s.study_of_row,
         evidence=s.evidence,
-        study_shared=rng.normal(0, STUDY_ERROR_SHARED, (n_studies, len(LABELS))),
-        # hard slices are hard for every CNN, and so are their neighbors; partly shared across labels
-        # smoothed twice: correlated over about +-2 slices
-        slice_shared=SLICE_ERROR_SHARED * _neighbor_smooth(_neighbor_smooth(
-            0.6 * rng.normal(size=(n, 1)) + 0.8 * rng.normal(size=(n, len(LABELS))), s.first, s.last), s.first, s.last) / 1.2,
+        perceived_evidence=perceived,
+        study_shared=study_shared,
+        slice_shared=slice_shared,
         model_noise=np.empty((n, len(LABELS))),
         model_nuisance=np.empty((n, len(LABELS))),
+        scenario=scenario,
+        first=s.first,
+        slice_no=s.slice_no,
     )
 
 
@@ -422,33 +591,46 @@ def write_exported_benchmark(
     root,
     *,
     n_patients: int,
-    n_models: int = 6,
+    n_models: int | None = None,
     seed: int = 0,
     embedding_dim: int = 0,
     n_folds: int = 5,
     test_fraction: float = 0.2,
+    scenario: str | Scenario = "independent",
 ) -> ExportedBenchmark:
-    """Write the work directory's data/, the held-out test labels and the exported predictions
-    (see the module docstring) under ``root``; deterministic for ``seed``."""
+    """Write the work directory's data/, the held-out test labels, the latent evidence and the
+    exported predictions (see the module docstring) under ``root``; deterministic for ``seed``.
+    ``scenario``: a name in SCENARIOS (or a Scenario); ``n_models`` defaults to the scenario's."""
+    if isinstance(scenario, str):
+        if scenario not in SCENARIOS:
+            raise ValueError(f"unknown scenario {scenario!r}: one of {', '.join(SCENARIOS)}")
+        scenario = SCENARIOS[scenario]
+    n_models = scenario.n_models if n_models is None else n_models
     if n_models < 1:
         raise ValueError("n_models must be at least 1")
     root = Path(root)
     rng = np.random.default_rng(seed)
-    s = _make_studies(rng, n_patients, test_fraction)
+    s = _make_studies(rng, n_patients, test_fraction, scenario)
     n, n_studies = len(s.z), len(s.patient_of_study)
 
     image_ids, metadata, label_frame, is_test = _contract_tables(rng, s, n_patients)
     wd, folds, heldout, test_rows_shuffled = _write_work_data(rng, root, metadata, label_frame, is_test, n_folds, seed)
+    # outside the work directory, like the held-out labels: the floor's input, never the pipeline's
+    latent = write_parquet(_frame(image_ids, s.evidence), root / "latent_evidence.parquet")
     oof_rows, oof_fold, test_rows = _export_rows(rng, image_ids, folds, test_rows_shuffled)
-    world = _shared_world(rng, s)
+    world = _shared_world(rng, s, scenario)
     exports = root / "exports"
     names = tuple(MODEL_NAMES[m] if m < len(MODEL_NAMES) else f"model{m:02d}" for m in range(n_models))
-    oof_files, test_files, oof_emb_files, test_emb_files = {}, {}, {}, {}
+    oof_files, test_files, test_fold_files, oof_emb_files, test_emb_files = {}, {}, {}, {}, {}
     for m, name in enumerate(names):
         model_rng = np.random.default_rng([seed, m + 1])
-        model = _make_model(model_rng, m, n_studies, n_folds, embedding_dim)
-        # a model's own errors: half of them smooth along z (neighboring slices look alike)
-        world.model_noise = 0.5 * _neighbor_smooth(model_rng.normal(size=(n, len(LABELS))), s.first, s.last) + 0.87 * model_rng.normal(size=(n, len(LABELS)))
+        model = _make_model(model_rng, m, n_studies, n_folds, embedding_dim, scenario)
+        if scenario.model_error_persistence:
+            # a model's own errors persist along z as the shared ones do
+            world.model_noise = _persistent_noise(model_rng, len(LABELS), s.first, s.slice_no, scenario.model_error_persistence)
+        else:
+            # a model's own errors: half of them smooth along z (neighboring slices look alike)
+            world.model_noise = 0.5 * _neighbor_smooth(model_rng.normal(size=(n, len(LABELS))), s.first, s.last) + 0.87 * model_rng.normal(size=(n, len(LABELS)))
         world.model_nuisance = model_rng.normal(size=(n, len(LABELS)))
         oof_components = _components(model_rng, model, oof_rows, world)
         _fit_head(model, oof_components, s.y[oof_rows].astype(np.float64))
@@ -457,10 +639,12 @@ def write_exported_benchmark(
             oof_emb_files[name] = _write_npy(_embed(model_rng, model, oof_components, oof_fold), exports / f"{name}_oof_emb.npy")
         del oof_components
         test_probability = np.zeros((len(test_rows), len(LABELS)))
-        test_emb_files[name] = []
+        test_emb_files[name], test_fold_files[name] = [], []
         for k in range(n_folds):  # the K fold models each predict every test image
             components = _components(model_rng, model, test_rows, world)
-            test_probability += _head_probabilities(model, components, k) / n_folds
+            fold_probability = _head_probabilities(model, components, k)
+            test_probability += fold_probability / n_folds
+            test_fold_files[name].append(write_parquet(_frame(image_ids[test_rows], fold_probability), exports / f"{name}_test_fold{k}.parquet"))
             if embedding_dim:
                 test_emb_files[name].append(_write_npy(_embed(model_rng, model, components, k), exports / f"{name}_test_emb_fold{k}.npy"))
         test_files[name] = write_parquet(_frame(image_ids[test_rows], test_probability), exports / f"{name}_test.parquet")
@@ -470,4 +654,5 @@ def write_exported_benchmark(
         root=root, workdir=wd, heldout_test_labels=heldout, models=names, oof_files=oof_files, test_files=test_files,
         oof_embedding_files=oof_emb_files, test_embedding_files=test_emb_files, n_images=n, n_train=len(folds),
         n_test=len(test_rows), n_studies=n_studies, n_patients=n_patients, n_folds=n_folds, embedding_dim=embedding_dim,
+        test_fold_files=test_fold_files, latent_evidence=latent, scenario=scenario.name,
     )

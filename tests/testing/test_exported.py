@@ -12,7 +12,7 @@ import pytest
 
 from stackkit.contract import LABELS
 from stackkit.contract.validate import load_core
-from stackkit.testing.exported import hex_ids, write_exported_benchmark
+from stackkit.testing.exported import SCENARIOS, hex_ids, write_exported_benchmark
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -107,18 +107,116 @@ def test_hex_ids_and_small_embeddings_refused(tmp_path):
         write_exported_benchmark(tmp_path, n_patients=6, n_models=1, embedding_dim=8)
 
 
-@pytest.mark.timeout(240)
+@pytest.fixture(scope="module")
+def persistent(tmp_path_factory):
+    return write_exported_benchmark(tmp_path_factory.mktemp("persistent"), n_patients=30, n_models=2, seed=4, scenario="persistent")
+
+
+def _probabilities(path, ids) -> np.ndarray:
+    return pd.read_parquet(path).set_index("image_id").loc[ids, list(LABELS)].to_numpy(np.float64)
+
+
+@pytest.mark.parametrize("which", ["small", "persistent"])
+def test_test_file_is_the_mean_of_the_per_fold_model_files(which, request):
+    bench = request.getfixturevalue(which)
+    for model in bench.models:
+        ids = pd.read_parquet(bench.test_files[model])["image_id"]
+        folds = bench.test_fold_files[model]
+        assert [p.name for p in folds] == [f"{model}_test_fold{k}.parquet" for k in range(bench.n_folds)]
+        assert all(p.is_file() and not p.is_relative_to(bench.workdir.root) for p in folds)
+        per_fold = np.stack([_probabilities(p, ids) for p in folds])
+        assert per_fold.shape == (bench.n_folds, bench.n_test, len(LABELS)) and ((per_fold > 0) & (per_fold < 1)).all()
+        np.testing.assert_allclose(per_fold.mean(axis=0), _probabilities(bench.test_files[model], ids), rtol=1e-6, atol=1e-7)
+
+
+def test_persistent_fold_models_have_their_own_errors(persistent):
+    """Fold models disagree on test images (their own errors), and their mean is smoother than any one."""
+    for model in persistent.models:
+        ids = pd.read_parquet(persistent.test_files[model])["image_id"]
+        logits = np.stack([np.log(p / (1 - p)) for p in (_probabilities(f, ids) for f in persistent.test_fold_files[model])])
+        spread = logits.std(axis=0)
+        assert np.median(spread) > 0.1  # logit units: a real disagreement, not float noise
+        assert not np.allclose(logits[0], logits[1])
+
+
+def test_latent_evidence_covers_every_image_outside_the_work_directory(persistent):
+    evidence = pd.read_parquet(persistent.latent_evidence)
+    metadata = pd.read_parquet(persistent.workdir.metadata)
+    assert not persistent.latent_evidence.is_relative_to(persistent.workdir.root)
+    assert list(evidence.columns) == ["image_id", *LABELS] and len(evidence) == persistent.n_images
+    assert set(evidence["image_id"]) == set(metadata["image_id"])
+    values = evidence[list(LABELS)].to_numpy()
+    assert np.isfinite(values).all() and (values >= 0).all()
+    # `any` sees the strongest subtype; the evidence is higher on positive slices than on negative ones
+    np.testing.assert_allclose(values[:, -1], values[:, :-1].max(axis=1))
+    labels = pd.concat([pd.read_parquet(persistent.workdir.labels), pd.read_parquet(persistent.heldout_test_labels)])
+    any_label = labels.set_index("image_id").loc[evidence["image_id"], "any"].to_numpy()
+    assert values[any_label == 1, -1].mean() > 5 * values[any_label == 0, -1].mean()
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_every_scenario_is_deterministic_for_a_seed(scenario, tmp_path):
+    first = write_exported_benchmark(tmp_path / "a", n_patients=10, n_models=2, seed=7, scenario=scenario)
+    again = write_exported_benchmark(tmp_path / "b", n_patients=10, n_models=2, seed=7, scenario=scenario)
+    assert first.scenario == scenario and first.models == again.models
+    files = [(first.latent_evidence, again.latent_evidence)]
+    for model in first.models:
+        files += [(first.oof_files[model], again.oof_files[model]), (first.test_files[model], again.test_files[model])]
+        files += list(zip(first.test_fold_files[model], again.test_fold_files[model]))
+    for a, b in files:
+        assert a.read_bytes() == b.read_bytes(), a.name
+
+
+def test_scenarios_differ_and_unknown_ones_are_refused(tmp_path):
+    independent = write_exported_benchmark(tmp_path / "i", n_patients=10, n_models=1, seed=2)
+    persistent = write_exported_benchmark(tmp_path / "p", n_patients=10, n_models=1, seed=2, scenario="persistent")
+    # same studies and labels (the scenario changes the models' errors, not the data)
+    pd.testing.assert_frame_equal(pd.read_parquet(independent.workdir.labels), pd.read_parquet(persistent.workdir.labels))
+    assert independent.oof_files["effnet_b3"].read_bytes() != persistent.oof_files["effnet_b3"].read_bytes()
+    assert write_exported_benchmark(tmp_path / "d", n_patients=6, scenario="persistent").models.__len__() == SCENARIOS["persistent"].n_models
+    with pytest.raises(ValueError, match="unknown scenario"):
+        write_exported_benchmark(tmp_path / "x", n_patients=6, scenario="nope")
+
+
+def test_persistent_errors_persist_along_z(persistent):
+    """A model's error (logit minus the ideal) on one slice predicts its neighbor's: correlation > 0.5."""
+    meta = pd.read_parquet(persistent.workdir.metadata).sort_values(["study_id", "z", "image_id"])
+    oof = pd.read_parquet(persistent.oof_files["effnet_b3"]).set_index("image_id").reindex(meta["image_id"])
+    labels = pd.read_parquet(persistent.workdir.labels).set_index("image_id").reindex(meta["image_id"])
+    keep = oof["any"].notna().to_numpy() & (labels["any"] == 0).to_numpy()  # negative slices: the error alone
+    p = np.clip(oof["any"].to_numpy(np.float64), 1e-6, 1 - 1e-6)
+    logit = np.log(p / (1 - p))
+    same_study = meta["study_id"].to_numpy()[1:] == meta["study_id"].to_numpy()[:-1]
+    pair = same_study & keep[1:] & keep[:-1]
+    assert np.corrcoef(logit[1:][pair], logit[:-1][pair])[0, 1] > 0.5
+
+
+@pytest.mark.timeout(300)
 def test_bench_stack_runs_end_to_end_and_prints_a_loss(tmp_path, capsys, monkeypatch):
-    """The benchmark's main on ~30 patients: real CLI steps, one stacker, a short baseline (~40 s on 2 cores)."""
+    """The benchmark's main on ~30 patients: real CLI steps, two variants, a short baseline (~60 s on 2 cores)."""
     spec = importlib.util.spec_from_file_location("bench_stack", REPO_ROOT / "bench" / "bench_stack.py")
     bench = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "bench_stack", bench)  # its dataclasses look their module up there
     spec.loader.exec_module(bench)
-    report = bench.main(["--patients", "30", "--models", "2", "--fit-args", "--stackers lgbm", "--baseline-rounds", "40",
-                         "--keep", str(tmp_path / "runs"), "--json", str(tmp_path / "out.json")])
+    assert bench.parse_seeds("report") == list(bench.REPORT_SEEDS) and bench.parse_seeds("tuning") == list(bench.TUNING_SEEDS)
+    assert not set(bench.REPORT_SEEDS) & set(bench.TUNING_SEEDS)
+    report = bench.main(["--scenario", "persistent", "--seeds", "3", "--patients", "30", "--models", "2",
+                         "--variants", "lgbm=--stackers lgbm;again=--stackers lgbm",
+                         "--baseline-rounds", "40", "--keep", str(tmp_path / "runs"), "--json", str(tmp_path / "out.json")])
     printed = capsys.readouterr().out
-    assert "submission" in printed and "baseline lightgbm" in printed
-    result = report["per_seed"][0]
-    assert 0 < result["scores"]["submission"]["overall"] < 1
-    assert "stacker lgbm" in result["scores"] and result["timings"]["stack fit"]["peak_mib"] > 0
+    assert "submission" in printed and "plain lightgbm" in printed and "gap closed" in printed
+    result = report["results"][0]
+    assert result["scenario"] == "persistent" and set(result["variants"]) == {"lgbm", "again"}
+    for variant in result["variants"].values():
+        assert 0 < variant["scores"]["submission"]["overall"] < 1
+        assert "stacker lgbm" in variant["scores"] and variant["timings"]["stack fit"]["peak_mib"] > 0
+        rows = variant["compare"]
+        lgbm, floor = rows["plain lightgbm"]["loss"], rows["floor"]["loss"]
+        assert rows["plain lightgbm"]["x_lgbm"] == pytest.approx(1.0) and rows["plain lightgbm"]["gap_closed"] == pytest.approx(0.0)
+        sub = rows["submission"]
+        assert sub["gap_closed"] == pytest.approx((lgbm - sub["loss"]) / (lgbm - floor))
+    # the same fit args on the same inputs: the same submission (variants start from identical copies)
+    assert result["variants"]["lgbm"]["scores"]["submission"]["overall"] == pytest.approx(
+        result["variants"]["again"]["scores"]["submission"]["overall"], rel=1e-9)
+    assert report["summary"]["persistent"]["baseline_wall_s"] > 0
     assert (tmp_path / "out.json").is_file()
