@@ -344,14 +344,14 @@ def compare(reference: dict, scores: dict) -> dict:
     (lgbm - method) / (lgbm - floor): 0 = no better than the plain LightGBM, 1 = at the floor."""
     bases = {k: v["overall"] for k, v in reference.items() if k.startswith("base ")}
     best_base = min(bases, key=bases.get)
-    losses = {f"best base ({best_base.removeprefix('base ')})": bases[best_base]}
+    losses = {"best base": bases[best_base]}
     lgbm, floor = reference.get("baseline lightgbm", {}).get("overall"), reference.get("floor", {}).get("overall")
     if lgbm is not None:
         losses["plain lightgbm"], losses["floor"] = lgbm, floor
     losses.update({k: v["overall"] for k, v in scores.items()})
     rows = {}
     for name, loss in losses.items():
-        rows[name] = {"loss": loss,
+        rows[name] = {"loss": loss, **({"model": best_base.removeprefix("base ")} if name == "best base" else {}),
                       "x_lgbm": loss / lgbm if lgbm else float("nan"),
                       "gap_closed": (lgbm - loss) / (lgbm - floor) if lgbm is not None and lgbm > floor else float("nan")}
     return rows
@@ -426,7 +426,8 @@ def print_timings(timings: dict) -> None:
 def print_compare(rows: dict) -> None:
     print(f"{'method':34s} {'loss':>8s} {'x lgbm':>7s} {'gap closed':>10s}")
     for name, r in rows.items():
-        print(f"{name:34s} {r['loss']:8.5f} {r['x_lgbm']:7.3f} {r['gap_closed']:10.1%}")
+        label = f"{name} ({r['model']})" if "model" in r else name
+        print(f"{label:34s} {r['loss']:8.5f} {r['x_lgbm']:7.3f} {r['gap_closed']:10.1%}")
 
 
 def print_result(result: dict) -> None:
@@ -452,13 +453,10 @@ def summarize(results: list[dict]) -> dict:
         per_variant = {}
         for variant in of_scenario[0]["variants"]:
             runs = [r["variants"][variant] for r in of_scenario]
-            # the best base model may differ per seed: its row is matched by position, not name
-            names = [list(run["compare"]) for run in runs]
             methods = {}
-            for i, name in enumerate(names[0]):
-                key = "best base" if name.startswith("best base") else name
-                rows = [run["compare"][n[i]] for run, n in zip(runs, names) if i < len(n) and (n[i] == name or key == "best base")]
-                methods[key] = {stat: float(np.mean([row[stat] for row in rows])) for stat in ("loss", "x_lgbm", "gap_closed")}
+            for name in runs[0]["compare"]:
+                rows = [run["compare"][name] for run in runs if name in run["compare"]]
+                methods[name] = {stat: float(np.mean([row[stat] for row in rows])) for stat in ("loss", "x_lgbm", "gap_closed")}
             timings = {step: {stat: float(np.mean([run["timings"][step].get(stat, np.nan) for run in runs])) for stat in ("wall_s", "cpu_s", "peak_mib")}
                        for step in runs[0]["timings"]}
             per_variant[variant] = {"methods": methods, "timings": timings}
