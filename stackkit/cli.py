@@ -298,9 +298,11 @@ def stack_fit(wd, stackers, tune, trials, timeout, storage, study_name, heartbea
               no_any_consistency, seed, quiet):
     """Fit stackers on the base models' folds, choose the blend on cross-validated scores, print the report table.
 
-    The blend kept is the lowest cross-validated candidate among fitted blends (per-label
-    non-negative weights, with or without recalibration, any-consistency and clip) and every
-    single source: never worse on CV than the best stacker or base model.
+    Candidates: every single source (stacker or base model, scored on its OOF file) and fitted
+    blends (per-label non-negative weights, with or without recalibration, any-consistency and
+    clip, each refitted per fold). The lowest blend below the best single source on every fold
+    and by 0.5% overall is kept, else that source: never worse on CV than the best stacker or
+    base model.
     """
     from stackkit.stack.fit import run_stack_fit
 

@@ -15,8 +15,9 @@ simplex (``T = 1``, ``b = 0``).
 The default blend (:func:`choose_blend`) is chosen on honest numbers only: every recipe (with
 or without recalibration, any-consistency and a fitted clip) is refitted on the other folds for
 each fold k and scored on fold k; every single source's out-of-fold score is a candidate too.
-The lowest cross-validated candidate wins, so the kept blend is never worse on CV than its best
-source, and each post-processing step stays only where the per-fold refit says it helps.
+The lowest blend that beats the best single source on every fold and by ``MIN_BLEND_GAIN``
+overall is kept, else that source: the kept blend is never worse on CV than its best source, and
+each post-processing step stays only where the per-fold refit says it helps.
 """
 
 from __future__ import annotations

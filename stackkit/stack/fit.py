@@ -14,9 +14,17 @@ Order of work (each artifact written atomically):
    per-label weights by a convex solver, with or without temperature + bias, any-consistency and a
    fitted clip; with ``--tune`` also an Optuna search over the weights) is refitted on the other
    folds and scored on fold k, and every single source is a candidate with its OOF score. The
-   lowest cross-validated candidate is refitted on all rows: the kept blend is never worse on CV
-   than its best source, and base models enter only through fitted weights;
-4. stack/blend.json (the chosen blend, every candidate's CV score, the reason), then stack/report.html.
+   lowest blend that is below the best single source on *every* fold and at least
+   ``blend.MIN_BLEND_GAIN`` below it overall is refitted on all rows; when no blend is, the best
+   single source is kept (bench/bench_defaults.py: the plain lowest-CV rule picked blends with the
+   base models that were worse on held-out labels). Base models enter only through fitted weights;
+4. stack/blend.json (the chosen blend, every candidate's CV score, the reason, how the test set is
+   met), then stack/report.html.
+
+Test predictions (contract v3): where base models have per-fold test files, every stacker predicts
+each base fold model's test feature set (features/test_fold<k>.parquet) and writes the per-set
+means (stack/<stacker>/test_fold<k>.parquet) beside their average; `submit` applies the blend to
+each set and averages, so neither level meets test rows smoother than the OOF rows it was fitted on.
 """
 
 from __future__ import annotations
