@@ -112,11 +112,16 @@ def persistent(tmp_path_factory):
     return write_exported_benchmark(tmp_path_factory.mktemp("persistent"), n_patients=30, n_models=2, seed=4, scenario="persistent")
 
 
+@pytest.fixture(scope="module")
+def realistic(tmp_path_factory):
+    return write_exported_benchmark(tmp_path_factory.mktemp("realistic"), n_patients=30, n_models=2, seed=4, scenario="realistic")
+
+
 def _probabilities(path, ids) -> np.ndarray:
     return pd.read_parquet(path).set_index("image_id").loc[ids, list(LABELS)].to_numpy(np.float64)
 
 
-@pytest.mark.parametrize("which", ["small", "persistent"])
+@pytest.mark.parametrize("which", ["small", "persistent", "realistic"])
 def test_test_file_is_the_mean_of_the_per_fold_model_files(which, request):
     bench = request.getfixturevalue(which)
     for model in bench.models:
