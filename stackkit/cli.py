@@ -289,12 +289,13 @@ def stack_features(wd, lags, dicom_meta, feature_set, quiet):
               help="auto: CUDA when a GPU is visible. On CUDA: XGBoost (gpu extra), mlp, seq, seq_emb, transformer; LightGBM stays on the CPU.")
 @click.option("--embeddings/--no-embeddings", default=True, show_default=True,
               help="Stackers that can use the base models' embeddings (seq_emb, transformer; a PCA of them in lgbm/xgb) use every model's that has them.")
-@click.option("--no-base-in-blend", is_flag=True, help="Blend only the stackers, not the base models.")
+@click.option("--base-in-blend/--no-base-in-blend", default=False, show_default=True,
+              help="Also blend the base models' predictions with the stackers' (off: on held-out labels they made the blend worse, bench/bench_defaults.py).")
 @click.option("--shared-weights", is_flag=True, help="One blend weight per source instead of one per label.")
 @click.option("--no-any-consistency", is_flag=True, help="Never enforce any >= max(subtypes) (by default it is used where CV says it helps).")
 @click.option("--seed", default=0, show_default=True, type=SEED)
 @progress_option
-def stack_fit(wd, stackers, tune, trials, timeout, storage, study_name, heartbeat, device, embeddings, no_base_in_blend, shared_weights,
+def stack_fit(wd, stackers, tune, trials, timeout, storage, study_name, heartbeat, device, embeddings, base_in_blend, shared_weights,
               no_any_consistency, seed, quiet):
     """Fit stackers on the base models' folds, choose the blend on cross-validated scores, print the report table.
 
@@ -307,7 +308,7 @@ def stack_fit(wd, stackers, tune, trials, timeout, storage, study_name, heartbea
     from stackkit.stack.fit import run_stack_fit
 
     summary = run_stack_fit(wd, stackers=_str_list(stackers), tune=tune, trials=trials, timeout=timeout,
-                            storage=storage, study_name=study_name, blend_base_models=not no_base_in_blend,
+                            storage=storage, study_name=study_name, blend_base_models=base_in_blend,
                             per_label_weights=not shared_weights, any_consistency=not no_any_consistency,
                             seed=seed, progress=not quiet, heartbeat_interval=heartbeat, device=device, use_embeddings=embeddings)
     _print_summary("stack fit", summary)

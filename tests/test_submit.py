@@ -25,7 +25,7 @@ from stackkit.testing.stack import base_model_workdir, read_submission
 def blended_template(tmp_path_factory):
     """A work directory with two base models and a (tuned, tiny) blend.json: built once, copied per test."""
     wd = base_model_workdir(tmp_path_factory.mktemp("submit") / "work", n_patients=16)
-    run_stack_fit(wd, stackers=[], tune=True, trials=3, progress=False)
+    run_stack_fit(wd, stackers=[], tune=True, trials=3, progress=False, blend_base_models=True)
     return wd
 
 

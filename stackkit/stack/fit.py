@@ -74,7 +74,7 @@ def run_stack_fit(
     timeout: float | None = None,
     storage: str | None = None,
     study_name: str | None = None,
-    blend_base_models: bool = True,
+    blend_base_models: bool = False,
     per_label_weights: bool = True,
     any_consistency: bool = True,
     seed: int = 0,
@@ -94,7 +94,7 @@ def run_stack_fit(
     core = load_core(wd)
     base_models = wd.model_names() if blend_base_models else []
     if not names and not base_models:
-        raise StackkitError("nothing to blend: no stackers given and no models under preds/; pass --stackers lgbm (or run base train/import)")
+        raise StackkitError("nothing to blend: no stackers given and no base models in the blend; pass --stackers lgbm,mlp (or --base-in-blend with models under preds/)")
     resolved_device = resolve_device(device, names)
     storage_obj = make_storage(storage, wd, heartbeat_interval=heartbeat_interval) if tune else None
     budget = timeout if timeout is not None else (DEFAULT_TUNE_BUDGET_S if tune else None)
@@ -111,6 +111,7 @@ def run_stack_fit(
         studies["blend"] = blend_info
     record = _blend_record(wd, sources, choice, fitted, studies, tune=tune, seed=seed, storage=storage,
                            per_label=per_label_weights, device=resolved_device, budget=budget)
+    record["base_oof_scores"] = base_oof_scores(wd, core, sources)
     write_json(record, wd.blend)
     from stackkit.stack.report import stack_fit_report
 
@@ -199,6 +200,23 @@ def _fit_stackers(wd, core, names, *, tune, trials, deadline, storage, prefix, s
         save_stacker_result(wd, result, core)
         fitted[name] = (result, tuned)
     return fitted, studies
+
+
+def base_oof_scores(wd, core, sources: Sources) -> dict:
+    """Every base model's OOF score (blended or not): what the stack is compared with."""
+    from stackkit.contract.validate import read_oof
+
+    _metadata, _labels, folds = core
+    scores = {}
+    for model in wd.model_names():
+        name = f"preds/{model}"
+        if name in sources.names:
+            preds = sources.preds[sources.names.index(name)]
+        else:
+            oof = read_oof(wd.oof(model), folds, wd)  # LeakageError when its folds disagree with data/folds.parquet
+            preds = oof.set_index("image_id").reindex(sources.image_ids)[list(LABELS)].to_numpy(dtype=np.float64)
+        scores[model] = weighted_log_loss(sources.y, preds).as_dict()
+    return scores
 
 
 def _collect_sources(wd, core, fitted: dict, base_models: list[str]) -> Sources:
@@ -291,7 +309,7 @@ def _blend_record(wd, sources: Sources, choice, fitted: dict, studies: dict, *, 
                    "candidates": [c.as_dict() for c in choice.candidates],
                    "weights_summary": weight_summary(params.weights, sources.names)},
         "cv_method": CV_METHOD,
-        **test_sets_record(sources),
+        **test_sets_record(wd, sources),
         "tuned": bool(tune),
         "device": device,
         "seed": int(seed),
@@ -301,16 +319,17 @@ def _blend_record(wd, sources: Sources, choice, fitted: dict, studies: dict, *, 
     }
 
 
-def test_sets_record(sources: Sources) -> dict:
+def test_sets_record(wd: Workdir, sources: Sources) -> dict:
     """How `submit` meets the test set (v3): with per-fold test files, the blend is applied to each base
     fold model's set (a source without them enters every set with its averaged test.parquet) and the
-    results averaged, so it sees single-model predictions as in its OOF fit; else once, to the averages."""
+    results averaged, so it sees single-model predictions as in its OOF fit; else once, to the averages.
+    ``models_without_test_folds``: every model under preds/ with only an averaged test.parquet (its
+    test features, and the stackers' predictions of them, are built from that average)."""
     n_sets = max((len(p) for p in sources.test_fold_paths), default=0)
     return {"test_sets": n_sets if n_sets > 1 else 1,
             "test_sets_method": ("blend applied per base fold model's test set, then averaged" if n_sets > 1
                                  else "blend applied to the averaged test predictions"),
-            "models_without_test_folds": [n.removeprefix("preds/") for n, kind, p in zip(sources.names, sources.kinds, sources.test_fold_paths)
-                                          if kind == "base" and not p]}
+            "models_without_test_folds": [m for m in wd.model_names() if not wd.test_fold_files(m)]}
 
 
 def _summary(wd, record, table, sources: Sources, choice, fitted, studies, seconds) -> dict:
@@ -318,11 +337,10 @@ def _summary(wd, record, table, sources: Sources, choice, fitted, studies, secon
     best_source = min((c for c in choice.candidates if c.kind == "source"), key=lambda c: c.cv.overall)
     lines = [f"blend: {choice.chosen.name}: cross-validated {cv.overall:.5f} (in-sample {in_sample.overall:.5f}); "
              f"best single source {best_source.name} {best_source.cv.overall:.5f}"]
-    base = [c for c in choice.candidates if c.kind == "source" and c.name.startswith("preds/")]
-    if base:
-        best_base = min(base, key=lambda c: c.cv.overall)
-        lines.append(f"blend-cv is {1.0 - cv.overall / best_base.cv.overall:.1%} below the best base model "
-                     f"({best_base.name}: {best_base.cv.overall:.5f})")
+    if record["base_oof_scores"]:
+        best_model, best_score = min(record["base_oof_scores"].items(), key=lambda item: item[1]["overall"])
+        lines.append(f"blend-cv is {1.0 - cv.overall / best_score['overall']:.1%} below the best base model "
+                     f"(preds/{best_model}: {best_score['overall']:.5f})")
     weights = ", ".join(f"{w['name']} {w['mean_weight']:.2f}" for w in record["choice"]["weights_summary"] if w["mean_weight"] >= 0.005)
     lines.append(f"weights (mean over labels): {weights}")
     for name, (_result, tuned) in fitted.items():

@@ -248,7 +248,7 @@ WORKER = textwrap.dedent(
     import sys
     from stackkit.contract import Workdir
     from stackkit.stack.fit import run_stack_fit
-    summary = run_stack_fit(Workdir.resolve(sys.argv[1]), stackers=[], tune=True, trials=int(sys.argv[2]), seed=int(sys.argv[3]),
+    summary = run_stack_fit(Workdir.resolve(sys.argv[1]), stackers=[], blend_base_models=True, tune=True, trials=int(sys.argv[2]), seed=int(sys.argv[3]),
                             timeout=3600, study_name="shared", progress=False)
     print(summary["studies"]["blend"]["trials_run_now"])
     """

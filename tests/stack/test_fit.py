@@ -52,7 +52,7 @@ def _oof_scores(wd, record) -> list[float]:
 
 
 def test_fit_without_tune_writes_stackers_blend_and_report(wd):
-    summary = run_stack_fit(wd, stackers=[FAST], progress=False)
+    summary = run_stack_fit(wd, stackers=[FAST], progress=False, blend_base_models=True)
     _, labels, folds = load_core(wd)
     oof = read_oof(wd.stack_dir(FAST) / "oof.parquet", folds, wd)  # contract format, folds agree
     assert (wd.stack_dir(FAST) / "test.parquet").is_file() and (wd.stack_dir(FAST) / "meta.json").is_file()
@@ -91,7 +91,7 @@ def test_fit_without_tune_writes_stackers_blend_and_report(wd):
 
 
 def test_fit_tune_records_studies_and_a_rerun_continues_them(wd):
-    run_stack_fit(wd, stackers=[FAST], tune=True, trials=2, study_name="t", progress=False)
+    run_stack_fit(wd, stackers=[FAST], tune=True, trials=2, study_name="t", progress=False, blend_base_models=True)
     record = read_json(wd.blend)
     studies = record["optuna"]["studies"]
     assert studies[FAST]["name"] == f"t-{FAST}" and studies[FAST]["trials_total"] == 2
@@ -118,7 +118,7 @@ def test_fit_tune_records_studies_and_a_rerun_continues_them(wd):
     assert scores["cv"]["overall"] <= min(_oof_scores(wd, record)) + 1e-12
     assert any("Optuna" in c["name"] for c in record["choice"]["candidates"])
 
-    run_stack_fit(wd, stackers=[FAST], tune=True, trials=1, study_name="t", progress=False)
+    run_stack_fit(wd, stackers=[FAST], tune=True, trials=1, study_name="t", progress=False, blend_base_models=True)
     again = read_json(wd.blend)["optuna"]["studies"]
     assert again[FAST]["trials_total"] == 3 and again["blend"]["trials_total"] == 3
 
@@ -154,21 +154,21 @@ def _no_features(wd):
 
 REFUSALS = [
     ("features from other folds", _other_folds_hash, dict(stackers=[FAST]), LeakageError, "folds_hash .* differs from data/folds.parquet"),
-    ("base model on other folds", _base_fold_disagrees, dict(stackers=[]), LeakageError, "preds/m2/oof.parquet: fold .* disagrees"),
+    ("base model on other folds", _base_fold_disagrees, dict(stackers=[], blend_base_models=True), LeakageError, "preds/m2/oof.parquet: fold .* disagrees"),
     ("no features", _no_features, dict(stackers=[FAST]), StackkitError, "run `stack features` first"),
     ("unknown stacker", lambda wd: None, dict(stackers=["catboost"]), StackkitError, "unknown stacker 'catboost'; valid stackers: lgbm"),
-    ("zero trials", lambda wd: None, dict(stackers=[], tune=True, trials=0), StackkitError, "--trials: expected a positive integer"),
-    ("bad timeout", lambda wd: None, dict(stackers=[], tune=True, timeout=-1.0), StackkitError, "--timeout"),
-    ("negative seed", lambda wd: None, dict(stackers=[], seed=-1), StackkitError, "--seed: expected an integer in 0..4294967295"),
-    ("unknown device", lambda wd: None, dict(stackers=[], device="tpu"), StackkitError, "--device: expected one of auto, cpu, cuda"),
+    ("zero trials", lambda wd: None, dict(stackers=[], blend_base_models=True, tune=True, trials=0), StackkitError, "--trials: expected a positive integer"),
+    ("bad timeout", lambda wd: None, dict(stackers=[], blend_base_models=True, tune=True, timeout=-1.0), StackkitError, "--timeout"),
+    ("negative seed", lambda wd: None, dict(stackers=[], blend_base_models=True, seed=-1), StackkitError, "--seed: expected an integer in 0..4294967295"),
+    ("unknown device", lambda wd: None, dict(stackers=[], blend_base_models=True, device="tpu"), StackkitError, "--device: expected one of auto, cpu, cuda"),
     ("nothing to blend", lambda wd: None, dict(stackers=[], blend_base_models=False), StackkitError, "nothing to blend"),
-    ("unknown storage", lambda wd: None, dict(stackers=[], tune=True, storage="ftp://x"), StackkitError, "unknown scheme 'ftp'"),
+    ("unknown storage", lambda wd: None, dict(stackers=[], blend_base_models=True, tune=True, storage="ftp://x"), StackkitError, "unknown scheme 'ftp'"),
 ]
 
 
 @pytest.mark.parametrize("case, damage, kwargs, error, match", REFUSALS, ids=[r[0] for r in REFUSALS])
 def test_refusals_change_nothing(wd, case, damage, kwargs, error, match):
-    run_stack_fit(wd, stackers=[], progress=False)  # an existing blend that must survive
+    run_stack_fit(wd, stackers=[], progress=False, blend_base_models=True)  # an existing blend that must survive
     damage(wd)
     before = snapshot(wd.root)
     with pytest.raises(error, match=match) as info:

@@ -73,7 +73,7 @@ def fitted_template(tmp_path_factory):
     """m1 with per-fold test files, m2 with only an averaged test.parquet; features and a fitted FAST stacker."""
     wd = base_model_workdir(tmp_path_factory.mktemp("v3") / "work", n_patients=20, per_fold_test=("m1",))
     run_stack_features(wd, lags=1, progress=False)
-    run_stack_fit(wd, stackers=[FAST], progress=False)
+    run_stack_fit(wd, stackers=[FAST], progress=False, blend_base_models=True)
     return wd
 
 

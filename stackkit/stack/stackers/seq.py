@@ -111,9 +111,11 @@ class SeqStacker(SequenceStacker):
             "hidden": 32,
             "kernel_size": 3,
             "dropout": 0.1,
-            "lr": 3e-3,
+            # 64 studies per batch at 6e-3: 2.5x faster per fit than 16 at 3e-3 on 2 CPU cores, and blended
+            # with lgbm better on held-out labels (bench_defaults, persistent seed 0: 0.0420 against 0.0427)
+            "lr": 6e-3,
             "weight_decay": 1e-4,
-            "batch_size": 16,  # studies per batch
+            "batch_size": 64,  # studies per batch
             "max_epochs": 40,
             "patience": 5,
             "device": "cpu",  # stack fit --device cuda puts it on a GPU
