@@ -30,7 +30,7 @@ def _copy(pipeline_workdir, tmp_path, name):
 
 
 def _tune_args(wd, url, study, trials, *extra):
-    return ["stack", "fit", "--workdir", str(wd.root), "--stackers", "lgbm", "--tune", "--trials", str(trials),
+    return ["stack", "fit", "--workdir", str(wd.root), "--stackers", "lgbm", "--base-in-blend", "--tune", "--trials", str(trials),
             "--storage", url, "--study-name", study, "-q", *extra]
 
 
