@@ -57,23 +57,18 @@ def prepared_bench(scenario: str, seed: int, out: Path, n_patients: int, env: di
 
     root = out / f"{scenario}-{seed}"
     done = root / "prepared.json"
-    bench = None
-    if not done.is_file():
-        bench = write_exported_benchmark(root, n_patients=n_patients, seed=seed, scenario=scenario)
-        args = argparse.Namespace(test_folds=bench_stack.import_supports_test_folds(env), embeddings=False)
-        logs = root / "logs"
-        logs.mkdir(exist_ok=True)
-        bench_stack._prepare(args, f"{scenario}-{seed}", bench, logs, env)
-        done.write_text(json.dumps({"models": list(bench.models)}))
-    else:
-        # a second generation is deterministic and cheap next to the fits: only its handles are needed
-        from stackkit.testing.exported import ExportedBenchmark  # noqa: F401
-
-        bench = _reopen(root, scenario, seed, n_patients)
+    if done.is_file():
+        return reopen(root)
+    bench = write_exported_benchmark(root, n_patients=n_patients, seed=seed, scenario=scenario)
+    args = argparse.Namespace(test_folds=bench_stack.import_supports_test_folds(env), embeddings=False)
+    logs = root / "logs"
+    logs.mkdir(exist_ok=True)
+    bench_stack._prepare(args, f"{scenario}-{seed}", bench, logs, env)
+    done.write_text(json.dumps({"models": list(bench.models)}))
     return bench
 
 
-def _reopen(root: Path, scenario: str, seed: int, n_patients: int):
+def reopen(root: Path):
     """Handles of an already written benchmark (paths only; nothing is regenerated)."""
     models = json.loads((root / "prepared.json").read_text())["models"]
     exports = root / "exports"

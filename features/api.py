@@ -44,7 +44,7 @@ def _read_inputs(wd: Workdir, models: list, dicom_meta: bool, progress: bool) ->
         for model in tqdm(models, desc="read predictions", unit="model", disable=not progress):
             oof_by_model[model] = read_oof(wd.oof(model), folds, wd)
             test_by_model[model] = read_test(wd.test(model), metadata, wd)
-            test_folds_by_model[model] = read_test_folds(wd, model, metadata, n_folds)
+            test_folds_by_model[model] = read_test_folds(wd, model, metadata, n_folds, test=test_by_model[model])
             # contents first (their errors are the more precise), then that they are the set model.json lists
             verify_model_files(wd, model)
     return metadata, folds, oof_by_model, test_by_model, test_folds_by_model
@@ -59,10 +59,9 @@ def test_fold_sets(test_by_model: dict, test_folds_by_model: dict) -> list[dict]
 
 
 def _features_manifest(wd: Workdir, folds: pd.DataFrame, models: list, lags, dicom_meta: bool, definitions, train, test,
-                       test_folds_by_model: dict, feature_set: str = "basic") -> dict:
+                       test_folds_by_model: dict, n_sets: int, feature_set: str = "basic") -> dict:
     """features/manifest.json's contents, without the tables' sha256 (write_set_record adds them)."""
     inputs = [wd.metadata, wd.folds] + [p for m in models for p in (wd.oof(m), wd.test(m), *wd.test_fold_files(m))]
-    n_sets = max((len(frames) for frames in test_folds_by_model.values() if frames), default=0)
     return {
         "contract_version": CONTRACT_VERSION,
         "folds_hash": folds_hash(folds["image_id"].to_numpy(dtype=object), folds["fold"].to_numpy()),
@@ -141,7 +140,7 @@ def run_stack_features(workdir: Workdir, *, lags: int = 2, dicom_meta: bool = Fa
     build_seconds = time.perf_counter() - started - read_seconds
     build_cpu = time.process_time() - cpu_started - read_cpu
 
-    manifest = _features_manifest(wd, folds, models, lags, dicom_meta, definitions, train, test, test_folds_by_model, feature_set)
+    manifest = _features_manifest(wd, folds, models, lags, dicom_meta, definitions, train, test, test_folds_by_model, len(fold_sets), feature_set)
     # features/ is replaced as a set: both tables and the manifest (last, with their sha256) are
     # written into a sibling folder that is switched in at once; any failure keeps the old set.
     with replace_dir(wd.features_dir) as folder:

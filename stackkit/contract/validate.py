@@ -275,9 +275,11 @@ def read_test(path: os.PathLike, metadata: pd.DataFrame, workdir: Workdir | None
     return validate_predictions(read_table(path, what="test prediction file"), source, expected_ids=test_ids, what="test")
 
 
-def read_test_folds(workdir: Workdir, model: str, metadata: pd.DataFrame, n_folds: int) -> list[pd.DataFrame] | None:
+def read_test_folds(workdir: Workdir, model: str, metadata: pd.DataFrame, n_folds: int,
+                    test: pd.DataFrame | None = None) -> list[pd.DataFrame] | None:
     """preds/<model>/test_fold<k>.parquet (v3) for k = 0..K-1, each validated like test.parquet and
-    put in its row order; None for a model with only an averaged test.parquet.
+    put in its row order; None for a model with only an averaged test.parquet. ``test``: the model's
+    test.parquet as ``read_test`` returned it, when the caller has read it already.
 
     One per fold model or none: a partial set (or one past fold K-1) is an error, because a test
     set with some fold models missing would not be distributed like the OOF rows."""
@@ -292,7 +294,8 @@ def read_test_folds(workdir: Workdir, model: str, metadata: pd.DataFrame, n_fold
             f"rerun `base train` or `base import --force` for it"
         )
     found = [workdir.test_fold(model, k) for k in range(n_folds)]
-    test = read_test(workdir.test(model), metadata, workdir)
+    if test is None:
+        test = read_test(workdir.test(model), metadata, workdir)
     order = test["image_id"]
     frames = []
     for path in found:

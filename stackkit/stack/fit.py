@@ -236,8 +236,8 @@ def _collect_sources(wd, core, fitted: dict, base_models: list[str]) -> Sources:
         arrays.append(result.oof.set_index("image_id").reindex(image_ids)[list(LABELS)].to_numpy(dtype=np.float64))
     for model in base_models:
         oof = read_oof(wd.oof(model), folds, wd)  # LeakageError when its folds disagree with data/folds.parquet
-        read_test(wd.test(model), metadata, wd)  # submit needs it: refuse a bad one now
-        per_fold = read_test_folds(wd, model, metadata, n_folds)
+        test = read_test(wd.test(model), metadata, wd)  # submit needs it: refuse a bad one now
+        per_fold = read_test_folds(wd, model, metadata, n_folds, test=test)
         names.append(f"preds/{model}")
         kinds.append("base")
         oof_paths.append(wd.oof(model))
@@ -326,7 +326,7 @@ def test_sets_record(wd: Workdir, sources: Sources) -> dict:
     ``models_without_test_folds``: every model under preds/ with only an averaged test.parquet (its
     test features, and the stackers' predictions of them, are built from that average)."""
     n_sets = max((len(p) for p in sources.test_fold_paths), default=0)
-    return {"test_sets": n_sets if n_sets > 1 else 1,
+    return {"test_sets": max(n_sets, 1),
             "test_sets_method": ("blend applied per base fold model's test set, then averaged" if n_sets > 1
                                  else "blend applied to the averaged test predictions"),
             "models_without_test_folds": [m for m in wd.model_names() if not wd.test_fold_files(m)]}
