@@ -85,7 +85,9 @@ def test_killed_worker_trial_is_failed_and_retried(pipeline_workdir, tmp_path, p
     assert killed.state == optuna.trial.TrialState.FAIL
     retried = [t for t in trials if t.system_attrs.get("failed_trial") == running]
     assert retried and retried[0].state == optuna.trial.TrialState.COMPLETE
-    assert retried[0].params == killed.params
+    # the retry fixes every parameter the killed trial had drawn; the killed worker may have
+    # died between two suggest calls, so the retry draws the rest itself
+    assert killed.params and killed.params.items() <= retried[0].params.items()
 
 
 @pytest.mark.parametrize("problem", ["wrong-password", "server-down"])
