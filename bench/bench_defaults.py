@@ -163,8 +163,17 @@ def feature_variant(bench, name: str, features_args: str, env: dict) -> Workdir:
     return target
 
 
+def variant_params(stacker: str, overrides: dict | None) -> dict | None:
+    """The stacker's default parameters with ``overrides`` (None: the defaults, as `stack fit` uses them)."""
+    if not overrides:
+        return None
+    from stackkit.stack.stackers import get_stacker
+
+    return {**get_stacker(stacker).default_params(), **overrides}
+
+
 def evaluate(scenario: str, seed: int, bench, stackers: list[str], out: Path, with_base: bool, features: str = "basic",
-             wd: Workdir | None = None) -> list[dict]:
+             wd: Workdir | None = None, variants: dict | None = None) -> list[dict]:
     wd = wd or bench.workdir
     cache_dir = out / f"{scenario}-{seed}" / (f"fits-{features}" if features != "basic" else "fits")
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -172,7 +181,8 @@ def evaluate(scenario: str, seed: int, bench, stackers: list[str], out: Path, wi
     fits = {}
     for name in stackers:
         print(f"  {scenario}-{seed}: fitting {name} ...", flush=True)
-        fits[name] = fitted_stacker(name, wd, cache_dir)
+        stacker, _, tag = name.partition("@")
+        fits[name] = fitted_stacker(stacker, wd, cache_dir, params=variant_params(stacker, (variants or {}).get(tag)), tag=name)
     first = fits[stackers[0]]
     image_ids, test_ids = first["image_ids"].astype(object), first["test_ids"].astype(object)
     labels = pd.read_parquet(wd.labels).set_index("image_id").reindex(image_ids)[list(LABELS)].to_numpy(dtype=np.float64)
@@ -207,7 +217,10 @@ def main(argv=None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenarios", default=None, help="comma-separated (default: every scenario)")
     parser.add_argument("--seeds", default="tuning", help="'tuning', 'report' or a comma-separated list")
-    parser.add_argument("--stackers", default="lgbm,xgb,mlp,seq")
+    parser.add_argument("--stackers", default="lgbm,xgb,mlp,seq",
+                        help="comma-separated; NAME@TAG is NAME with the parameters of --variant TAG")
+    parser.add_argument("--variant", action="append", default=[], metavar="TAG=JSON",
+                        help='parameter overrides, e.g. fast=\'{"patience": 3}\' (fits cached as NAME@TAG: change the tag with the JSON)')
     parser.add_argument("--patients", type=int, default=1200)
     parser.add_argument("--no-base", action="store_true", help="blend the stackers only")
     parser.add_argument("--features", default="basic=", help="'NAME=STACK FEATURES ARGS;...' (default: the prepared basic features)")
@@ -220,6 +233,10 @@ def main(argv=None) -> pd.DataFrame:
     scenarios = args.scenarios.split(",") if args.scenarios else list(SCENARIOS)
     seeds = bench_stack.parse_seeds(args.seeds)
     stackers = args.stackers.split(",")
+    variants = {tag: json.loads(text) for tag, _, text in (v.partition("=") for v in args.variant)}
+    unknown = {s.partition("@")[2] for s in stackers} - set(variants) - {""}
+    if unknown:
+        parser.error(f"--stackers names variants without a --variant: {sorted(unknown)}")
     env = bench_stack.child_env(args.threads)
     import os
 
@@ -232,7 +249,8 @@ def main(argv=None) -> pd.DataFrame:
             for variant in filter(None, args.features.split(";")):
                 name, _, features_args = variant.partition("=")
                 wd = feature_variant(bench, name, features_args, env)
-                rows += evaluate(scenario, seed, bench, stackers, args.out, with_base=not args.no_base, features=name, wd=wd)
+                rows += evaluate(scenario, seed, bench, stackers, args.out, with_base=not args.no_base, features=name, wd=wd,
+                                 variants=variants)
     table = pd.DataFrame(rows)
     table.to_csv(args.out / "results.csv", index=False)
     pd.set_option("display.width", 200)
