@@ -95,7 +95,8 @@ def decode_problem(path: str, values: dict, syntax: str) -> str | None:
         with quiet_rsna_ids():
             pixels = pydicom.dcmread(path).pixel_array
     except Exception as exc:  # noqa: BLE001 - any decoder failure refuses the file with its reason
-        return f"cannot decode the {uid.name} pixel data ({type(exc).__name__}: {one_line(exc, 120)})"
+        return (f"cannot decode the {uid.name} pixel data ({type(exc).__name__}: {one_line(exc, 240)}); "
+                "convert it to an uncompressed syntax, or install python-gdcm (pip install 'stackkit[gdcm]'), which decodes more")
     shape = (values["Rows"], values["Columns"])
     if np.shape(pixels) != shape:
         return f"decoded {uid.name} pixel data has shape {np.shape(pixels)}, expected {shape} (Rows x Columns)"

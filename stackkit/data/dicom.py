@@ -236,6 +236,22 @@ def _pixel_bytes(ds, syntax, size: int) -> int | None:
     return max(min(length, size - offset), 0)
 
 
+_CUT_SHORT = "End of file reached before delimiter"
+
+
+def _read_whole(path: str, read, **kwargs):
+    """``read(path, **kwargs)``, refusing a file cut inside an item of undefined length (compressed pixel
+    data, a sequence): pydicom then warns and returns an empty data set instead of raising."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = read(path, **kwargs)
+    for warning in caught:
+        if _CUT_SHORT in str(warning.message):
+            raise CorruptDicomError(path, "truncated: the file ends inside an element of undefined length (e.g. compressed pixel data)")
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return ds
+
+
 def _parse_pydicom(path: str) -> tuple[dict, str | None, int | None]:
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -244,9 +260,11 @@ def _parse_pydicom(path: str) -> tuple[dict, str | None, int | None]:
     try:
         with quiet_rsna_ids():
             # defer_size: large values (pixel data) stay on disk; we only need their position.
-            ds = pydicom.dcmread(path, defer_size=1024, force=False)
+            ds = _read_whole(path, pydicom.dcmread, defer_size=1024, force=False)
             syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
             return _pydicom_values(ds), (str(syntax) if syntax else None), _pixel_bytes(ds, syntax, size)
+    except CorruptDicomError:
+        raise
     except InvalidDicomError as exc:
         raise CorruptDicomError(path, f"not a DICOM Part 10 file ({_short(exc)})") from None
     except (ValueError, TypeError) as exc:
