@@ -13,8 +13,9 @@ answer; the tests compare them file by file.
 
 Every problem with a file raises :class:`CorruptDicomError` naming the file and the reason:
 not a DICOM Part 10 file (no ``DICM`` preamble; we never ``force`` a read), a required tag
-missing or not numeric, pixel data shorter than Rows x Columns x BitsAllocated/8 (pydicom reads
-a truncated file without complaint, so the length is checked against the file size).
+missing or not numeric, a file cut short, or what ``stackkit.data.decoding`` refuses (another
+modality, multi-frame, colour, native pixel data shorter than Rows x Columns x BitsAllocated/8,
+compressed pixel data that no installed decoder reads).
 """
 
 from __future__ import annotations

@@ -173,6 +173,9 @@ def real_dicom_copy(name: str, dest: Path, *, index: int = 0, **tags) -> Path:
                 setattr(ds, keyword, value)
         for keyword, value in tags.items():
             setattr(ds, keyword, value)
+        meta = ds.file_meta
+        meta.MediaStorageSOPClassUID = meta.get("MediaStorageSOPClassUID") or ds.get("SOPClassUID") or "1.2.840.10008.5.1.4.1.1.7"
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         ds.save_as(dest, enforce_file_format=True)
