@@ -232,7 +232,7 @@ def _pixel_bytes(ds, syntax, size: int) -> int | None:
     raw = ds.get_item("PixelData")
     offset = getattr(raw, "value_tell", None)
     length = getattr(raw, "length", None)
-    if syntax is not None and syntax.is_deflated or offset is None or length is None:
+    if (syntax is not None and syntax.is_deflated) or offset is None or length is None:
         return len(ds.PixelData)  # deflated (offsets are in the inflated stream) or already in memory
     return max(min(length, size - offset), 0)
 
@@ -240,12 +240,14 @@ def _pixel_bytes(ds, syntax, size: int) -> int | None:
 _CUT_SHORT = "End of file reached before delimiter"
 
 
-def _read_whole(path: str, read, **kwargs):
-    """``read(path, **kwargs)``, refusing a file cut inside an item of undefined length (compressed pixel
-    data, a sequence): pydicom then warns and returns an empty data set instead of raising."""
+def _read_whole(path: str, **kwargs):
+    """``pydicom.dcmread(path, **kwargs)``, refusing a file cut inside an item of undefined length
+    (compressed pixel data, a sequence): pydicom then warns and returns an empty data set instead of raising."""
+    import pydicom
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ds = read(path, **kwargs)
+        ds = pydicom.dcmread(path, **kwargs)
     for warning in caught:
         if _CUT_SHORT in str(warning.message):
             raise CorruptDicomError(path, "truncated: the file ends inside an element of undefined length (e.g. compressed pixel data)")
@@ -254,14 +256,13 @@ def _read_whole(path: str, read, **kwargs):
 
 
 def _parse_pydicom(path: str) -> tuple[dict, str | None, int | None]:
-    import pydicom
     from pydicom.errors import InvalidDicomError
 
     size = os.path.getsize(path)
     try:
         with quiet_rsna_ids():
             # defer_size: large values (pixel data) stay on disk; we only need their position.
-            ds = _read_whole(path, pydicom.dcmread, defer_size=1024, force=False)
+            ds = _read_whole(path, defer_size=1024, force=False)
             syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
             return _pydicom_values(ds), (str(syntax) if syntax else None), _pixel_bytes(ds, syntax, size)
     except CorruptDicomError:
