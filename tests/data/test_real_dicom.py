@@ -155,3 +155,37 @@ def test_12bit_repair_only_for_ct_with_the_rsna_signature(tmp_path):
     repaired = hu_of(rsna)  # the RSNA signature: shifted by 1000 modulo 4096, intercept -1000
     expected = np.where(stored + 1000 >= 4096, stored + 1000 - 4096, stored + 1000) - 1000
     np.testing.assert_array_equal(repaired, expected)
+
+
+def test_grayscale_jpeg_baseline_is_decoded_by_pillow(tmp_path):
+    """pydicom's JPEG baseline files are all colour: a grayscale one is made here from CT_small's pixels
+    with Pillow (the declared decoder) and must decode to exactly what Pillow decodes from its bytes."""
+    import io
+
+    from PIL import Image
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    path = real_dicom_copy("CT_small.dcm", tmp_path / "jpeg.dcm")
+    stored = pixels_of(real("CT_small.dcm")).astype(np.float64)
+    gray = np.rint(255 * (stored - stored.min()) / np.ptp(stored)).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(gray).save(buffer, format="JPEG", quality=90)
+    with quiet_rsna_ids():
+        ds = pydicom.dcmread(path)
+        ds.PixelData = encapsulate([buffer.getvalue()])
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+        ds["PixelData"].VR = "OB"
+        ds.save_as(path, enforce_file_format=True)
+    assert read_header(path)["modality"] == "CT"
+    expected = np.asarray(Image.open(io.BytesIO(buffer.getvalue())))
+    np.testing.assert_array_equal(pixels_of(path), expected)
+    assert np.abs(expected.astype(int) - gray).mean() < 3  # and that is the image, lossy but close
+    data = buffer.getvalue()
+    with quiet_rsna_ids():
+        ds.PixelData = encapsulate([data[: len(data) // 3]])  # the codestream cut short, the file itself whole
+        ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(CorruptDicomError, match=r"cannot decode the JPEG Baseline"):
+        read_header(path)
