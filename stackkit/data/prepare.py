@@ -220,7 +220,7 @@ def prepare_data(
     if image_id not in IMAGE_ID_RULES:
         raise StackkitError(f"--image-id {image_id!r}: expected one of {', '.join(IMAGE_ID_RULES)}")
     modalities = parse_modalities(modalities) if modalities is None or isinstance(modalities, str) else tuple(modalities)
-    _refuse_data_file(workdir)
+    _refuse_data_file(workdir)  # before the scan: a long run must not end on this
     train_paths = _dicom_files(dicom_dir, "--dicom-dir")
     test_paths = _dicom_files(test_dicom_dir, "--test-dicom-dir")
     overlap = set(train_paths) & set(test_paths)
@@ -240,8 +240,20 @@ def prepare_data(
     # Everything checked: only now touch the work directory. data/ is replaced as a set (other
     # files in it are carried along), its record last with the sha256 of metadata, labels and
     # folds, which every reader checks (stackkit.contract.validate.verify_data_file).
+    record = _prepare_record(train_paths, test_paths, skipped, image_id=image_id, modalities=modalities)
+    with replace_dir(workdir.data_dir, keep=True) as folder:
+        write_parquet(metadata, folder / workdir.metadata.name)
+        write_parquet(labels, folder / workdir.labels.name)
+        write_parquet(folds, folder / workdir.folds.name)
+        write_set_record(folder, workdir.prepare_record.name, record)
+
+    return _prepare_summary(workdir, metadata, labels, folds, n_folds, skipped, dropped_labels=n_parsed - len(labels))
+
+
+def _prepare_record(train_paths, test_paths, skipped, *, image_id: str, modalities) -> dict:
+    """data/prepare.json without its sha256 (written last, by write_set_record)."""
     test_set = set(test_paths)
-    record = {
+    return {
         "train_files": len(train_paths),
         "test_files": len(test_paths),
         "image_id": image_id,
@@ -250,13 +262,6 @@ def prepare_data(
         # submit refuses a submission that lacks these images (RSNA names files <image id>.dcm)
         "skipped_test_ids": sorted(Path(path).stem for path, _ in skipped if path in test_set),
     }
-    with replace_dir(workdir.data_dir, keep=True) as folder:
-        write_parquet(metadata, folder / workdir.metadata.name)
-        write_parquet(labels, folder / workdir.labels.name)
-        write_parquet(folds, folder / workdir.folds.name)
-        write_set_record(folder, workdir.prepare_record.name, record)
-
-    return _prepare_summary(workdir, metadata, labels, folds, n_folds, skipped, dropped_labels=n_parsed - len(labels))
 
 
 def _refuse_data_file(workdir: Workdir) -> None:
