@@ -1,9 +1,10 @@
 """DICOM slice -> Hounsfield units -> windowed uint8 channels (pure functions over arrays).
 
 HU conversion uses pydicom's ``apply_modality_lut`` (RescaleSlope/RescaleIntercept), after the
-known RSNA 2019 repair: some scanners wrote signed pixel values into files that claim
+known RSNA 2019 repair: some CT scanners wrote signed pixel values into files that claim
 ``BitsStored = 12`` and ``PixelRepresentation = 0`` (unsigned) with an intercept near 0 instead
-of -1024. For those files the stored values are shifted by +1000, wrapped modulo 4096 (the
+of -1024. Only CT files with that signature and a RescaleIntercept are repaired (an MR file
+without one is 12-bit unsigned for real). For those files the stored values are shifted by +1000, wrapped modulo 4096 (the
 12-bit range) and the intercept is set to -1000, which restores air at about -1000 HU.
 
 Windows are (center, width) pairs in HU; each becomes one uint8 channel:
@@ -26,8 +27,11 @@ QUIRK_INTERCEPT = -1000.0
 QUIRK_INTERCEPT_ABOVE = -100.0
 
 
-def needs_12bit_fix(bits_stored, pixel_representation, rescale_intercept) -> bool:
-    """True for the RSNA files whose signed pixels were written as 12-bit unsigned."""
+def needs_12bit_fix(bits_stored, pixel_representation, rescale_intercept, modality) -> bool:
+    """True for the RSNA files whose signed pixels were written as 12-bit unsigned: CT only, with a
+    RescaleIntercept present (a file without one, e.g. an MR slice, is never repaired)."""
+    if str(modality or "").strip().upper() != "CT" or rescale_intercept is None:
+        return False
     try:
         return (
             int(bits_stored) == QUIRK_BITS_STORED
@@ -50,8 +54,10 @@ def dicom_to_hu(ds) -> np.ndarray:
     from pydicom.pixels import apply_modality_lut
 
     stored = ds.pixel_array
-    intercept = getattr(ds, "RescaleIntercept", 0.0)
-    if needs_12bit_fix(getattr(ds, "BitsStored", None), getattr(ds, "PixelRepresentation", None), intercept):
+    if stored.ndim != 2:  # data prepare refuses multi-frame and colour files; one changed since is not guessed at
+        raise ValueError(f"expected one 2-D slice, got pixel array of shape {stored.shape}")
+    tags = (getattr(ds, "BitsStored", None), getattr(ds, "PixelRepresentation", None), getattr(ds, "RescaleIntercept", None))
+    if needs_12bit_fix(*tags, getattr(ds, "Modality", None)):
         stored = fix_12bit_pixels(stored)
         # apply_modality_lut reads the intercept from the dataset; repair it on this in-memory copy only
         ds.RescaleIntercept = QUIRK_INTERCEPT

@@ -155,26 +155,47 @@ def data_synth(wd, out_dir, patients, size, slices, test_fraction, seed, quiet):
 @click.option("--labels", "labels_csv", required=True, type=click.Path(), help="Label CSV: RSNA long ID,Label or wide image_id + six labels.")
 @click.option("--folds", "n_folds", default=5, show_default=True, type=click.IntRange(2, 100), help="Number of patient-grouped folds.")
 @click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the fold assignment.")
-@click.option("--strict", is_flag=True, help="Fail on the first corrupt DICOM instead of skipping it.")
+@click.option("--strict", is_flag=True, help="Fail on the first unreadable or refused DICOM instead of skipping it.")
+@click.option("--image-id", "image_id", default="sop", show_default=True, type=click.Choice(["sop", "filename"]),
+              help="Where image ids come from: sop = the file's SOPInstanceUID, filename = its name without .dcm "
+                   "(RSNA names files by image id). The label CSV is matched by this id.")
+@click.option("--modality", "modalities", default="CT", show_default=True,
+              help="Modalities to read, comma-separated (e.g. CT,MR); files of other modalities are skipped with a reason.")
 @click.option("--workers", default=None, type=click.IntRange(1, None), help="Header-reading processes (default: all cores).")
 @progress_option
-def data_prepare(wd, dicom_dir, test_dicom_dir, labels_csv, n_folds, seed, strict, workers, quiet):
-    """Scan DICOM headers and write data/metadata, data/labels and data/folds."""
+def data_prepare(wd, dicom_dir, test_dicom_dir, labels_csv, n_folds, seed, strict, image_id, modalities, workers, quiet):
+    """Scan DICOM headers and write data/metadata, data/labels and data/folds (one verified set).
+
+    \b
+    Every file is one single-frame, single-channel slice of an allowed --modality; compressed
+    files (JPEG 2000, JPEG-LS, RLE, JPEG) are decoded once here, so a file that cannot be
+    decoded is skipped now, never read as a blank image later. Skipped files are listed on
+    stderr whether the run succeeds or fails.
+    """
     import warnings
 
     from stackkit.data.prepare import SkippedDicomWarning, prepare_data
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SkippedDicomWarning)
-        summary = prepare_data(wd, dicom_dir=dicom_dir, test_dicom_dir=test_dicom_dir, labels_csv=labels_csv,
-                               n_folds=n_folds, seed=seed, strict=strict, workers=workers, progress=not quiet)
+        try:
+            summary = prepare_data(wd, dicom_dir=dicom_dir, test_dicom_dir=test_dicom_dir, labels_csv=labels_csv,
+                                   n_folds=n_folds, seed=seed, strict=strict, workers=workers, progress=not quiet,
+                                   modalities=modalities, image_id=image_id)
+        finally:  # the skipped files are often why a run fails: show them either way
+            _show_warnings(caught, SkippedDicomWarning)
+    _print_summary("data prepare", summary)
+
+
+def _show_warnings(caught, plain_category) -> None:
+    import warnings
+
     for warning in caught:
-        if issubclass(warning.category, SkippedDicomWarning):
+        if issubclass(warning.category, plain_category):
             # one plain line per skipped file, not Python's two-line warning format
             click.echo(f"warning: {warning.message}", err=True)
         else:
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
-    _print_summary("data prepare", summary)
 
 
 # --- base ------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from stackkit.contract import LABELS, Workdir
 from stackkit.contract.io import write_parquet
 from stackkit.contract.validate import load_core
 
-from stackkit.testing.contract import noisy_predictions, snapshot
+from stackkit.testing.contract import noisy_predictions, rewrite_data_file, snapshot
 
 
 class Case:
@@ -145,8 +145,24 @@ def _rewrite(path_of, transform, then):
 
     def setup(c):
         path = path_of(c.wd)
-        write_parquet(transform(pd.read_parquet(path)), path)
+        frame = transform(pd.read_parquet(path))
+        if path.parent == c.wd.data_dir:  # recorded like a rerun of `data prepare`, to reach the checks behind the hash
+            rewrite_data_file(c.wd, path, frame)
+        else:
+            write_parquet(frame, path)
         return then(c)
+
+    return setup
+
+
+def _flip_label_after(then):
+    """The command's arguments, then one label of data/labels.parquet flipped by hand (not recorded)."""
+
+    def setup(c):
+        args = then(c)
+        labels = pd.read_parquet(c.wd.labels)
+        write_parquet(_set(labels, 0, "any", 1 - int(labels["any"].iloc[0])), c.wd.labels)
+        return args
 
     return setup
 
@@ -278,7 +294,11 @@ CASES = [
     Case("import-csv-wrong-header", _import(lambda o, f: o.rename(columns={"any": "ANY"}), fmt="csv"), r"oof\.csv: missing column\(s\) any"),
     # stack features
     Case("features-truncated-preds", _truncate_then(lambda wd: wd.oof("m2"), _features), r"preds/m2/oof\.parquet: not a readable Parquet"),
-    Case("features-study-over-two-folds", lambda c: (write_parquet(_spread_study(pd.read_parquet(c.wd.folds), c), c.wd.folds), _features(c))[1], r"folds\.parquet: (study|patient) '\w+' is spread over several folds"),
+    Case("features-study-over-two-folds", lambda c: (rewrite_data_file(c.wd, c.wd.folds, _spread_study(pd.read_parquet(c.wd.folds), c)), _features(c))[1],
+         r"folds\.parquet: (study|patient) '\w+' is spread over several folds"),
+    Case("features-label-flipped-by-hand", _flip_label_after(_features), r"data/labels\.parquet: sha256 \w+\.\.\. differs from \w+\.\.\. "
+         r"recorded in data/prepare\.json .*rerun `data prepare`"),
+    Case("import-label-flipped-by-hand", _flip_label_after(_import()), r"data/labels\.parquet: sha256 .*rerun `data prepare`"),
     Case("features-missing-test-row", _rewrite(lambda wd: wd.test("m1"), lambda f: f.iloc[1:], _features), r"preds/m1/test\.parquet: 1 test image\(s\) missing"),
     Case("features-metadata-missing-z", _rewrite(lambda wd: wd.metadata, lambda f: f.drop(columns=["z"]), _features), r"data/metadata\.parquet: missing column\(s\) z"),
     Case("features-duplicate-id-in-preds", _rewrite(lambda wd: wd.oof("m1"), lambda f: pd.concat([f, f.iloc[[0]]]), _features), r"preds/m1/oof\.parquet: duplicate image_id"),

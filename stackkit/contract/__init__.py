@@ -42,6 +42,7 @@ METADATA_OPTIONAL = (
     "rows",
     "columns",
     "path",
+    "modality",
 )
 
 # Model names: they become folder names and the first part of feature column names

@@ -247,18 +247,41 @@ def _require_file(path: Path, hint: str) -> None:
         raise ContractError(f"{path}: not found; {hint}")
 
 
+DATA_REMEDY = "rerun `data prepare` to rebuild data/ (change labels in the label CSV, not in data/)"
+
+
+def _recorded_hashes(record_path: Path):
+    """The ``sha256`` map of a set's record; None without a record (a folder assembled by hand) or without hashes."""
+    if not record_path.is_file():
+        return None
+    record = read_json(record_path)
+    return record.get("sha256") if isinstance(record, dict) else None
+
+
+def verify_data_file(workdir: Workdir, path: Path) -> None:
+    """Check one data/ file against the sha256 that data/prepare.json records (when it records them):
+    a file edited by hand or copied from another run is refused, naming it and the fix."""
+    hashes = _recorded_hashes(workdir.prepare_record)
+    if hashes is None:
+        return
+    verify_set(workdir.data_dir, _source(workdir.prepare_record, workdir), hashes, names=[Path(path).name], remedy=DATA_REMEDY)
+
+
 def read_metadata(workdir: Workdir) -> pd.DataFrame:
     _require_file(workdir.metadata, "run `data prepare` first")
+    verify_data_file(workdir, workdir.metadata)
     return validate_metadata(read_table(workdir.metadata, what="metadata file"), _source(workdir.metadata, workdir))
 
 
 def read_labels(workdir: Workdir, metadata: pd.DataFrame | None = None) -> pd.DataFrame:
     _require_file(workdir.labels, "run `data prepare` first")
+    verify_data_file(workdir, workdir.labels)
     return validate_labels(read_table(workdir.labels, what="labels file"), _source(workdir.labels, workdir), metadata)
 
 
 def read_folds(workdir: Workdir, metadata: pd.DataFrame | None = None, labels: pd.DataFrame | None = None) -> pd.DataFrame:
     _require_file(workdir.folds, "run `data prepare` first")
+    verify_data_file(workdir, workdir.folds)
     return validate_folds(read_table(workdir.folds, what="folds file"), _source(workdir.folds, workdir), metadata, labels)
 
 
@@ -311,10 +334,7 @@ def verify_model_files(workdir: Workdir, model: str, names=None) -> None:
     A work directory assembled by hand may have no model.json; a record that lists hashes must
     match, else the folder mixes two versions of the model or was edited since."""
     record_path = workdir.model_json(model)
-    if not record_path.is_file():
-        return
-    record = read_json(record_path)
-    hashes = record.get("sha256") if isinstance(record, dict) else None
+    hashes = _recorded_hashes(record_path)
     if hashes is None:
         return
     if names is None:

@@ -13,19 +13,22 @@ answer; the tests compare them file by file.
 
 Every problem with a file raises :class:`CorruptDicomError` naming the file and the reason:
 not a DICOM Part 10 file (no ``DICM`` preamble; we never ``force`` a read), a required tag
-missing or not numeric, pixel data shorter than Rows x Columns x BitsAllocated/8 (pydicom reads
-a truncated file without complaint, so the length is checked against the file size).
+missing or not numeric, a file cut short, or what ``stackkit.data.decoding`` refuses (another
+modality, multi-frame, colour, native pixel data shorter than Rows x Columns x BitsAllocated/8,
+compressed pixel data that no installed decoder reads).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import struct
 import warnings
 
 from stackkit.contract import METADATA_OPTIONAL
+from stackkit.data.decoding import DEFAULT_MODALITIES, check_image_kind, decode_problem, is_encapsulated, native_length_problem
 from stackkit.errors import StackkitError, one_line
 
 
@@ -62,6 +65,9 @@ _TAGS = {
     0x00280100: ("BitsAllocated", "us"),
     0x00280002: ("SamplesPerPixel", "us"),
     0x00280008: ("NumberOfFrames", "is"),
+    0x00080060: ("Modality", "str"),
+    0x00280101: ("BitsStored", "us"),
+    0x00280103: ("PixelRepresentation", "us"),
 }
 _KEYWORDS = [keyword for keyword, _ in _TAGS.values()]
 _PIXEL_DATA = 0x7FE00010
@@ -89,8 +95,8 @@ def quiet_rsna_ids():
 # --- fast path -------------------------------------------------------------------------------
 
 
-def _parse_fast(path: str) -> tuple[dict, int, int, int]:
-    """(raw values by keyword, pixel value offset, pixel value length, file size)."""
+def _parse_fast(path: str) -> tuple[dict, str, int | None]:
+    """(raw values by keyword, transfer syntax UID, bytes of pixel data in the file or None without PixelData)."""
     unpack_tag_len = struct.Struct("<HHI").unpack_from
     unpack_explicit = struct.Struct("<HH2sH").unpack_from
     unpack_u32 = struct.Struct("<I").unpack_from
@@ -154,7 +160,9 @@ def _parse_fast(path: str) -> tuple[dict, int, int, int]:
                 pos += 8
             tag = (group << 16) | element
             if tag == _PIXEL_DATA:
-                return raw, pos, length, size
+                if length == _UNDEFINED:
+                    raise _UseFallback("encapsulated pixel data in a native transfer syntax")
+                return raw, syntax, max(min(length, size - pos), 0)
             if length == _UNDEFINED:
                 raise _UseFallback("sequence or item of undefined length")
             if tag in _TAGS:
@@ -166,7 +174,7 @@ def _parse_fast(path: str) -> tuple[dict, int, int, int]:
         else:
             if pos != size:
                 raise CorruptDicomError(path, f"truncated: the file ends at byte {size}, inside the header")
-        return raw, -1, 0, size
+        return raw, syntax, None
 
 
 def _decode_fast(kind: str, value: bytes):
@@ -195,38 +203,70 @@ def _first(value):
     return value
 
 
-def _parse_pydicom(path: str) -> tuple[dict, int, int, int]:
+_STRINGS = ("SOPInstanceUID", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "Modality")
+_INTEGERS = ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "NumberOfFrames", "BitsStored", "PixelRepresentation")
+
+
+def _pydicom_values(ds) -> dict:
+    values = {}
+    for keyword in _KEYWORDS:
+        elem = ds.get(keyword)
+        if elem is None or elem == "":
+            continue
+        if keyword == "ImagePositionPatient":
+            values[keyword] = [float(v) for v in elem]
+        elif keyword in _STRINGS:
+            values[keyword] = str(elem).strip(" \x00")
+        elif keyword in _INTEGERS:
+            values[keyword] = int(_first(elem))
+        else:
+            first = _first(elem)
+            values[keyword] = None if first in (None, "") else float(first)
+    return values
+
+
+def _pixel_bytes(ds, syntax, size: int) -> int | None:
+    """Bytes of pixel data the file holds (after inflating a deflated data set); None without PixelData."""
+    if "PixelData" not in ds:
+        return None
+    raw = ds.get_item("PixelData")
+    offset = getattr(raw, "value_tell", None)
+    length = getattr(raw, "length", None)
+    if (syntax is not None and syntax.is_deflated) or offset is None or length is None:
+        return len(ds.PixelData)  # deflated (offsets are in the inflated stream) or already in memory
+    return max(min(length, size - offset), 0)
+
+
+_CUT_SHORT = "End of file reached before delimiter"
+
+
+def _read_whole(path: str, **kwargs):
+    """``pydicom.dcmread(path, **kwargs)``, refusing a file cut inside an item of undefined length
+    (compressed pixel data, a sequence): pydicom then warns and returns an empty data set instead of raising."""
     import pydicom
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = pydicom.dcmread(path, **kwargs)
+    for warning in caught:
+        if _CUT_SHORT in str(warning.message):
+            raise CorruptDicomError(path, "truncated: the file ends inside an element of undefined length (e.g. compressed pixel data)")
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return ds
+
+
+def _parse_pydicom(path: str) -> tuple[dict, str | None, int | None]:
     from pydicom.errors import InvalidDicomError
 
     size = os.path.getsize(path)
     try:
         with quiet_rsna_ids():
             # defer_size: large values (pixel data) stay on disk; we only need their position.
-            ds = pydicom.dcmread(path, defer_size=1024, force=False)
-            values = {}
-            for keyword in _KEYWORDS:
-                elem = ds.get(keyword)
-                if elem is None or elem == "":
-                    continue
-                if keyword == "ImagePositionPatient":
-                    values[keyword] = [float(v) for v in elem]
-                elif keyword in ("SOPInstanceUID", "PatientID", "StudyInstanceUID", "SeriesInstanceUID"):
-                    values[keyword] = str(elem).strip(" \x00")
-                elif keyword in ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "NumberOfFrames"):
-                    values[keyword] = int(_first(elem))
-                else:
-                    first = _first(elem)
-                    values[keyword] = None if first in (None, "") else float(first)
-            if "PixelData" not in ds:
-                return values, -1, 0, size
-            raw = ds.get_item("PixelData")
-            offset = getattr(raw, "value_tell", None)
-            length = getattr(raw, "length", None)
-            if offset is None or length is None:  # already read into memory: small enough to measure
-                value = ds.PixelData
-                return values, size - len(value), len(value), size
-            return values, offset, length, size
+            ds = _read_whole(path, defer_size=1024, force=False)
+            syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+            return _pydicom_values(ds), (str(syntax) if syntax else None), _pixel_bytes(ds, syntax, size)
+    except CorruptDicomError:
+        raise
     except InvalidDicomError as exc:
         raise CorruptDicomError(path, f"not a DICOM Part 10 file ({_short(exc)})") from None
     except (ValueError, TypeError) as exc:
@@ -244,12 +284,12 @@ def _short(exc: BaseException) -> str:
 # --- one file --------------------------------------------------------------------------------
 
 
-def _header_row(path: str) -> tuple:
+def _header_row(path: str, modalities=DEFAULT_MODALITIES) -> tuple:
     try:
         try:
-            raw, pixel_offset, pixel_length, size = _parse_fast(path)
+            raw, syntax, available = _parse_fast(path)
         except _UseFallback:
-            values, pixel_offset, pixel_length, size = _parse_pydicom(path)
+            values, syntax, available = _parse_pydicom(path)
         else:
             try:
                 values = {keyword: _decode_fast(kind, value) for keyword, (kind, value) in raw.items()}
@@ -258,7 +298,7 @@ def _header_row(path: str) -> tuple:
                 raise CorruptDicomError(path, f"{bad} is not readable ({_short(exc)})") from None
     except OSError as exc:
         raise CorruptDicomError(path, f"cannot read the file ({exc.strerror or exc})") from None
-    return _validated_row(path, values, pixel_offset, pixel_length, size)
+    return _validated_row(path, values, syntax, available, modalities)
 
 
 def _decodes(kind, value) -> bool:
@@ -280,28 +320,21 @@ _REQUIRED = (
 )
 
 
-def _validated_row(path: str, values: dict, pixel_offset: int, pixel_length: int, size: int) -> tuple:
+def _validated_row(path: str, values: dict, syntax: str | None, available: int | None, modalities) -> tuple:
     for keyword, tag in _REQUIRED:
         if values.get(keyword) in (None, ""):
             raise CorruptDicomError(path, f"required tag {keyword} {tag} is missing or empty")
     position = values["ImagePositionPatient"]
     if len(position) != 3 or not all(math.isfinite(v) for v in position):
         raise CorruptDicomError(path, f"ImagePositionPatient (0020,0032) must hold 3 finite numbers, found {position}")
-    if pixel_offset < 0:
+    if available is None:
         raise CorruptDicomError(path, "no PixelData (7FE0,0010) element")
-    if pixel_length != _UNDEFINED:  # encapsulated (compressed) data has no fixed size to check
-        expected = (
-            values["Rows"] * values["Columns"] * values["BitsAllocated"] // 8
-            * (values.get("SamplesPerPixel") or 1) * (values.get("NumberOfFrames") or 1)
-        )
-        available = min(pixel_length, size - pixel_offset)
-        if available < expected:
-            raise CorruptDicomError(
-                path,
-                f"pixel data has {max(available, 0)} bytes, expected {expected} "
-                f"(Rows {values['Rows']} x Columns {values['Columns']} x BitsAllocated {values['BitsAllocated']}/8); "
-                "the file is truncated",
-            )
+    problem = check_image_kind(values, modalities)
+    if problem is None:
+        # a compressed length says nothing about the image size: decode it instead
+        problem = decode_problem(path, values, syntax) if is_encapsulated(syntax) else native_length_problem(values, available)
+    if problem is not None:
+        raise CorruptDicomError(path, problem)
     return (
         values["SOPInstanceUID"],
         values["PatientID"],
@@ -317,6 +350,7 @@ def _validated_row(path: str, values: dict, pixel_offset: int, pixel_length: int
         int(values["Rows"]),
         int(values["Columns"]),
         path,
+        values["Modality"].upper(),
     )
 
 
@@ -324,32 +358,35 @@ def _float(value) -> float:
     return math.nan if value is None else float(value)
 
 
-def read_header(path) -> dict:
-    """The contract's metadata columns of one DICOM file (no pixel decoding).
+def read_header(path, modalities=DEFAULT_MODALITIES) -> dict:
+    """The contract's metadata columns of one DICOM file (pixels decoded only for a compressed syntax).
 
     ``image_id`` is the SOPInstanceUID, ``study_id`` the StudyInstanceUID, ``z`` =
     ImagePositionPatient[2]; ``pixel_spacing`` is the row spacing; multi-valued
-    WindowCenter/WindowWidth give their first value; absent optional tags give NaN/None.
-    Raises :class:`CorruptDicomError` for a file that cannot be used.
+    WindowCenter/WindowWidth give their first value; absent optional tags give NaN/None;
+    ``modality`` is the Modality in upper case. Raises :class:`CorruptDicomError` for a file that
+    cannot be used (see ``stackkit.data.decoding``), e.g. a Modality not in ``modalities``.
     """
-    return dict(zip(HEADER_COLUMNS, _header_row(os.fspath(path))))
+    return dict(zip(HEADER_COLUMNS, _header_row(os.fspath(path), tuple(modalities))))
 
 
 # --- many files ------------------------------------------------------------------------------
 
 
-def _scan_chunk(paths: list[str]) -> tuple[list[tuple], list[tuple[str, str]]]:
+def _scan_chunk(paths: list[str], modalities=DEFAULT_MODALITIES) -> tuple[list[tuple], list[tuple[str, str]]]:
     rows, skipped = [], []
     for path in paths:
         try:
-            rows.append(_header_row(path))
+            rows.append(_header_row(path, modalities))
         except CorruptDicomError as exc:
             skipped.append((exc.path, exc.reason))
     return rows, skipped
 
 
-def scan_headers(paths, *, workers: int | None = None, progress: bool = True, chunk_size: int = 512):
-    """Read the headers of many files in parallel (processes, chunked); no pixel data is read.
+def scan_headers(paths, *, workers: int | None = None, progress: bool = True, chunk_size: int = 512,
+                 modalities=DEFAULT_MODALITIES):
+    """Read the headers of many files in parallel (processes, chunked); pixel data is decoded only
+    for compressed syntaxes (``read_header``), never for the native ones of the RSNA data.
 
     Returns ``(frame, skipped)``: one row per readable file in the order of ``paths``
     (columns ``HEADER_COLUMNS``) and ``(path, reason)`` for every file that was skipped.
@@ -364,17 +401,18 @@ def scan_headers(paths, *, workers: int | None = None, progress: bool = True, ch
     # Small chunks when there are few files so every worker gets some.
     chunk_size = max(16, min(chunk_size, math.ceil(len(paths) / (4 * workers)) if paths else 16))
     chunks = [paths[i : i + chunk_size] for i in range(0, len(paths), chunk_size)]
+    scan = functools.partial(_scan_chunk, modalities=tuple(modalities))
     rows: list[tuple] = []
     skipped: list[tuple[str, str]] = []
     with tqdm(total=len(paths), desc="DICOM headers", unit="file", disable=not progress) as bar:
         if workers == 1 or len(chunks) <= 1:
-            results = map(_scan_chunk, chunks)
+            results = map(scan, chunks)
             executor = None
         else:
             from concurrent.futures import ProcessPoolExecutor
 
             executor = ProcessPoolExecutor(max_workers=min(workers, len(chunks)))
-            results = executor.map(_scan_chunk, chunks)
+            results = executor.map(scan, chunks)
         try:
             for chunk, (chunk_rows, chunk_skipped) in zip(chunks, results):
                 rows.extend(chunk_rows)
@@ -386,6 +424,6 @@ def scan_headers(paths, *, workers: int | None = None, progress: bool = True, ch
     frame = pd.DataFrame.from_records(rows, columns=list(HEADER_COLUMNS))
     for col in ("rows", "columns"):
         frame[col] = frame[col].astype("int32")
-    for col in ("image_id", "patient_id", "study_id", "series_id", "path"):
+    for col in ("image_id", "patient_id", "study_id", "series_id", "path", "modality"):
         frame[col] = frame[col].astype(object)
     return frame, skipped

@@ -17,12 +17,17 @@ import pandas as pd
 
 from stackkit.contract import LABELS, Workdir
 from stackkit.errors import ContractError, StackkitError
-from stackkit.contract.io import read_table, replace_dir, write_json, write_parquet
+from stackkit.contract.io import read_table, replace_dir, write_parquet, write_set_record
 from stackkit.contract.validate import ids_in, validate_folds, validate_labels, validate_metadata
 
 
 # Warn file by file up to this many skipped files, then once for the rest.
 MAX_LISTED_SKIPS = 20
+# `data prepare --image-id`: where an image's id comes from.
+IMAGE_ID_RULES = {
+    "sop": "the SOPInstanceUID (0008,0018) of the file",
+    "filename": "the file name without .dcm (RSNA 2019 names each file <image id>.dcm)",
+}
 
 
 class SkippedDicomWarning(UserWarning):
@@ -194,18 +199,28 @@ def prepare_data(
     strict: bool = False,
     workers: int | None = None,
     progress: bool = True,
+    modalities=None,
+    image_id: str = "sop",
 ) -> dict:
-    """Scan both DICOM folders, parse the labels, make folds, validate, then write all three files.
+    """Scan both DICOM folders, parse the labels, make folds, validate, then write data/ as one set.
 
-    Unreadable DICOM files are skipped with a :class:`SkippedDicomWarning` per file and listed
-    under ``summary["skipped"]``; with ``strict=True`` the first one is an error. Nothing is
-    written unless every check passes.
+    Unreadable or refused DICOM files (``stackkit.data.decoding``: a Modality not in
+    ``modalities``, default CT; multi-frame; colour; truncated; no decoder) are skipped with a
+    :class:`SkippedDicomWarning` per file, emitted as soon as the scan ends (before any later
+    check can fail), and listed under ``summary["skipped"]``; with ``strict=True`` the first one
+    is an error. ``image_id``: ``sop`` or ``filename`` (``IMAGE_ID_RULES``). Nothing is written
+    unless every check passes.
     """
+    from stackkit.data.decoding import parse_modalities
     from stackkit.data.dicom import scan_headers
 
     workdir = Workdir.of(workdir)
     if int(n_folds) < 2:
         raise StackkitError(f"--folds {n_folds}: need at least 2 folds")
+    if image_id not in IMAGE_ID_RULES:
+        raise StackkitError(f"--image-id {image_id!r}: expected one of {', '.join(IMAGE_ID_RULES)}")
+    modalities = parse_modalities(modalities) if modalities is None or isinstance(modalities, str) else tuple(modalities)
+    _refuse_data_file(workdir)  # before the scan: a long run must not end on this
     train_paths = _dicom_files(dicom_dir, "--dicom-dir")
     test_paths = _dicom_files(test_dicom_dir, "--test-dicom-dir")
     overlap = set(train_paths) & set(test_paths)
@@ -213,36 +228,53 @@ def prepare_data(
         raise StackkitError(f"{sorted(overlap)[0]}: is in both --dicom-dir and --test-dicom-dir; use two different folders")
     labels = parse_label_csv(labels_csv)
 
-    headers, skipped = scan_headers(train_paths + test_paths, workers=workers, progress=progress)
+    headers, skipped = scan_headers(train_paths + test_paths, workers=workers, progress=progress, modalities=modalities)
     _report_skipped(skipped, strict)
-    metadata = _metadata_from_headers(headers, set(train_paths), dicom_dir)
+    metadata = _metadata_from_headers(headers, set(train_paths), dicom_dir, image_id)
     n_parsed = len(labels)
-    labels = _match_labels(labels, metadata, skipped, labels_csv, dicom_dir, test_dicom_dir)
+    labels = _match_labels(labels, metadata, skipped, (labels_csv, dicom_dir, test_dicom_dir), image_id)
     folds = make_folds(metadata, labels, n_folds, seed)
     folds = folds.set_index("image_id").reindex(labels["image_id"]).reset_index()
     folds = validate_folds(folds, "data prepare (folds)", metadata, labels)
 
     # Everything checked: only now touch the work directory. data/ is replaced as a set (other
-    # files in it are carried along), so metadata, labels, folds and the record always belong together.
-    test_set = set(test_paths)
-    record = {
-        "train_files": len(train_paths),
-        "test_files": len(test_paths),
-        "skipped": [{"path": path, "reason": reason, "split": "test" if path in test_set else "train"} for path, reason in skipped],
-        # submit refuses a submission that lacks these images (RSNA names files <SOPInstanceUID>.dcm)
-        "skipped_test_ids": sorted(Path(path).stem for path, _ in skipped if path in test_set),
-    }
+    # files in it are carried along), its record last with the sha256 of metadata, labels and
+    # folds, which every reader checks (stackkit.contract.validate.verify_data_file).
+    record = _prepare_record(train_paths, test_paths, skipped, image_id=image_id, modalities=modalities)
     with replace_dir(workdir.data_dir, keep=True) as folder:
         write_parquet(metadata, folder / workdir.metadata.name)
         write_parquet(labels, folder / workdir.labels.name)
         write_parquet(folds, folder / workdir.folds.name)
-        write_json(record, folder / workdir.prepare_record.name)
+        write_set_record(folder, workdir.prepare_record.name, record)
 
     return _prepare_summary(workdir, metadata, labels, folds, n_folds, skipped, dropped_labels=n_parsed - len(labels))
 
 
+def _prepare_record(train_paths, test_paths, skipped, *, image_id: str, modalities) -> dict:
+    """data/prepare.json without its sha256 (written last, by write_set_record)."""
+    test_set = set(test_paths)
+    return {
+        "train_files": len(train_paths),
+        "test_files": len(test_paths),
+        "image_id": image_id,
+        "modalities": list(modalities),
+        "skipped": [{"path": path, "reason": reason, "split": "test" if path in test_set else "train"} for path, reason in skipped],
+        # submit refuses a submission that lacks these images (RSNA names files <image id>.dcm)
+        "skipped_test_ids": sorted(Path(path).stem for path, _ in skipped if path in test_set),
+    }
+
+
+def _refuse_data_file(workdir: Workdir) -> None:
+    """data/ must be a folder or absent: a file there is the user's, never replaced."""
+    path = workdir.data_dir
+    if path.exists() and not path.is_dir():
+        raise StackkitError(f"{path}: exists and is not a folder; `data prepare` writes data/ as a folder: "
+                            "move the file away or use another --workdir")
+
+
 def _ids_of_skipped(skipped, labels: pd.DataFrame) -> set[str]:
-    """Image ids of skipped files, from their file names (RSNA names files <SOPInstanceUID>.dcm)."""
+    """Image ids of skipped files, from their file names (exact with --image-id filename; RSNA names
+    files <SOPInstanceUID>.dcm, so also right there with the default rule)."""
     stems = {Path(path).stem for path, _ in skipped}
     return stems & set(labels["image_id"])
 
@@ -263,15 +295,20 @@ def _report_skipped(skipped, strict: bool) -> None:
         )
 
 
-def _metadata_from_headers(headers: pd.DataFrame, train_set: set, dicom_dir) -> pd.DataFrame:
-    """Header rows -> validated metadata in slice order, with the split taken from the folder."""
+def _metadata_from_headers(headers: pd.DataFrame, train_set: set, dicom_dir, image_id: str = "sop") -> pd.DataFrame:
+    """Header rows -> validated metadata in slice order, with the split taken from the folder and
+    the image id from the ``image_id`` rule."""
     headers.insert(3, "split", np.where(headers["path"].isin(train_set), "train", "test"))
+    if image_id == "filename":
+        headers["image_id"] = [Path(path).stem for path in headers["path"]]
     duplicate = headers["image_id"].duplicated(keep=False).to_numpy()
     if duplicate.any():
         clash = headers.loc[duplicate].sort_values(["image_id", "path"])
         image = clash["image_id"].iloc[0]
         files = clash.loc[clash["image_id"] == image, "path"].tolist()
-        raise StackkitError(f"{files[1]}: SOPInstanceUID {image} is also used by {files[0]}; every image needs its own id")
+        what = "file name" if image_id == "filename" else "SOPInstanceUID"
+        raise StackkitError(f"{files[1]}: {what} {image} is also used by {files[0]}; every image needs its own id (--image-id {image_id})")
+    _check_one_patient_per_study(headers)
     source = "data prepare (DICOM headers)"
     metadata = validate_metadata(headers.sort_values(["split", "study_id", "z", "image_id"]).reset_index(drop=True), source)
     if not (metadata["split"] == "train").any():
@@ -279,11 +316,25 @@ def _metadata_from_headers(headers: pd.DataFrame, train_set: set, dicom_dir) -> 
     return metadata
 
 
-def _match_labels(labels: pd.DataFrame, metadata: pd.DataFrame, skipped, labels_csv, dicom_dir, test_dicom_dir) -> pd.DataFrame:
+def _check_one_patient_per_study(headers: pd.DataFrame) -> None:
+    """A study under two PatientIDs: one line naming a file of each."""
+    patients = headers.groupby("study_id", sort=False)["patient_id"].nunique()
+    if not (patients > 1).any():
+        return
+    study = patients.index[(patients > 1).to_numpy()][0]
+    rows = headers.loc[headers["study_id"] == study].sort_values(["patient_id", "path"]).drop_duplicates("patient_id")
+    (path_a, patient_a), (path_b, patient_b) = rows[["path", "patient_id"]].head(2).itertuples(index=False)
+    raise StackkitError(f"{path_b}: PatientID {patient_b}, but {path_a} of the same study {study} has PatientID {patient_a}; "
+                        "a study belongs to one patient: fix the headers or remove one of the files")
+
+
+def _match_labels(labels: pd.DataFrame, metadata: pd.DataFrame, skipped, sources, image_id: str = "sop") -> pd.DataFrame:
     """Labels of exactly the readable training images, in metadata order.
 
-    Labels of skipped files go with them; any other mismatch between labels and images is an error.
+    Labels of skipped files go with them; any other mismatch between labels and images is an error
+    naming the files. ``sources``: (label CSV, train folder, test folder).
     """
+    labels_csv, dicom_dir, test_dicom_dir = sources
     skipped_ids = _ids_of_skipped(skipped, labels)
     dropped = ids_in(labels["image_id"], list(skipped_ids))
     if dropped.any():
@@ -296,15 +347,15 @@ def _match_labels(labels: pd.DataFrame, metadata: pd.DataFrame, skipped, labels_
     split_of = metadata.set_index("image_id")["split"]
     label_split = labels["image_id"].map(split_of)
     if label_split.isna().any():
-        pos = int(np.argmax(label_split.isna().to_numpy()))
-        raise ContractError(
-            f"{labels_csv}: labels for image {labels['image_id'].iloc[pos]}, which is not in {dicom_dir}; "
-            "the label file and the DICOM folder must describe the same images"
-        )
+        image = labels["image_id"].iloc[int(np.argmax(label_split.isna().to_numpy()))]
+        raise ContractError(f"{labels_csv}: labels for image {image}, which is not in {dicom_dir} "
+                            f"({_why_not_found(image, metadata, skipped, dicom_dir, image_id)}); "
+                            "the label file and the DICOM folder must describe the same images")
     if (label_split == "test").any():
-        pos = int(np.argmax((label_split == "test").to_numpy()))
+        image = labels["image_id"].iloc[int(np.argmax((label_split == "test").to_numpy()))]
+        path = metadata.loc[metadata["image_id"] == image, "path"].iloc[0]
         raise ContractError(
-            f"{labels_csv}: labels for image {labels['image_id'].iloc[pos]}, which is in the test folder {test_dicom_dir}; "
+            f"{labels_csv}: labels for image {image} ({path}), which is in the test folder {test_dicom_dir}; "
             "test images must not be labeled here"
         )
     train_ids = metadata.loc[metadata["split"] == "train", "image_id"]
@@ -318,6 +369,21 @@ def _match_labels(labels: pd.DataFrame, metadata: pd.DataFrame, skipped, labels_
     labels = labels.iloc[np.argsort(order.reindex(labels["image_id"]).to_numpy(), kind="stable")].reset_index(drop=True)
     labels = validate_labels(labels, f"{labels_csv}", metadata)
     return labels
+
+
+def _why_not_found(image: str, metadata: pd.DataFrame, skipped, dicom_dir, image_id: str) -> str:
+    """Why no readable file has id ``image``, naming the file where one has the name."""
+    named = os.path.join(os.path.abspath(dicom_dir), f"{image}.dcm")
+    readable = metadata.loc[metadata["path"] == named, "image_id"]
+    if len(readable) and image_id == "sop":
+        return (f"{named} is there, with SOPInstanceUID {readable.iloc[0]}: image ids come from --image-id sop; "
+                "pass --image-id filename when the files are named by image id")
+    reason = next((why for path, why in skipped if path == named), None)
+    if reason is not None:
+        return f"{named} was skipped: {reason}"
+    rule = "file name" if image_id == "filename" else "SOPInstanceUID"
+    more = f"; {len(skipped)} file(s) were skipped, see the warnings" if skipped else ""
+    return f"no readable file has that {rule} and there is no {named}{more}"
 
 
 def _prepare_summary(workdir: Workdir, metadata, labels, folds, n_folds: int, skipped, *, dropped_labels: int) -> dict:

@@ -79,6 +79,17 @@ def write_core(wd: Workdir, metadata: pd.DataFrame, labels: pd.DataFrame, folds:
     return wd
 
 
+def rewrite_data_file(wd: Workdir, path: Path, frame: pd.DataFrame) -> None:
+    """Replace one data/ file and record its new sha256 in data/prepare.json, as a rerun of `data prepare`
+    would: for tests of what the readers check behind the hash (a hand edit alone is refused by the hash)."""
+    from stackkit.contract.io import read_json, write_set_record
+
+    write_parquet(frame, path)
+    if wd.prepare_record.is_file():
+        record = {k: v for k, v in read_json(wd.prepare_record).items() if k != "sha256"}
+        write_set_record(wd.data_dir, wd.prepare_record.name, record)
+
+
 def snapshot(root: Path) -> dict[str, bytes]:
     """Every file under root with its bytes: to prove a failed command changed nothing."""
     root = Path(root)

@@ -136,6 +136,7 @@ def dicom_bytes(stored: np.ndarray, *, pixel_representation: int, bits_stored: i
     ds.file_meta = meta
     ds.SOPClassUID = meta.MediaStorageSOPClassUID
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CT"
     ds.Rows, ds.Columns = stored.shape
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
@@ -150,3 +151,32 @@ def dicom_bytes(stored: np.ndarray, *, pixel_representation: int, bits_stored: i
     buffer = io.BytesIO()
     dcmwrite(buffer, ds, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def real_dicom_copy(name: str, dest: Path, *, index: int = 0, **tags) -> Path:
+    """A copy of pydicom's real test file ``name`` at ``dest``, its pixel data and transfer syntax as they
+    are (compressed stays compressed, deflated is deflated again on save), with the tags `data prepare`
+    requires filled in where the file lacks them (many of pydicom's files are not patient images) and
+    ``tags`` set: ``index`` makes PatientID, StudyInstanceUID and SOPInstanceUID unique per copy."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    source = get_testdata_file(name, download=False)
+    if source is None:
+        raise FileNotFoundError(f"pydicom test file {name} is not installed")
+    with quiet_rsna_ids():
+        ds = pydicom.dcmread(source)
+        defaults = dict(PatientID=f"P{index}", StudyInstanceUID=f"1.2.3.{index}", SOPInstanceUID=f"1.2.3.{index}.1",
+                        ImagePositionPatient=[0.0, 0.0, float(index)])
+        for keyword, value in defaults.items():
+            if not ds.get(keyword) or index:
+                setattr(ds, keyword, value)
+        for keyword, value in tags.items():
+            setattr(ds, keyword, value)
+        meta = ds.file_meta
+        meta.MediaStorageSOPClassUID = meta.get("MediaStorageSOPClassUID") or ds.get("SOPClassUID") or "1.2.840.10008.5.1.4.1.1.7"
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(dest, enforce_file_format=True)
+    return dest

@@ -60,11 +60,13 @@ def test_dicom_to_hu_recovers_hounsfield_units(encoding, stored, tags):
 def test_quirk_rule_matches_rsna_fix():
     from base_models.pixels import needs_12bit_fix
 
-    assert needs_12bit_fix(12, 0, 0.0) and needs_12bit_fix("12", "0", "-99")
-    assert not needs_12bit_fix(12, 0, -1024.0)  # healthy unsigned 12-bit file
-    assert not needs_12bit_fix(12, 1, 0.0)  # signed: no repair
-    assert not needs_12bit_fix(16, 0, 0.0)
-    assert not needs_12bit_fix(None, 0, 0.0)
+    assert needs_12bit_fix(12, 0, 0.0, "CT") and needs_12bit_fix("12", "0", "-99", "ct")
+    assert not needs_12bit_fix(12, 0, -1024.0, "CT")  # healthy unsigned 12-bit file
+    assert not needs_12bit_fix(12, 1, 0.0, "CT")  # signed: no repair
+    assert not needs_12bit_fix(16, 0, 0.0, "CT")
+    assert not needs_12bit_fix(None, 0, 0.0, "CT")
+    assert not needs_12bit_fix(12, 0, None, "CT")  # no RescaleIntercept: nothing to repair
+    assert not needs_12bit_fix(12, 0, 0.0, "MR") and not needs_12bit_fix(12, 0, 0.0, None)  # CT only
 
 
 def test_hu_on_pydicom_ct_small():
@@ -95,7 +97,7 @@ def test_synth_quirk_files_decode_like_healthy_ones(small_dataset):
     kinds = {"quirk": [], "healthy": []}
     for path in metadata["path"].iloc[:120]:
         ds = pydicom.dcmread(path)
-        quirk = needs_12bit_fix(ds.BitsStored, ds.PixelRepresentation, ds.RescaleIntercept)
+        quirk = needs_12bit_fix(ds.BitsStored, ds.PixelRepresentation, ds.RescaleIntercept, ds.Modality)
         try:
             hu = dicom_to_hu(ds)
         except ValueError:  # the one truncated file
