@@ -64,7 +64,9 @@ def check_timm_arch(arch: str) -> None:
     timm = import_timm()
     if name and timm.is_model(name):
         return
-    close = timm.list_models(f"*{name}*")[:6] if name else []
+    import difflib
+
+    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6) if name else []
     hint = f"similar: {', '.join(close)}" if close else "see timm.list_models('*PATTERN*')"
     raise StackkitError(f"--arch {arch!r}: timm has no model {name!r}; {hint}")
 
@@ -131,10 +133,9 @@ def create_backbone(arch: str, in_chans: int, pretrained: bool):
     try:
         return timm.create_model(timm_name(arch), pretrained=True, num_classes=0, in_chans=in_chans)
     except Exception as exc:  # hub, network and missing-weights errors come in many types
-        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         raise StackkitError(
-            f"--pretrained: timm could not load the published weights of {arch} ({type(exc).__name__}: {reason}); "
-            "offline, pass --weights FILE.safetensors (the weights saved where they can be reached)"
+            f"--pretrained: timm could not fetch the published weights of {arch} ({type(exc).__name__}); "
+            "offline, pass --weights FILE.safetensors (the timm model's state_dict, saved where its hub can be reached)"
         ) from None
 
 
