@@ -142,23 +142,6 @@ def _check_params(name, arch, context, epochs, batch_size, lr, img_size, windows
             raise StackkitError(f"window {window!r}: expected (center, width) in HU with width > 0")
 
 
-def _weights_option(arch, pretrained, weights) -> tuple[str, str] | None:
-    """--pretrained / --weights: timm architectures only, one of them; (path, sha256) of the weights file."""
-    from stackkit.contract import file_sha256
-
-    if (pretrained or weights is not None) and not str(arch).startswith("timm:"):
-        option = "--pretrained" if pretrained else f"--weights {weights}"
-        raise StackkitError(f"{option}: only for --arch timm:<name> (the built-in architectures train from scratch)")
-    if pretrained and weights is not None:
-        raise StackkitError(f"--weights {weights}: give --pretrained (timm's published weights) or --weights FILE, not both")
-    if weights is None:
-        return None
-    path = Path(weights)
-    if not path.is_file():
-        raise StackkitError(f"--weights {weights}: no such file")
-    return str(path), file_sha256(path)
-
-
 def _probe_model(config: TrainConfig) -> None:
     """Build the model once before any data is read: a name, weights file or hub that fails is one line now."""
     if config.arch.startswith("timm:"):
@@ -484,8 +467,10 @@ def train_base(
     except (TypeError, ValueError):
         raise StackkitError(f"windows {windows!r}: expected a list of (center, width) pairs in HU") from None
     _check_params(name, arch, context, epochs, batch_size, lr, img_size, windows, workers)
+    from base_models.archs.timm_models import weights_option
+
     config = TrainConfig(arch, int(context), int(epochs), int(batch_size), float(lr), int(img_size), int(seed), bool(tta), windows,
-                         amp=bool(amp), pretrained=bool(pretrained), weights=_weights_option(arch, pretrained, weights))
+                         amp=bool(amp), pretrained=bool(pretrained), weights=weights_option(arch, pretrained, weights))
     _probe_model(config)
 
     existing = wd.model_json(name)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from stackkit.contract import file_sha256
 from stackkit.errors import StackkitError
 
 from base_models.archs.base import BaseArch, ContextConv
@@ -69,6 +70,21 @@ def check_timm_arch(arch: str) -> None:
     close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6) if name else []
     hint = f"similar: {', '.join(close)}" if close else "see timm.list_models('*PATTERN*')"
     raise StackkitError(f"--arch {arch!r}: timm has no model {name!r}; {hint}")
+
+
+def weights_option(arch, pretrained, weights) -> tuple[str, str] | None:
+    """--pretrained / --weights: timm architectures only, one of them; (path, sha256) of the weights file."""
+    if (pretrained or weights is not None) and not str(arch).startswith("timm:"):
+        option = "--pretrained" if pretrained else f"--weights {weights}"
+        raise StackkitError(f"{option}: only for --arch timm:<name> (the built-in architectures train from scratch)")
+    if pretrained and weights is not None:
+        raise StackkitError(f"--weights {weights}: give --pretrained (timm's published weights) or --weights FILE, not both")
+    if weights is None:
+        return None
+    path = Path(weights)
+    if not path.is_file():
+        raise StackkitError(f"--weights {weights}: no such file")
+    return str(path), file_sha256(path)
 
 
 def _first_conv_name(backbone) -> str:
@@ -175,7 +191,9 @@ class TimmArch(BaseArch):
         center = None if center_channels is None else tuple(int(c) for c in center_channels)
         stem_channels = in_channels if center is None else center[1] - center[0]
         backbone = create_backbone(arch, stem_channels, pretrained and weights is None)
-        super().__init__(in_channels, n_outputs, feature_dim=int(backbone.num_features), dropout=dropout,
+        # what forward_head(pre_logits=True) returns: num_features, or a wider head's (e.g. MobileNetV3)
+        pooled_dim = getattr(backbone, "head_hidden_size", None) or backbone.num_features
+        super().__init__(in_channels, n_outputs, feature_dim=int(pooled_dim), dropout=dropout,
                          center_channels=center)
         self.name = arch
         if weights is not None:

@@ -75,6 +75,25 @@ def test_weights_file_fills_the_backbone_and_the_center_filters_of_a_context_mod
     torch.testing.assert_close(model(x), model(center_only))
 
 
+@pytest.mark.parametrize("arch", ["timm:efficientnet_b0", "timm:mobilenetv3_small_050", "timm:densenet121"])
+def test_any_timm_family_gets_the_context_first_layer_and_its_pooled_features(arch):
+    """Stems named differently (conv_stem, features.conv0), and heads wider than num_features (MobileNetV3)."""
+    from base_models.archs import create_model
+
+    torch.manual_seed(0)
+    model = create_model(arch, 9, 6, center_channels=(3, 6))
+    model.init_weights(prior=torch.full((6,), 0.1))
+    model.eval()
+    x = torch.randn(2, 9, 64, 64)
+    center_only = x.clone()
+    center_only[:, :3] = 0
+    center_only[:, 6:] = 0
+    assert len(model.neighbor_parameters()) == 1
+    with torch.no_grad():
+        assert model.pool(model.features(x)).flatten(1).shape == (2, model.feature_dim)
+        torch.testing.assert_close(model(x), model(center_only))
+
+
 def test_weights_for_one_input_channel_group_are_adapted_without_context(r18_weights):
     from safetensors.torch import load_file
 
