@@ -139,6 +139,7 @@ def test_timm_errors_are_one_line(options, match, small_dataset, r18_weights, tm
     from base_models.train import train_base
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as on a machine without internet
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # and nothing cached
     options = dict(options)
     kind = options.get("weights")
     if kind in ("shape", "missing", "extra"):
@@ -157,13 +158,19 @@ def test_timm_errors_are_one_line(options, match, small_dataset, r18_weights, tm
     assert not wd.preds_root.exists()
 
 
-def test_unknown_timm_model_on_the_command_line_is_one_line_exit_2(small_dataset, tmp_path):
+@pytest.mark.parametrize("options, message", [
+    (["--arch", "timm:efficentnet_b0"], "timm has no model 'efficentnet_b0'; similar: efficientnet_b0"),
+    (["--arch", "timm:resnet18", "--pseudo-labels", "PSEUDO"], "one --pseudo-labels file for all 3 folds"),
+    (["--arch", "resnet_tiny", "--weights", "W.safetensors"], "--weights W.safetensors: only for --arch timm:<name>"),
+])
+def test_timm_and_pseudo_label_options_on_the_command_line_are_one_line_exit_2(options, message, small_dataset, tmp_path):
     wd = fresh_workdir(small_dataset, tmp_path / "w")
+    options = [str(_pseudo_files(wd, tmp_path)[0]) if o == "PSEUDO" else o for o in options]
     run = subprocess.run([sys.executable, str(REPO / "cli.py"), "base", "train", "--workdir", str(wd.root), "--name", "m",
-                          "--arch", "timm:efficentnet_b0", "--device", "cpu"], capture_output=True, text=True, timeout=300)
+                          "--device", "cpu", *options], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == [run.stderr.strip()]
-    assert "timm has no model 'efficentnet_b0'; similar: efficientnet_b0" in run.stderr
+    assert message in run.stderr
 
 
 def test_timm_model_with_weights_file_trains_resumes_and_writes_the_contract_files(small_dataset, r18_weights, tmp_path):
