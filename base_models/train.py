@@ -12,6 +12,7 @@ every fold is done.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import math
 import os
@@ -32,6 +33,7 @@ from stackkit.contract.validate import load_core, validate_predictions
 
 from base_models import DEFAULT_WINDOWS
 from base_models.data import MAX_CONTEXT, SliceDataset, batch_identity, center_channels, context_offsets, neighbor_table
+from base_models.pseudo import read_pseudo_labels
 from base_models.distributed import DistEnv, barrier, broadcast_object, gather_rows, init_distributed, shard, shutdown
 
 WORK_DIR = "_work"
@@ -58,6 +60,10 @@ class TrainConfig:
     seed: int
     tta: bool
     windows: tuple[tuple[float, float], ...]
+    amp: bool = True  # mixed precision on CUDA (never on the CPU)
+    pretrained: bool = False  # timm's published weights (timm: architectures)
+    weights: tuple[str, str] | None = None  # (path, sha256) of a .safetensors file (timm: architectures)
+    pseudo_labels: tuple[dict, ...] = ()  # PseudoLabels.record() per fold model
 
     @property
     def n_slices(self) -> int:
@@ -79,7 +85,16 @@ class TrainConfig:
             "optimizer": "AdamW", "weight_decay": WEIGHT_DECAY, "schedule": "onecycle",
             "augment": "hflip+zflip" if self.context else "hflip",
             "neighbor_lr_scale": NEIGHBOR_LR_SCALE if self.context else None,
+            "amp": self.amp, "pretrained": self.pretrained,
+            "weights": None if self.weights is None else {"path": self.weights[0], "sha256": self.weights[1]},
+            "pseudo_labels": [dict(r) for r in self.pseudo_labels] or None,
         }
+
+    def model_options(self) -> dict:
+        """create_model's keywords beyond the channels: weights for timm architectures."""
+        if not self.arch.startswith("timm:"):
+            return {}
+        return {"pretrained": self.pretrained, "weights": None if self.weights is None else self.weights[0]}
 
 
 # --- checkpoints ------------------------------------------------------------------------------
@@ -104,7 +119,11 @@ def _check_params(name, arch, context, epochs, batch_size, lr, img_size, windows
     from base_models.archs import ARCHITECTURES
 
     check_model_name(name, "--name")
-    if arch not in ARCHITECTURES:
+    if isinstance(arch, str) and arch.startswith("timm:"):
+        from base_models.archs.timm_models import check_timm_arch
+
+        check_timm_arch(arch)
+    elif arch not in ARCHITECTURES:
         raise StackkitError(f"--arch {arch!r}: unknown architecture; choose one of {', '.join(ARCHITECTURES)}")
     if context not in range(MAX_CONTEXT + 1):
         raise StackkitError(f"--context {context!r}: expected 0, 1 or 2 (neighbor slices on each side)")
@@ -121,6 +140,15 @@ def _check_params(name, arch, context, epochs, batch_size, lr, img_size, windows
     for window in windows:
         if not all(math.isfinite(v) for v in window) or window[1] <= 0:
             raise StackkitError(f"window {window!r}: expected (center, width) in HU with width > 0")
+
+
+def _probe_model(config: TrainConfig) -> None:
+    """Build the model once before any data is read: a name, weights file or hub that fails is one line now."""
+    if config.arch.startswith("timm:"):
+        from base_models.archs import create_model
+
+        create_model(config.arch, config.in_channels, len(LABELS), center_channels=config.center_channels,
+                     **config.model_options())
 
 
 def _resolve_device(device: str):
@@ -172,7 +200,7 @@ class _Runner:
         self.progress = progress and env.is_main
         self.cuda = dev.type == "cuda"
         self.amp_dtype = None
-        if self.cuda:
+        if self.cuda and config.amp:
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
     def _loader(self, dataset, sampler, batch_size, generator, drop_last=False):
@@ -210,7 +238,7 @@ class _Runner:
         generator = torch.Generator().manual_seed(fold_seed)
         flip_generator = torch.Generator().manual_seed(fold_seed + 1)
         zflip_generator = torch.Generator().manual_seed(fold_seed + 2)
-        model = create_model(cfg.arch, cfg.in_channels, len(LABELS), center_channels=cfg.center_channels)
+        model = create_model(cfg.arch, cfg.in_channels, len(LABELS), center_channels=cfg.center_channels, **cfg.model_options())
         model.init_weights(prior=torch.as_tensor(prior, dtype=torch.float32))
         model = model.to(self.dev, memory_format=torch.channels_last) if self.cuda else model.to(self.dev)
         trained = model
@@ -411,6 +439,10 @@ def train_base(
     decode_workers: int | None = None,
     on_fold_done=None,
     embeddings: bool = True,
+    amp: bool = True,
+    pretrained: bool = False,
+    weights: str | os.PathLike | None = None,
+    pseudo_labels: list | None = None,
 ) -> dict:
     """Train ``arch`` on every requested fold; write preds/<name>/ when all folds are done:
     oof.parquet, test.parquet (the mean over the fold models) and one test_fold<k>.parquet per fold
@@ -419,6 +451,11 @@ def train_base(
     With ``embeddings`` (the default; ``--no-embeddings`` turns it off) each fold model also
     writes its pooled features before the head (contract v2): for its own fold's images (the OOF
     embeddings) and for every test image (``embeddings/test_fold<k>.npy``).
+
+    ``arch="timm:<name>"`` trains any timm model: random weights, timm's published ones
+    (``pretrained``) or a local .safetensors file (``weights``). ``amp``: mixed precision on CUDA.
+    ``pseudo_labels``: one soft-label file per fold model (see base_models.pseudo), added to that
+    fold model's training rows only.
 
     Returns a summary: per-fold and overall OOF weighted log loss, prior score, seconds,
     training images/s, and ``lines`` to print. ``on_fold_done(fold)`` is called after each fold's
@@ -430,7 +467,11 @@ def train_base(
     except (TypeError, ValueError):
         raise StackkitError(f"windows {windows!r}: expected a list of (center, width) pairs in HU") from None
     _check_params(name, arch, context, epochs, batch_size, lr, img_size, windows, workers)
-    config = TrainConfig(arch, int(context), int(epochs), int(batch_size), float(lr), int(img_size), int(seed), bool(tta), windows)
+    from base_models.archs.timm_models import weights_option
+
+    config = TrainConfig(arch, int(context), int(epochs), int(batch_size), float(lr), int(img_size), int(seed), bool(tta), windows,
+                         amp=bool(amp), pretrained=bool(pretrained), weights=weights_option(arch, pretrained, weights))
+    _probe_model(config)
 
     existing = wd.model_json(name)
     if existing.is_file():
@@ -444,6 +485,8 @@ def train_base(
     metadata, labels, fold_frame = load_core(wd)
     available = sorted(int(f) for f in np.unique(fold_frame["fold"].to_numpy()))
     requested = _resolve_folds(folds, available)
+    pseudo = read_pseudo_labels(pseudo_labels, available, metadata, fold_frame)
+    config = dataclasses.replace(config, pseudo_labels=tuple(p.record() for p in pseudo))
     dev = _resolve_device(device)
 
     import torch
@@ -464,7 +507,7 @@ def train_base(
         else:
             torch.backends.cudnn.benchmark = True
         return _train(wd, name, config, metadata, labels, fold_frame, available, requested, dev, env,
-                      resume, workers, progress, decode_workers, on_fold_done, bool(embeddings))
+                      resume, workers, progress, decode_workers, on_fold_done, bool(embeddings), pseudo)
     finally:
         torch.use_deterministic_algorithms(previous_deterministic)
         torch.set_num_threads(previous_threads)
@@ -514,17 +557,20 @@ def _undecodable_lines(cache, env) -> list[str]:
     return lines
 
 
-def _samples(cache, metadata, labels, fold_frame, config) -> tuple:
-    """(train, test_ids, train_rows, test_rows, y, fold_of): labeled rows by image_id, their context slices' cache rows."""
+def _samples(cache, metadata, labels, fold_frame, config, pseudo=()) -> tuple:
+    """(train, test_ids, train_rows, test_rows, y, fold_of, extra): labeled rows by image_id, their context
+    slices' cache rows; ``extra`` maps each fold with pseudo-labels to its (cache rows, soft labels)."""
     pixel_rows = cache.rows(metadata["image_id"].to_numpy(dtype=object))[neighbor_table(metadata, config.context)]
     row_of = pd.Series(np.arange(len(metadata)), index=metadata["image_id"].to_numpy(dtype=object))
+    extra = {p.fold: (pixel_rows[row_of.reindex(p.frame["image_id"]).to_numpy()], p.frame[list(LABELS)].to_numpy(np.float32))
+             for p in pseudo}
     train = fold_frame.merge(labels, on="image_id", validate="1:1").sort_values("image_id", kind="stable").reset_index(drop=True)
     test_ids = np.sort(metadata.loc[metadata["split"] == "test", "image_id"].to_numpy(dtype=object))
     train_rows = pixel_rows[row_of.reindex(train["image_id"]).to_numpy()]
     test_rows = pixel_rows[row_of.reindex(test_ids).to_numpy()]
     y = train[list(LABELS)].to_numpy(dtype=np.float32)
     fold_of = train["fold"].to_numpy()
-    return train, test_ids, train_rows, test_rows, y, fold_of
+    return train, test_ids, train_rows, test_rows, y, fold_of, extra
 
 
 def _folds_to_run(work, run_key, requested, resume, embeddings, env, progress) -> list:
@@ -542,11 +588,11 @@ def _folds_to_run(work, run_key, requested, resume, embeddings, env, progress) -
 
 
 def _train(wd, name, config, metadata, labels, fold_frame, available, requested, dev, env, resume, workers, progress,
-           decode_workers, on_fold_done, embeddings: bool = True) -> dict:
+           decode_workers, on_fold_done, embeddings: bool = True, pseudo=()) -> dict:
     cache = _shared_cache(wd, metadata, config, env, decode_workers, progress)
     lines = _undecodable_lines(cache, env)
 
-    train, test_ids, train_rows, test_rows, y, fold_of = _samples(cache, metadata, labels, fold_frame, config)
+    train, test_ids, train_rows, test_rows, y, fold_of, extra = _samples(cache, metadata, labels, fold_frame, config, pseudo)
     test_set = SliceDataset(cache.pixels, test_rows)
 
     fhash = folds_hash(fold_frame["image_id"], fold_frame["fold"])
@@ -559,7 +605,10 @@ def _train(wd, name, config, metadata, labels, fold_frame, available, requested,
     for fold in todo:
         held = fold_of == fold
         prior = y[~held].mean(axis=0)
-        model, seconds, images, last_loss = runner.train_fold(fold, SliceDataset(cache.pixels, train_rows[~held], y[~held]), prior)
+        # pseudo-labelled images join fold k's training rows only: never its validation (OOF) rows
+        extra_rows, extra_y = extra.get(fold, (train_rows[:0], y[:0]))
+        fold_train = SliceDataset(cache.pixels, np.concatenate([train_rows[~held], extra_rows]), np.concatenate([y[~held], extra_y]))
+        model, seconds, images, last_loss = runner.train_fold(fold, fold_train, prior)
         start = time.perf_counter()
         oof, oof_embeddings = runner.predict(model, SliceDataset(cache.pixels, train_rows[held]), f"fold {fold} predict oof", embeddings)
         test, test_embeddings = runner.predict(model, test_set, f"fold {fold} predict test", embeddings)
@@ -579,6 +628,7 @@ def _train(wd, name, config, metadata, labels, fold_frame, available, requested,
             record = {
                 "fold": fold, "oof_logloss": score.overall, "oof_per_label": score.per_label,
                 "fold_prior_logloss": prior_score(y[held]).overall, "train_images": int((~held).sum()),
+                "pseudo_images": int(len(extra_rows)),
                 "train_seconds": seconds, "train_images_per_second": images / max(seconds, 1e-9),
                 "predict_seconds": predict_seconds, "last_epoch_loss": last_loss,
             }
@@ -620,7 +670,7 @@ def _fold_summary(name, config, records: dict, done: list) -> dict:
         "folds": {f: records[f]["oof_logloss"] for f in done},
         "seconds": float(sum(r["train_seconds"] + r["predict_seconds"] for r in records.values())),
         "images_per_second": float(
-            sum(r["train_images"] for r in records.values()) * config.epochs / max(sum(r["train_seconds"] for r in records.values()), 1e-9)
+            sum(r["train_images"] + r.get("pseudo_images", 0) for r in records.values()) * config.epochs / max(sum(r["train_seconds"] for r in records.values()), 1e-9)
         ),
     }
 

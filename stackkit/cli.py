@@ -209,7 +209,8 @@ def base():
 @base.command("train")
 @workdir_option
 @click.option("--name", required=True, help="Model name: predictions go to preds/NAME/.")
-@click.option("--arch", default="resnet_tiny", show_default=True, help="Architecture (see base_models.archs).")
+@click.option("--arch", default="resnet_tiny", show_default=True,
+              help="resnet_tiny, resnet_small, resnet18, or timm:NAME for any timm model (e.g. timm:efficientnet_b0).")
 @click.option("--context", default=0, show_default=True, type=click.IntRange(0, 2), help="Neighbor slices as channels: 0 none, 1 st-1/st/st+1, 2 st-2/st/st+2.")
 @click.option("--epochs", default=9, show_default=True, type=click.IntRange(1, None))
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1, None))
@@ -223,8 +224,15 @@ def base():
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(0, None), help="DataLoader worker processes. On CPU, training uses one thread per 128x128 pixels of input; set OMP_NUM_THREADS to override.")
 @click.option("--embeddings/--no-embeddings", default=True, show_default=True,
               help="Also write each fold model's pooled features before the head (preds/NAME/embeddings/, float16).")
+@click.option("--pretrained", is_flag=True, help="timm:NAME only: start from timm's published weights (needs their hub; offline use --weights).")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None,
+              help="timm:NAME only: start from a local .safetensors file of the timm model's state_dict.")
+@click.option("--pseudo-labels", "pseudo_labels", multiple=True, type=click.Path(dir_okay=False),
+              help="Soft labels for unlabeled studies' images, one file per fold model (fold 0 first), file k made without fold k's labels.")
+@click.option("--amp/--no-amp", default=True, show_default=True, help="Mixed precision on CUDA (bf16, else fp16 with loss scaling); the CPU trains in float32.")
 @progress_option
-def base_train(wd, name, arch, context, epochs, batch_size, lr, img_size, folds, device, seed, resume, tta, workers, embeddings, quiet):
+def base_train(wd, name, arch, context, epochs, batch_size, lr, img_size, folds, device, seed, resume, tta, workers, embeddings,
+               pretrained, weights, pseudo_labels, amp, quiet):
     """Train a CNN over the folds of data/folds.parquet and write preds/NAME/.
 
     One model per fold, trained on the other folds: it predicts its own fold (out-of-fold)
@@ -235,7 +243,8 @@ def base_train(wd, name, arch, context, epochs, batch_size, lr, img_size, folds,
 
     summary = train_base(wd, name=name, arch=arch, context=context, epochs=epochs, batch_size=batch_size, lr=lr,
                          img_size=img_size, folds=_int_list(folds), device=device, seed=seed, resume=resume,
-                         tta=tta, workers=workers, progress=not quiet, embeddings=embeddings)
+                         tta=tta, workers=workers, progress=not quiet, embeddings=embeddings, amp=amp,
+                         pretrained=pretrained, weights=weights, pseudo_labels=list(pseudo_labels))
     _print_summary("base train", summary)
 
 

@@ -40,14 +40,22 @@ class ContextConv(nn.Module):
     synthetic data such a model lost to the center-slice model.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, center: tuple[int, int]):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, center: tuple[int, int],
+                 convs: tuple[nn.Module, nn.Module] | None = None):
         super().__init__()
         lo, hi = int(center[0]), int(center[1])
         if not 0 <= lo < hi <= in_channels or hi - lo == in_channels:
             raise ValueError(f"center channels {center!r} must be a proper sub-range of 0..{in_channels}")
         self.center_range = (lo, hi)
-        self.center = conv2d(hi - lo, out_channels, kernel_size, stride)
-        self.neighbors = conv2d(in_channels - (hi - lo), out_channels, kernel_size, stride)
+        if convs is None:
+            convs = (conv2d(hi - lo, out_channels, kernel_size, stride), conv2d(in_channels - (hi - lo), out_channels, kernel_size, stride))
+        self.center, self.neighbors = convs
+
+    @classmethod
+    def around(cls, center_conv: nn.Conv2d, neighbor_conv: nn.Conv2d, in_channels: int, center: tuple[int, int]) -> "ContextConv":
+        """A ContextConv over existing convolutions (e.g. a pretrained first layer and its neighbor twin)."""
+        return cls(in_channels, center_conv.out_channels, center_conv.kernel_size, center_conv.stride, center,
+                   convs=(center_conv, neighbor_conv))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lo, hi = self.center_range
@@ -106,6 +114,10 @@ class BaseArch(nn.Module, abc.ABC):
             last_bn = getattr(module, "last_bn", None)
             if isinstance(last_bn, nn.BatchNorm2d):
                 nn.init.zeros_(last_bn.weight)
+        self.init_head(prior)
+
+    def init_head(self, prior: torch.Tensor | None = None) -> None:
+        """Zero the neighbor-slice weights; the head's weights small and its bias at logit(prior)."""
         for weight in self.neighbor_parameters():
             nn.init.zeros_(weight)
         nn.init.normal_(self.head.weight, std=0.01)
