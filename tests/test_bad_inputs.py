@@ -21,7 +21,7 @@ from stackkit.contract import LABELS, Workdir
 from stackkit.contract.io import write_parquet
 from stackkit.contract.validate import load_core
 
-from stackkit.testing.contract import noisy_predictions, snapshot
+from stackkit.testing.contract import noisy_predictions, snapshot, with_folds
 
 
 class Case:
@@ -59,7 +59,7 @@ class Ctx:
     def frames(self):
         metadata, labels, folds = load_core(self.wd)
         test_ids = metadata.loc[metadata["split"] == "test", "image_id"]
-        return labels, folds, noisy_predictions(labels, folds["image_id"], seed=4), noisy_predictions(labels, test_ids, seed=5)
+        return labels, folds, with_folds(noisy_predictions(labels, folds["image_id"], seed=4), folds), noisy_predictions(labels, test_ids, seed=5)
 
     def import_args(self, oof, test, fmt="parquet", name="m1"):
         paths = []

@@ -1,4 +1,4 @@
-"""The stackkit contract (v3): label order, metric weights and the work-directory layout.
+"""The stackkit contract (v4): label order, metric weights and the work-directory layout.
 
 See ``docs/contract.md`` for the formats themselves; this package
 is the single place in the code that names files and columns.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-CONTRACT_VERSION = 3  # v2: v1 plus optional embeddings; v3: optional per-fold test predictions (docs/contract.md)
+CONTRACT_VERSION = 4  # v2: v1 plus optional embeddings; v3: optional per-fold test predictions; v4: `base import` needs `fold` or --folds-from-data (docs/contract.md)
 # Every --seed: what numpy's and the libraries' seeds accept.
 SEED_RANGE = (0, 2**32 - 1)
 
