@@ -17,7 +17,7 @@ import pandas as pd
 
 from stackkit.contract import CONTRACT_VERSION, EMBEDDINGS_DIR, LABELS, MODEL_RECORD, Workdir, check_model_name, folds_hash
 from stackkit.errors import ContractError, StackkitError
-from stackkit.contract.io import read_table, replace_dir, write_parquet, write_set_record
+from stackkit.contract.io import check_set_target, read_table, replace_dir, write_parquet, write_set_record
 from stackkit.metric import prior_score, weighted_log_loss
 from stackkit.contract.validate import check_numeric, check_probabilities, load_core, validate_predictions
 
@@ -186,7 +186,7 @@ def import_predictions(wd: Workdir, name: str, *, oof_path, test_path=None, logi
     ``test.npy``. float32 is stored as float16."""
     check_model_name(name)
     metadata, labels, folds = load_core(wd)
-    target = wd.preds_dir(name)
+    target = check_set_target(wd.preds_dir(name))
     if target.exists() and not force:
         raise StackkitError(f"{target}: model '{name}' already exists; pass --force to replace it or choose another name")
     n_folds = int(folds["fold"].max()) + 1
