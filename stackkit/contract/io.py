@@ -216,7 +216,7 @@ def replace_dir(path: str | os.PathLike, *, keep: Iterable[str] | bool = ()) -> 
     old set or the new set, never a mix. On any failure the new folder is deleted and ``path`` is
     untouched; OSErrors become an :class:`ArtifactWriteError` naming ``path``. ``keep``: entries
     of the old folder carried into the new one (hard links) when the new one does not write them;
-    ``True`` keeps every such entry.
+    ``True`` keeps every such entry (names starting with '.', temporaries, never).
     """
     path = check_set_target(path)
     recover_set(path)
@@ -229,8 +229,8 @@ def replace_dir(path: str | os.PathLike, *, keep: Iterable[str] | bool = ()) -> 
     try:
         yield tmp
         if path.is_dir() and keep:
-            for entry in path.iterdir():
-                if (keep is True or entry.name in keep) and not (tmp / entry.name).exists():
+            for entry in path.iterdir():  # never a leftover temporary ('.'-names) of an interrupted writer
+                if not entry.name.startswith(".") and (keep is True or entry.name in keep) and not (tmp / entry.name).exists():
                     _link_tree(entry, tmp / entry.name)
         _fsync_tree(tmp)
         _hold_point(tmp, "set", path.name)

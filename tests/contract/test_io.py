@@ -220,3 +220,17 @@ def test_a_staged_stack_names_its_files_as_they_will_be(tmp_path):
     assert staged.blend == tmp_path / ".stack.tmp-x" / "blend.json" and staged.metadata == wd.metadata
     assert staged.published(staged.stack_dir("lgbm") / "oof.parquet") == wd.stack_dir("lgbm") / "oof.parquet"
     assert staged.published(wd.metadata) == wd.metadata and wd.published(wd.blend) == wd.blend
+
+
+def test_keep_carries_old_entries_but_never_temporaries(tmp_path):
+    from stackkit.contract.io import TMP_PREFIX, replace_dir
+
+    path = tmp_path / "stack"
+    (path / "xgb").mkdir(parents=True)
+    (path / "xgb" / "meta.json").write_text("old")
+    (path / f"{TMP_PREFIX}abc.json").write_text("half")  # left by a killed writer
+    (path / "blend.json").write_text("old blend")
+    with replace_dir(path, keep=True) as folder:
+        (folder / "blend.json").write_text("new blend")
+    assert sorted(p.name for p in path.iterdir()) == ["blend.json", "xgb"]
+    assert (path / "blend.json").read_text() == "new blend" and (path / "xgb" / "meta.json").read_text() == "old"
