@@ -308,6 +308,9 @@ def stack_fit(wd, stackers, tune, trials, timeout, storage, study_name, heartbea
     clip, each refitted per fold). The lowest blend below the best single source on every fold
     and by 0.5% overall is kept, else that source: never worse on CV than the best stacker or
     base model.
+
+    stack/ is replaced as one set: interrupted (Ctrl-C), the previous stack/ stays as it was.
+    Stackers of an earlier run that --stackers leaves out are kept unchanged (not in the new blend).
     """
     from stackkit.stack.fit import run_stack_fit
 

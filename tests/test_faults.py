@@ -229,6 +229,29 @@ def test_interrupted_stack_fit_leaves_the_previous_stack_usable_by_submit(pipeli
     _assert_stack_usable(wd, tmp_path)
 
 
+def test_ctrl_c_while_stackers_train_leaves_the_previous_stack_usable_by_submit(pipeline_workdir, tmp_path):
+    """No hook: SIGINT as soon as the new stack/ set exists (fitting starts right after), as Ctrl-C would."""
+    root, source = pipeline_workdir
+    wd = Workdir(tmp_path / "work")
+    shutil.copytree(source.root, wd.root)
+    before = digests(wd.root)
+    cmd = ["stack", "fit", "--workdir", wd.root, "--stackers", "lgbm,mlp", "--seed", 1, "--quiet"]
+    proc = subprocess.Popen([*CLI, *map(str, cmd)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(wd.root.glob(f".stack{SET_TMP}*")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert proc.poll() is None, "stack fit ended before it could be interrupted"
+        time.sleep(0.5)
+        assert wd.blend.read_bytes() == source.blend.read_bytes()  # still fitting: nothing switched in
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in err.decode(errors="replace"), err[-2000:]
+    assert digests(wd.root) == before and not leftovers(wd.root)
+    _assert_stack_usable(wd, tmp_path)
+
+
 def _file_in_place(path_of, args_of):
     """A plain file of the user's where the step writes a folder: (the file, the command)."""
 
