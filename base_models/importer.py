@@ -17,15 +17,18 @@ import pandas as pd
 
 from stackkit.contract import CONTRACT_VERSION, EMBEDDINGS_DIR, LABELS, MODEL_RECORD, Workdir, check_model_name, folds_hash
 from stackkit.errors import ContractError, StackkitError
-from stackkit.contract.io import read_table, replace_dir, write_parquet, write_set_record
+from stackkit.contract.io import check_set_target, read_table, replace_dir, write_parquet, write_set_record
 from stackkit.metric import prior_score, weighted_log_loss
-from stackkit.contract.validate import check_numeric, load_core, validate_predictions
+from stackkit.contract.validate import check_numeric, check_probabilities, load_core, validate_predictions
 
 _LONG_ID = re.compile(r"^(?P<image>.+)_(?P<label>" + "|".join(LABELS) + r")$")
 
 
-def long_to_wide(frame: pd.DataFrame, source) -> pd.DataFrame:
-    """RSNA long format (ID, Label) -> image_id + six label columns."""
+def long_to_wide(frame: pd.DataFrame, source, *, probabilities: bool = True) -> pd.DataFrame:
+    """RSNA long format (ID, Label) -> image_id + six label columns.
+
+    The values are checked here, where errors can name the ``Label`` column and the file's row:
+    numbers, and with ``probabilities`` (no --logits) in [0, 1]."""
     ids = frame["ID"].astype(str)
     parts = ids.str.extract(_LONG_ID)
     bad = parts["label"].isna().to_numpy()
@@ -35,7 +38,11 @@ def long_to_wide(frame: pd.DataFrame, source) -> pd.DataFrame:
             f"{source}: ID {ids.iloc[pos]!r} at row {pos + 1} does not end in one of the six labels "
             f"({', '.join(LABELS)}); expected IDs such as ID_63eb1e259_epidural"
         )
-    values = check_numeric(frame[["Label"]].assign(image_id=ids), ["Label"], source)["Label"]
+    long_frame = frame[["Label"]].assign(ID=ids)
+    if probabilities:
+        values = check_probabilities(long_frame, source, logits_hint=True, columns=("Label",))["Label"]
+    else:
+        values = check_numeric(long_frame, ["Label"], source)["Label"]
     long = pd.DataFrame({"image_id": parts["image"], "label": parts["label"], "value": values.to_numpy()})
     dup = long.duplicated(["image_id", "label"]).to_numpy()
     if dup.any():
@@ -60,7 +67,7 @@ def read_prediction_file(path, *, logits: bool, what: str) -> pd.DataFrame:
     frame = read_table(path, what=f"{what} prediction file")
     source = str(path)
     if {"ID", "Label"}.issubset(frame.columns) and "image_id" not in frame.columns:
-        frame = long_to_wide(frame, source)
+        frame = long_to_wide(frame, source, probabilities=not logits)
     elif "image_id" not in frame.columns or not set(LABELS).issubset(frame.columns):
         got = ", ".join(map(str, list(frame.columns)[:12]))
         missing = [c for c in ("image_id", *LABELS) if c not in frame.columns]
@@ -68,10 +75,18 @@ def read_prediction_file(path, *, logits: bool, what: str) -> pd.DataFrame:
             f"{source}: missing column(s) {', '.join(missing)}; found [{got}]; expected image_id + "
             f"{', '.join(LABELS)} (wide) or ID,Label (RSNA long)"
         )
-    if logits:
-        frame = check_numeric(frame, LABELS, source)
-        for col in LABELS:
-            frame[col] = 1.0 / (1.0 + np.exp(-frame[col].to_numpy(dtype=np.float64)))
+    return from_logits(frame, source) if logits else frame
+
+
+def from_logits(frame: pd.DataFrame, source) -> pd.DataFrame:
+    """The six label columns through a sigmoid; a file whose every value is in [0, 1] is refused
+    (probabilities: a sigmoid would turn 0.185 into 0.546 without a word)."""
+    frame = check_numeric(frame, LABELS, source)
+    values = frame[list(LABELS)].to_numpy(dtype=np.float64)
+    if ((values >= 0.0) & (values <= 1.0)).all():
+        raise ContractError(f"{source}: --logits given, but every value is in [0, 1]: these look like probabilities; "
+                            "leave out --logits")
+    frame[list(LABELS)] = 1.0 / (1.0 + np.exp(-values))
     return frame
 
 
@@ -126,7 +141,7 @@ def read_test_fold_files(test_folds: list, test_ids, *, logits: bool) -> tuple[l
     for k, path in enumerate(test_folds):
         raw = read_prediction_file(path, logits=logits, what=f"fold {k} test")
         raws.append(raw)
-        frames.append(validate_predictions(raw, str(path), expected_ids=test_ids, what="test"))
+        frames.append(validate_predictions(raw, str(path), expected_ids=test_ids, what="test", logits_hint=True))
     return raws, frames
 
 
@@ -143,9 +158,24 @@ def _in_order(frame: pd.DataFrame, order) -> pd.DataFrame:
     return frame.set_index("image_id").reindex(pd.Index(np.asarray(order, dtype=object), name="image_id")).reset_index()
 
 
+def check_fold_column(raw_oof: pd.DataFrame, oof_path, folds_from_data: bool) -> None:
+    """An OOF file without a ``fold`` column (the RSNA long format has none) only with ``--folds-from-data``:
+    predictions made on other folds than data/folds.parquet (a public OOF file, a random KFold) would
+    leak labels into the stackers, and without the column nothing can check it (contract v4)."""
+    if "fold" not in raw_oof.columns and not folds_from_data:
+        raise ContractError(
+            f"{oof_path}: no 'fold' column; OOF predictions made on other folds than data/folds.parquet leak labels into "
+            "the stackers: add each row's fold (it is then checked), or pass --folds-from-data if they were made on "
+            "data/folds.parquet's folds"
+        )
+
+
 def import_predictions(wd: Workdir, name: str, *, oof_path, test_path=None, logits: bool = False, force: bool = False,
-                       oof_embeddings=None, test_embeddings=(), test_folds=()) -> dict:
-    """``test_folds`` (optional, contract v3): one test prediction file per fold model, fold 0
+                       oof_embeddings=None, test_embeddings=(), test_folds=(), folds_from_data: bool = False) -> dict:
+    """``folds_from_data``: an OOF file without a ``fold`` column is accepted, its folds taken from
+    data/folds.parquet (the caller vouches they were made on those folds); without it such a file is refused.
+
+    ``test_folds`` (optional, contract v3): one test prediction file per fold model, fold 0
     first (exactly K, the number of folds of data/folds.parquet), each in any layout ``test_path``
     accepts; stored as ``test_fold<k>.parquet`` in ``test.parquet``'s row order. ``test_path``
     may then be None: ``test.parquet`` is the mean of the fold files' probabilities.
@@ -156,7 +186,7 @@ def import_predictions(wd: Workdir, name: str, *, oof_path, test_path=None, logi
     ``test.npy``. float32 is stored as float16."""
     check_model_name(name)
     metadata, labels, folds = load_core(wd)
-    target = wd.preds_dir(name)
+    target = check_set_target(wd.preds_dir(name))
     if target.exists() and not force:
         raise StackkitError(f"{target}: model '{name}' already exists; pass --force to replace it or choose another name")
     n_folds = int(folds["fold"].max()) + 1
@@ -164,12 +194,14 @@ def import_predictions(wd: Workdir, name: str, *, oof_path, test_path=None, logi
     check_test_fold_count(test_path, test_folds, n_folds)
 
     raw_oof = read_prediction_file(oof_path, logits=logits, what="OOF")
-    oof = validate_predictions(raw_oof, str(oof_path), expected_ids=folds["image_id"], what="labeled", folds=folds)
+    check_fold_column(raw_oof, oof_path, folds_from_data)
+    oof = validate_predictions(raw_oof, str(oof_path), expected_ids=folds["image_id"], what="labeled", folds=folds,
+                               logits_hint=True)
     test_ids = metadata.loc[metadata["split"] == "test", "image_id"]
     raw_test = test = None
     if test_path is not None:
         raw_test = read_prediction_file(test_path, logits=logits, what="test")
-        test = validate_predictions(raw_test, str(test_path), expected_ids=test_ids, what="test")
+        test = validate_predictions(raw_test, str(test_path), expected_ids=test_ids, what="test", logits_hint=True)
     raw_folds, fold_tests = read_test_fold_files(test_folds, test_ids, logits=logits)
     if test is None:
         # fold 0's file as given sets the row order; the mean is taken in probability space
@@ -190,7 +222,8 @@ def import_predictions(wd: Workdir, name: str, *, oof_path, test_path=None, logi
     prior = prior_score(y_true)
 
     parameters = {"oof_file": str(oof_path), "test_file": None if test_path is None else str(test_path),
-                  "test_fold_files": [str(t) for t in test_folds], "logits": logits}
+                  "test_fold_files": [str(t) for t in test_folds], "logits": logits,
+                  "folds_from_data": "fold" not in raw_oof.columns}
     if embeddings is not None:
         parameters.update(oof_embeddings=str(oof_embeddings), test_embeddings=[str(t) for t in test_embeddings])
     record = {

@@ -27,7 +27,7 @@ import pandas as pd
 
 from stackkit.contract import EMBEDDINGS_DIR, LABEL_WEIGHTS, LABELS, MODEL_RECORD, Workdir, check_model_name, folds_hash
 from stackkit.errors import StackkitError
-from stackkit.contract.io import read_json, read_table, replace_dir, write_artifact, write_json, write_parquet, write_set_record
+from stackkit.contract.io import check_set_target, read_json, read_table, replace_dir, write_artifact, write_json, write_parquet, write_set_record
 from stackkit.metric import prior_score, weighted_bce, weighted_log_loss
 from stackkit.contract.validate import load_core, validate_predictions
 
@@ -473,6 +473,7 @@ def train_base(
                          amp=bool(amp), pretrained=bool(pretrained), weights=weights_option(arch, pretrained, weights))
     _probe_model(config)
 
+    check_set_target(wd.preds_dir(name))  # a file in the model folder's place: refused before any training
     existing = wd.model_json(name)
     if existing.is_file():
         try:

@@ -14,7 +14,7 @@ import pandas as pd
 
 from stackkit.contract import CONTRACT_VERSION, Workdir, file_sha256, folds_hash
 from stackkit.errors import ContractError, StackkitError
-from stackkit.contract.io import atomic_path, replace_dir, write_set_record
+from stackkit.contract.io import atomic_path, check_set_target, replace_dir, write_set_record
 
 from features.build import DICOM_META_COLUMNS, TEST_KEY_COLUMNS, TRAIN_KEY_COLUMNS, build_features, build_test_features, check_feature_set
 
@@ -127,6 +127,7 @@ def run_stack_features(workdir: Workdir, *, lags: int = 2, dicom_meta: bool = Fa
     if isinstance(lags, bool) or not isinstance(lags, (int, np.integer)) or lags < 0:
         raise StackkitError(f"--lags: expected a non-negative integer, got {lags!r}")
     check_feature_set(feature_set)
+    check_set_target(wd.features_dir)  # a file in features/' place: refused before any work
     models = wd.model_names()
     metadata, folds, oof_by_model, test_by_model, test_folds_by_model = _read_inputs(wd, models, dicom_meta, progress)
     read_seconds, read_cpu = time.perf_counter() - started, time.process_time() - cpu_started

@@ -256,18 +256,22 @@ def base_train(wd, name, arch, context, epochs, batch_size, lr, img_size, folds,
               help="Test predictions (same formats); may be left out with --test-fold (then the mean of those).")
 @click.option("--test-fold", "test_folds", multiple=True, type=click.Path(),
               help="Test predictions of one fold model (same formats); repeat once per fold of data/folds.parquet, fold 0 first.")
-@click.option("--logits", is_flag=True, help="The files hold logits: apply a sigmoid.")
+@click.option("--logits", is_flag=True, help="The files hold logits: apply a sigmoid (refused when every value is in [0, 1]).")
+@click.option("--folds-from-data", is_flag=True,
+              help="Accept an --oof file without a `fold` column (the RSNA long format has none), taking each image's fold "
+                   "from data/folds.parquet: only for predictions made on those folds (other folds leak labels into the stackers).")
 @click.option("--force", is_flag=True, help="Replace an existing preds/NAME/.")
 @click.option("--oof-embeddings", default=None, type=click.Path(dir_okay=False),
               help="NumPy .npy (rows, D) float16/float32: row i embeds the --oof file's row i (by the fold model that did not train on it).")
 @click.option("--test-embeddings", multiple=True, type=click.Path(dir_okay=False),
               help="NumPy .npy (test rows, D) aligned with the --test file's rows (without --test: the first --test-fold file's); "
                    "repeat once per fold model (fold 0 first), or give one.")
-def base_import(wd, name, oof_path, test_path, test_folds, logits, force, oof_embeddings, test_embeddings):
+def base_import(wd, name, oof_path, test_path, test_folds, logits, folds_from_data, force, oof_embeddings, test_embeddings):
     """Register predictions made anywhere else as preds/NAME/.
 
-    A missing `fold` column is filled from data/folds.parquet; a fold that disagrees with it
-    is refused, because stacking on it would leak labels. Optional per-fold test predictions
+    The --oof file's `fold` column is checked against data/folds.parquet: a fold that disagrees is
+    refused, because stacking on it would leak labels. A file without the column is refused unless
+    --folds-from-data says it was made on those folds. Optional per-fold test predictions
     (--test-fold, one per fold model) are stored as preds/NAME/test_fold<k>.parquet, so stackers
     meet test rows made like their OOF rows. Optional embeddings (the CNN's pooled features) are
     validated and stored as float16 under preds/NAME/embeddings/.
@@ -276,7 +280,7 @@ def base_import(wd, name, oof_path, test_path, test_folds, logits, force, oof_em
 
     summary = import_predictions(wd, name, oof_path=oof_path, test_path=test_path, logits=logits, force=force,
                                  oof_embeddings=oof_embeddings, test_embeddings=list(test_embeddings),
-                                 test_folds=list(test_folds))
+                                 test_folds=list(test_folds), folds_from_data=folds_from_data)
     _print_summary("base import", summary)
 
 
@@ -334,6 +338,9 @@ def stack_fit(wd, stackers, tune, trials, timeout, storage, study_name, heartbea
     clip, each refitted per fold). The lowest blend below the best single source on every fold
     and by 0.5% overall is kept, else that source: never worse on CV than the best stacker or
     base model.
+
+    stack/ is replaced as one set: interrupted (Ctrl-C), the previous stack/ stays as it was.
+    Stackers of an earlier run that --stackers leaves out are kept unchanged (not in the new blend).
     """
     from stackkit.stack.fit import run_stack_fit
 

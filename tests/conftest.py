@@ -11,7 +11,7 @@ import pytest
 from stackkit.contract import Workdir
 from stackkit.contract.io import write_parquet
 from stackkit.testing.cli import run_cli
-from stackkit.testing.contract import make_contract_frames, noisy_predictions, write_core
+from stackkit.testing.contract import make_contract_frames, noisy_predictions, with_folds, write_core
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,11 +67,11 @@ def pipeline_workdir(tmp_path_factory):
     metadata, labels, folds = load_core(wd)
     test_ids = metadata.loc[metadata["split"] == "test", "image_id"]
     for seed, name in ((1, "m1"), (2, "m2")):
-        write_parquet(noisy_predictions(labels, folds["image_id"], seed=seed), root / f"{name}_oof.parquet")
+        write_parquet(with_folds(noisy_predictions(labels, folds["image_id"], seed=seed), folds), root / f"{name}_oof.parquet")
         write_parquet(noisy_predictions(labels, test_ids, seed=seed + 10), root / f"{name}_test.parquet")
         run_cli("base", "import", name, "--workdir", wd.root, "--oof", root / f"{name}_oof.parquet", "--test", root / f"{name}_test.parquet")
     # a third prediction set, so that a re-import really changes the files
-    write_parquet(noisy_predictions(labels, folds["image_id"], seed=7), root / "m1b_oof.parquet")
+    write_parquet(with_folds(noisy_predictions(labels, folds["image_id"], seed=7), folds), root / "m1b_oof.parquet")
     write_parquet(noisy_predictions(labels, test_ids, seed=17), root / "m1b_test.parquet")
     run_cli("stack", "features", "--workdir", wd.root, "--quiet")
     run_cli("stack", "fit", "--workdir", wd.root, "--stackers", "lgbm", "--quiet")

@@ -21,7 +21,7 @@ from stackkit.contract import LABELS, Workdir
 from stackkit.contract.io import write_parquet
 from stackkit.contract.validate import load_core
 
-from stackkit.testing.contract import noisy_predictions, rewrite_data_file, snapshot
+from stackkit.testing.contract import noisy_predictions, rewrite_data_file, snapshot, with_folds
 
 
 class Case:
@@ -59,7 +59,7 @@ class Ctx:
     def frames(self):
         metadata, labels, folds = load_core(self.wd)
         test_ids = metadata.loc[metadata["split"] == "test", "image_id"]
-        return labels, folds, noisy_predictions(labels, folds["image_id"], seed=4), noisy_predictions(labels, test_ids, seed=5)
+        return labels, folds, with_folds(noisy_predictions(labels, folds["image_id"], seed=4), folds), noisy_predictions(labels, test_ids, seed=5)
 
     def import_args(self, oof, test, fmt="parquet", name="m1"):
         paths = []
@@ -282,7 +282,8 @@ CASES = [
     Case("import-duplicate-id", _import(lambda o, f: pd.concat([o, o.iloc[[2]]])), r"oof\.parquet: duplicate image_id 'ID_\w+'"),
     Case("import-nan", _import(lambda o, f: _set(o, 3, "epidural", np.nan)), r"oof\.parquet: column 'epidural' has nan at row 4 \(image_id ID_\w+\)"),
     Case("import-inf", _import(None, lambda t, f: _set(t, 0, "any", np.inf)), r"test\.parquet: column 'any' has inf at row 1"),
-    Case("import-out-of-range", _import(lambda o, f: _set(o, 1, "subdural", 1.5)), r"oof\.parquet: column 'subdural' has 1\.5 at row 2"),
+    Case("import-out-of-range", _import(lambda o, f: _set(o, 1, "subdural", 1.5)), r"oof\.parquet: column 'subdural' has 1\.5 at row 2 .*1 of \d+ values are outside \[0, 1\]: fix or remove them$"),
+    Case("import-without-fold-column", _import(lambda o, f: o.drop(columns="fold")), r"oof\.parquet: no 'fold' column; .*leak labels into the stackers.*--folds-from-data"),
     Case("import-logits-as-probabilities", _import(lambda o, f: o.assign(**{l: np.log(o[l] / (1 - o[l])) for l in LABELS})), r"oof\.parquet: column 'epidural' .*pass --logits"),
     Case("import-unknown-id", _import(lambda o, f: _set(o, 0, "image_id", "ID_000unknown")), r"oof\.parquet: image_id 'ID_000unknown' at row 1"),
     Case("import-missing-test-rows", _import(None, lambda t, f: t.iloc[3:]), r"test\.parquet: 3 test image\(s\) missing, e\.g\. image_id 'ID_\w+'"),

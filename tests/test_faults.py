@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from stackkit.contract import Workdir
+from stackkit.contract import Workdir, file_sha256
 from stackkit.contract.io import HOLD_ENV, HOLD_MARK_ENV, SET_OLD, SET_TMP, TMP_PREFIX, read_json, verify_set
 from stackkit.testing.cli import CLI, run_cli
 
@@ -149,7 +150,8 @@ KILL_POINTS = [
 ]
 
 
-def _kill_mid_write(cmd: list, point: str, mark: Path, wd: Workdir, before: dict, *, unchanged: bool = True) -> Path:
+def _kill_mid_write(cmd: list, point: str, mark: Path, wd: Workdir, before: dict, *, unchanged: bool = True,
+                    sig: int = signal.SIGKILL) -> Path:
     env = dict(os.environ, **{HOLD_ENV: point, HOLD_MARK_ENV: str(mark)})
     proc = subprocess.Popen([*CLI, *map(str, cmd)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
@@ -166,9 +168,13 @@ def _kill_mid_write(cmd: list, point: str, mark: Path, wd: Workdir, before: dict
             visible = {k: v for k, v in digests(wd.root).items() if not any(part.startswith(".") for part in Path(k).parts)}
             assert visible == {k: v for k, v in before.items() if not any(part.startswith(".") for part in Path(k).parts)}
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+        proc.send_signal(sig)
+        proc.wait(timeout=120)
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+    else:  # Ctrl-C: the command stops by itself, with no traceback
+        stderr = proc.stderr.read().decode(errors="replace")
+        assert proc.returncode not in (0, -signal.SIGKILL) and "Traceback" not in stderr, stderr[-2000:]
     return in_flight
 
 
@@ -189,22 +195,125 @@ def test_sigkill_mid_write_keeps_every_earlier_artifact(pipeline_workdir, tmp_pa
         assert not [p for p in leftovers(wd.root) if SET_TMP in p or SET_OLD in p]
 
 
-def test_sigkill_between_stacker_set_and_blend_is_detected_by_submit(pipeline_workdir, tmp_path):
-    """stack fit replaces stack/<stacker>/ as a set, then writes blend.json: a kill between the two
-    leaves a new, complete stacker set beside the old blend, which submit refuses in one line."""
+def _assert_stack_usable(wd: Workdir, tmp_path: Path) -> None:
+    """Every stacker folder and blend.json source verifies, and `submit` writes the submission it wrote before."""
+    for folder in sorted(p for p in wd.stack_root.iterdir() if p.is_dir()):
+        verify_set(folder, folder / "meta.json", read_json(folder / "meta.json")["sha256"], remedy="-")
+    for source in read_json(wd.blend)["sources"]:
+        assert file_sha256(wd.root / source["test"]) == source["test_sha256"], source["name"]
+    out = tmp_path / "again.csv"
+    run_cli("submit", "--workdir", wd.root, "--out", out)
+    assert out.read_bytes() == wd.submission.read_bytes()
+
+
+# stack/ is one set: while `stack fit` runs, its new stacker folders, blend.json and report.html are
+# built in .stack.tmp-*. Interrupted with the first stacker's folder written (the second not fitted yet),
+# with blend.json's temporary written, or with the whole new stack/ ready but not switched in.
+INTERRUPT_POINTS = ["set=lgbm:1", "file=blend.json:1", "set=stack:1"]
+
+
+@pytest.mark.parametrize("point", INTERRUPT_POINTS)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+def test_interrupted_stack_fit_leaves_the_previous_stack_usable_by_submit(pipeline_workdir, tmp_path, point, sig):
     root, source = pipeline_workdir
     wd = Workdir(tmp_path / "work")
     shutil.copytree(source.root, wd.root)
     before = digests(wd.root)
-    cmd = _commands(root, wd)["stack fit"]
-    in_flight = _kill_mid_write(cmd, "file=blend.json:1", tmp_path / "mark", wd, before, unchanged=False)
-    assert in_flight.parent == wd.stack_root and in_flight.suffix == ".json"  # blend.json's temporary
-    meta = read_json(wd.stack_dir("lgbm") / "meta.json")
-    verify_set(wd.stack_dir("lgbm"), "meta.json", meta["sha256"], remedy="-")  # a complete new set
-    assert digests(wd.root)["stack/blend.json"] == before["stack/blend.json"]
-    proc = run_cli("submit", "--workdir", wd.root, check=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert len(error_lines(proc.stderr)) == 1 and "changed since stack/blend.json was fitted" in proc.stderr
+    cmd = ["stack", "fit", "--workdir", wd.root, "--stackers", "lgbm,mlp", "--seed", 1, "--quiet"]
+    in_flight = _kill_mid_write(cmd, point, tmp_path / "mark", wd, before, sig=sig)
+    assert any(part.startswith(f".stack{SET_TMP}") for part in in_flight.relative_to(wd.root).parts), in_flight
+    visible = {k: v for k, v in digests(wd.root).items() if not any(part.startswith(".") for part in Path(k).parts)}
+    assert visible == before  # blend.json, every stacker's files and fold models: the previous run's
+    if sig == signal.SIGINT:
+        assert not leftovers(wd.root)  # Ctrl-C cleans up; after SIGKILL the next writer does
+    _assert_stack_usable(wd, tmp_path)
+
+
+def test_ctrl_c_while_stackers_train_leaves_the_previous_stack_usable_by_submit(pipeline_workdir, tmp_path):
+    """No hook: SIGINT as soon as the new stack/ set exists (fitting starts right after), as Ctrl-C would."""
+    root, source = pipeline_workdir
+    wd = Workdir(tmp_path / "work")
+    shutil.copytree(source.root, wd.root)
+    before = digests(wd.root)
+    cmd = ["stack", "fit", "--workdir", wd.root, "--stackers", "lgbm,mlp", "--seed", 1, "--quiet"]
+    proc = subprocess.Popen([*CLI, *map(str, cmd)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(wd.root.glob(f".stack{SET_TMP}*")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert proc.poll() is None, "stack fit ended before it could be interrupted"
+        time.sleep(0.5)
+        assert wd.blend.read_bytes() == source.blend.read_bytes()  # still fitting: nothing switched in
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in err.decode(errors="replace"), err[-2000:]
+    assert digests(wd.root) == before and not leftovers(wd.root)
+    _assert_stack_usable(wd, tmp_path)
+
+
+def _file_in_place(path_of, args_of):
+    """A plain file of the user's where the step writes a folder: (the file, the command)."""
+
+    def setup(root: Path, wd: Workdir):
+        path = path_of(wd)
+        if path.is_dir():
+            shutil.rmtree(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"the user's own file\n")
+        return path, args_of(root, wd)
+
+    return setup
+
+
+def _set_message(path_of):
+    return lambda wd: (rf"^Error: {re.escape(str(path_of(wd)))}: exists as a file where stackkit writes the folder "
+                       rf"{re.escape(path_of(wd).name)}/; the file is left as it is")
+
+
+def _step(command):
+    return lambda root, wd: _commands(root, wd)[command]
+
+
+def _train(root, wd):
+    return ["base", "train", "--workdir", wd.root, "--name", "cnn", "--epochs", 1, "--img-size", 32, "--quiet"]
+
+
+def _submit_to(out_of):
+    return lambda root, wd: ["submit", "--workdir", wd.root, "--out", out_of(wd)]
+
+
+# (case, setup, expected line): every step that writes, with a file where it writes a set (or where the
+# submission goes). data/ is the data step's set: it is refused by the same shared set writer.
+FILE_IN_PLACE = [
+    ("data prepare: data/", _file_in_place(lambda wd: wd.data_dir, _step("data prepare")), _set_message(lambda wd: wd.data_dir)),
+    ("base import: preds/m1/", _file_in_place(lambda wd: wd.preds_dir("m1"), _step("base import")),
+     _set_message(lambda wd: wd.preds_dir("m1"))),
+    ("base import: preds/", _file_in_place(lambda wd: wd.preds_root, _step("base import")),
+     lambda wd: rf"^Error: {re.escape(str(wd.preds_dir('m1')))}: cannot write: a part of the path is a file, not a folder"),
+    ("base train: preds/cnn/", _file_in_place(lambda wd: wd.preds_dir("cnn"), _train), _set_message(lambda wd: wd.preds_dir("cnn"))),
+    ("stack features: features/", _file_in_place(lambda wd: wd.features_dir, _step("stack features")),
+     _set_message(lambda wd: wd.features_dir)),
+    ("stack fit: stack/", _file_in_place(lambda wd: wd.stack_root, _step("stack fit")), _set_message(lambda wd: wd.stack_root)),
+    ("submit: --out under a file", _file_in_place(lambda wd: wd.root / "notes", _submit_to(lambda wd: wd.root / "notes" / "s.csv")),
+     lambda wd: rf"^Error: {re.escape(str(wd.root / 'notes' / 's.csv'))}: cannot write: a part of the path is a file"),
+]
+
+
+@pytest.mark.parametrize("case, setup, message", FILE_IN_PLACE, ids=[c[0] for c in FILE_IN_PLACE])
+def test_a_file_where_a_step_writes_is_refused_and_left_untouched(pipeline_workdir, tmp_path, case, setup, message):
+    root, source = pipeline_workdir
+    wd = Workdir(tmp_path / "work")
+    shutil.copytree(source.root, wd.root)
+    blocker, args = setup(root, wd)
+    before = digests(wd.root)
+    proc = run_cli(*args, check=False)
+    lines = error_lines(proc.stderr)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(lines) == 1 and re.search(message(wd), lines[0]), lines
+    assert blocker.read_bytes() == b"the user's own file\n"
+    assert digests(wd.root) == before
+    assert not leftovers(wd.root) and not [p for p in wd.root.rglob(".*")], list(wd.root.rglob(".*"))
 
 
 def test_a_set_left_half_switched_is_recovered(tmp_path):

@@ -14,7 +14,7 @@ from stackkit.contract import LABELS, Workdir
 from stackkit.contract.io import read_json, write_parquet
 from stackkit.contract.validate import load_core
 
-from stackkit.testing.contract import make_contract_frames
+from stackkit.testing.contract import make_contract_frames, with_folds
 
 
 def study_correlated_predictions(metadata, labels, ids, *, strength, seed):
@@ -61,7 +61,7 @@ def test_stacking_imported_predictions_on_unusual_studies(unusual_workdir, tmp_p
     for name, strength, seed in (("cnn_a", 2.0, 1), ("cnn_b", 1.5, 2)):
         oof = study_correlated_predictions(metadata, labels, folds["image_id"], strength=strength, seed=seed)
         test = study_correlated_predictions(metadata, labels, test_ids, strength=strength, seed=seed + 10)
-        write_parquet(oof, tmp_path / f"{name}_oof.parquet")
+        write_parquet(with_folds(oof, folds), tmp_path / f"{name}_oof.parquet")
         write_parquet(test.iloc[::-1], tmp_path / f"{name}_test.parquet")  # another order
         import_predictions(wd, name, oof_path=tmp_path / f"{name}_oof.parquet", test_path=tmp_path / f"{name}_test.parquet")
 

@@ -1,4 +1,4 @@
-"""The stackkit contract (v3): label order, metric weights and the work-directory layout.
+"""The stackkit contract (v4): label order, metric weights and the work-directory layout.
 
 See ``docs/contract.md`` for the formats themselves; this package
 is the single place in the code that names files and columns.
@@ -6,6 +6,7 @@ is the single place in the code that names files and columns.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-CONTRACT_VERSION = 3  # v2: v1 plus optional embeddings; v3: optional per-fold test predictions (docs/contract.md)
+CONTRACT_VERSION = 4  # v2: v1 plus optional embeddings; v3: optional per-fold test predictions; v4: `base import` needs `fold` or --folds-from-data (docs/contract.md)
 # Every --seed: what numpy's and the libraries' seeds accept.
 SEED_RANGE = (0, 2**32 - 1)
 
@@ -103,9 +104,12 @@ def resolve_workdir(option: str | os.PathLike | None) -> Path:
 
 @dataclass(frozen=True)
 class Workdir:
-    """Paths of every contract file under one work directory."""
+    """Paths of every contract file under one work directory.
+
+    ``stack_at``: where ``stack/`` is being built (see :meth:`staged_stack`); None for the real one."""
 
     root: Path
+    stack_at: Path | None = None
 
     def __post_init__(self):
         # Workdir("artifacts") is the natural call from a notebook: accept any path-like
@@ -231,7 +235,19 @@ class Workdir:
 
     @property
     def stack_root(self) -> Path:
-        return self.root / "stack"
+        return self.root / "stack" if self.stack_at is None else self.stack_at
+
+    def staged_stack(self, folder: str | os.PathLike) -> "Workdir":
+        """This work directory with its stack/ paths under ``folder``: the sibling set folder in which
+        `stack fit` builds the new stack/ before switching it in (everything else unchanged)."""
+        return dataclasses.replace(self, stack_at=Path(folder))
+
+    def published(self, path: str | os.PathLike) -> Path:
+        """``path`` as it will be named once a staged stack/ is switched in (``path`` itself otherwise)."""
+        path = Path(path)
+        if self.stack_at is not None and path.is_relative_to(self.stack_at):
+            return self.root / "stack" / path.relative_to(self.stack_at)
+        return path
 
     def stack_dir(self, stacker: str) -> Path:
         return self.stack_root / stacker

@@ -68,6 +68,8 @@ def os_error_reason(exc: BaseException, verb: str = "write") -> str:
         return f"cannot {verb}: no such file or folder (moved or deleted while running?); check the path and rerun"
     if code in (errno.ENOTDIR, errno.EEXIST):
         return f"cannot {verb}: a part of the path is a file, not a folder; choose another path"
+    if code == errno.EISDIR:
+        return f"cannot {verb}: the path is a folder, not a file; choose another path"
     detail = getattr(exc, "strerror", None) or one_line(exc, 120)
     return f"cannot {verb} ({detail}); check the disk and the path, then rerun"
 
@@ -127,6 +129,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 # --- sets: folders replaced as a whole -------------------------------------------------------
+
+
+def check_set_target(path: str | os.PathLike) -> Path:
+    """A set's folder must be a folder or absent: a plain file (or a link to one) in its place is the
+    user's, never replaced. One-line :class:`StackkitError` naming it; writers call this before any
+    work (and :func:`replace_dir` again before it creates anything)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise StackkitError(
+            f"{path}: exists as a file where stackkit writes the folder {path.name}/; the file is left as it is: "
+            "move or rename it, or use another --workdir"
+        )
+    return path
 
 
 def _set_leftovers(path: Path) -> list[Path]:
@@ -201,9 +216,9 @@ def replace_dir(path: str | os.PathLike, *, keep: Iterable[str] | bool = ()) -> 
     old set or the new set, never a mix. On any failure the new folder is deleted and ``path`` is
     untouched; OSErrors become an :class:`ArtifactWriteError` naming ``path``. ``keep``: entries
     of the old folder carried into the new one (hard links) when the new one does not write them;
-    ``True`` keeps every such entry.
+    ``True`` keeps every such entry (names starting with '.', temporaries, never).
     """
-    path = Path(path)
+    path = check_set_target(path)
     recover_set(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -214,11 +229,12 @@ def replace_dir(path: str | os.PathLike, *, keep: Iterable[str] | bool = ()) -> 
     try:
         yield tmp
         if path.is_dir() and keep:
-            for entry in path.iterdir():
-                if (keep is True or entry.name in keep) and not (tmp / entry.name).exists():
+            for entry in path.iterdir():  # never a leftover temporary ('.'-names) of an interrupted writer
+                if not entry.name.startswith(".") and (keep is True or entry.name in keep) and not (tmp / entry.name).exists():
                     _link_tree(entry, tmp / entry.name)
         _fsync_tree(tmp)
         _hold_point(tmp, "set", path.name)
+        check_set_target(path)  # a file put there while the set was written: refused, not swapped away
         if not path.exists():
             os.rename(tmp, path)
         elif _exchange(tmp, path):

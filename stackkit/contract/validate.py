@@ -20,8 +20,9 @@ from stackkit.contract.io import read_json, read_table, verify_set
 
 
 def _row_ref(frame: pd.DataFrame, position: int) -> str:
-    ident = frame["image_id"].iloc[position] if "image_id" in frame.columns else None
-    return f"row {position + 1}" + (f" (image_id {ident})" if ident is not None else "")
+    """``row N (image_id X)``: the 1-based data row, with the row's id (``ID`` in the RSNA long format)."""
+    key = next((c for c in ("image_id", "ID") if c in frame.columns), None)
+    return f"row {position + 1}" + (f" ({key} {frame[key].iloc[position]})" if key is not None else "")
 
 
 def require_columns(frame: pd.DataFrame, columns, source, hint: str = "") -> None:
@@ -66,18 +67,39 @@ def check_numeric(frame: pd.DataFrame, columns, source, *, finite: bool = True) 
     return frame
 
 
-def check_probabilities(frame: pd.DataFrame, source, *, logits_hint: bool = True) -> pd.DataFrame:
-    frame = check_numeric(frame, LABELS, source)
-    for col in LABELS:
-        arr = frame[col].to_numpy()
-        bad = (arr < 0.0) | (arr > 1.0)
-        if bad.any():
-            pos = int(np.argmax(bad))
-            hint = "; these look like logits: pass --logits" if logits_hint else ""
-            raise ContractError(
-                f"{source}: column '{col}' has {arr[pos]:.6g} at {_row_ref(frame, pos)}; expected a probability in [0, 1]{hint}"
-            )
-        frame[col] = arr.astype(np.float32)
+# A prediction file looks like logits (and the error suggests --logits) only when at least this share of
+# its values is outside [0, 1] and some are negative: logits of rare labels are mostly negative, while a
+# file of probabilities with a few stray values (a 1.7, a -0.1) is a broken file, not logits.
+LOGIT_SHARE = 0.5
+
+
+def looks_like_logits(values: np.ndarray) -> bool:
+    values = np.asarray(values, dtype=np.float64)
+    outside = (values < 0.0) | (values > 1.0)
+    return values.size > 0 and outside.mean() >= LOGIT_SHARE and bool((values < 0.0).any())
+
+
+def check_probabilities(frame: pd.DataFrame, source, *, logits_hint: bool = False, columns=LABELS) -> pd.DataFrame:
+    """``columns`` numeric, finite and in [0, 1] (stored as float32); one line naming the first bad row otherwise.
+
+    ``logits_hint`` (`base import`): say "pass --logits" when the values look like logits (``looks_like_logits``);
+    else the error counts the values out of range, so that a stray value is reported as one."""
+    columns = list(columns)
+    frame = check_numeric(frame, columns, source)
+    values = frame[columns].to_numpy()
+    bad = (values < 0.0) | (values > 1.0)
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        if logits_hint and looks_like_logits(values):
+            hint = f"; {bad.mean():.0%} of the values are outside [0, 1], some negative: these look like logits: pass --logits"
+        else:
+            hint = f"; {int(bad.sum())} of {bad.size} values are outside [0, 1]: fix or remove them"
+        raise ContractError(
+            f"{source}: column '{columns[col]}' has {values[row, col]:.6g} at {_row_ref(frame, int(row))}; "
+            f"expected a probability in [0, 1]{hint}"
+        )
+    for col in columns:
+        frame[col] = frame[col].to_numpy().astype(np.float32)
     return frame
 
 
@@ -193,15 +215,17 @@ def validate_predictions(
     expected_ids,
     what: str,
     folds: pd.DataFrame | None = None,
+    logits_hint: bool = False,
 ) -> pd.DataFrame:
     """Check a prediction table (oof when ``folds`` is given, else test) and return it clean.
 
-    Returns image_id (+ fold) + the six labels as float32, in the input's row order.
+    Returns image_id (+ fold) + the six labels as float32, in the input's row order. ``logits_hint``:
+    see :func:`check_probabilities` (for files given to `base import`).
     """
     require_columns(frame, ("image_id", *LABELS), source, "expected image_id plus the six label columns")
     keep = ["image_id", *(["fold"] if folds is not None and "fold" in frame.columns else []), *LABELS]
     frame = check_ids(frame[keep], source)
-    frame = check_probabilities(frame, source)
+    frame = check_probabilities(frame, source, logits_hint=logits_hint)
     check_id_coverage(frame["image_id"], expected_ids, source, what)
     if folds is not None:
         frame = attach_folds(frame, folds, source)

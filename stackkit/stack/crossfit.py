@@ -410,7 +410,7 @@ def save_stacker_result(workdir, result: StackerResult, core=None) -> None:
     if result.folds_hash != folds_hash(folds["image_id"].to_numpy(dtype=object), folds["fold"].to_numpy()):
         raise LeakageError(f"stacker '{result.name}' was fitted on other folds than data/folds.parquet; refit with `stack fit`")
     directory = wd.stack_dir(result.name)
-    source = os.path.relpath(directory, wd.root)
+    source = os.path.relpath(wd.published(directory), wd.root)  # stack/<name>, also while stack/ is being built
     oof = validate_predictions(result.oof, f"{source}/oof.parquet", expected_ids=folds["image_id"], what="labeled", folds=folds)
     test_ids = metadata.loc[metadata["split"] == "test", "image_id"]
     test = validate_predictions(result.test, f"{source}/test.parquet", expected_ids=test_ids, what="test")

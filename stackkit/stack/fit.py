@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from stackkit.contract import CONTRACT_VERSION, LABELS, SEED_RANGE, Workdir, file_sha256, folds_hash
-from stackkit.contract.io import write_json
+from stackkit.contract.io import check_set_target, replace_dir, write_json
 from stackkit.errors import StackkitError
 from stackkit.metric import weighted_log_loss
 
@@ -100,23 +100,40 @@ def run_stack_fit(
     budget = timeout if timeout is not None else (DEFAULT_TUNE_BUDGET_S if tune else None)
     deadline = None if budget is None else time.monotonic() + float(budget)
     prefix = study_name or DEFAULT_STUDY
-    fitted, studies = {}, {}
-    if names:
-        fitted, studies = _fit_stackers(wd, core, names, tune=tune, trials=trials, deadline=deadline, storage=storage_obj, prefix=prefix,
-                                        seed=seed, device=resolved_device, progress=progress, use_embeddings=use_embeddings)
-    sources = _collect_sources(wd, core, fitted, base_models)
-    choice, blend_info = _choose_blend(sources, tune=tune, trials=trials, deadline=deadline, storage=storage_obj, prefix=prefix,
-                                       seed=seed, per_label=per_label_weights, any_consistency=any_consistency, progress=progress)
-    if blend_info is not None:
-        studies["blend"] = blend_info
-    record = _blend_record(wd, sources, choice, fitted, studies, tune=tune, seed=seed, storage=storage,
-                           per_label=per_label_weights, device=resolved_device, budget=budget)
-    record["base_oof_scores"] = base_oof_scores(wd, core, sources)
-    write_json(record, wd.blend)
-    from stackkit.stack.report import stack_fit_report
+    kept = kept_stackers(wd, names)
+    # stack/ is one set: every stacker's folder, blend.json and report.html are built in a sibling folder
+    # and switched in together, so an interrupted fit (Ctrl-C, a crash) leaves the previous stack/ as it
+    # was. Stackers of an earlier run that this one does not fit are carried over unchanged (``kept``).
+    with replace_dir(wd.stack_root, keep=True) as staged:
+        swd = wd.staged_stack(staged)
+        fitted, studies = {}, {}
+        if names:
+            fitted, studies = _fit_stackers(swd, core, names, tune=tune, trials=trials, deadline=deadline, storage=storage_obj,
+                                            prefix=prefix, seed=seed, device=resolved_device, progress=progress,
+                                            use_embeddings=use_embeddings)
+        sources = _collect_sources(swd, core, fitted, base_models)
+        choice, blend_info = _choose_blend(sources, tune=tune, trials=trials, deadline=deadline, storage=storage_obj, prefix=prefix,
+                                           seed=seed, per_label=per_label_weights, any_consistency=any_consistency, progress=progress)
+        if blend_info is not None:
+            studies["blend"] = blend_info
+        record = _blend_record(swd, sources, choice, fitted, studies, tune=tune, seed=seed, storage=storage,
+                               per_label=per_label_weights, device=resolved_device, budget=budget)
+        record["base_oof_scores"] = base_oof_scores(wd, core, sources)
+        record["stackers_kept"] = kept
+        write_json(record, swd.blend)
+        from stackkit.stack.report import stack_fit_report
 
-    table = stack_fit_report(wd, record, sources, choice, fitted, studies)
+        table = stack_fit_report(swd, record, sources, choice, fitted, studies)
     return _summary(wd, record, table, sources, choice, fitted, studies, time.perf_counter() - started)
+
+
+def kept_stackers(wd: Workdir, names: list[str]) -> list[str]:
+    """stack/<stacker>/ folders of an earlier run that this run does not fit: carried over unchanged
+    into the new stack/ set (not in its blend), so a partial rerun loses no fitted stacker."""
+    check_set_target(wd.stack_root)  # a file in stack/'s place: refused before any fitting
+    if not wd.stack_root.is_dir():
+        return []
+    return sorted(p.name for p in wd.stack_root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in names)
 
 
 def _check_options(stackers, *, trials, timeout, seed, device) -> list[str]:
@@ -353,6 +370,9 @@ def _summary(wd, record, table, sources: Sources, choice, fitted, studies, secon
     from stackkit.stack.report import test_sets_note
 
     lines.append(test_sets_note(record))
+    if record["stackers_kept"]:
+        lines.append("kept unchanged from an earlier run (not in this blend): "
+                     + ", ".join(f"stack/{name}" for name in record["stackers_kept"]))
     lines.append(f"wrote {wd.blend} and {wd.report_html} in {seconds:.1f} s")
     return {
         "table": table,
@@ -371,6 +391,6 @@ def _summary(wd, record, table, sources: Sources, choice, fitted, studies, secon
 
 def _relative(path: Path, wd: Workdir) -> str:
     try:
-        return Path(path).relative_to(wd.root).as_posix()
+        return wd.published(path).relative_to(wd.root).as_posix()
     except ValueError:
         return str(path)

@@ -71,6 +71,14 @@ def noisy_predictions(labels: pd.DataFrame, ids, *, strength: float = 2.0, seed:
     return frame
 
 
+def with_folds(frame: pd.DataFrame, folds: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with each row's ``fold`` from ``folds`` after ``image_id``: an OOF export made on those
+    folds, as `base import` takes it without --folds-from-data."""
+    frame = frame.copy()
+    frame.insert(1, "fold", folds.set_index("image_id")["fold"].reindex(frame["image_id"]).to_numpy())
+    return frame
+
+
 def write_core(wd: Workdir, metadata: pd.DataFrame, labels: pd.DataFrame, folds: pd.DataFrame) -> Workdir:
     """data/metadata, labels and folds of ``wd``, written through the contract's atomic writer."""
     write_parquet(metadata, wd.metadata)

@@ -16,7 +16,7 @@ from stackkit.contract import LABELS, Workdir
 from stackkit.contract.io import write_parquet
 from stackkit.contract.validate import load_core
 
-from stackkit.testing.contract import noisy_predictions
+from stackkit.testing.contract import noisy_predictions, with_folds
 
 
 def _rotation(rng, dim: int) -> np.ndarray:
@@ -58,7 +58,7 @@ def import_models_with_embeddings(wd: Workdir, models=("model0", "model1"), *, d
     test_truth = (rng.random((len(test_ids), len(LABELS))) < 0.15).astype(np.float64)
     oof_truth = truth_of.reindex(folds["image_id"]).to_numpy(dtype=np.float64)
     for m, name in enumerate(models):
-        oof = noisy_predictions(labels, folds["image_id"], strength=strength, seed=seed + 10 * m + 1)
+        oof = with_folds(noisy_predictions(labels, folds["image_id"], strength=strength, seed=seed + 10 * m + 1), folds)
         test = noisy_predictions(labels, test_ids, strength=strength, seed=seed + 10 * m + 2)
         write_parquet(oof, tmp / f"{name}_oof.parquet")
         write_parquet(test, tmp / f"{name}_test.parquet")

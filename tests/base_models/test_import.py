@@ -15,12 +15,12 @@ from stackkit.contract import LABELS
 from stackkit.contract.io import read_json, read_table, write_parquet
 from stackkit.contract.validate import load_core, read_oof, read_test
 
-from stackkit.testing.contract import noisy_predictions, snapshot
+from stackkit.testing.contract import noisy_predictions, snapshot, with_folds
 
 
 def _wide(contract_workdir):
     metadata, labels, folds = load_core(contract_workdir)
-    oof = noisy_predictions(labels, folds["image_id"], seed=1)
+    oof = with_folds(noisy_predictions(labels, folds["image_id"], seed=1), folds)  # exported with its folds
     test_ids = metadata.loc[metadata["split"] == "test", "image_id"]
     test = noisy_predictions(labels, test_ids, seed=2)
     return metadata, labels, folds, oof, test
@@ -36,31 +36,37 @@ def _invoke(wd, *args):
     return CliRunner().invoke(cli, ["base", "import", *args, "--workdir", str(wd.root)], catch_exceptions=False)
 
 
-def test_import_wide_parquet_fills_fold_and_scores(contract_workdir, tmp_path):
+def test_import_wide_parquet_with_folds_from_data_fills_fold_and_scores(contract_workdir, tmp_path):
     metadata, labels, folds, oof, test = _wide(contract_workdir)
-    write_parquet(oof, tmp_path / "oof.parquet")
+    write_parquet(oof.drop(columns="fold"), tmp_path / "oof.parquet")
     write_parquet(test.iloc[::-1], tmp_path / "test.parquet")  # another order is legal
-    result = _invoke(contract_workdir, "m1", "--oof", str(tmp_path / "oof.parquet"), "--test", str(tmp_path / "test.parquet"))
+    result = _invoke(contract_workdir, "m1", "--oof", str(tmp_path / "oof.parquet"), "--test", str(tmp_path / "test.parquet"),
+                     "--folds-from-data")
     assert result.exit_code == 0, result.output
     written = read_oof(contract_workdir.oof("m1"), folds, contract_workdir)
     assert written["fold"].tolist() == folds.set_index("image_id").loc[written["image_id"], "fold"].tolist()
     assert len(read_test(contract_workdir.test("m1"), metadata, contract_workdir)) == len(test)
     record = read_json(contract_workdir.model_json("m1"))
-    assert record["source"] == "imported"
+    assert record["source"] == "imported" and record["contract_version"] == 4
+    assert record["parameters"]["folds_from_data"] is True  # the record says the folds were taken on trust
     assert record["oof_logloss"]["overall"] < record["prior_logloss"]
     assert set(record["oof_logloss"]["per_label"]) == set(LABELS)
 
 
 def test_import_long_csv_and_logits(contract_workdir, tmp_path):
     metadata, labels, folds, oof, test = _wide(contract_workdir)
-    logit = lambda f: f.assign(**{c: np.log(f[c] / (1 - f[c])) for c in LABELS})  # noqa: E731
-    _to_long(logit(oof)).to_csv(tmp_path / "oof.csv", index=False)
-    _to_long(logit(test)).to_csv(tmp_path / "test.csv", index=False)
-    result = _invoke(contract_workdir, "m2", "--oof", str(tmp_path / "oof.csv"), "--test", str(tmp_path / "test.csv"), "--logits")
+    _to_long(_logit(oof)).to_csv(tmp_path / "oof.csv", index=False)
+    _to_long(_logit(test)).to_csv(tmp_path / "test.csv", index=False)
+    result = _invoke(contract_workdir, "m2", "--oof", str(tmp_path / "oof.csv"), "--test", str(tmp_path / "test.csv"), "--logits",
+                     "--folds-from-data")  # the long format has no fold column
     assert result.exit_code == 0, result.output
     written = read_oof(contract_workdir.oof("m2"), folds).set_index("image_id")
     expected = oof.set_index("image_id").loc[written.index, list(LABELS)]
     np.testing.assert_allclose(written[list(LABELS)].to_numpy(), expected.to_numpy(), rtol=1e-5)
+
+
+def _logit(frame):
+    return frame.assign(**{c: np.log(frame[c] / (1 - frame[c])) for c in LABELS})
 
 
 def _set(frame, row, column, value):
@@ -77,8 +83,16 @@ BAD_IMPORTS = [
     ("duplicate-id", "oof", lambda f: pd.concat([f, f.iloc[[3]]]), "parquet", r"duplicate image_id '.*' at row"),
     ("nan", "oof", lambda f: _set(f, 4, "subdural", np.nan), "parquet", r"column 'subdural' has nan at row 5"),
     ("inf", "test", lambda f: _set(f, 1, "epidural", np.inf), "parquet", r"test\.parquet: column 'epidural' has inf at row 2"),
-    ("logits-as-probabilities", "oof", lambda f: _set(f, 0, "any", 3.2), "parquet", r"'any' has 3\.2 at row 1 .*pass --logits"),
-    ("negative", "test", lambda f: _set(f, 2, "any", -0.1), "parquet", r"has -0\.1 at row 3"),
+    # the --logits rule: the hint only for files that look like logits (>= half the values outside [0, 1], some negative)
+    ("stray-value-is-not-logits", "oof", lambda f: _set(f, 0, "any", 1.7), "parquet",
+     r"oof\.parquet: column 'any' has 1\.7 at row 1 \(image_id ID_\w+\); expected a probability in \[0, 1\]; 1 of \d+ values are outside \[0, 1\]: fix or remove them$"),
+    ("negative", "test", lambda f: _set(f, 2, "any", -0.1), "parquet", r"test\.parquet: column 'any' has -0\.1 at row 3 .*1 of \d+ values are outside \[0, 1\]: fix or remove them$"),
+    ("logits-without-flag", "oof", lambda f: _logit(f), "parquet", r"oof\.parquet: column '\w+' has \S+ at row 1 .*\d+% of the values are outside \[0, 1\], some negative: these look like logits: pass --logits$"),
+    ("positive-scores-are-not-logits", "test", lambda f: f.assign(**{c: f[c] * 100 for c in LABELS}), "parquet", r"test\.parquet: column '\w+' .* of \d+ values are outside \[0, 1\]: fix or remove them$"),
+    ("logits-flag-on-probabilities", "oof", "logits-flag", "parquet", r"oof\.parquet: --logits given, but every value is in \[0, 1\]: these look like probabilities; leave out --logits"),
+    # a missing fold column needs --folds-from-data (contract v4)
+    ("no-fold-column", "oof", lambda f: f.drop(columns="fold"), "parquet", r"oof\.parquet: no 'fold' column; OOF predictions made on other folds than data/folds\.parquet leak labels into the stackers: .*--folds-from-data"),
+    ("long-oof-has-no-fold", "oof", "long-no-flag", "csv", r"oof\.csv: no 'fold' column; .*--folds-from-data"),
     ("unknown-id", "oof", lambda f: _set(f, 0, "image_id", "ID_nothere"), "parquet", r"image_id 'ID_nothere' at row 1 is not a labeled image"),
     ("missing-oof-row", "oof", lambda f: f.iloc[1:], "parquet", r"1 labeled image\(s\) missing"),
     ("missing-test-row", "test", lambda f: f.iloc[:-2], "parquet", r"2 test image\(s\) missing"),
@@ -90,6 +104,10 @@ BAD_IMPORTS = [
     ("non-numeric", "oof", lambda f: _set(f, 6, "epidural", "high"), "csv", r"column 'epidural' has non-numeric value 'high' at row 7"),
     ("long-unknown-label", "oof", "long-bad-label", "csv", r"does not end in one of the six labels"),
     ("long-missing-label", "test", "long-missing", "csv", r"has no row for label 'any'"),
+    # long format: errors name the Label column and the row of the file (not the wide table's)
+    ("long-stray-value", "oof", "long-stray", "csv", r"oof\.csv: column 'Label' has 1\.7 at row 8 \(ID ID_\w+_epidural\); expected a probability in \[0, 1\]; 1 of \d+ values are outside"),
+    ("long-nan", "test", "long-nan", "csv", r"test\.csv: column 'Label' has nan at row 5 \(ID ID_\w+_epidural\)"),
+    ("long-logits-without-flag", "test", "long-logits", "csv", r"test\.csv: column 'Label' has \S+ at row \d+ \(ID ID_\w+\); .*these look like logits: pass --logits$"),
     ("missing-file", "oof", "absent", "parquet", r"oof\.parquet: OOF prediction file not found"),
 ]
 
@@ -109,16 +127,18 @@ def test_bad_import_is_one_line_exit_2_and_changes_nothing(contract_workdir, tmp
     if corrupt == "fold":
         frame = frame.assign(fold=folds.set_index("image_id").loc[frame["image_id"], "fold"].to_numpy())
         frame.loc[frame.index[0], "fold"] = (frame["fold"].iloc[0] + 1) % 4
-    elif corrupt in ("long-bad-label", "long-missing"):
-        frame = _to_long(frame)
+    elif corrupt.startswith("long-") if isinstance(corrupt, str) else False:
+        frame = _to_long(_logit(frame) if corrupt == "long-logits" else frame)
         if corrupt == "long-bad-label":
             frame.loc[frame.index[0], "ID"] = frame["ID"].iloc[0].rsplit("_", 1)[0] + "_chronic"
-        else:
+        elif corrupt == "long-missing":
             frame = frame.drop(frame.index[frame["ID"].str.endswith("_any")][:1])
+        elif corrupt in ("long-stray", "long-nan"):
+            frame.loc[frame.index[7 if corrupt == "long-stray" else 4], "Label"] = 1.7 if corrupt == "long-stray" else np.nan
     elif callable(corrupt):
         frame = corrupt(frame)
     frames[which] = frame
-    long_format = corrupt in ("long-bad-label", "long-missing")
+    long_format = isinstance(corrupt, str) and corrupt.startswith("long-")
     for key, data in frames.items():
         if key == which and corrupt == "absent":
             continue
@@ -133,7 +153,9 @@ def test_bad_import_is_one_line_exit_2_and_changes_nothing(contract_workdir, tmp
     if corrupt == "empty":
         paths[which].write_bytes(b"")
 
-    result = _invoke(contract_workdir, "kept", "--force", "--oof", str(paths["oof"]), "--test", str(paths["test"]))
+    extra = ["--logits"] if corrupt == "logits-flag" else []
+    extra += ["--folds-from-data"] if long_format and corrupt != "long-no-flag" else []
+    result = _invoke(contract_workdir, "kept", "--force", "--oof", str(paths["oof"]), "--test", str(paths["test"]), *extra)
     assert result.exit_code == 2, result.output
     lines = [l for l in result.output.splitlines() if l.strip()]
     assert len(lines) == 1, result.output
@@ -328,7 +350,7 @@ BAD_TEST_FOLDS = [
     ("extra-id", _rewrite(3, _extra_id), True, r"bad_fold3\.parquet: image_id 'ID_extra' at row \d+ is not a test image"),
     ("train-id", _rewrite(0, lambda f: f.assign(image_id=f["image_id"].where(f.index != 4, "ID_train"))), False, r"bad_fold0\.parquet: image_id 'ID_train' at row 5 is not a test image"),
     ("duplicate-id", _rewrite(0, lambda f: pd.concat([f, f.iloc[[2]]], ignore_index=True)), False, r"bad_fold0\.parquet: duplicate image_id '.*' at row"),
-    ("above-one", _rewrite(2, lambda f: _set(f, 3, "any", 1.5)), False, r"bad_fold2\.parquet: column 'any' has 1\.5 at row 4 .*pass --logits"),
+    ("above-one", _rewrite(2, lambda f: _set(f, 3, "any", 1.5)), False, r"bad_fold2\.parquet: column 'any' has 1\.5 at row 4 .*1 of \d+ values are outside \[0, 1\]"),
     ("negative", _rewrite(3, lambda f: _set(f, 0, "epidural", -0.2)), True, r"bad_fold3\.parquet: column 'epidural' has -0\.2 at row 1"),
     ("nan", _rewrite(0, lambda f: _set(f, 1, "subdural", np.nan)), False, r"bad_fold0\.parquet: column 'subdural' has nan at row 2"),
     ("other-format", _other_format, False, r"bad_fold2\.csv: missing column\(s\) image_id, .*expected image_id \+ .* or ID,Label"),

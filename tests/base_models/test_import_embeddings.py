@@ -15,7 +15,7 @@ from stackkit.contract.embeddings import read_model_embeddings
 from stackkit.contract.io import read_json, write_parquet
 from stackkit.contract.validate import load_core
 from stackkit.errors import ContractError
-from stackkit.testing.contract import noisy_predictions, snapshot
+from stackkit.testing.contract import noisy_predictions, snapshot, with_folds
 
 DIM = 12
 
@@ -30,7 +30,7 @@ def _inputs(wd, tmp_path, *, n_test_files=None, dtype=np.float32):
     metadata, labels, folds = load_core(wd)
     n_folds = int(folds["fold"].max()) + 1
     rng = np.random.default_rng(0)
-    oof = noisy_predictions(labels, folds["image_id"], seed=1).sample(frac=1.0, random_state=3).reset_index(drop=True)
+    oof = with_folds(noisy_predictions(labels, folds["image_id"], seed=1), folds).sample(frac=1.0, random_state=3).reset_index(drop=True)
     test_ids = metadata.loc[metadata["split"] == "test", "image_id"]
     test = noisy_predictions(labels, test_ids, seed=2).sample(frac=1.0, random_state=4).reset_index(drop=True)
     write_parquet(oof, tmp_path / "oof.parquet")

@@ -194,3 +194,43 @@ def test_a_set_switch_without_atomic_exchange_fails_back_to_the_old_set(tmp_path
         with io.replace_dir(folder) as new:
             (new / "a").write_bytes(b"newer")
     assert (folder / "a").read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+@pytest.mark.parametrize("when", ["before", "while writing"])
+def test_a_file_in_a_sets_place_is_refused_and_kept(tmp_path, when):
+    """A plain file where a set's folder goes is the user's: refused in one line, never swapped away."""
+    from stackkit.contract.io import replace_dir
+
+    path = tmp_path / "features"
+    if when == "before":
+        path.write_text("notes")
+    with pytest.raises(StackkitError, match=r"features: exists as a file where stackkit writes the folder features/; "
+                                            r"the file is left as it is: move or rename it, or use another --workdir$"):
+        with replace_dir(path) as folder:
+            (folder / "train.parquet").write_bytes(b"new")
+            if when == "while writing":
+                path.write_text("notes")
+    assert path.read_text() == "notes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["features"]  # no .features.tmp-* left
+
+
+def test_a_staged_stack_names_its_files_as_they_will_be(tmp_path):
+    wd = Workdir(tmp_path)
+    staged = wd.staged_stack(tmp_path / ".stack.tmp-x")
+    assert staged.blend == tmp_path / ".stack.tmp-x" / "blend.json" and staged.metadata == wd.metadata
+    assert staged.published(staged.stack_dir("lgbm") / "oof.parquet") == wd.stack_dir("lgbm") / "oof.parquet"
+    assert staged.published(wd.metadata) == wd.metadata and wd.published(wd.blend) == wd.blend
+
+
+def test_keep_carries_old_entries_but_never_temporaries(tmp_path):
+    from stackkit.contract.io import TMP_PREFIX, replace_dir
+
+    path = tmp_path / "stack"
+    (path / "xgb").mkdir(parents=True)
+    (path / "xgb" / "meta.json").write_text("old")
+    (path / f"{TMP_PREFIX}abc.json").write_text("half")  # left by a killed writer
+    (path / "blend.json").write_text("old blend")
+    with replace_dir(path, keep=True) as folder:
+        (folder / "blend.json").write_text("new blend")
+    assert sorted(p.name for p in path.iterdir()) == ["blend.json", "xgb"]
+    assert (path / "blend.json").read_text() == "new blend" and (path / "xgb" / "meta.json").read_text() == "old"

@@ -13,7 +13,7 @@ from stackkit.contract import LABELS
 from stackkit.contract.io import write_parquet
 from stackkit.contract.validate import load_core, read_test_folds, verify_model_files
 from stackkit.errors import ContractError
-from stackkit.testing.contract import noisy_predictions
+from stackkit.testing.contract import noisy_predictions, with_folds
 
 
 def _import(wd, tmp_path, name, *, per_fold: bool):
@@ -22,7 +22,7 @@ def _import(wd, tmp_path, name, *, per_fold: bool):
     metadata, labels, folds = load_core(wd)
     n_folds = int(folds["fold"].max()) + 1
     test_ids = metadata.loc[metadata["split"] == "test", "image_id"]
-    write_parquet(noisy_predictions(labels, folds["image_id"], seed=1), tmp_path / "oof.parquet")
+    write_parquet(with_folds(noisy_predictions(labels, folds["image_id"], seed=1), folds), tmp_path / "oof.parquet")
     write_parquet(noisy_predictions(labels, test_ids, seed=2), tmp_path / "test.parquet")
     fold_paths = []
     for k in range(n_folds if per_fold else 0):

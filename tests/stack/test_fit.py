@@ -177,6 +177,39 @@ def test_refusals_change_nothing(wd, case, damage, kwargs, error, match):
     assert snapshot(wd.root) == before
 
 
+def test_stackers_left_out_of_a_rerun_are_carried_over_unchanged(wd):
+    from stackkit.stack.crossfit import load_stacker_models
+
+    run_stack_fit(wd, stackers=[FAST], progress=False, blend_base_models=True)
+    earlier = {k: v for k, v in snapshot(wd.root).items() if k.startswith(f"stack/{FAST}/")}
+    summary = run_stack_fit(wd, stackers=[], progress=False, blend_base_models=True)
+    record = read_json(wd.blend)
+    assert [s["name"] for s in record["sources"]] == ["preds/m1", "preds/m2"]  # not in this blend ...
+    assert record["stackers_kept"] == [FAST]  # ... but kept, byte for byte, and still loadable
+    assert any(line.startswith("kept unchanged from an earlier run") and f"stack/{FAST}" in line for line in summary["lines"])
+    assert {k: v for k, v in snapshot(wd.root).items() if k.startswith(f"stack/{FAST}/")} == earlier
+    assert len(load_stacker_models(wd, FAST)) == 4
+
+
+def test_a_crash_mid_fit_leaves_the_previous_stack_as_it_was(wd, monkeypatch):
+    import stackkit.stack.fit as fit
+
+    run_stack_fit(wd, stackers=[FAST], progress=False)
+    before = snapshot(wd.root)
+    staged = []
+
+    def crash(*args, **kwargs):
+        staged.extend(wd.root.glob(f".stack.tmp-*/{FAST}/meta.json"))  # the new stacker was written, in the new set
+        raise RuntimeError("crash while choosing the blend")
+
+    monkeypatch.setattr(fit, "_choose_blend", crash)
+    with pytest.raises(RuntimeError, match="crash while choosing"):
+        run_stack_fit(wd, stackers=[FAST], seed=1, progress=False)
+    assert len(staged) == 1
+    assert snapshot(wd.root) == before
+    assert not list(wd.root.rglob(".*"))  # the new set is gone
+
+
 def test_report_table_marks_the_honest_best_score():
     rows = [
         ScoreRow("preds/m1", "base", 0.2, {l: 0.2 for l in LABELS}),
