@@ -17,7 +17,7 @@ import pandas as pd
 
 from stackkit.contract import LABELS, Workdir
 from stackkit.errors import ContractError, StackkitError
-from stackkit.contract.io import read_table, replace_dir, write_parquet, write_set_record
+from stackkit.contract.io import check_set_target, read_table, replace_dir, write_parquet, write_set_record
 from stackkit.contract.validate import ids_in, validate_folds, validate_labels, validate_metadata
 
 
@@ -220,7 +220,7 @@ def prepare_data(
     if image_id not in IMAGE_ID_RULES:
         raise StackkitError(f"--image-id {image_id!r}: expected one of {', '.join(IMAGE_ID_RULES)}")
     modalities = parse_modalities(modalities) if modalities is None or isinstance(modalities, str) else tuple(modalities)
-    _refuse_data_file(workdir)  # before the scan: a long run must not end on this
+    check_set_target(workdir.data_dir)  # before the scan: a long run must not end on this
     train_paths = _dicom_files(dicom_dir, "--dicom-dir")
     test_paths = _dicom_files(test_dicom_dir, "--test-dicom-dir")
     overlap = set(train_paths) & set(test_paths)
@@ -262,14 +262,6 @@ def _prepare_record(train_paths, test_paths, skipped, *, image_id: str, modaliti
         # submit refuses a submission that lacks these images (RSNA names files <image id>.dcm)
         "skipped_test_ids": sorted(Path(path).stem for path, _ in skipped if path in test_set),
     }
-
-
-def _refuse_data_file(workdir: Workdir) -> None:
-    """data/ must be a folder or absent: a file there is the user's, never replaced."""
-    path = workdir.data_dir
-    if path.exists() and not path.is_dir():
-        raise StackkitError(f"{path}: exists and is not a folder; `data prepare` writes data/ as a folder: "
-                            "move the file away or use another --workdir")
 
 
 def _ids_of_skipped(skipped, labels: pd.DataFrame) -> set[str]:

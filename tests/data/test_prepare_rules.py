@@ -74,7 +74,7 @@ def _skipped_then_failed(data, work):
 
 # name, setup(data, work) -> the file the message must name, extra options, message (regex, {file} = that file)
 CASES = [
-    ("data-path-is-a-file", _data_is_a_file, [], r"{file}: exists and is not a folder; `data prepare` writes data/ as a folder"),
+    ("data-path-is-a-file", _data_is_a_file, [], r"{file}: exists as a file where stackkit writes the folder data/; the file is left as it is"),
     ("study-under-two-patient-ids", _set_tag(0, "PatientID", "ZZ_other"), [],
      r"{file}: PatientID ZZ_other, but \S+\.dcm of the same study \S+ has PatientID \S+; a study belongs to one patient"),
     ("sop-differs-from-file-name", _set_tag(0, "SOPInstanceUID", "1.2.3.999"), [],
