@@ -122,45 +122,20 @@ def _stack_data(frame, names, truth, codes):
     )
 
 
-@pytest.mark.parametrize("name, extra", [(name, {}) for name in SEQUENCE_STACKERS] + [("seq", {"inputs": "slice"})])
-def test_a_study_and_the_same_study_reversed_in_z_get_the_same_predictions(name, extra):
+@pytest.mark.parametrize("name", SEQUENCE_STACKERS)
+def test_a_study_and_the_same_study_reversed_in_z_get_the_same_predictions(name):
     (train, test, definitions), (_, test_reversed, _), truth = _real_feature_data()
     names = list(definitions)
     codes = pd.Index(sorted(set(train["study_id"].astype(str)) | set(test["study_id"].astype(str))))
     data = _stack_data(train, names, truth, codes)
     valid_rows = train["fold"].to_numpy() == 0
-    params = {**FAST_PARAMS[name], "max_epochs": 4, **extra}
+    params = {**FAST_PARAMS[name], "max_epochs": 4}
     stacker = get_stacker(name).fit(data.take(~valid_rows), data.take(valid_rows), params, seed=0)
     forward = pd.DataFrame(stacker.predict(_stack_data(test, names, truth, codes)), index=test["image_id"])
     backward = pd.DataFrame(stacker.predict(_stack_data(test_reversed, names, truth, codes)), index=test_reversed["image_id"])
     # predictions average the forward and the reversed pass; the reversed study's forward pass is the
     # original's reversed pass only if the direction columns are swapped as the real features are
     np.testing.assert_allclose(backward.loc[forward.index].to_numpy(), forward.to_numpy(), atol=2e-5)
-
-
-def test_slice_inputs_read_only_the_slices_own_columns_and_survive_save_and_load(tmp_path):
-    (train, test, definitions), _, truth = _real_feature_data()
-    names = list(definitions)
-    codes = pd.Index(sorted(set(train["study_id"].astype(str)) | set(test["study_id"].astype(str))))
-    data, test_data = _stack_data(train, names, truth, codes), _stack_data(test, names, truth, codes)
-    valid_rows = train["fold"].to_numpy() == 0
-    stacker = get_stacker("seq").fit(data.take(~valid_rows), data.take(valid_rows), {**FAST_PARAMS["seq"], "max_epochs": 3, "inputs": "slice"}, seed=0)
-    read = {names[i] for i in stacker.columns}
-    assert "cnn__any__pred" in read and "slice__position" in read and "models__any__mean" in read
-    assert not any(("lag" in n or "lead" in n or "study_" in n or "roll" in n) for n in read), sorted(read)
-    # a column it does not read changes nothing; one it reads does
-    unread, own = names.index("cnn__any__lag1"), names.index("cnn__any__pred")
-    before = stacker.predict(test_data)
-    for column, changes in ((unread, False), (own, True)):
-        X = test_data.X.copy()
-        X[:, column] = np.nan_to_num(X[:, column]) + 0.5
-        assert np.allclose(stacker.predict(replace(test_data, X=X)), before) is not changes, names[column]
-    stacker.save(tmp_path / "seq")
-    again = type(stacker).load(tmp_path / "seq")
-    np.testing.assert_array_equal(again.columns, stacker.columns)
-    np.testing.assert_allclose(again.predict(test_data), before, atol=1e-6)
-    with pytest.raises(StackkitError, match="inputs must be one of all, slice, got 'lags'"):
-        get_stacker("seq").fit(data.take(~valid_rows), data.take(valid_rows), {**FAST_PARAMS["seq"], "inputs": "lags"}, seed=0)
 
 
 # --- embeddings --------------------------------------------------------------------------------

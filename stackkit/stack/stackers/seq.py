@@ -17,8 +17,6 @@ from pathlib import Path
 
 import numpy as np
 
-from stackkit.contract import LABELS
-from stackkit.errors import StackkitError
 from stackkit.stack.stackers.base import StackData, default_threads, NeuralStacker, to_device
 
 
@@ -68,47 +66,12 @@ def study_layout(study_codes: np.ndarray, slice_index: np.ndarray):
     return row_study, row_position, lengths.astype(np.int64)
 
 
-SEQUENCE_INPUTS = ("all", "slice")
-
-
-def slice_feature_columns(feature_names) -> np.ndarray:
-    """Column positions of the features of the slice itself: every model's prediction, the
-    across-model aggregates and every column that belongs to no label (position, z gaps, DICOM
-    metadata). Lags, leads, their differences, rolling means and study aggregates are left out:
-    a model that reads the whole study in order computes those itself.
-    """
-    from features.build import MODELS_PREFIX
-
-    keep = []
-    for position, name in enumerate(feature_names):
-        parts = str(name).split("__")
-        if len(parts) != 3 or parts[1] not in LABELS or parts[0] == MODELS_PREFIX or parts[2] == "pred":
-            keep.append(position)
-    return np.asarray(keep, dtype=np.int64)
-
-
 class SequenceStacker(NeuralStacker):
-    """Shared by the stackers that see whole studies: the reversal of a study's features, and the
-    columns they read (``inputs``: ``all`` features, or the ``slice``'s own, see
-    :func:`slice_feature_columns`)."""
+    """Shared by the stackers that see whole studies: the reversal of a study's features."""
 
     def __init__(self):
         super().__init__()
         self.reversal: tuple[np.ndarray, np.ndarray] | None = None
-        self.columns: np.ndarray | None = None  # positions read from the features; None = all
-
-    def _fit(self, train, valid, X_train, Y_train, X_valid, Y_valid, params, seed) -> None:
-        inputs = params.get("inputs", "all")
-        if inputs not in SEQUENCE_INPUTS:
-            raise StackkitError(f"stacker '{self.name}': inputs must be one of {', '.join(SEQUENCE_INPUTS)}, got {inputs!r}")
-        self.columns = None if inputs == "all" or train.feature_names is None else slice_feature_columns(train.feature_names)
-        super()._fit(train, valid, self._columns(X_train), Y_train, self._columns(X_valid), Y_valid, params, seed)
-
-    def _predict(self, data, X) -> np.ndarray:
-        return super()._predict(data, self._columns(X))
-
-    def _columns(self, X: np.ndarray) -> np.ndarray:
-        return X if self.columns is None else X[:, self.columns]
 
     def _fit_inputs(self, train: StackData, X_train: np.ndarray, params: dict) -> None:
         n = X_train.shape[1]
@@ -117,8 +80,7 @@ class SequenceStacker(NeuralStacker):
         else:
             from features.build import reversal_map
 
-            names = np.asarray(train.feature_names, dtype=object)
-            self.reversal = reversal_map(names if self.columns is None else names[self.columns])
+            self.reversal = reversal_map(train.feature_names)
 
     def _reversed_features(self, X: np.ndarray) -> np.ndarray:
         from features.build import reverse_features
@@ -127,19 +89,17 @@ class SequenceStacker(NeuralStacker):
 
     def _state(self) -> dict:
         source, complement = self.reversal
-        state = {**super()._state(), "reversal_source": source.tolist(), "reversal_complement": np.flatnonzero(complement).tolist()}
-        if self.columns is not None:
-            state["columns"] = self.columns.tolist()
-        return state
+        return {**super()._state(), "reversal_source": source.tolist(), "reversal_complement": np.flatnonzero(complement).tolist()}
 
     def _load_models(self, directory: Path, state: dict) -> None:
         if "reversal_source" not in state:
+            from stackkit.errors import StackkitError
+
             raise StackkitError(f"{directory}: a '{self.name}' model saved without its study reversal (an older stackkit); refit with `stack fit`")
         source = np.asarray(state["reversal_source"], dtype=np.int64)
         complement = np.zeros(len(source), dtype=bool)
         complement[np.asarray(state["reversal_complement"], dtype=np.int64)] = True
         self.reversal = (source, complement)
-        self.columns = np.asarray(state["columns"], dtype=np.int64) if "columns" in state else None
         super()._load_models(directory, state)
 
 
@@ -158,7 +118,6 @@ class SeqStacker(SequenceStacker):
             "batch_size": 64,  # studies per batch
             "max_epochs": 40,
             "patience": 5,
-            "inputs": "all",  # or "slice": each slice's own features only (see slice_feature_columns)
             "device": "cpu",  # stack fit --device cuda puts it on a GPU
             "num_threads": default_threads(),
         }
