@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stackkit.stack.stackers.base import StackData, default_threads, NeuralStacker, to_device
+from stackkit.stack.stackers.base import StackData, NeuralStacker, to_device
 
 
 def _seq_module(n_inputs: int, params: dict):
@@ -119,7 +119,10 @@ class SeqStacker(SequenceStacker):
             "max_epochs": 40,
             "patience": 5,
             "device": "cpu",  # stack fit --device cuda puts it on a GPU
-            "num_threads": default_threads(),
+            # one thread: a GRU over 64 studies is a chain of small sequential ops, which a second
+            # thread does not speed up but makes spin-wait (3 epochs of a fold on a busy 2-core
+            # machine: 5.8 s with one thread, 104 s with two)
+            "num_threads": 1,
         }
 
     def suggest_params(self, trial) -> dict:
