@@ -66,6 +66,14 @@ def study_layout(study_codes: np.ndarray, slice_index: np.ndarray):
     return row_study, row_position, lengths.astype(np.int64)
 
 
+def _with_zero_row(values: np.ndarray) -> np.ndarray:
+    """``values`` with one row of zeros appended (where padded positions point)."""
+    out = np.empty((len(values) + 1, values.shape[1]), dtype=np.float32)
+    out[:-1] = values
+    out[-1] = 0.0
+    return out
+
+
 class SequenceStacker(NeuralStacker):
     """Shared by the stackers that see whole studies: the reversal of a study's features."""
 
@@ -140,31 +148,31 @@ class SeqStacker(SequenceStacker):
         return _seq_module(n_inputs, params)
 
     def _prepare(self, X, data, Y):
+        """Each row's standardized features, forward and as its study reversed, stored once (a zero row
+        last, for the padding); batches gather them by the (study, position) -> row index maps, so
+        memory holds two copies of the rows instead of two padded copies of every study."""
         import torch
 
-        Z = self._standardize(X)
         row_study, row_position, lengths = study_layout(data.study_codes, data.slice_index)
         reversed_position = lengths[row_study] - 1 - row_position
+        n_rows = len(row_study)
         shape = (len(lengths), int(lengths.max()) if len(lengths) else 0)
-        forward = np.zeros((*shape, Z.shape[1]), dtype=np.float32)
-        backward = np.zeros_like(forward)
-        forward[row_study, row_position] = Z
-        backward[row_study, reversed_position] = self._standardize(self._reversed_features(X))
+        forward_rows = np.full(shape, n_rows, dtype=np.int64)
+        backward_rows = np.full(shape, n_rows, dtype=np.int64)
+        forward_rows[row_study, row_position] = np.arange(n_rows)
+        backward_rows[row_study, reversed_position] = np.arange(n_rows)
         prepared = {
-            "forward": torch.from_numpy(forward),
-            "backward": torch.from_numpy(backward),
+            "features": torch.from_numpy(_with_zero_row(self._standardize(X))),
+            "reversed": torch.from_numpy(_with_zero_row(self._standardize(self._reversed_features(X)))),
+            "forward_rows": torch.from_numpy(forward_rows),
+            "backward_rows": torch.from_numpy(backward_rows),
             "lengths": torch.from_numpy(lengths),
             "row_study": torch.from_numpy(row_study),
             "row_position": torch.from_numpy(row_position),
             "reversed_position": torch.from_numpy(reversed_position),
         }
         if Y is not None:
-            targets_forward = np.zeros((*shape, 6), dtype=np.float32)
-            targets_backward = np.zeros_like(targets_forward)
-            targets_forward[row_study, row_position] = Y
-            targets_backward[row_study, reversed_position] = Y
-            prepared["targets_forward"] = torch.from_numpy(targets_forward)
-            prepared["targets_backward"] = torch.from_numpy(targets_backward)
+            prepared["targets"] = torch.from_numpy(_with_zero_row(np.asarray(Y, dtype=np.float32)))
         return prepared
 
     def _to_device(self, prepared, device):
@@ -181,24 +189,27 @@ class SeqStacker(SequenceStacker):
         import torch
 
         lengths_all = prepared["lengths"]
-        device = prepared["forward"].device
+        device = prepared["features"].device
         order = torch.randperm(len(lengths_all), generator=generator)
         flip_all = torch.rand(len(lengths_all), generator=generator) < 0.5
         for studies in torch.split(order, int(params["batch_size"])):
             lengths = lengths_all[studies]
             width = int(lengths.max())
-            flip = flip_all[studies].view(-1, 1, 1).to(device)
+            flip = flip_all[studies].to(device)
             on_device = studies.to(device)
-            x = torch.where(flip, prepared["backward"][on_device, :width], prepared["forward"][on_device, :width])
-            y = torch.where(flip, prepared["targets_backward"][on_device, :width], prepared["targets_forward"][on_device, :width])
+            # a flipped study is read bottom-up: its reversed features, its rows in reversed order
+            rows = torch.where(flip.unsqueeze(1), prepared["backward_rows"][on_device, :width], prepared["forward_rows"][on_device, :width])
+            x = torch.empty((len(studies), width, prepared["features"].shape[1]), device=device)
+            x[~flip] = prepared["features"][rows[~flip]]
+            x[flip] = prepared["reversed"][rows[flip]]
             mask = self._batch_mask(lengths, width, device)
-            yield module(x, lengths, mask), y, mask
+            yield module(x, lengths, mask), prepared["targets"][rows], mask
 
     def _predict_logits(self, module, prepared, params, tta):
         import torch
 
         lengths_all = prepared["lengths"]
-        device = prepared["forward"].device
+        device = prepared["features"].device
         n_studies = len(lengths_all)
         width = int(lengths_all.max())
         logits_forward = torch.zeros((n_studies, width, 6), device=device)
@@ -211,9 +222,9 @@ class SeqStacker(SequenceStacker):
             w = int(lengths.max())
             mask = self._batch_mask(lengths, w, device)
             studies = studies.to(device)
-            logits_forward[studies, :w] = module(prepared["forward"][studies, :w], lengths, mask)
+            logits_forward[studies, :w] = module(prepared["features"][prepared["forward_rows"][studies, :w]], lengths, mask)
             if tta:
-                logits_backward[studies, :w] = module(prepared["backward"][studies, :w], lengths, mask)
+                logits_backward[studies, :w] = module(prepared["reversed"][prepared["backward_rows"][studies, :w]], lengths, mask)
         rows_forward = logits_forward[prepared["row_study"], prepared["row_position"]]
         if not tta:
             return rows_forward
