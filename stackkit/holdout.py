@@ -16,7 +16,7 @@ import pandas as pd
 
 from stackkit.contract import LABELS, Workdir
 from stackkit.errors import StackkitError
-from stackkit.metric import Score, weighted_log_loss
+from stackkit.metric import Score, prior_score, weighted_log_loss
 
 
 def read_submission(path) -> pd.DataFrame:
@@ -49,7 +49,15 @@ def held_out_rows(wd: Workdir, truth: pd.DataFrame) -> list[dict]:
         for name, (cv, test_path) in entries.items():
             held = score_on(pd.read_parquet(test_path), truth, str(test_path)).overall
             rows.append({"name": name, "kind": kind, "cv": float(cv), "held_out": held})
-    return rows
+    return rows + [_prior_row(wd, truth)]
+
+
+def _prior_row(wd: Workdir, truth: pd.DataFrame) -> dict:
+    """The floor: every image predicted at the training labels' rates (on CV: their own rates)."""
+    y_train = pd.read_parquet(wd.labels)[list(LABELS)].to_numpy(np.float64)
+    rates = np.broadcast_to(y_train.mean(axis=0), (len(truth), len(LABELS)))
+    return {"name": "prior (train label rates)", "kind": "prior", "cv": prior_score(y_train).overall,
+            "held_out": weighted_log_loss(truth[list(LABELS)].to_numpy(), rates).overall}
 
 
 def held_out_verdict(wd: Workdir, labels_csv) -> dict:

@@ -69,6 +69,7 @@ def _assert_held_out_labels_scored_but_never_used(wd, stdout, test_ids):
     change = 1 - stack_loss / base_loss
     assert (f"{change:.1%} lower" if change >= 0 else f"{-change:.1%} higher (worse)") in verdict
     assert f"held-out: {len(test_ids)} test images" in stdout
+    assert "prior (train label rates)  prior" in stdout
 
 
 def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
