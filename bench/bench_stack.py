@@ -52,6 +52,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from stackkit.contract import LABELS, Workdir, slice_order  # noqa: E402
+from stackkit.holdout import read_submission  # noqa: E402
 from stackkit.metric import prior_score, weighted_log_loss  # noqa: E402
 from stackkit.testing.exported import SCENARIOS, write_exported_benchmark  # noqa: E402
 
@@ -226,14 +227,6 @@ def lightgbm_baseline(bench, seed: int, threads: int = 2, max_rounds: int = 2000
 
 
 # --- scoring -----------------------------------------------------------------------------------
-
-
-def read_submission(path: Path) -> pd.DataFrame:
-    """``ID,Label`` rows (``ID_<image>_<label>``) -> image_id + six labels."""
-    sub = pd.read_csv(path, dtype={"ID": str})
-    parts = sub["ID"].str.rsplit("_", n=1, expand=True)  # labels have no '_', image ids do
-    wide = pd.DataFrame({"image_id": parts[0], "label": parts[1], "value": sub["Label"].to_numpy()})
-    return wide.pivot(index="image_id", columns="label", values="value")[list(LABELS)].reset_index()
 
 
 def score(frame: pd.DataFrame, truth: pd.DataFrame) -> dict:

@@ -136,7 +136,9 @@ def data_synth(wd, out_dir, patients, size, slices, test_fraction, seed, quiet):
     """Write a synthetic dataset in the RSNA 2019 layout.
 
     OUT/stage_2_train/*.dcm, OUT/stage_2_test/*.dcm and OUT/stage_2_train.csv (long ID,Label
-    format): real CT DICOM files with head-like anatomy and 3D hemorrhages of the five subtypes.
+    format): real CT DICOM files with head-like anatomy and 3D hemorrhages of the five subtypes
+    (a bleed's faint edge slices labeled from their neighbours). The test split's labels are held
+    back in OUT/stage_2_test_labels.csv, which no step reads (the demo scores on it).
     """
     from stackkit.data.synth import synthesize
 
@@ -384,7 +386,11 @@ def submit(wd, out, test_dicom_dir, sample_submission, allow_incomplete):
 @click.option("--fresh/--reuse", default=True, show_default=True, help="Start from an empty work directory.")
 @progress_option
 def demo(wd, patients, trials, epochs, seed, fresh, quiet):
-    """The whole pipeline on synthetic data: synth, prepare, two CNNs, features, fit --tune, submit."""
+    """The whole pipeline on synthetic data: synth, prepare, two CNNs, features, fit --tune, submit.
+
+    Closes with the submission, every stacker and every base model scored on the test split's
+    held-back labels, and what the stack gained over the best base model there and on CV.
+    """
     from stackkit.demo import run_demo
 
     summary = run_demo(wd, patients=patients, trials=trials, epochs=epochs, seed=seed, fresh=fresh,

@@ -2,8 +2,13 @@
 
 synth -> prepare -> two small CNNs (one with neighbor context), each also writing its
 embeddings (the pooled features before the head) -> features -> fit --tune (the default stackers
-plus ``seq_emb``, the sequence stacker that reads the embeddings) -> submit. Every step is the
-same library call the individual commands make.
+plus ``seq_emb``, the sequence stacker that reads the embeddings) -> submit -> the verdict. Every
+step is the same library call the individual commands make.
+
+The verdict: `data synth` writes the test split's labels to a file of their own
+(``dicom/stage_2_test_labels.csv``) that no step reads; the demo scores the submission, every
+stacker and every base model on them (stackkit.holdout) and closes with what the stack gained
+over the best base model there, beside the same figure on CV.
 """
 
 from __future__ import annotations
@@ -72,10 +77,14 @@ def run_demo(wd: Workdir, *, patients: int = 40, trials: int = 8, seed: int = 0,
     fit_summary = step("stack fit --tune", run_stack_fit, wd, stackers=stackers, tune=True, trials=trials, seed=seed,
                        progress=progress)
     submit_summary = step("submit", write_submission, wd)
+    from stackkit.holdout import held_out_verdict
+
+    verdict = step("held-out score", held_out_verdict, wd, synth_summary["held_out_labels_csv"])
 
     lines = [line for line in fit_summary.get("lines", []) if line.startswith(("blend", "the tuned blend"))]
     lines += [f"{name:>18}: {seconds:7.1f} s" for name, seconds in timings.items()]
     lines.append(f"{'total':>18}: {sum(timings.values()):7.1f} s")
     lines.append(f"submission: {submit_summary.get('path', wd.submission)}")
     lines.append(f"report: {wd.report_html}")
-    return {"table": fit_summary.get("table", ""), "lines": lines, "timings": timings}
+    lines += ["", *verdict["table"].splitlines(), *verdict["lines"]]
+    return {"table": fit_summary.get("table", ""), "lines": lines, "timings": timings, "held_out": verdict["rows"]}

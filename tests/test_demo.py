@@ -9,6 +9,10 @@ import pandas as pd
 from stackkit.testing.cli import run_cli
 from stackkit.testing.contract import snapshot
 from stackkit.contract import LABELS, Workdir
+from stackkit.data.prepare import parse_label_csv
+from stackkit.data.synth import HELD_OUT_CSV
+from stackkit.holdout import read_submission
+from stackkit.metric import weighted_log_loss
 
 
 def test_demo_runs_every_step_and_writes_a_valid_submission(tmp_path):
@@ -36,6 +40,36 @@ def test_demo_runs_every_step_and_writes_a_valid_submission(tmp_path):
     assert wd.report_html.is_file()
     assert "total" in proc.stdout and str(wd.submission) in proc.stdout
     assert "below the best base model" in proc.stdout
+    _assert_held_out_labels_scored_but_never_used(wd, proc.stdout, test_ids)
+
+
+def _assert_held_out_labels_scored_but_never_used(wd, stdout, test_ids):
+    """The test split's labels sit in their own file: not in data/, features/ or any stacker's rows; the
+    closing table scores the submission and the best base model (chosen on CV) on them."""
+    held = parse_label_csv(wd.root / "dicom" / HELD_OUT_CSV)
+    assert set(held["image_id"]) == test_ids
+    labels = pd.read_parquet(wd.root / "data" / "labels.parquet")
+    assert not set(labels["image_id"]) & test_ids
+    assert not set(pd.read_parquet(wd.features_train, columns=["image_id"])["image_id"]) & test_ids
+    for oof in wd.stack_root.glob("*/oof.parquet"):
+        assert not set(pd.read_parquet(oof, columns=["image_id"])["image_id"]) & test_ids, oof
+    recorded = [p for p in wd.root.rglob("*.json") if HELD_OUT_CSV in p.read_text()]
+    assert not recorded  # no step's record names the held-out file: none read it
+
+    truth = held.sort_values("image_id")
+    y = truth[list(LABELS)].to_numpy()
+    sub = read_submission(wd.submission).set_index("image_id").loc[truth["image_id"], list(LABELS)].to_numpy()
+    blend = json.loads(wd.blend.read_text())
+    best = min(blend["base_oof_scores"], key=lambda m: blend["base_oof_scores"][m]["overall"])
+    base = pd.read_parquet(wd.test(best)).set_index("image_id").loc[truth["image_id"], list(LABELS)].to_numpy()
+    stack_loss, base_loss = weighted_log_loss(y, sub).overall, weighted_log_loss(y, base).overall
+    verdict = next(line for line in stdout.splitlines() if line.startswith("the stack vs the best base model"))
+    assert f"(preds/{best}, best on CV)" in verdict
+    assert f"({stack_loss:.5f} against {base_loss:.5f})" in verdict
+    change = 1 - stack_loss / base_loss
+    assert (f"{change:.1%} lower" if change >= 0 else f"{-change:.1%} higher (worse)") in verdict
+    assert f"held-out: {len(test_ids)} test images" in stdout
+    assert "prior (train label rates)  prior" in stdout
 
 
 def test_demo_refuses_a_folder_it_did_not_make(tmp_path):

@@ -5,6 +5,8 @@
     out_dir/stage_2_train/<SOPInstanceUID>.dcm
     out_dir/stage_2_test/<SOPInstanceUID>.dcm
     out_dir/stage_2_train.csv          RSNA long format: ``ID,Label``, ``ID_<image>_<label>``
+    out_dir/stage_2_test_labels.csv    the test split's labels, same format, held back: no pipeline
+                                       step reads them; only scoring (the demo's verdict) does
 
 Each study is a head CT volume drawn with numpy over the whole volume at once: air, a skull
 ring, brain with sulci at its surface, two lateral ventricles (CSF), Gaussian noise. Lesions of
@@ -12,8 +14,11 @@ the five hemorrhage subtypes are 3D shapes (intraparenchymal blob, intraventricu
 epidural lens against the skull, subdural crescent along it, thin subarachnoid band in the
 sulci) whose density fades at their ends (partial volume). A slice is labeled with a subtype
 when that lesion's blood fraction reaches ``VISIBLE_WEIGHT`` in at least one pixel of the
-slice, so labels are contiguous along z and neighbouring slices carry information; ``any`` is
-the maximum of the five.
+slice (seen in the slice), and also, as annotators label the faint edge slices of a bleed from
+the slices around them, when the fraction reaches only ``EDGE_WEIGHT`` (a few HU against
+5 HU of noise: the slice's own pixels show little) next to a slice where it is seen. So
+labels are contiguous along z, and a slice's label needs its neighbours; ``any`` is the
+maximum of the five.
 
 The files imitate the real data's headers: RSNA-style ids (``ID_<9 hex>``, not valid UIDs) for
 PatientID, StudyInstanceUID, SeriesInstanceUID and SOPInstanceUID; file name =
@@ -64,9 +69,14 @@ SUBTYPES = LABELS[:5]
 TRAIN_DIR = "stage_2_train"
 TEST_DIR = "stage_2_test"
 TRAIN_CSV = "stage_2_train.csv"
+# The test split's labels, kept apart from the inputs (Kaggle's hidden answers): only scoring reads them.
+HELD_OUT_CSV = "stage_2_test_labels.csv"
 
 # Blood fraction a pixel needs before the lesion counts as visible in that slice.
 VISIBLE_WEIGHT = 0.3
+# Blood fraction of a bleed's faint edge slice, labeled positive when a neighbouring slice shows
+# the bleed (partial volume: the annotator read it from the slices around it).
+EDGE_WEIGHT = 0.02
 FIELD_OF_VIEW_MM = 250.0
 SLICE_SPACING_MM = 5.0
 QUIRK_FRACTION = 0.10
@@ -216,6 +226,16 @@ def _lesion_weight(kind: str, geo: _Geometry, rng: np.random.Generator) -> tuple
     return weight.astype(np.float32), float(density)
 
 
+def _annotate(weight: np.ndarray) -> np.ndarray:
+    """Per slice (axis 0, in z order) of one lesion's blood fraction: seen in the slice, or a faint
+    edge slice next to one where it is seen (the annotator's reading of the surrounding slices)."""
+    from scipy.ndimage import binary_dilation
+
+    seen = (weight >= VISIBLE_WEIGHT).any(axis=(1, 2))
+    reached = (weight >= EDGE_WEIGHT).any(axis=(1, 2))
+    return seen | (reached & binary_dilation(seen))
+
+
 def _draw_study(u: np.ndarray, size: int, rng: np.random.Generator, has_hemorrhage: bool):
     """(hu volume float32 (n, size, size), labels int8 (n, 6)) for slices at head positions u."""
     geo = _geometry(u, size)
@@ -234,7 +254,7 @@ def _draw_study(u: np.ndarray, size: int, rng: np.random.Generator, has_hemorrha
         for kind in chosen:
             weight, density = _lesion_weight(kind, geo, rng)
             hu = hu * (1.0 - weight) + density * weight
-            labels[:, LABELS.index(kind)] = (weight >= VISIBLE_WEIGHT).any(axis=(1, 2))
+            labels[:, LABELS.index(kind)] = _annotate(weight)
     labels[:, -1] = labels[:, :5].max(axis=1)
     hu = hu + noise * (hu > -900)
     return hu, labels
@@ -339,8 +359,8 @@ def synthesize(
 
     from tqdm.auto import tqdm
 
-    label_rows: list[np.ndarray] = []
-    label_ids: list[str] = []
+    label_rows: dict[str, list[np.ndarray]] = {"train": [], "test": []}
+    label_ids: dict[str, list[str]] = {"train": [], "test": []}
     counts = {"train": 0, "test": 0}
     bar = tqdm(total=sum(n for _, n in plan), desc="data synth", unit="file", disable=not progress)
     with quiet_rsna_ids(), bar:
@@ -349,15 +369,11 @@ def synthesize(
             image_ids, labels = _write_study(test_dir if split == "test" else train_dir, patient_ids[p], study_number, n,
                                              size, rng, new_id, bar)
             counts[split] += n
-            if split == "train":
-                label_ids += image_ids
-                label_rows.append(labels)
+            label_ids[split] += image_ids
+            label_rows[split].append(labels)
 
-    label_matrix = np.concatenate(label_rows).astype(np.int8) if label_rows else np.zeros((0, len(LABELS)), np.int8)
-    # Long format, six rows per image in contract label order.
-    long_ids = [f"{image_id}_{label}" for image_id in label_ids for label in LABELS]
-    csv = pd.DataFrame({"ID": long_ids, "Label": label_matrix.reshape(-1)})
-    write_text(csv.to_csv(index=False, lineterminator="\n"), out_dir / TRAIN_CSV)
+    label_matrix = _write_long_labels(out_dir / TRAIN_CSV, label_ids["train"], label_rows["train"])
+    _write_long_labels(out_dir / HELD_OUT_CSV, label_ids["test"], label_rows["test"])
 
     prevalence = {label: round(float(label_matrix[:, i].mean()), 4) if len(label_matrix) else 0.0 for i, label in enumerate(LABELS)}
     return {
@@ -369,9 +385,19 @@ def synthesize(
         "train_images": counts["train"],
         "test_images": counts["test"],
         "labels_csv": str(out_dir / TRAIN_CSV),
+        "held_out_labels_csv": str(out_dir / HELD_OUT_CSV),
         "prevalence": prevalence,
-        "digest": _dataset_digest(label_ids, label_matrix),
+        "digest": _dataset_digest(label_ids["train"], label_matrix),
     }
+
+
+def _write_long_labels(path: Path, image_ids: list[str], rows: list[np.ndarray]) -> np.ndarray:
+    """The RSNA long label CSV (six rows per image in contract label order); returns the (n, 6) matrix."""
+    matrix = np.concatenate(rows).astype(np.int8) if rows else np.zeros((0, len(LABELS)), np.int8)
+    long_ids = [f"{image_id}_{label}" for image_id in image_ids for label in LABELS]
+    csv = pd.DataFrame({"ID": long_ids, "Label": matrix.reshape(-1)})
+    write_text(csv.to_csv(index=False, lineterminator="\n"), path)
+    return matrix
 
 
 def _make_dataset_folders(out_dir: Path) -> tuple[Path, Path]:

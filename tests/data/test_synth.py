@@ -9,7 +9,7 @@ import pytest
 
 from stackkit.contract import LABELS
 from stackkit.errors import StackkitError
-from stackkit.data.synth import TEST_DIR, TRAIN_CSV, TRAIN_DIR, synthesize
+from stackkit.data.synth import HELD_OUT_CSV, TEST_DIR, TRAIN_CSV, TRAIN_DIR, _annotate, _draw_study, synthesize
 from stackkit.data.dicom import quiet_rsna_ids
 
 pydicom = pytest.importorskip("pydicom")
@@ -52,8 +52,8 @@ def dataset(tmp_path_factory):
     return out, summary, pd.DataFrame(records)
 
 
-def _wide_labels(out) -> pd.DataFrame:
-    long = pd.read_csv(out / TRAIN_CSV)
+def _wide_labels(out, name=TRAIN_CSV) -> pd.DataFrame:
+    long = pd.read_csv(out / name)
     parts = long["ID"].str.extract(r"^(ID_[0-9a-f]+)_(\w+)$")
     long["image_id"], long["label"] = parts[0], parts[1]
     return long.pivot(index="image_id", columns="label", values="Label")[list(LABELS)]
@@ -105,6 +105,44 @@ def test_labels_contiguous_along_z_and_prevalence_plausible(dataset):
             if len(positive):
                 assert positive[-1] - positive[0] + 1 == len(positive), (study["study"].iloc[0], label)
     assert 0.1 < summary["prevalence"]["any"] < 0.6
+
+
+def test_test_split_labels_are_held_back_in_their_own_file(dataset):
+    out, summary, files = dataset
+    held = _wide_labels(out, HELD_OUT_CSV)
+    assert summary["held_out_labels_csv"] == str(out / HELD_OUT_CSV)
+    assert sorted(held.index) == sorted(files.loc[files.split == "test", "image_id"])
+    assert not set(held.index) & set(_wide_labels(out).index)
+    assert (held["any"] == held[list(LABELS[:5])].max(axis=1)).all()
+
+
+def test_annotation_rule_edge_slice_positive_only_next_to_a_visible_one():
+    # one lesion's peak blood fraction per slice (z order), broadcast to 2x2 pixels
+    profile = np.array([0.0, 0.01, 0.03, 0.1, 0.5, 0.8, 0.5, 0.1, 0.03, 0.0], dtype=np.float32)
+    labels = _annotate(np.broadcast_to(profile[:, None, None], (len(profile), 2, 2)))
+    # 0.1 next to 0.5: read from the neighbour; 0.03 next to 0.1 only: nobody saw it; 0.01: below EDGE_WEIGHT
+    assert labels.astype(int).tolist() == [0, 0, 0, 1, 1, 1, 1, 1, 0, 0]
+    assert _annotate(np.full((1, 2, 2), 0.1, np.float32)).tolist() == [False]  # a faint lesion nobody saw
+
+
+def test_faint_edge_slices_are_positive_though_their_own_pixels_show_little():
+    """Partial volume: the same study drawn with and without its bleeds (same seed, so the same
+    anatomy and noise) gives each slice's blood excess in HU. Some positive slices gain less than
+    the 5 HU noise, and each lies next to a positive slice where the bleed is plain."""
+    u = np.linspace(-0.9, 0.9, 24)
+    faint, positives = 0, 0
+    for seed in range(30):
+        bleed, labels = _draw_study(u, 32, np.random.default_rng(seed), True)
+        healthy, no_labels = _draw_study(u, 32, np.random.default_rng(seed), False)
+        assert not no_labels.any()
+        excess = np.abs(bleed - healthy).max(axis=(1, 2))
+        positive = labels[:, -1] == 1
+        positives += int(positive.sum())
+        for k in np.flatnonzero(positive & (excess < 5.0)):
+            faint += 1
+            neighbours = [excess[j] for j in (k - 1, k + 1) if 0 <= j < len(u) and positive[j]]
+            assert neighbours and max(neighbours) > 3 * 5.0, (seed, k, excess[max(k - 2, 0):k + 3])
+    assert faint >= 5 and positives > 200
 
 
 def test_hemorrhage_is_blood_density_and_quirk_files_decode_to_hu(dataset):
@@ -179,4 +217,4 @@ def test_cli_writes_into_the_work_directory_by_default(tmp_path):
     result = CliRunner().invoke(cli, ["data", "synth", "--workdir", str(tmp_path / "w"), "--patients", "3", "--size", "16",
                                       "--slices", "3,4", "--quiet"])
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in (tmp_path / "w" / "dicom").iterdir()) == sorted([TEST_DIR, TRAIN_CSV, TRAIN_DIR])
+    assert sorted(p.name for p in (tmp_path / "w" / "dicom").iterdir()) == sorted([TEST_DIR, TRAIN_CSV, TRAIN_DIR, HELD_OUT_CSV])

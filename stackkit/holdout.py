@@ -1,0 +1,88 @@
+"""Scores on held-back labels: what the stack gained over the best base model where nothing was fitted.
+
+The labels come from a file no pipeline step reads (``data synth``'s
+``stage_2_test_labels.csv``, the test split's labels; or any RSNA long / wide label file for the
+test images). ``held_out_verdict`` scores the submission, every stacker's and every base model's
+test predictions on them, beside their cross-validated (OOF) scores from ``stack/blend.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from stackkit.contract import LABELS, Workdir
+from stackkit.errors import StackkitError
+from stackkit.metric import Score, prior_score, weighted_log_loss
+
+
+def read_submission(path) -> pd.DataFrame:
+    """``ID,Label`` rows (``ID_<image>_<label>``) -> image_id + six label columns."""
+    sub = pd.read_csv(path, dtype={"ID": str})
+    parts = sub["ID"].str.rsplit("_", n=1, expand=True)  # labels have no '_', image ids do
+    wide = pd.DataFrame({"image_id": parts[0], "label": parts[1], "value": sub["Label"].to_numpy()})
+    return wide.pivot(index="image_id", columns="label", values="value")[list(LABELS)].reset_index()
+
+
+def score_on(frame: pd.DataFrame, truth: pd.DataFrame, what: str) -> Score:
+    """Weighted log loss of ``frame``'s predictions (image_id + six labels) on every image of ``truth``."""
+    pred = frame.set_index("image_id").reindex(truth["image_id"])[list(LABELS)].to_numpy(np.float64)
+    missing = np.isnan(pred).any(axis=1)
+    if missing.any():
+        raise StackkitError(f"{what}: {int(missing.sum())} held-out image(s) have no prediction, "
+                            f"e.g. {truth['image_id'].iloc[int(np.argmax(missing))]}")
+    return weighted_log_loss(truth[list(LABELS)].to_numpy(), pred)
+
+
+def held_out_rows(wd: Workdir, truth: pd.DataFrame) -> list[dict]:
+    """Per source, {name, kind, cv, held_out}: the submission, the blend's sources (stackers), every base model."""
+    record = json.loads(wd.blend.read_text())
+    rows = [{"name": f"submission ({record['choice']['chosen']})", "kind": "submit", "cv": record["scores"]["cv"]["overall"],
+             "held_out": score_on(read_submission(wd.submission), truth, str(wd.submission)).overall}]
+    base = {f"preds/{m}": (score["overall"], wd.test(m)) for m, score in record["base_oof_scores"].items()}
+    sources = {s["name"]: (s["oof_score"]["overall"], wd.root / s["test"]) for s in record["sources"]
+               if s["name"] not in base}
+    for kind, entries in (("stacker", sources), ("base", base)):
+        for name, (cv, test_path) in entries.items():
+            held = score_on(pd.read_parquet(test_path), truth, str(test_path)).overall
+            rows.append({"name": name, "kind": kind, "cv": float(cv), "held_out": held})
+    return rows + [_prior_row(wd, truth)]
+
+
+def _prior_row(wd: Workdir, truth: pd.DataFrame) -> dict:
+    """The floor: every image predicted at the training labels' rates (on CV: their own rates)."""
+    y_train = pd.read_parquet(wd.labels)[list(LABELS)].to_numpy(np.float64)
+    rates = np.broadcast_to(y_train.mean(axis=0), (len(truth), len(LABELS)))
+    return {"name": "prior (train label rates)", "kind": "prior", "cv": prior_score(y_train).overall,
+            "held_out": weighted_log_loss(truth[list(LABELS)].to_numpy(), rates).overall}
+
+
+def held_out_verdict(wd: Workdir, labels_csv) -> dict:
+    """{"rows", "table", "lines"}: the scores table and what the stack gained over the best base model
+    (chosen on CV, as a team without the held-out labels would) on the held-out labels and on CV."""
+    from stackkit.data.prepare import parse_label_csv
+
+    truth = parse_label_csv(Path(labels_csv))
+    if truth.empty:
+        raise StackkitError(f"{labels_csv}: no held-out labels to score on")
+    rows = held_out_rows(wd, truth)
+    submission = rows[0]
+    best = min((r for r in rows if r["kind"] == "base"), key=lambda r: r["cv"])
+    width = max(len(r["name"]) for r in rows)
+    lines = [f"{'source':<{width}}  {'kind':<7}  {'CV (OOF)':>9}  {'held-out':>9}", "-" * (width + 31)]
+    lines += [f"{r['name']:<{width}}  {r['kind']:<7}  {r['cv']:>9.5f}  {r['held_out']:>9.5f}" for r in rows]
+    verdict = [
+        f"held-out: {len(truth)} test images whose labels no step saw ({Path(labels_csv).name}); weighted log loss, lower is better",
+        f"the stack vs the best base model ({best['name']}, best on CV): {_gain(submission['held_out'], best['held_out'])} "
+        f"on the held-out labels ({submission['held_out']:.5f} against {best['held_out']:.5f}), "
+        f"{_gain(submission['cv'], best['cv'])} on CV ({submission['cv']:.5f} against {best['cv']:.5f})",
+    ]
+    return {"rows": rows, "table": "\n".join(lines), "lines": verdict}
+
+
+def _gain(stack: float, base: float) -> str:
+    change = 1.0 - stack / base
+    return f"{change:.1%} lower" if change >= 0 else f"{-change:.1%} higher (worse)"
