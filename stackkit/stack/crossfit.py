@@ -267,7 +267,7 @@ def load_stack_inputs(workdir, *, use_embeddings: bool = True, core=None) -> Sta
     expected_fold = _expected_folds(train, folds)
     train_keys, test_keys = _key_frames(train, test, metadata, expected_fold)
     train_data, test_data = _stack_data(train, test, train_keys, test_keys, labels, feature_columns)
-    from stackkit.stack.stackers.base import check_labels
+    from stackkit.stack.inputs import check_labels
 
     check_labels(train_data, "training")  # labels.parquet is validated already; this guards the join
     embedding_models: tuple[str, ...] = ()

@@ -19,7 +19,9 @@ import numpy as np
 
 from stackkit.contract import LABELS
 from stackkit.errors import StackkitError
-from stackkit.stack.stackers.base import StackData, default_threads, NeuralStacker, to_device
+from stackkit.stack.inputs import StackData
+from stackkit.stack.stackers.base import default_threads
+from stackkit.stack.stackers.neural import NeuralStacker, to_device
 
 
 def _seq_module(n_inputs: int, params: dict):
