@@ -30,7 +30,7 @@ def label_feature_columns(feature_names, label: str) -> np.ndarray:
     The other labels' lags, leads and study aggregates are left out: they cost most of the
     columns and add little to one label's model (bench/bench_stack.py measures it).
     """
-    from features.build import MODELS_PREFIX
+    from features.columns import MODELS_PREFIX
 
     keep = []
     for position, name in enumerate(feature_names):

@@ -79,7 +79,7 @@ def slice_feature_columns(feature_names) -> np.ndarray:
     metadata). Lags, leads, their differences, rolling means and study aggregates are left out:
     a model that reads the whole study in order computes those itself.
     """
-    from features.build import MODELS_PREFIX
+    from features.columns import MODELS_PREFIX
 
     keep = []
     for position, name in enumerate(feature_names):
@@ -117,13 +117,13 @@ class SequenceStacker(NeuralStacker):
         if train.feature_names is None:
             self.reversal = (np.arange(n, dtype=np.int64), np.zeros(n, dtype=bool))
         else:
-            from features.build import reversal_map
+            from features.columns import reversal_map
 
             names = np.asarray(train.feature_names, dtype=object)
             self.reversal = reversal_map(names if self.columns is None else names[self.columns])
 
     def _reversed_features(self, X: np.ndarray) -> np.ndarray:
-        from features.build import reverse_features
+        from features.columns import reverse_features
 
         return reverse_features(X, *self.reversal)
 
