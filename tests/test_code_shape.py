@@ -37,7 +37,6 @@ KNOWN_LONG_FUNCTIONS: dict[str, str] = {
     "base_models/importer.py:import_predictions": _RECORDS,
     "stackkit/data/dicom.py:_parse_fast": _LATER + " (the fast header parser's one loop over elements)",
     "stackkit/data/synth.py:synthesize": _OTHERS,
-    "stackkit/stack/crossfit.py:fit_stacker": _LATER,
     "stackkit/stack/tune.py:tune_stacker": _LATER,
     "stackkit/testing/latent.py:make_studies": _LATER,
     "stackkit/testing/exported.py:write_exported_benchmark": _LATER,
