@@ -48,8 +48,6 @@ KNOWN_MANY_PARAMETERS: dict[str, str] = {
     "stackkit/stack/blend.py:choose_blend": _LATER,
     "stackkit/stack/crossfit.py:fit_stacker": _LATER,
     "stackkit/stack/fit.py:run_stack_fit": _RECORDS,
-    "stackkit/stack/fit.py:_fit_stackers": _LATER,
-    "stackkit/stack/fit.py:_choose_blend": _LATER,
     "stackkit/stack/fit.py:_blend_record": _RECORDS,
     "stackkit/stack/tune.py:tune_stacker": _LATER,
     "stackkit/stack/tune.py:search_blend": _LATER,
