@@ -45,7 +45,6 @@ KNOWN_MANY_PARAMETERS: dict[str, str] = {
     "base_models/importer.py:import_predictions": _RECORDS,
     "features/api.py:_features_manifest": _RECORDS,
     "features/api.py:_features_summary": _RECORDS,
-    "stackkit/stack/blend.py:choose_blend": _LATER,
     "stackkit/stack/crossfit.py:fit_stacker": _LATER,
     "stackkit/stack/fit.py:run_stack_fit": _RECORDS,
     "stackkit/stack/fit.py:_blend_record": _RECORDS,
