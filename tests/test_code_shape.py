@@ -49,7 +49,6 @@ KNOWN_MANY_PARAMETERS: dict[str, str] = {
     "stackkit/stack/fit.py:run_stack_fit": _RECORDS,
     "stackkit/stack/fit.py:_blend_record": _RECORDS,
     "stackkit/stack/tune.py:tune_stacker": _LATER,
-    "stackkit/stack/tune.py:search_blend": _LATER,
 }
 # (importer, imported) lazy imports that close a cycle, kept until their modules are reorganised
 KNOWN_LAZY_EDGES: dict[tuple[str, str], str] = {
