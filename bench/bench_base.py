@@ -23,7 +23,7 @@ def measure(arch: str, in_channels: int, size: int, batch_size: int, device: str
     import torch
 
     from base_models.archs import create_model
-    from base_models.train import weighted_bce
+    from stackkit.metric import weighted_bce
 
     from base_models.train import cpu_threads_for
 

@@ -34,11 +34,13 @@ import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [p for p in (str(ROOT), str(ROOT / "bench")) if p not in sys.path]
+# the sibling bench module (stackkit itself is imported as installed, like user code)
+if str(ROOT / "bench") not in sys.path:
+    sys.path.insert(0, str(ROOT / "bench"))
 
-import bench_stack  # noqa: E402
-from stackkit.contract import LABELS, Workdir  # noqa: E402
-from stackkit.metric import weighted_log_loss  # noqa: E402
+import bench_stack
+from stackkit.contract import LABELS, Workdir
+from stackkit.metric import weighted_log_loss
 
 RULES = {
     # name: (min_gain, every_fold) for blend.choose_blend

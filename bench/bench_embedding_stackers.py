@@ -18,15 +18,12 @@ through per-fold rotations, stackkit.testing.embeddings), over the contract's fo
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def with_projection(inputs, k: int, components: int, seed: int):

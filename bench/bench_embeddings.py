@@ -21,13 +21,10 @@ import argparse
 import os
 import resource
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def peak_rss_gb() -> float:

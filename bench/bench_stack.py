@@ -48,13 +48,11 @@ import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from stackkit.contract import LABELS, Workdir, slice_order  # noqa: E402
-from stackkit.holdout import read_submission  # noqa: E402
-from stackkit.metric import prior_score, weighted_log_loss  # noqa: E402
-from stackkit.testing.exported import SCENARIOS, write_exported_benchmark  # noqa: E402
+from stackkit.contract import LABELS, Workdir, slice_order
+from stackkit.holdout import read_submission
+from stackkit.metric import prior_score, weighted_log_loss
+from stackkit.testing.exported import SCENARIOS, write_exported_benchmark
 
 CLI = [sys.executable, str(ROOT / "cli.py")]
 FULL_PATIENTS = 20_100  # ~870,000 images: 1.08 studies per patient, ~40 slices per study

@@ -14,12 +14,9 @@ syntax unchanged, and the table says so.
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 import warnings
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 REQUIRED = ("PatientID", "StudyInstanceUID", "SOPInstanceUID", "ImagePositionPatient")
 

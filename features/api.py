@@ -16,7 +16,8 @@ from stackkit.contract import CONTRACT_VERSION, Workdir, file_sha256, folds_hash
 from stackkit.errors import ContractError, StackkitError
 from stackkit.contract.io import atomic_path, check_set_target, replace_dir, write_set_record
 
-from features.build import DICOM_META_COLUMNS, TEST_KEY_COLUMNS, TRAIN_KEY_COLUMNS, build_features, build_test_features, check_feature_set
+from features.build import build_features, build_test_features
+from features.columns import DICOM_META_COLUMNS, TEST_KEY_COLUMNS, TRAIN_KEY_COLUMNS, check_feature_set
 
 MANIFEST = "manifest.json"
 

@@ -1,4 +1,6 @@
-"""Study-aware level-2 features from base-model predictions: pure functions over arrays.
+"""Study-aware level-2 features from base-model predictions: the checks at this boundary and the assembly.
+
+The column schema is :mod:`features.columns`; the numpy kernels over arrays are :mod:`features.kernels`.
 
 Every image of the train and test sets is placed once in a global order: train rows first,
 then test rows; inside each split by ``study_id``; inside a study by ``z`` (ties by
@@ -28,302 +30,17 @@ and per label across models ``max`` and ``min``. None of them depends on the dir
 from __future__ import annotations
 
 import functools
-import re
 import sys
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-from stackkit.contract import LABELS, RESERVED_MODEL_NAMES, env_threads, slice_order
+from features.columns import (DICOM_META_COLUMNS, META_PREFIX, TEST_KEY_COLUMNS, TOP_K, TRAIN_KEY_COLUMNS,
+                              check_feature_set, feature_columns, reversal_map, reverse_features, roll_windows)
+from features.kernels import FeatureMatrix, Plan, StudyLayout, cross_model_columns, model_columns, study_layout
+from stackkit.contract import LABELS, RESERVED_MODEL_NAMES, env_threads
 from stackkit.errors import ContractError, LeakageError, StackkitError
-
-TOP_K = 3
-ROLL_WINDOWS = (3, 5)
-FEATURE_SETS = ("basic", "wide")
-WIDE_ROLL_WINDOWS = (7, 9)  # besides ROLL_WINDOWS, in the wide set
-DICOM_META_COLUMNS = ("slice_thickness", "pixel_spacing", "window_center", "window_width")
-TRAIN_KEY_COLUMNS = ("image_id", "study_id", "fold", "slice_index")
-TEST_KEY_COLUMNS = ("image_id", "study_id", "slice_index")
-# Column-name prefixes of the non-model features; a model of that name would be ambiguous.
-SLICE_PREFIX = "slice"
-META_PREFIX = "meta"
-MODELS_PREFIX = "models"
-# the contract's model-name rule (stackkit.contract.check_model_name) refuses exactly these
-assert set(RESERVED_MODEL_NAMES) == {SLICE_PREFIX, META_PREFIX, MODELS_PREFIX}
-
-SLICE_FEATURES = {
-    "position": "relative position in the study along z: slice_index / (n - 1), 0 = lowest z, 1 = highest z; 0.5 for a 1-slice study",
-    "index": "0-based position in the study ordered by z (ties by image_id)",
-    "reverse_index": "0-based position counted from the highest z: n - 1 - slice_index",
-    "count": "number of slices (images) in the study",
-    "z_gap_prev": "z of this slice minus z of the previous slice in z order (NaN for the first slice)",
-    "z_gap_next": "z of the next slice minus z of this slice in z order (NaN for the last slice)",
-    "z_duplicates": "number of slices of the study sharing this slice's z (1 when unique)",
-}
-
-
-def roll_windows(feature_set: str = "basic") -> tuple[int, ...]:
-    """The centered rolling-mean windows of a feature set."""
-    return ROLL_WINDOWS + (WIDE_ROLL_WINDOWS if feature_set == "wide" else ())
-
-
-def _roll_text(w: int) -> str:
-    return f"centered mean over {w} slices in z order, truncated at the study's edges (mean of the available slices)"
-
-
-def model_feature_names(lags: int, feature_set: str = "basic") -> list[tuple[str, str]]:
-    """(feature, definition) pairs computed for every model and label, in column order.
-
-    ``wide`` is ``basic`` followed by its own columns, so a basic column keeps its name and text.
-    """
-    check_feature_set(feature_set)
-    out = [("pred", "the model's predicted probability")]
-    out += [(f"lag{k}", f"prediction of the slice {k} below in z order (NaN past the study's first slice)") for k in range(1, lags + 1)]
-    out += [(f"lead{k}", f"prediction of the slice {k} above in z order (NaN past the study's last slice)") for k in range(1, lags + 1)]
-    out += [(f"diff_lag{k}", f"pred - lag{k}") for k in range(1, lags + 1)]
-    out += [(f"diff_lead{k}", f"pred - lead{k}") for k in range(1, lags + 1)]
-    out += [
-        ("study_max", "maximum prediction over the study's slices"),
-        ("study_mean", "mean prediction over the study's slices"),
-        ("study_std", "population standard deviation (ddof=0) of the predictions over the study's slices; 0 for a 1-slice study"),
-        (f"study_top{TOP_K}_mean", f"mean of the min({TOP_K}, n) largest predictions of the study"),
-        ("study_rank", "average 1-based rank of the prediction among the study's slices (ties share the mean of their ranks) divided by n; the maximum gets 1.0"),
-    ]
-    out += [(f"roll{w}_mean", _roll_text(w)) for w in ROLL_WINDOWS]
-    if feature_set == "wide":
-        out += [
-            ("study_min", "minimum prediction over the study's slices"),
-            ("minus_study_mean", "pred - study_mean: the prediction minus the mean prediction over the study's slices"),
-            ("minus_study_max", "pred - study_max: the prediction minus the maximum prediction over the study's slices (0 at the maximum)"),
-        ]
-        out += [(f"roll{w}_mean", _roll_text(w)) for w in WIDE_ROLL_WINDOWS]
-    return out
-
-
-def check_feature_set(feature_set) -> None:
-    """A one-line error for a feature set that is not one of :data:`FEATURE_SETS`."""
-    if feature_set not in FEATURE_SETS:
-        raise StackkitError(f"--feature-set: expected one of {', '.join(FEATURE_SETS)}, got {feature_set!r}")
-
-
-# Features that depend on the direction of the study along z, and what reversing the study makes of them.
-_SWAP_SLICE = {"z_gap_prev": "z_gap_next", "z_gap_next": "z_gap_prev", "index": "reverse_index", "reverse_index": "index"}
-_COMPLEMENT_SLICE = ("position",)  # p -> 1 - p
-_DIRECTIONAL = re.compile(r"^(?P<prefix>diff_)?(?P<side>lag|lead)(?P<k>\d+)$")
-
-
-def reversal_map(columns) -> tuple[np.ndarray, np.ndarray]:
-    """How features change when a study is reversed in z: (source, complement).
-
-    The reversed study's column j is column ``source[j]`` of the original (``lag<k>`` <->
-    ``lead<k>``, ``diff_lag<k>`` <-> ``diff_lead<k>``, ``z_gap_prev`` <-> ``z_gap_next``,
-    ``index`` <-> ``reverse_index``), and ``1 -`` that where ``complement[j]`` (``position``).
-    Every other column (study aggregates, ranks, centered rolling means, across-model columns,
-    DICOM metadata) does not depend on the direction. Rows are reversed by the caller.
-    """
-    names = list(columns)
-    column_of = {name: j for j, name in enumerate(names)}
-    source = np.arange(len(names), dtype=np.int64)
-    complement = np.zeros(len(names), dtype=bool)
-    for j, name in enumerate(names):
-        head, _, feature = name.rpartition("__")
-        partner = None
-        if head == SLICE_PREFIX:
-            partner = _SWAP_SLICE.get(feature)
-            complement[j] = feature in _COMPLEMENT_SLICE
-        elif head and not head.startswith((META_PREFIX + "__", MODELS_PREFIX + "__")):
-            match = _DIRECTIONAL.match(feature)
-            if match:
-                partner = f"{match['prefix'] or ''}{'lead' if match['side'] == 'lag' else 'lag'}{match['k']}"
-        if partner is not None:
-            partner_name = f"{head}__{partner}"
-            if partner_name not in column_of:
-                raise StackkitError(f"feature column '{name}' has no '{partner_name}' to swap with when a study is reversed; rebuild features with `stack features`")
-            source[j] = column_of[partner_name]
-    return source, complement
-
-
-def reverse_features(X: np.ndarray, source: np.ndarray, complement: np.ndarray) -> np.ndarray:
-    """The features of the same slices in a study reversed in z (see :func:`reversal_map`)."""
-    out = np.asarray(X)[:, source]
-    if complement.any():
-        out[:, complement] = 1.0 - out[:, complement]
-    return out
-
-
-def feature_columns(models, lags: int, meta_columns=(), feature_set: str = "basic") -> dict[str, str]:
-    """Ordered {column: definition} for the given models: slice, meta, across-model, per-model blocks.
-
-    Adding or removing a model adds or removes only its own block; every other name keeps its
-    relative order.
-    """
-    columns: dict[str, str] = {f"{SLICE_PREFIX}__{name}": text for name, text in SLICE_FEATURES.items()}
-    for col in meta_columns:
-        columns[f"{META_PREFIX}__{col}"] = f"data/metadata.parquet column '{col}' as a number (NaN where missing or not numeric)"
-    for label in LABELS:
-        columns[f"{MODELS_PREFIX}__{label}__mean"] = f"mean of the '{label}' prediction across models"
-        columns[f"{MODELS_PREFIX}__{label}__std"] = f"population standard deviation (ddof=0) of the '{label}' prediction across models; 0 with one model"
-        if feature_set == "wide":
-            columns[f"{MODELS_PREFIX}__{label}__max"] = f"maximum of the '{label}' prediction across models"
-            columns[f"{MODELS_PREFIX}__{label}__min"] = f"minimum of the '{label}' prediction across models"
-    per_model = model_feature_names(lags, feature_set)
-    for model in sorted(models):
-        for label in LABELS:
-            for feature, text in per_model:
-                columns[f"{model}__{label}__{feature}"] = f"{model}, {label}: {text}"
-    return columns
-
-
-# --- global order and study segments -----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StudyLayout:
-    """Rows in output order and the study segments over them.
-
-    ``order[i]`` is the metadata row at output position i; train rows occupy ``[0, n_train)``.
-    Per-row arrays (``segment``, ``index``, ``reverse``) are in output order.
-    """
-
-    order: np.ndarray
-    n_train: int
-    starts: np.ndarray
-    counts: np.ndarray
-    segment: np.ndarray
-    index: np.ndarray
-    reverse: np.ndarray
-
-    @property
-    def n_rows(self) -> int:
-        return len(self.order)
-
-
-def study_layout(study_codes: np.ndarray, z: np.ndarray, image_ids, is_test: np.ndarray) -> StudyLayout:
-    """Sort rows by (split, study, z, image_id) and describe the study segments.
-
-    ``study_codes`` must follow the sorted order of the study ids (``pd.factorize(sort=True)``).
-    """
-    n = len(study_codes)
-    order = slice_order(study_codes, z, image_ids, leading=is_test)
-    s_sorted = study_codes[order]
-    is_start = np.empty(n, dtype=bool)
-    is_start[:1] = True
-    np.not_equal(s_sorted[1:], s_sorted[:-1], out=is_start[1:])
-    # a study listed in both splits (refused upstream) still never mixes train and test rows
-    test_sorted = is_test[order]
-    is_start[1:] |= test_sorted[1:] != test_sorted[:-1]
-    starts = np.flatnonzero(is_start)
-    counts = np.diff(np.append(starts, n))
-    segment = np.cumsum(is_start) - 1
-    index = np.arange(n) - starts[segment]
-    reverse = counts[segment] - 1 - index
-    n_train = int(n - np.count_nonzero(is_test))
-    return StudyLayout(order, n_train, starts, counts, segment, index, reverse)
-
-
-# --- feature kernels (arrays in output order) -------------------------------------------------
-
-
-class Plan:
-    """Index sets derived once from the layout and shared by every (model, label) column.
-
-    Edge positions (a study's first/last k slices) are few, so shifted and rolling columns are
-    computed with plain slices over the whole array and then patched at those positions only.
-    """
-
-    def __init__(self, layout: StudyLayout, lags: int, windows=ROLL_WINDOWS):
-        self.layout = layout
-        n = layout.n_rows
-        self.first_k = {k: np.flatnonzero(layout.index < k) for k in range(1, lags + 1)}
-        self.last_k = {k: np.flatnonzero(layout.reverse < k) for k in range(1, lags + 1)}
-        self.segment_key = layout.segment.astype(np.uint64) << np.uint64(32)
-        self.base_rank = (layout.index + 1.0) / layout.counts[layout.segment]  # rank of untied values
-        self.ends = layout.starts + layout.counts
-        self.windows = tuple(windows)
-        self.edges = {}
-        for w in windows:
-            half = w // 2
-            pos = np.flatnonzero((layout.index < half) | (layout.reverse < half))
-            lo = pos - np.minimum(layout.index[pos], half)
-            hi = pos + np.minimum(layout.reverse[pos], half) + 1
-            self.edges[w] = (pos, lo, hi)
-        self.n = n
-
-
-def lag(values: np.ndarray, plan: Plan, k: int, out: np.ndarray) -> np.ndarray:
-    """out[i] = values[i - k] inside the study, NaN before its first slice."""
-    out[:k] = np.nan
-    out[k:] = values[: len(values) - k]
-    out[plan.first_k[k]] = np.nan
-    return out
-
-
-def lead(values: np.ndarray, plan: Plan, k: int, out: np.ndarray) -> np.ndarray:
-    """out[i] = values[i + k] inside the study, NaN after its last slice."""
-    n = len(values)
-    out[n - k :] = np.nan
-    out[: n - k] = values[k:]
-    out[plan.last_k[k]] = np.nan
-    return out
-
-
-def rolling_mean(cumulative: np.ndarray, plan: Plan, window: int, out: np.ndarray) -> np.ndarray:
-    """Centered mean over ``window`` slices, truncated at study edges; ``cumulative`` = [0, cumsum(values)]."""
-    n, half = plan.n, window // 2
-    if n > 2 * half:
-        interior = out[half : n - half]
-        np.subtract(cumulative[2 * half + 1 :], cumulative[: n - 2 * half], out=interior, casting="same_kind")
-        interior /= np.float32(window)
-    pos, lo, hi = plan.edges[window]
-    out[pos] = (cumulative[hi] - cumulative[lo]) / (hi - lo)
-    return out
-
-
-class SegmentStats:
-    """Per-study reductions of one prediction column (arrays of one value per study) and its rank."""
-
-    def __init__(self, values: np.ndarray, plan: Plan, minimum: bool = False):
-        layout = plan.layout
-        starts, counts = layout.starts, layout.counts
-        self.max = np.maximum.reduceat(values, starts)
-        self.min = np.minimum.reduceat(values, starts) if minimum else None
-        self.mean = np.add.reduceat(values, starts, dtype=np.float64) / counts
-        dev = values - np.repeat(self.mean, counts)
-        np.multiply(dev, dev, out=dev)
-        self.std = np.sqrt(np.add.reduceat(dev, starts) / counts)
-        del dev
-        # One sort orders every study by value: the segment id in the high 32 bits, the float32
-        # bit pattern (monotonic for non-negative floats) in the low 32 bits.
-        bits = (values + np.float32(0.0)).view(np.uint32)  # + 0 turns -0.0 into +0.0
-        key = plan.segment_key | bits
-        # Stable sort is timsort here: keys are already ordered by segment, so it only sorts
-        # short runs and gallops over the rest (~7x faster than quicksort at RSNA scale).
-        by_value = np.argsort(key, kind="stable")
-        # sorting keeps every study in place, so its top K are its last K sorted positions
-        top_sum = np.zeros(len(starts), dtype=np.float64)
-        for t in range(TOP_K):
-            at = np.maximum(plan.ends - 1 - t, starts)
-            top_sum += np.where(counts > t, values[by_value[at]], 0.0)
-        self.top_mean = top_sum / np.minimum(counts, TOP_K)
-        rank_sorted = plan.base_rank.copy()
-        key_sorted = key[by_value]
-        tied = key_sorted[1:] == key_sorted[:-1]
-        if tied.any():
-            # tied values share the mean of the ranks they span; only tied positions are touched
-            in_tie = np.zeros(len(values), dtype=bool)
-            in_tie[1:] |= tied
-            in_tie[:-1] |= tied
-            pos = np.flatnonzero(in_tie)
-            run_start = np.ones(len(pos), dtype=bool)
-            run_start[1:] = ~tied[pos[1:] - 1]
-            run_first = np.flatnonzero(run_start)
-            run_last = np.append(run_first[1:], len(pos)) - 1
-            run_of = np.cumsum(run_start) - 1
-            avg_rank = (layout.index[pos[run_first]] + layout.index[pos[run_last]]) / 2.0 + 1.0
-            rank_sorted[pos] = avg_rank[run_of] / counts[layout.segment[pos]]
-        self.rank = np.empty(len(values), dtype=np.float64)
-        self.rank[by_value] = rank_sorted
 
 
 # --- validation of the inputs at this boundary ------------------------------------------------
@@ -409,18 +126,6 @@ class _Rows:
         return self.layout.n_rows
 
 
-class _FeatureMatrix:
-    """The output columns: one float32 matrix in Fortran order, so each feature column is one
-    contiguous array and the train and test frames are views of its two row blocks (no copy)."""
-
-    def __init__(self, n_rows: int, definitions: dict[str, str]):
-        self.names = list(definitions)
-        self.column_of = {name: j for j, name in enumerate(self.names)}
-        self.matrix = _empty_matrix(n_rows, len(self.names))
-
-    def __call__(self, name: str) -> np.ndarray:
-        return self.matrix[:, self.column_of[name]]
-
 
 def build_features(
     metadata: pd.DataFrame,
@@ -451,7 +156,7 @@ def build_features(
     fold_sorted = _sorted_folds(folds, rows)
     meta_columns = [c for c in DICOM_META_COLUMNS if c in metadata.columns] if dicom_meta else []
     definitions = feature_columns(models, lags, meta_columns, feature_set)
-    col = _FeatureMatrix(rows.n_rows, definitions)
+    col = FeatureMatrix(rows.n_rows, definitions)
     _slice_columns(col, rows)
     order = rows.layout.order
     for meta in meta_columns:
@@ -466,13 +171,21 @@ def build_features(
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=_feature_threads(len(models))) as pool:
-        columns_of_model = functools.partial(_model_columns, col, plan=plan, lags=lags, wide=wide)
+        columns_of_model = functools.partial(model_columns, col, plan=plan, lags=lags, wide=wide)
         for model in pool.map(columns_of_model, models, [aligned[m] for m in models]):
             steps.set_postfix_str(model)
             steps.update(1)
-    _cross_model_columns(col, [aligned[m] for m in models], wide=wide)
+    cross_model_columns(col, [aligned[m] for m in models], wide=wide)
     del aligned
 
+    train, test = _split_frames(col, rows, fold_sorted)
+    steps.update(1)
+    steps.close()
+    return train, test, definitions
+
+
+def _split_frames(col: FeatureMatrix, rows: _Rows, fold_sorted: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The train and test frames: views of the matrix's two row blocks behind their key columns."""
     n_train = rows.layout.n_train
     slice_index = rows.layout.index.astype(np.int32)
     train = _frame(col.matrix[:n_train], col.names, {
@@ -486,9 +199,7 @@ def build_features(
         "study_id": rows.study_sorted[n_train:],
         "slice_index": slice_index[n_train:],
     })
-    steps.update(1)
-    steps.close()
-    return train, test, definitions
+    return train, test
 
 
 def build_test_features(
@@ -564,7 +275,7 @@ def _sorted_folds(folds: pd.DataFrame, rows: _Rows) -> np.ndarray:
     return fold_sorted
 
 
-def _slice_columns(col: _FeatureMatrix, rows: _Rows) -> None:
+def _slice_columns(col: FeatureMatrix, rows: _Rows) -> None:
     layout, z_sorted, n_rows = rows.layout, rows.z_sorted, rows.n_rows
     index, reverse, counts_row = layout.index, layout.reverse, layout.counts[layout.segment]
     col("slice__position")[:] = np.where(counts_row > 1, index / np.maximum(counts_row - 1, 1), 0.5)
@@ -608,61 +319,6 @@ def _model_predictions(model: str, oof: pd.DataFrame, test: pd.DataFrame, rows: 
     return preds
 
 
-def _model_columns(col: _FeatureMatrix, model: str, preds: np.ndarray, plan: Plan, lags: int, wide: bool = False) -> str:
-    """Every column of one model; models write disjoint columns, so they run in parallel.
-
-    ``wide``: also the wide set's columns (its rolling windows come from ``plan``)."""
-    counts = plan.layout.counts
-    cumulative = np.zeros(preds.shape[1] + 1, dtype=np.float64)
-    for j, label in enumerate(LABELS):
-        p = preds[j]
-        prefix = f"{model}__{label}__"
-        col(prefix + "pred")[:] = p
-        for k in range(1, lags + 1):
-            lagged = lag(p, plan, k, col(f"{prefix}lag{k}"))
-            np.subtract(p, lagged, out=col(f"{prefix}diff_lag{k}"))
-            led = lead(p, plan, k, col(f"{prefix}lead{k}"))
-            np.subtract(p, led, out=col(f"{prefix}diff_lead{k}"))
-        stats = SegmentStats(p, plan, minimum=wide)
-        col(prefix + "study_max")[:] = np.repeat(stats.max, counts)
-        col(prefix + "study_mean")[:] = np.repeat(stats.mean.astype(np.float32), counts)
-        col(prefix + "study_std")[:] = np.repeat(stats.std.astype(np.float32), counts)
-        col(prefix + f"study_top{TOP_K}_mean")[:] = np.repeat(stats.top_mean.astype(np.float32), counts)
-        col(prefix + "study_rank")[:] = stats.rank
-        if wide:
-            col(prefix + "study_min")[:] = np.repeat(stats.min, counts)
-            # the float64 mean: the difference is rounded once
-            np.subtract(p, np.repeat(stats.mean, counts), out=col(prefix + "minus_study_mean"))
-            np.subtract(p, np.repeat(stats.max, counts), out=col(prefix + "minus_study_max"))
-        np.cumsum(p, dtype=np.float64, out=cumulative[1:])
-        for w in plan.windows:
-            rolling_mean(cumulative, plan, w, col(f"{prefix}roll{w}_mean"))
-    return model
-
-
-def _cross_model_columns(col: _FeatureMatrix, model_preds: list[np.ndarray], wide: bool = False) -> None:
-    """Mean and std (and with ``wide`` max and min) over models, summed in model order after the
-    parallel part: the same bits on every run."""
-    n_models = len(model_preds)
-    for j, label in enumerate(LABELS):
-        total = np.zeros(model_preds[0].shape[1], dtype=np.float64)
-        total_sq = np.zeros_like(total)
-        for preds in model_preds:
-            total += preds[j]
-            total_sq += np.square(preds[j], dtype=np.float64)
-        mean = total / n_models
-        col(f"{MODELS_PREFIX}__{label}__mean")[:] = mean
-        # population variance from the sums; clip the tiny negatives of rounding
-        if n_models == 1:
-            col(f"{MODELS_PREFIX}__{label}__std")[:] = 0.0
-        else:
-            col(f"{MODELS_PREFIX}__{label}__std")[:] = np.sqrt(np.maximum(total_sq / n_models - mean * mean, 0.0))
-        if wide:
-            highest, lowest = col(f"{MODELS_PREFIX}__{label}__max"), col(f"{MODELS_PREFIX}__{label}__min")
-            highest[:] = lowest[:] = model_preds[0][j]
-            for preds in model_preds[1:]:
-                np.maximum(highest, preds[j], out=highest)
-                np.minimum(lowest, preds[j], out=lowest)
 
 
 def _feature_threads(n_models: int) -> int:
@@ -673,21 +329,6 @@ def _feature_threads(n_models: int) -> int:
     return max(1, min(env_threads(cores), n_models))
 
 
-def _empty_matrix(n_rows: int, n_columns: int) -> np.ndarray:
-    """Uninitialized (n_rows, n_columns) float32 in Fortran order, without transparent huge pages.
-
-    numpy madvises large allocations for huge pages; where the kernel compacts memory on such
-    faults (THP defrag=madvise, common on VMs) the first write to a multi-GB array costs 3x the
-    CPU and stalls for seconds. Small pages are faster for an array written once, column by column.
-    """
-    toggle = getattr(getattr(np, "_core", np.core).multiarray, "_set_madvise_hugepage", None)
-    previous = toggle(False) if toggle is not None else None
-    try:
-        return np.empty((n_rows, n_columns), dtype=np.float32, order="F")
-    finally:
-        if toggle is not None:
-            toggle(previous)
-
 
 def _frame(block: np.ndarray, names: list[str], keys: dict[str, np.ndarray]) -> pd.DataFrame:
     frame = pd.DataFrame(block, columns=names, copy=False)
@@ -696,3 +337,8 @@ def _frame(block: np.ndarray, names: list[str], keys: dict[str, np.ndarray]) -> 
             values = pd.array(values, dtype="str")
         frame.insert(position, name, values)
     return frame
+
+
+# names other modules and user code import from here
+__all__ = ["DICOM_META_COLUMNS", "TEST_KEY_COLUMNS", "TOP_K", "TRAIN_KEY_COLUMNS", "build_features", "build_test_features",
+           "check_feature_set", "feature_columns", "reversal_map", "reverse_features", "roll_windows"]

@@ -330,7 +330,7 @@ def write_parquet(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
 
 
 def write_json(obj, path: str | os.PathLike) -> Path:
-    return write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n", path)
+    return write_text(json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n", path)
 
 
 def write_text(text: str, path: str | os.PathLike) -> Path:
@@ -345,10 +345,12 @@ def write_bytes(data: bytes, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def _json_default(value):
-    # numpy scalars and paths show up in provenance records
+def json_default(value):
+    """JSON for numpy scalars and arrays (stacker states) and paths (provenance records)."""
     if hasattr(value, "item"):
         return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     raise TypeError(f"not JSON serializable: {type(value).__name__}")

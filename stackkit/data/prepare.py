@@ -8,8 +8,10 @@ the work directory exactly as it was.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -188,20 +190,23 @@ def _dicom_files(folder, option: str) -> list[str]:
     return paths
 
 
-def prepare_data(
-    workdir: Workdir,
-    *,
-    dicom_dir,
-    test_dicom_dir,
-    labels_csv,
-    n_folds: int = 5,
-    seed: int = 0,
-    strict: bool = False,
-    workers: int | None = None,
-    progress: bool = True,
-    modalities=None,
-    image_id: str = "sop",
-) -> dict:
+@dataclass(frozen=True)
+class PrepareOptions:
+    """What `data prepare` is asked for: :func:`prepare_data`'s keywords."""
+
+    dicom_dir: str | os.PathLike
+    test_dicom_dir: str | os.PathLike
+    labels_csv: str | os.PathLike
+    n_folds: int = 5
+    seed: int = 0
+    strict: bool = False
+    workers: int | None = None
+    progress: bool = True
+    modalities: object = None  # None (CT), a comma-separated string or a sequence of Modality values
+    image_id: str = "sop"
+
+
+def prepare_data(workdir: Workdir, options: PrepareOptions | None = None, **fields) -> dict:
     """Scan both DICOM folders, parse the labels, make folds, validate, then write data/ as one set.
 
     Unreadable or refused DICOM files (``stackkit.data.decoding``: a Modality not in
@@ -209,17 +214,20 @@ def prepare_data(
     :class:`SkippedDicomWarning` per file, emitted as soon as the scan ends (before any later
     check can fail), and listed under ``summary["skipped"]``; with ``strict=True`` the first one
     is an error. ``image_id``: ``sop`` or ``filename`` (``IMAGE_ID_RULES``). Nothing is written
-    unless every check passes.
+    unless every check passes. The keywords are :class:`PrepareOptions`' fields: pass them, or
+    ``options`` (then ``fields`` override it).
     """
     from stackkit.data.decoding import parse_modalities
     from stackkit.data.dicom import scan_headers
 
+    o = PrepareOptions(**fields) if options is None else dataclasses.replace(options, **fields)
+    dicom_dir, test_dicom_dir, labels_csv, n_folds, image_id = o.dicom_dir, o.test_dicom_dir, o.labels_csv, o.n_folds, o.image_id
     workdir = Workdir.of(workdir)
     if int(n_folds) < 2:
         raise StackkitError(f"--folds {n_folds}: need at least 2 folds")
     if image_id not in IMAGE_ID_RULES:
         raise StackkitError(f"--image-id {image_id!r}: expected one of {', '.join(IMAGE_ID_RULES)}")
-    modalities = parse_modalities(modalities) if modalities is None or isinstance(modalities, str) else tuple(modalities)
+    modalities = parse_modalities(o.modalities) if o.modalities is None or isinstance(o.modalities, str) else tuple(o.modalities)
     check_set_target(workdir.data_dir)  # before the scan: a long run must not end on this
     train_paths = _dicom_files(dicom_dir, "--dicom-dir")
     test_paths = _dicom_files(test_dicom_dir, "--test-dicom-dir")
@@ -228,12 +236,12 @@ def prepare_data(
         raise StackkitError(f"{sorted(overlap)[0]}: is in both --dicom-dir and --test-dicom-dir; use two different folders")
     labels = parse_label_csv(labels_csv)
 
-    headers, skipped = scan_headers(train_paths + test_paths, workers=workers, progress=progress, modalities=modalities)
-    _report_skipped(skipped, strict)
+    headers, skipped = scan_headers(train_paths + test_paths, workers=o.workers, progress=o.progress, modalities=modalities)
+    _report_skipped(skipped, o.strict)
     metadata = _metadata_from_headers(headers, set(train_paths), dicom_dir, image_id)
     n_parsed = len(labels)
     labels = _match_labels(labels, metadata, skipped, (labels_csv, dicom_dir, test_dicom_dir), image_id)
-    folds = make_folds(metadata, labels, n_folds, seed)
+    folds = make_folds(metadata, labels, n_folds, o.seed)
     folds = folds.set_index("image_id").reindex(labels["image_id"]).reset_index()
     folds = validate_folds(folds, "data prepare (folds)", metadata, labels)
 

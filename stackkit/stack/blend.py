@@ -22,7 +22,7 @@ each post-processing step stays only where the per-fold refit says it helps.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -409,9 +409,20 @@ def _per_fold(y: np.ndarray, pooled: np.ndarray, folds: np.ndarray) -> list[dict
             for k in np.unique(folds)]
 
 
-def choose_blend(preds: np.ndarray, y: np.ndarray, folds: np.ndarray, source_names: list[str], *, per_label: bool = True,
-                 allow_any_consistency: bool = True, extra_fits: dict | None = None, on_fold=None,
-                 min_gain: float = MIN_BLEND_GAIN, every_fold: bool = True) -> BlendChoice:
+@dataclass(frozen=True)
+class ChoiceOptions:
+    """:func:`choose_blend`'s keywords (see its docstring); ``on_fold()`` is called after each recipe CV fit."""
+
+    per_label: bool = True
+    allow_any_consistency: bool = True
+    extra_fits: dict | None = None
+    on_fold: object = None
+    min_gain: float = MIN_BLEND_GAIN
+    every_fold: bool = True
+
+
+def choose_blend(preds: np.ndarray, y: np.ndarray, folds: np.ndarray, source_names: list[str], options: ChoiceOptions | None = None,
+                 **fields) -> BlendChoice:
     """The blend or single source kept for submission, chosen on cross-validated scores.
 
     Candidates: every single source, every recipe and every ``extra_fits`` blend. The lowest
@@ -423,7 +434,10 @@ def choose_blend(preds: np.ndarray, y: np.ndarray, folds: np.ndarray, source_nam
 
     Every candidate is scored on predictions it was not fitted on (a source's OOF file, or a
     blend refitted on the other folds), then the winner is refitted on all rows for submission.
+    The keywords are :class:`ChoiceOptions`' fields: pass them, or ``options`` (then ``fields`` override it).
     """
+    o = ChoiceOptions(**fields) if options is None else replace(options, **fields)
+    per_label = o.per_label
     preds = np.asarray(preds, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     folds = np.asarray(folds)
@@ -431,16 +445,16 @@ def choose_blend(preds: np.ndarray, y: np.ndarray, folds: np.ndarray, source_nam
     candidates = [Candidate(name, "source", weighted_log_loss(y, preds[s]), _per_fold(y, preds[s], folds), source=s, pooled=preds[s])
                   for s, name in enumerate(source_names)]
     if len(source_names) > 1:
-        recipe_list = recipes(allow_any_consistency=allow_any_consistency)
-        pooled = cross_validate_recipes(source_logits, y, folds, recipe_list, per_label=per_label, on_fold=on_fold)
+        recipe_list = recipes(allow_any_consistency=o.allow_any_consistency)
+        pooled = cross_validate_recipes(source_logits, y, folds, recipe_list, per_label=per_label, on_fold=o.on_fold)
         candidates += [Candidate(r.name, "blend", weighted_log_loss(y, pooled[r]), _per_fold(y, pooled[r], folds), recipe=r,
                                  pooled=pooled[r]) for r in recipe_list]
-        for name, (cv_fit, final_fit) in (extra_fits or {}).items():
+        for name, (cv_fit, final_fit) in (o.extra_fits or {}).items():
             extra, _ = cross_validated_blend(preds, y, folds, cv_fit)
             candidates.append(Candidate(name, "blend", weighted_log_loss(y, extra), _per_fold(y, extra, folds),
                                         final_fit=final_fit, pooled=extra))
     best_source = min((c for c in candidates if c.kind == "source"), key=lambda c: c.cv.overall)
-    eligible = [c for c in candidates if c.kind == "blend" and _clearly_better(c, best_source, min_gain, every_fold)]
+    eligible = [c for c in candidates if c.kind == "blend" and _clearly_better(c, best_source, o.min_gain, o.every_fold)]
     # min keeps the first of equal scores: simpler recipes first
     best = min(eligible, key=lambda c: c.cv.overall) if eligible else best_source
     for candidate in candidates:
@@ -454,6 +468,11 @@ def choose_blend(preds: np.ndarray, y: np.ndarray, folds: np.ndarray, source_nam
                            fit_clip=r.fit_clip, source_logits=source_logits)
     else:
         params = best.final_fit(preds, y)
+    return BlendChoice(params, best, candidates, params.score_logits(source_logits, y), _choice_reason(best, candidates))
+
+
+def _choice_reason(best: Candidate, candidates: list[Candidate]) -> str:
+    """Why ``best`` was kept, in one line for the summary and blend.json."""
     runner_up = min((c for c in candidates if c is not best), key=lambda c: c.cv.overall, default=None)
     lowest = min(candidates, key=lambda c: c.cv.overall)
     if best is lowest:
@@ -467,4 +486,4 @@ def choose_blend(preds: np.ndarray, y: np.ndarray, folds: np.ndarray, source_nam
         reason = (f"the best single source ({best.cv.overall:.5f}): the best blend ({lowest.name}, {lowest.cv.overall:.5f}) is "
                   + (f"not below it on {worse_folds} of {len(best.per_fold)} folds" if worse_folds else f"less than {MIN_BLEND_GAIN:.1%} below it")
                   + " on cross-validation")
-    return BlendChoice(params, best, candidates, params.score_logits(source_logits, y), reason)
+    return reason

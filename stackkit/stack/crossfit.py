@@ -267,7 +267,7 @@ def load_stack_inputs(workdir, *, use_embeddings: bool = True, core=None) -> Sta
     expected_fold = _expected_folds(train, folds)
     train_keys, test_keys = _key_frames(train, test, metadata, expected_fold)
     train_data, test_data = _stack_data(train, test, train_keys, test_keys, labels, feature_columns)
-    from stackkit.stack.stackers.base import check_labels
+    from stackkit.stack.inputs import check_labels
 
     check_labels(train_data, "training")  # labels.parquet is validated already; this guards the join
     embedding_models: tuple[str, ...] = ()
@@ -356,9 +356,7 @@ def fit_stacker(name: str, params: dict | None, inputs: StackInputs, *, seed: in
         if on_fold is not None:
             on_fold(k, fold_scores[-1])
 
-    oof_frame = pd.DataFrame(oof, columns=list(LABELS))
-    oof_frame.insert(0, "fold", fold_of_row.astype(np.int8))
-    oof_frame.insert(0, "image_id", inputs.train_keys["image_id"].to_numpy())
+    oof_frame = _prediction_frame(inputs.train_keys["image_id"].to_numpy(), oof, fold_of_row)
     test_ids = inputs.test_keys["image_id"].to_numpy()
     set_predictions = predict_test_sets(models, inputs) if predict_test else [np.zeros((len(inputs.test), len(LABELS)))]
     test_frame = _prediction_frame(test_ids, np.mean(set_predictions, axis=0))
@@ -395,8 +393,11 @@ def predict_test_sets(models: list[Stacker], inputs: StackInputs) -> list[np.nda
     return out
 
 
-def _prediction_frame(image_ids: np.ndarray, probabilities: np.ndarray) -> pd.DataFrame:
-    frame = pd.DataFrame(np.asarray(probabilities).astype(np.float32), columns=list(LABELS))
+def _prediction_frame(image_ids: np.ndarray, probabilities: np.ndarray, fold: np.ndarray | None = None) -> pd.DataFrame:
+    """image_id [, fold as int8], the six float32 probabilities."""
+    frame = pd.DataFrame(np.asarray(probabilities, dtype=np.float32), columns=list(LABELS))
+    if fold is not None:
+        frame.insert(0, "fold", fold.astype(np.int8))
     frame.insert(0, "image_id", image_ids)
     return frame
 

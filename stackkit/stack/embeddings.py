@@ -21,7 +21,7 @@ from stackkit.contract import Workdir
 from stackkit.contract.embeddings import has_embeddings, read_model_embeddings
 from stackkit.contract.io import read_json, read_table
 from stackkit.errors import ContractError
-from stackkit.stack.stackers.base import EmbeddingSet
+from stackkit.stack.inputs import EmbeddingSet
 
 
 def _file_rows(ids_in_file: np.ndarray, wanted: np.ndarray, source: str) -> np.ndarray:

@@ -99,7 +99,7 @@ def run_stack_fit(
     storage_obj = make_storage(storage, wd, heartbeat_interval=heartbeat_interval) if tune else None
     budget = timeout if timeout is not None else (DEFAULT_TUNE_BUDGET_S if tune else None)
     deadline = None if budget is None else time.monotonic() + float(budget)
-    prefix = study_name or DEFAULT_STUDY
+    search = _Search(tune, trials, deadline, storage_obj, study_name or DEFAULT_STUDY, seed, progress)
     kept = kept_stackers(wd, names)
     # stack/ is one set: every stacker's folder, blend.json and report.html are built in a sibling folder
     # and switched in together, so an interrupted fit (Ctrl-C, a crash) leaves the previous stack/ as it
@@ -108,12 +108,9 @@ def run_stack_fit(
         swd = wd.staged_stack(staged)
         fitted, studies = {}, {}
         if names:
-            fitted, studies = _fit_stackers(swd, core, names, tune=tune, trials=trials, deadline=deadline, storage=storage_obj,
-                                            prefix=prefix, seed=seed, device=resolved_device, progress=progress,
-                                            use_embeddings=use_embeddings)
+            fitted, studies = _fit_stackers(swd, core, names, search, device=resolved_device, use_embeddings=use_embeddings)
         sources = _collect_sources(swd, core, fitted, base_models)
-        choice, blend_info = _choose_blend(sources, tune=tune, trials=trials, deadline=deadline, storage=storage_obj, prefix=prefix,
-                                           seed=seed, per_label=per_label_weights, any_consistency=any_consistency, progress=progress)
+        choice, blend_info = _choose_blend(sources, search, per_label=per_label_weights, any_consistency=any_consistency)
         if blend_info is not None:
             studies["blend"] = blend_info
         record = _blend_record(swd, sources, choice, fitted, studies, tune=tune, seed=seed, storage=storage,
@@ -191,9 +188,25 @@ def device_overrides(name: str, device: str) -> dict:
     return {"device": device}
 
 
-def _fit_stackers(wd, core, names, *, tune, trials, deadline, storage, prefix, seed, device, progress, use_embeddings=True):
+@dataclass(frozen=True)
+class _Search:
+    """How one `stack fit` call fits: plainly or tuned (trials, the shared deadline, the Optuna storage
+    and study-name prefix), with its seed and progress bars; shared by the stackers and the blend."""
+
+    tune: bool
+    trials: int | None
+    deadline: float | None
+    storage: object
+    prefix: str
+    seed: int
+    progress: bool
+
+
+def _fit_stackers(wd, core, names, search: _Search, *, device, use_embeddings=True):
     """{name: (StackerResult, TunedStacker | None)} saved to stack/<name>/, and {name: StudyInfo}."""
     from stackkit.stack.crossfit import fit_stacker, load_stack_inputs, save_stacker_result
+
+    tune, trials, deadline, seed, progress = search.tune, search.trials, search.deadline, search.seed, search.progress
 
     inputs = load_stack_inputs(wd, use_embeddings=use_embeddings, core=core)  # data/ read and checked once per call
     fitted, studies = {}, {}
@@ -208,7 +221,7 @@ def _fit_stackers(wd, core, names, *, tune, trials, deadline, storage, prefix, s
                                 [(m, file_sha256(wd.model_json(m))) for m in inputs.embedding_models])
             # one budget for the whole call: each remaining study gets an equal share of what is left (the blend costs little)
             share = None if deadline is None else max(1.0, (deadline - time.monotonic()) / (len(names) - position))
-            tuned = tune_stacker(name, inputs, storage=storage, study_name=f"{prefix}-{name}", trials=trials, timeout=share,
+            tuned = tune_stacker(name, inputs, storage=search.storage, study_name=f"{search.prefix}-{name}", trials=trials, timeout=share,
                                  seed=seed, inputs_key=inputs_key, overrides=overrides, progress=progress)
             result = tuned.result
             studies[name] = tuned.info
@@ -265,20 +278,21 @@ def _collect_sources(wd, core, fitted: dict, base_models: list[str]) -> Sources:
     return Sources(names, kinds, oof_paths, test_paths, fold_paths, np.stack(arrays), y, folds["fold"].to_numpy(), image_ids)
 
 
-def _choose_blend(sources: Sources, *, tune, trials, deadline, storage, prefix, seed, per_label, any_consistency, progress):
+def _choose_blend(sources: Sources, search: _Search, *, per_label, any_consistency):
     """(BlendChoice, StudyInfo of the Optuna blend study or None)."""
     from tqdm.auto import tqdm
 
     from stackkit.stack.blend import choose_blend
 
+    tune, trials, deadline, seed, progress = search.tune, search.trials, search.deadline, search.seed, search.progress
     extra, blend_info = {}, None
     if tune and len(sources.names) > 1:
         from stackkit.stack.tune import search_blend
 
         timeout = None if deadline is None else max(1.0, deadline - time.monotonic())
         kwargs = dict(per_label=per_label, any_consistency=any_consistency, seed=seed)
-        tuned_params, blend_info = search_blend(sources.preds, sources.y, sources.names, trials=trials, timeout=timeout, storage=storage,
-                                                study_name=f"{prefix}-blend", progress=progress, **kwargs)
+        tuned_params, blend_info = search_blend(sources.preds, sources.y, sources.names, trials=trials, timeout=timeout, storage=search.storage,
+                                                study_name=f"{search.prefix}-blend", progress=progress, **kwargs)
         cv_trials = blend_info.trials_run if blend_info else 0
         extra[OPTUNA_BLEND] = (lambda p, yy: search_blend(p, yy, sources.names, trials=cv_trials, **kwargs)[0],
                                lambda p, yy: tuned_params)

@@ -25,7 +25,7 @@ import hashlib
 import json
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -395,18 +395,36 @@ def blend_as_trial_params(params: BlendParams, source_names: list[str], *, per_l
     return out
 
 
-def search_blend(preds: np.ndarray, y: np.ndarray, source_names: list[str], *, per_label: bool, any_consistency: bool,
-                 trials: int, timeout: float | None = None, seed: int = 0, storage=None, study_name: str | None = None,
-                 progress: bool = False, verbose: bool = False) -> tuple[BlendParams, StudyInfo | None]:
+@dataclass(frozen=True)
+class BlendSearch:
+    """:func:`search_blend`'s keywords: the blend's form, the Optuna budget, its storage and study name."""
+
+    per_label: bool
+    any_consistency: bool
+    trials: int
+    timeout: float | None = None
+    seed: int = 0
+    storage: object = None
+    study_name: str | None = None
+    progress: bool = False
+    verbose: bool = False
+
+
+def search_blend(preds: np.ndarray, y: np.ndarray, source_names: list[str], options: BlendSearch | None = None,
+                 **fields) -> tuple[BlendParams, StudyInfo | None]:
     """The blend-fitting procedure used both in-sample and inside every CV fold.
 
     1. ``fit_blend``: L-BFGS weights and temperatures, grid clip (deterministic).
     2. ``trials`` Optuna trials over weights/temperature/clip, started from equal weights and from
        step 1's solution (enqueued). In a persistent ``storage`` the study continues across runs.
     Returns the best in-sample candidate among step 1, equal weights (logit mean and linear pool) and
-    the matching trials.
+    the matching trials. The keywords are :class:`BlendSearch`' fields: pass them, or ``options``
+    (then ``fields`` override it).
     """
     import optuna
+
+    o = BlendSearch(**fields) if options is None else replace(options, **fields)
+    per_label, any_consistency, trials, seed = o.per_label, o.any_consistency, o.trials, o.seed
 
     source_logits = logit(preds)  # once: every trial below blends the same sources
     fitted = fit_blend(preds, y, per_label=per_label, any_consistency=any_consistency, source_logits=source_logits)
@@ -422,14 +440,14 @@ def search_blend(preds: np.ndarray, y: np.ndarray, source_names: list[str], *, p
         params = suggest_blend(trial, source_names, per_label=per_label, any_consistency=any_consistency)
         return params.score_logits(source_logits, y).overall
 
-    with optuna_logging(verbose):
-        if storage is None:
+    with optuna_logging(o.verbose):
+        if o.storage is None:
             study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed), direction="minimize")
         else:
-            study = open_study(study_name, storage, seed=seed)
+            study = open_study(o.study_name, o.storage, seed=seed)
         for start in (fitted, equal):
             study.enqueue_trial(blend_as_trial_params(start, source_names, per_label=per_label), skip_if_exists=True)
-        ran = run_trials(study, objective, trials=trials, timeout=timeout, progress=progress, desc="tune blend", inputs_key=inputs_key)
+        ran = run_trials(study, objective, trials=trials, timeout=o.timeout, progress=o.progress, desc="tune blend", inputs_key=inputs_key)
         matching = completed_trials(study, inputs_key)
         for trial in matching:
             params = _blend_from_trial(trial, source_names, per_label=per_label, any_consistency=any_consistency)

@@ -7,7 +7,10 @@ unfitted instance. Importing this package imports neither torch, LightGBM nor XG
 from __future__ import annotations
 
 from stackkit.errors import StackkitError
-from stackkit.stack.stackers.base import EmbeddingSet, NeuralStacker, PerLabelStacker, Stacker, StackData
+from stackkit.stack.inputs import EmbeddingSet, StackData
+from stackkit.stack.stackers.base import Stacker
+from stackkit.stack.stackers.gbdt import PerLabelStacker
+from stackkit.stack.stackers.neural import NeuralStacker
 from stackkit.stack.stackers.lgbm import LGBMStacker
 from stackkit.stack.stackers.mlp import MLPStacker
 from stackkit.stack.stackers.seq import SeqStacker

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from stackkit.stack.stackers.base import default_threads, NeuralStacker
+from stackkit.stack.stackers.base import default_threads
+from stackkit.stack.stackers.neural import NeuralStacker
 
 
 def _mlp_module(n_inputs: int, params: dict):

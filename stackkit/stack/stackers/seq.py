@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stackkit.stack.stackers.base import StackData, NeuralStacker, to_device
+from stackkit.stack.inputs import StackData
+from stackkit.stack.stackers.neural import NeuralStacker, to_device
 
 
 def _seq_module(n_inputs: int, params: dict):

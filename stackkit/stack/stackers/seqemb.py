@@ -13,7 +13,7 @@ model that exported embeddings (contract v2), its embedding standardized with tr
 statistics and projected to a small width (``proj``, e.g. Linear(2048, 32)) before anything
 else: ten 2048-d models cost ten small matrices, not a 20,480-wide input. Embeddings are never
 loaded whole: each batch of studies reads its rows from the memory-mapped float16 files
-(:meth:`~stackkit.stack.stackers.base.EmbeddingSet.gather`) and casts them to float32.
+(:meth:`~stackkit.stack.inputs.EmbeddingSet.gather`) and casts them to float32.
 
 Training augments with the real reversal of a study (rows reversed, direction features
 swapped, see :mod:`.seq`) and random contiguous crops of a study; prediction averages the
@@ -34,7 +34,9 @@ from pathlib import Path
 import numpy as np
 
 from stackkit.errors import StackkitError
-from stackkit.stack.stackers.base import N_LABELS, StackData, default_threads, to_device
+from stackkit.stack.inputs import N_LABELS, StackData
+from stackkit.stack.stackers.base import default_threads
+from stackkit.stack.stackers.neural import to_device
 from stackkit.stack.stackers.seq import SequenceStacker, study_layout
 
 # rows used to estimate each embedding column's mean / std (spread over the studies' slices)

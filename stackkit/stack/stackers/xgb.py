@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from stackkit.errors import StackkitError, one_line
-from stackkit.stack.stackers.base import default_threads, PerLabelStacker
+from stackkit.stack.stackers.base import default_threads
+from stackkit.stack.stackers.gbdt import PerLabelStacker
 
 
 def _xgboost():
