@@ -268,7 +268,7 @@ def _bad_pseudo(wd, tmp_path: Path, kind: str) -> list[str]:
     ("labeled study", r"pseudo_fold1.parquet: image_id '.*' at row \d+ is of study '.*', which has labeled images in data/folds.parquet"),
     ("unknown image", r"pseudo_fold1.parquet: image_id 'ID_nothere' at row \d+ is not in data/metadata.parquet"),
     ("duplicate image", r"pseudo_fold1.parquet: duplicate image_id"),
-    ("not a probability", r"pseudo_fold1.parquet: column 'any' has 1.5 at row 3 .*; expected a probability in \[0, 1\]$"),
+    ("not a probability", r"pseudo_fold1.parquet: column 'any' has 1.5 at row 3 .*; expected a probability in \[0, 1\]; 1 of \d+ values are outside \[0, 1\]: fix or remove them$"),
 ])
 def test_bad_pseudo_labels_are_one_line(kind, match, small_dataset, tmp_path):
     from base_models.train import train_base

@@ -17,6 +17,7 @@ from stackkit.contract import LABELS, Workdir, folds_hash
 from stackkit.errors import StackkitError
 from stackkit.contract.validate import load_core, read_oof, read_test
 
+from stackkit.testing.contract import rewrite_data_file
 from stackkit.testing.dicom import SMALL_FOLDS, dicom_bytes, fresh_workdir
 
 torch = pytest.importorskip("torch")
@@ -340,7 +341,7 @@ def test_missing_core_files_and_path_column(tmp_path, small_dataset):
     with pytest.raises(StackkitError, match="data prepare"):
         train_base(Workdir(tmp_path / "empty"), name="m", **SMALL)
     wd = fresh_workdir(small_dataset, tmp_path / "w")
-    pd.read_parquet(wd.metadata).drop(columns="path").to_parquet(wd.metadata)
+    rewrite_data_file(wd, wd.metadata, pd.read_parquet(wd.metadata).drop(columns="path"))
     with pytest.raises(StackkitError, match="no 'path' column"):
         train_base(wd, name="m", **SMALL)
 
