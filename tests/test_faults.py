@@ -150,10 +150,17 @@ KILL_POINTS = [
 ]
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """The child's Ctrl-C: a shell running a job in the background (CI scripts, nohup) sets SIGINT to
+    ignored, which children inherit and Python then keeps; a terminal's foreground job has it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _kill_mid_write(cmd: list, point: str, mark: Path, wd: Workdir, before: dict, *, unchanged: bool = True,
                     sig: int = signal.SIGKILL) -> Path:
     env = dict(os.environ, **{HOLD_ENV: point, HOLD_MARK_ENV: str(mark)})
-    proc = subprocess.Popen([*CLI, *map(str, cmd)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen([*CLI, *map(str, cmd)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+                            preexec_fn=_sigint_as_in_a_terminal)
     try:
         deadline = time.monotonic() + 120
         while not mark.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -236,7 +243,8 @@ def test_ctrl_c_while_stackers_train_leaves_the_previous_stack_usable_by_submit(
     shutil.copytree(source.root, wd.root)
     before = digests(wd.root)
     cmd = ["stack", "fit", "--workdir", wd.root, "--stackers", "lgbm,mlp", "--seed", 1, "--quiet"]
-    proc = subprocess.Popen([*CLI, *map(str, cmd)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([*CLI, *map(str, cmd)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=_sigint_as_in_a_terminal)
     try:
         deadline = time.monotonic() + 120
         while not list(wd.root.glob(f".stack{SET_TMP}*")) and proc.poll() is None and time.monotonic() < deadline:
