@@ -40,6 +40,7 @@ if str(ROOT / "bench") not in sys.path:
 
 import bench_stack
 from stackkit.contract import LABELS, Workdir
+from stackkit.holdout import score_on
 from stackkit.metric import weighted_log_loss
 
 RULES = {
@@ -99,8 +100,7 @@ def references(bench, seed: int, cache: Path) -> dict:
 
 
 def _score(frame: pd.DataFrame, truth: pd.DataFrame) -> float:
-    aligned = frame.set_index("image_id").reindex(truth["image_id"])[list(LABELS)].to_numpy(dtype=np.float64)
-    return weighted_log_loss(truth[list(LABELS)].to_numpy(), aligned).overall
+    return score_on(frame, truth, "bench_defaults").overall
 
 
 def fitted_stacker(name: str, wd: Workdir, cache_dir: Path, params: dict | None = None, tag: str | None = None) -> dict:

@@ -50,8 +50,8 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 
 from stackkit.contract import LABELS, Workdir, slice_order
-from stackkit.holdout import read_submission
-from stackkit.metric import prior_score, weighted_log_loss
+from stackkit.holdout import read_submission, score_on
+from stackkit.metric import weighted_log_loss
 from stackkit.testing.exported import SCENARIOS, write_exported_benchmark
 
 CLI = [sys.executable, str(ROOT / "cli.py")]
@@ -229,11 +229,7 @@ def lightgbm_baseline(bench, seed: int, threads: int = 2, max_rounds: int = 2000
 
 def score(frame: pd.DataFrame, truth: pd.DataFrame) -> dict:
     """Weighted log loss of ``frame``'s predictions on the held-out labels (every test image)."""
-    pred = frame.set_index("image_id").reindex(truth["image_id"])[list(LABELS)].to_numpy(np.float64)
-    if np.isnan(pred).any():
-        missing = int(np.isnan(pred).any(axis=1).sum())
-        raise SystemExit(f"{missing} held-out test image(s) have no prediction")
-    return weighted_log_loss(truth[list(LABELS)].to_numpy(), pred).as_dict()
+    return score_on(frame, truth, "bench_stack").as_dict()
 
 
 # --- one scenario x seed ------------------------------------------------------------------------
