@@ -332,7 +332,6 @@ def fit_stacker(name: str, params: dict | None, inputs: StackInputs, *, seed: in
     after each fold may raise :class:`FoldPruned`. ``caches``: {fold: dict} kept across calls
     with the same ``exclude_fold`` (see ``Stacker.fit``).
     """
-    from tqdm.auto import tqdm
 
     started = time.perf_counter()
     resolved = get_stacker(name).resolve_params(params)
@@ -342,11 +341,9 @@ def fit_stacker(name: str, params: dict | None, inputs: StackInputs, *, seed: in
         raise StackkitError(f"fit_stacker: fold {exclude_fold} is excluded from training and cannot be held out too")
     oof = np.full((len(inputs.train), len(LABELS)), np.nan, dtype=np.float32)
     models, fold_scores, gains = [], [], []
-    for k in tqdm(wanted, desc=f"stack fit {name}", unit="fold", disable=not progress):
-        fit_rows, valid_rows = early_stopping_split(fold_of_row, inputs.groups, k, seed, exclude_fold=exclude_fold)
+    fitted = _fold_models(name, resolved, wanted, _fold_job(inputs, seed, exclude_fold), caches, sequential=on_fold is not None, progress=progress)
+    for k, stacker in fitted:
         held_rows = np.flatnonzero(fold_of_row == k)
-        cache = None if caches is None else caches.setdefault(k, {})
-        stacker = get_stacker(name).fit(inputs.train.take(fit_rows), inputs.train.take(valid_rows), resolved, seed=seed + k, cache=cache)
         oof[held_rows] = stacker.predict(inputs.train.take(held_rows))
         fold_scores.append(weighted_log_loss(inputs.train.Y[held_rows], oof[held_rows]).overall)
         models.append(stacker)
@@ -380,6 +377,42 @@ def fit_stacker(name: str, params: dict | None, inputs: StackInputs, *, seed: in
         feature_columns=list(inputs.feature_columns),
         folds_hash=inputs.folds_hash,
     )
+
+
+def _fold_job(inputs: StackInputs, seed: int, exclude_fold: int | None):
+    """fold k -> (its training rows, its early-stopping rows, its seed)."""
+
+    def job(k: int):
+        fit_rows, valid_rows = early_stopping_split(inputs.folds, inputs.groups, k, seed, exclude_fold=exclude_fold)
+        return inputs.train.take(fit_rows), inputs.train.take(valid_rows), seed + k
+
+    return job
+
+
+def _fold_models(name: str, resolved: dict, wanted: list[int], job, caches: dict | None, *, sequential: bool, progress: bool):
+    """Yield (k, the stacker fitted with fold k held out) in fold order.
+
+    A stacker that fits on one thread gets its folds fitted side by side in processes
+    (:mod:`stackkit.stack.fold_pool`; the same models), unless the caller needs each fold before
+    the next is fitted (``sequential``: tuning prunes a trial on its first folds) or keeps
+    per-fold caches, which live in this process.
+    """
+    from tqdm.auto import tqdm
+
+    from stackkit.stack.fold_pool import fit_folds_in_processes, fold_processes
+
+    processes = 1 if sequential or caches is not None else fold_processes(get_stacker(name), resolved, len(wanted))
+    with tqdm(total=len(wanted), desc=f"stack fit {name}", unit="fold", disable=not progress) as bar:
+        if processes > 1:
+            bar.set_postfix_str(f"{processes} processes")
+            models = fit_folds_in_processes(name, resolved, wanted, job, processes, on_done=lambda _k: bar.update())
+            yield from ((k, models[k]) for k in wanted)
+            return
+        for k in wanted:
+            train, valid, fold_seed = job(k)
+            cache = None if caches is None else caches.setdefault(k, {})
+            yield k, get_stacker(name).fit(train, valid, resolved, seed=fold_seed, cache=cache)
+            bar.update()
 
 
 def predict_test_sets(models: list[Stacker], inputs: StackInputs) -> list[np.ndarray]:

@@ -246,3 +246,41 @@ def test_which_stackers_read_embeddings():
 
     assert {n for n, cls in STACKERS.items() if cls.uses_embeddings} == {"seq_emb", "transformer"}
     assert set(DEFAULT_STACKERS) <= set(STACKERS)
+
+
+# --- folds fitted side by side in processes ----------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["seq", "seq_emb"])
+def test_folds_fitted_in_processes_are_the_models_fitted_one_after_another(name, inputs, monkeypatch):
+    from stackkit.stack.fold_pool import fold_processes
+
+    params = FAST_PARAMS[name]
+    monkeypatch.setenv("STACKKIT_THREADS", "1")
+    assert fold_processes(get_stacker(name), get_stacker(name).resolve_params(params), inputs.n_folds) == 1
+    one_after_another = fit_stacker(name, params, inputs, progress=False)
+    monkeypatch.setenv("STACKKIT_THREADS", "2")
+    assert fold_processes(get_stacker(name), get_stacker(name).resolve_params(params), inputs.n_folds) == 2
+    side_by_side = fit_stacker(name, params, inputs, progress=False)
+    pd.testing.assert_frame_equal(side_by_side.oof, one_after_another.oof, check_exact=True)
+    pd.testing.assert_frame_equal(side_by_side.test, one_after_another.test, check_exact=True)
+    assert side_by_side.fold_scores == one_after_another.fold_scores
+
+
+def test_threaded_or_gpu_stackers_fit_their_folds_in_this_process():
+    from stackkit.stack.fold_pool import fold_processes
+
+    assert fold_processes(get_stacker("lgbm"), get_stacker("lgbm").resolve_params({"num_threads": 1}), 5) == 1
+    assert fold_processes(get_stacker("mlp"), get_stacker("mlp").resolve_params({"num_threads": 2}), 5) == 1
+    seq = get_stacker("seq")
+    assert fold_processes(seq, seq.resolve_params({"device": "cuda"}), 5) == 1
+    assert fold_processes(seq, seq.resolve_params({}), 1) == 1
+
+
+def test_an_error_in_a_fold_process_is_raised_as_in_this_process(inputs, monkeypatch):
+    monkeypatch.setenv("STACKKIT_THREADS", "2")
+    labels = inputs.train.Y.astype(np.float32).copy()
+    labels[np.flatnonzero(inputs.folds == 1)[:3], 2] = np.nan  # rows that fold 0's model trains on
+    broken = replace(inputs, train=replace(inputs.train, Y=labels))
+    with pytest.raises(StackkitError, match="label"):
+        fit_stacker("seq", FAST_PARAMS["seq"], broken, progress=False)

@@ -152,6 +152,11 @@ class Stacker(abc.ABC):
     def _check_params(self, params: dict) -> None:
         """Refuse, before any work, parameters this machine cannot honour (a torch stacker on a missing GPU)."""
 
+    def fits_folds_apart(self, params: dict) -> bool:
+        """Whether a K-fold fit with ``params`` runs its folds in separate processes, one per core
+        (:mod:`stackkit.stack.fold_pool`): for a stacker that uses one thread and leaves the other cores idle."""
+        return False
+
     @abc.abstractmethod
     def _fit(self, train, valid, X_train, Y_train, X_valid, Y_valid, params: dict, seed: int) -> None: ...
 

@@ -166,6 +166,10 @@ class NeuralStacker(Stacker):
     def _check_params(self, params: dict) -> None:
         fit_device(params.get("device", "cpu"), self.name)
 
+    def fits_folds_apart(self, params: dict) -> bool:
+        # a GPU is shared by the folds; several threads already use the cores
+        return str(params.get("device", "cpu")) == "cpu" and int(params["num_threads"]) == 1
+
     def _to_device(self, prepared, device):
         """What :meth:`_prepare` returned, moved to ``device`` once per fit or prediction (all of its tensors by default)."""
         return to_device(prepared, device)
