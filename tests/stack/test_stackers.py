@@ -434,3 +434,25 @@ def test_stacker_calls_refuse(case, call, message, stack_inputs):
 def test_load_stacker_models_without_a_fit(stack_workdir):
     with pytest.raises(StackkitError, match=r"meta.json: not found; run `stack fit --stackers xgb`"):
         load_stacker_models(Workdir(stack_workdir.root / "empty"), "xgb")
+
+
+@pytest.mark.parametrize("rows_per_block", [1, 7, 8192])
+def test_the_neural_feature_scaler_standardizes_block_by_block_as_over_the_whole_array(rows_per_block):
+    from stackkit.stack.stackers.neural import FeatureScaler
+
+    rng = np.random.default_rng(3)
+    X = rng.normal(2.0, 3.0, size=(50, 6)).astype(np.float32)
+    X[rng.random(X.shape) < 0.1] = np.nan
+    X[:, 4] = np.nan  # all missing in training: mean 0, scale 1, an indicator column
+    X[:, 5] = 1.5  # constant: scale 1
+    scaler = FeatureScaler.fit(X[:40])
+    rows = X[10:]
+    whole = (rows - scaler.mean) / scaler.scale
+    whole[np.isnan(rows)] = 0.0
+    expected = np.concatenate([whole, np.isnan(rows)[:, scaler.indicator_columns]], axis=1).astype(np.float32)
+    out = scaler.transform(rows, pad_rows=2, rows_per_block=rows_per_block)
+    assert out.dtype == np.float32 and out.shape == (len(rows) + 2, 6 + len(scaler.indicator_columns))
+    np.testing.assert_array_equal(out[:-2], expected)
+    np.testing.assert_array_equal(out[-2:], 0.0)
+    flipped = scaler.transform(rows, block_map=lambda block: block[:, ::-1].copy(), rows_per_block=rows_per_block)
+    np.testing.assert_array_equal(flipped, scaler.transform(rows[:, ::-1].copy()))

@@ -163,8 +163,8 @@ class SeqStacker(SequenceStacker):
         forward_rows[row_study, row_position] = np.arange(n_rows)
         backward_rows[row_study, reversed_position] = np.arange(n_rows)
         prepared = {
-            "features": torch.from_numpy(_with_zero_row(self._standardize(X))),
-            "reversed": torch.from_numpy(_with_zero_row(self._standardize(self._reversed_features(X)))),
+            "features": torch.from_numpy(self.scaler.transform(X, pad_rows=1)),
+            "reversed": torch.from_numpy(self.scaler.transform(X, pad_rows=1, block_map=self._reversed_features)),
             "forward_rows": torch.from_numpy(forward_rows),
             "backward_rows": torch.from_numpy(backward_rows),
             "lengths": torch.from_numpy(lengths),
