@@ -20,11 +20,11 @@ from stackkit.contract import CONTRACT_VERSION, LABELS, Workdir, file_sha256, fo
 from stackkit.errors import ContractError, LeakageError, StackkitError
 from stackkit.contract.io import read_json, read_table, recover_set, replace_dir, verify_set, write_parquet, write_set_record
 from stackkit.metric import Score, weighted_log_loss
+from stackkit.stack.folds import EARLY_STOPPING_FRACTION, FoldJobs, early_stopping_split, fold_models
 from stackkit.stack.stackers import STACKERS, StackData, Stacker, get_stacker
 from stackkit.contract.validate import check_id_coverage, check_ids, load_core, require_columns, validate_predictions
 
 # Share of the training folds' patients held out for early stopping.
-EARLY_STOPPING_FRACTION = 0.15
 RERUN_FEATURES = "rerun `stack features`"
 STACKER_RECORD = "meta.json"
 
@@ -290,33 +290,6 @@ def _test_fold_paths(wd: Workdir, manifest: dict) -> tuple[Path, ...]:
     return paths
 
 
-def early_stopping_split(
-    folds: np.ndarray, groups: np.ndarray, held_out_fold: int, seed: int = 0, valid_fraction: float = EARLY_STOPPING_FRACTION,
-    exclude_fold: int | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Row positions (fit, early-stopping) inside the training folds of ``held_out_fold``.
-
-    Patients (``groups``) are never split between the two parts, and no row of the held-out
-    fold appears in either: early stopping on it would leak that fold's labels into its OOF.
-    No row of ``exclude_fold`` either (tuning's outer fold, see ``fit_stacker``).
-    """
-    from sklearn.model_selection import GroupShuffleSplit
-
-    folds = np.asarray(folds)
-    training = folds != held_out_fold
-    if exclude_fold is not None:
-        training &= folds != exclude_fold
-    training_rows = np.flatnonzero(training)
-    if len(training_rows) == 0:
-        raise StackkitError(f"fold {held_out_fold}: no training rows in the other folds; data/folds.parquet needs at least 2 folds")
-    training_groups = np.asarray(groups)[training_rows]
-    if len(np.unique(training_groups)) < 2:
-        raise StackkitError(f"fold {held_out_fold}: the other folds hold one patient only; need several for an early-stopping split")
-    splitter = GroupShuffleSplit(n_splits=1, test_size=valid_fraction, random_state=int(seed) * 1000 + int(held_out_fold))
-    fit_part, valid_part = next(splitter.split(training_rows, groups=training_groups))
-    return training_rows[np.sort(fit_part)], training_rows[np.sort(valid_part)]
-
-
 class FoldPruned(Exception):
     """Raised by an ``on_fold`` callback to stop a K-fold fit early (an Optuna trial that is pruned)."""
 
@@ -341,7 +314,7 @@ def fit_stacker(name: str, params: dict | None, inputs: StackInputs, *, seed: in
         raise StackkitError(f"fit_stacker: fold {exclude_fold} is excluded from training and cannot be held out too")
     oof = np.full((len(inputs.train), len(LABELS)), np.nan, dtype=np.float32)
     models, fold_scores, gains = [], [], []
-    fitted = _fold_models(name, resolved, wanted, _fold_job(inputs, seed, exclude_fold), caches, sequential=on_fold is not None, progress=progress)
+    fitted = fold_models(name, resolved, wanted, FoldJobs(inputs, seed, exclude_fold), caches, sequential=on_fold is not None, progress=progress)
     for k, stacker in fitted:
         held_rows = np.flatnonzero(fold_of_row == k)
         oof[held_rows] = stacker.predict(inputs.train.take(held_rows))
@@ -377,42 +350,6 @@ def fit_stacker(name: str, params: dict | None, inputs: StackInputs, *, seed: in
         feature_columns=list(inputs.feature_columns),
         folds_hash=inputs.folds_hash,
     )
-
-
-def _fold_job(inputs: StackInputs, seed: int, exclude_fold: int | None):
-    """fold k -> (its training rows, its early-stopping rows, its seed)."""
-
-    def job(k: int):
-        fit_rows, valid_rows = early_stopping_split(inputs.folds, inputs.groups, k, seed, exclude_fold=exclude_fold)
-        return inputs.train.take(fit_rows), inputs.train.take(valid_rows), seed + k
-
-    return job
-
-
-def _fold_models(name: str, resolved: dict, wanted: list[int], job, caches: dict | None, *, sequential: bool, progress: bool):
-    """Yield (k, the stacker fitted with fold k held out) in fold order.
-
-    A stacker that fits on one thread gets its folds fitted side by side in processes
-    (:mod:`stackkit.stack.fold_pool`; the same models), unless the caller needs each fold before
-    the next is fitted (``sequential``: tuning prunes a trial on its first folds) or keeps
-    per-fold caches, which live in this process.
-    """
-    from tqdm.auto import tqdm
-
-    from stackkit.stack.fold_pool import fit_folds_in_processes, fold_processes
-
-    processes = 1 if sequential or caches is not None else fold_processes(get_stacker(name), resolved, len(wanted))
-    with tqdm(total=len(wanted), desc=f"stack fit {name}", unit="fold", disable=not progress) as bar:
-        if processes > 1:
-            bar.set_postfix_str(f"{processes} processes")
-            models = fit_folds_in_processes(name, resolved, wanted, job, processes, on_done=lambda _k: bar.update())
-            yield from ((k, models[k]) for k in wanted)
-            return
-        for k in wanted:
-            train, valid, fold_seed = job(k)
-            cache = None if caches is None else caches.setdefault(k, {})
-            yield k, get_stacker(name).fit(train, valid, resolved, seed=fold_seed, cache=cache)
-            bar.update()
 
 
 def predict_test_sets(models: list[Stacker], inputs: StackInputs) -> list[np.ndarray]:

@@ -253,14 +253,14 @@ def test_which_stackers_read_embeddings():
 
 @pytest.mark.parametrize("name", ["seq", "seq_emb"])
 def test_folds_fitted_in_processes_are_the_models_fitted_one_after_another(name, inputs, monkeypatch):
-    from stackkit.stack.fold_pool import fold_processes
+    from stackkit.stack.folds import fold_processes
 
     params = FAST_PARAMS[name]
     monkeypatch.setenv("STACKKIT_THREADS", "1")
     assert fold_processes(get_stacker(name), get_stacker(name).resolve_params(params), inputs.n_folds) == 1
     one_after_another = fit_stacker(name, params, inputs, progress=False)
     monkeypatch.setenv("STACKKIT_THREADS", "2")
-    assert fold_processes(get_stacker(name), get_stacker(name).resolve_params(params), inputs.n_folds) == 2
+    assert fold_processes(get_stacker(name), get_stacker(name).resolve_params(params), inputs.n_folds) == 3  # 3 folds, 2 cores
     side_by_side = fit_stacker(name, params, inputs, progress=False)
     pd.testing.assert_frame_equal(side_by_side.oof, one_after_another.oof, check_exact=True)
     pd.testing.assert_frame_equal(side_by_side.test, one_after_another.test, check_exact=True)
@@ -268,7 +268,7 @@ def test_folds_fitted_in_processes_are_the_models_fitted_one_after_another(name,
 
 
 def test_threaded_or_gpu_stackers_fit_their_folds_in_this_process():
-    from stackkit.stack.fold_pool import fold_processes
+    from stackkit.stack.folds import fold_processes
 
     assert fold_processes(get_stacker("lgbm"), get_stacker("lgbm").resolve_params({"num_threads": 1}), 5) == 1
     assert fold_processes(get_stacker("mlp"), get_stacker("mlp").resolve_params({"num_threads": 2}), 5) == 1
@@ -277,10 +277,25 @@ def test_threaded_or_gpu_stackers_fit_their_folds_in_this_process():
     assert fold_processes(seq, seq.resolve_params({}), 1) == 1
 
 
-def test_an_error_in_a_fold_process_is_raised_as_in_this_process(inputs, monkeypatch):
+@pytest.mark.parametrize("cores, n_folds, processes", [(2, 5, 3), (2, 4, 2), (2, 3, 3), (2, 2, 2), (4, 5, 5), (4, 8, 4), (1, 5, 1)])
+def test_fold_processes_share_the_cores_evenly(cores, n_folds, processes, monkeypatch):
+    from stackkit.stack.folds import fold_processes
+
+    monkeypatch.setenv("STACKKIT_THREADS", str(cores))
+    seq = get_stacker("seq")
+    assert fold_processes(seq, seq.resolve_params({}), n_folds, fold_bytes=1 << 20) == processes
+
+
+def test_fold_processes_are_as_many_as_the_memory_holds(monkeypatch):
+    from stackkit.stack import folds
+
     monkeypatch.setenv("STACKKIT_THREADS", "2")
-    labels = inputs.train.Y.astype(np.float32).copy()
-    labels[np.flatnonzero(inputs.folds == 1)[:3], 2] = np.nan  # rows that fold 0's model trains on
-    broken = replace(inputs, train=replace(inputs.train, Y=labels))
-    with pytest.raises(StackkitError, match="label"):
-        fit_stacker("seq", FAST_PARAMS["seq"], broken, progress=False)
+    seq = get_stacker("seq")
+    per_worker = folds.WORKER_ROW_COPIES * (1 << 30) + folds.WORKER_BASE_BYTES  # a fold's rows: 1 GiB
+    for workers in (1, 2, 3):
+        monkeypatch.setattr(folds, "available_memory_bytes", lambda: int((workers + 0.5) * per_worker / 0.8))
+        assert folds.fold_processes(seq, seq.resolve_params({}), 5, fold_bytes=1 << 30) == workers
+    monkeypatch.setattr(folds, "available_memory_bytes", lambda: 16 << 30)  # RSNA size: a fold's rows ~2.8 GB
+    assert folds.fold_processes(seq, seq.resolve_params({}), 5, fold_bytes=int(2.8e9)) == 1
+    monkeypatch.setattr(folds, "available_memory_bytes", lambda: None)  # not Linux: no cap
+    assert folds.fold_processes(seq, seq.resolve_params({}), 5, fold_bytes=int(2.8e9)) == 3

@@ -154,7 +154,7 @@ class Stacker(abc.ABC):
 
     def fits_folds_apart(self, params: dict) -> bool:
         """Whether a K-fold fit with ``params`` runs its folds in separate processes, one per core
-        (:mod:`stackkit.stack.fold_pool`): for a stacker that uses one thread and leaves the other cores idle."""
+        (:mod:`stackkit.stack.folds`): for a stacker that uses one thread and leaves the other cores idle."""
         return False
 
     @abc.abstractmethod
