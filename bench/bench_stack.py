@@ -40,6 +40,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,18 +82,51 @@ class Step:
                 "returncode": self.returncode}
 
 
+def _tree_rss_kib(pid: int) -> int:
+    """Resident KiB of ``pid`` and all its descendants now (Linux /proc; 0 where it cannot be read)."""
+    total, stack = 0, [pid]
+    while stack:
+        current = stack.pop()
+        try:
+            with open(f"/proc/{current}/status") as status:
+                total += next((int(line.split()[1]) for line in status if line.startswith("VmRSS:")), 0)
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as children:
+                    stack.extend(int(child) for child in children.read().split())
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+class _TreePeak(threading.Thread):
+    """The largest summed RSS of a process tree, sampled every 0.2 s: a step whose work runs in worker
+    processes (seq's folds) holds the sum of them at once, which no single ru_maxrss shows."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid, self.peak_kib, self.done = pid, 0, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.2):
+            self.peak_kib = max(self.peak_kib, _tree_rss_kib(self.pid))
+
+
 def run_step(name: str, args: list, log_dir: Path, env: dict) -> Step:
-    """``python cli.py ARGS`` in a child; wall time and the child's peak RSS (wait4's ru_maxrss)."""
+    """``python cli.py ARGS`` in a child; wall time and peak RSS: the child's (wait4's ru_maxrss) or,
+    when larger, its process tree's summed at one time (sampled)."""
     log = log_dir / f"{name.replace(' ', '_')}.log"
     with open(log, "w") as out:
         started = time.perf_counter()
         proc = subprocess.Popen([*CLI, *map(str, args)], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        sampler = _TreePeak(proc.pid)
+        sampler.start()
         # wait4 rather than proc.wait(): its rusage is this child's (and its waited-for descendants')
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - started
+        sampler.done.set()
     proc.returncode = os.waitstatus_to_exitcode(status)
     # ru_maxrss is in KiB on Linux
-    return Step(name, wall, usage.ru_maxrss / 1024.0, proc.returncode, log, usage.ru_utime + usage.ru_stime)
+    return Step(name, wall, max(usage.ru_maxrss, sampler.peak_kib) / 1024.0, proc.returncode, log, usage.ru_utime + usage.ru_stime)
 
 
 def child_env(threads: int | None) -> dict:

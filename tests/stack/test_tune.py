@@ -12,7 +12,7 @@ import pytest
 from stackkit.contract import LABEL_WEIGHTS, LABELS
 from stackkit.errors import StackkitError
 from stackkit.metric import weighted_log_loss
-from stackkit.stack import crossfit
+from stackkit.stack import folds
 from stackkit.stack.crossfit import early_stopping_split, fit_stacker, load_stack_inputs
 from stackkit.stack.stackers import STACKERS, Stacker
 from stackkit.stack.storage import make_storage
@@ -172,14 +172,14 @@ def test_saved_predictions_are_one_recipe_refitted_over_all_folds(inputs, tmp_pa
 def test_the_outer_fold_is_never_fitted_during_the_study(inputs, tmp_path, monkeypatch):
     """Every fit of every trial holds out an inner fold and trains without the outer fold's rows; only the final fits touch it."""
     fits = []
-    original = crossfit.early_stopping_split
+    original = folds.early_stopping_split
 
     def recording(folds, groups, held_out_fold, seed=0, **kwargs):
         fit_rows, valid_rows = original(folds, groups, held_out_fold, seed, **kwargs)
         fits.append((int(held_out_fold), set(np.unique(np.asarray(folds)[np.concatenate([fit_rows, valid_rows])]).tolist())))
         return fit_rows, valid_rows
 
-    monkeypatch.setattr(crossfit, "early_stopping_split", recording)
+    monkeypatch.setattr(folds, "early_stopping_split", recording)  # where the fold jobs call it
     tuned, storage = _tune(inputs, tmp_path, trials=8, seed=6)
     outer = tuned.outer_fold
     assert outer == outer_fold_of(6, inputs.n_folds) == 2
