@@ -92,7 +92,8 @@ def _read_csv(root: Path, name: str, task: str) -> pd.DataFrame:
 
 def _at(frame: pd.DataFrame, pos: int, keys) -> str:
     """``row 3 (patient_id 10004, series_id 21057)``: a data row (1-based) and its ids."""
-    return f"row {pos + 1} (" + ", ".join(f"{k} {frame[k].iloc[pos]}" for k in keys) + ")"
+    # the frame's own index: the file's data row, also after rows were filtered out
+    return f"row {frame.index[pos] + 1} (" + ", ".join(f"{k} {frame[k].iloc[pos]}" for k in keys) + ")"
 
 
 def _refuse_first(bad, frame: pd.DataFrame, path: Path, keys, problem: str) -> None:
@@ -111,7 +112,9 @@ def _integers(frame: pd.DataFrame, columns, path: Path, keys, allowed=None) -> p
         expected = " or ".join(map(str, allowed)) if allowed is not None else "an integer"
         if bad.any():
             pos = int(np.argmax(bad))
-            raise ContractError(f"{path}: {_at(frame, pos, keys)}: {column!r} is {frame[column].iloc[pos]!r}; expected {expected}")
+            value = frame[column].iloc[pos]
+            value = value.item() if isinstance(value, np.generic) else value  # 2, not np.int64(2)
+            raise ContractError(f"{path}: {_at(frame, pos, keys)}: {column!r} is {one_line(repr(value), 40)}; expected {expected}")
         frame[column] = values.astype(np.int64)
     return frame
 
