@@ -103,7 +103,7 @@ WORKER = textwrap.dedent(
     root, url, study, trials, seed, stackers = sys.argv[1:7]
     summary = run_stack_fit(Workdir.resolve(root), stackers=[s for s in stackers.split(",") if s], blend_base_models=True, tune=True,
                             trials=int(trials), seed=int(seed), timeout=3600, storage=url or None, study_name=study, progress=False)
-    print(summary["studies"]["blend"]["trials_run_now"])
+    print(summary.studies["blend"].trials_run)
     """
 )
 

@@ -45,7 +45,7 @@ def test_exports_are_accepted_by_base_import(small):
     for model in small.models:
         assert not small.oof_files[model].is_relative_to(small.workdir.root)
         summary = import_predictions(small.workdir, model, oof_path=small.oof_files[model], test_path=small.test_files[model])
-        assert 0 < summary["oof_logloss"] < 0.3
+        assert 0 < summary.oof_logloss < 0.3
     assert small.workdir.model_names() == sorted(small.models)
 
 
