@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """stackkit command line: one command per pipeline step.
 
-The CLI only turns options into one library call and library errors into a one-line
-message with exit code 2 (datasette style); all work lives in the packages. Heavy libraries
+The CLI only turns options into one library call, the call's typed result into lines
+(stackkit/render.py) and library errors into a one-line message with exit code 2 (datasette
+style); all work lives in the packages. Heavy libraries
 (torch, pydicom, lightgbm) are imported inside the commands that need them.
 """
 
