@@ -9,6 +9,7 @@ Optional (contract v3): one test file per fold model (``--test-fold``), stored a
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -170,8 +171,24 @@ def check_fold_column(raw_oof: pd.DataFrame, oof_path, folds_from_data: bool) ->
         )
 
 
+@dataclass(frozen=True)
+class ImportResult:
+    """What one `base import` registered (stackkit/cli.py renders it)."""
+
+    name: str
+    directory: Path  # preds/<name>/
+    n_oof: int
+    n_test: int
+    oof_logloss: float  # weighted log loss of the OOF predictions
+    prior_logloss: float  # the same for the training labels' rates: the floor to beat
+    test_fold_files: int  # per-fold-model test files stored (0: only test.parquet)
+    test_given: bool  # test.parquet as given (else the mean of the fold files)
+    embedding_dim: int | None
+    embedding_test_files: int
+
+
 def import_predictions(wd: Workdir, name: str, *, oof_path, test_path=None, logits: bool = False, force: bool = False,
-                       oof_embeddings=None, test_embeddings=(), test_folds=(), folds_from_data: bool = False) -> dict:
+                       oof_embeddings=None, test_embeddings=(), test_folds=(), folds_from_data: bool = False) -> ImportResult:
     """``folds_from_data``: an OOF file without a ``fold`` column is accepted, its folds taken from
     data/folds.parquet (the caller vouches they were made on those folds); without it such a file is refused.
 
@@ -257,19 +274,7 @@ def import_predictions(wd: Workdir, name: str, *, oof_path, test_path=None, logi
                 write_embeddings(array, folder / EMBEDDINGS_DIR / file_name, test_rows)
             record.update(embedding_record(dim, len(test_embs)))
         record = write_set_record(folder, MODEL_RECORD, record)
-    lines = [
-        f"imported '{name}': {len(oof)} OOF and {len(test)} test images -> {target}",
-        f"OOF weighted log loss {score.overall:.5f} (prior {prior.overall:.5f})",
-    ]
-    if fold_tests:
-        lines.append(f"test: one file per fold model ({len(fold_tests)}), test.parquet "
-                     + ("as given" if test_path is not None else "their mean"))
-    if record["embedding_dim"]:
-        n_test_files = len(record["embeddings"]["test"])
-        lines.append(f"embeddings: dimension {record['embedding_dim']}, "
-                     + ("one test file per fold model" if n_test_files > 1 else "one test file") + " (float16)")
-    return {
-        "lines": lines,
-        "name": name,
-        "oof_logloss": score.overall,
-    }
+    return ImportResult(name=name, directory=target, n_oof=int(len(oof)), n_test=int(len(test)), oof_logloss=score.overall,
+                        prior_logloss=prior.overall, test_fold_files=len(fold_tests), test_given=test_path is not None,
+                        embedding_dim=None if embeddings is None else int(embeddings[4]),
+                        embedding_test_files=0 if embeddings is None else len(embeddings[2]))

@@ -16,7 +16,8 @@ import dataclasses
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -38,7 +39,33 @@ from base_models.workspace import (WORK_DIR, check_model_folder, fold_done, fold
 __all__ = ["NEIGHBOR_LR_SCALE", "TrainOptions", "cpu_threads_for", "optimizer_groups", "reverse_slices", "save_checkpoint", "train_base"]
 
 
-def train_base(workdir: Workdir, options: TrainOptions | None = None, **fields) -> dict:
+@dataclass(frozen=True)
+class TrainResult:
+    """What one `base train` did (stackkit/cli.py renders it). On a torchrun rank other than 0 only
+    ``name`` and ``rank`` are set: rank 0 reports the run."""
+
+    name: str
+    rank: int = 0
+    complete: bool = False  # every fold done and preds/<name>/ written
+    arch: str = ""
+    context: int = 0
+    folds: dict = field(default_factory=dict)  # done fold -> its OOF weighted log loss
+    fold_priors: dict = field(default_factory=dict)  # done fold -> the prior's loss on it
+    requested: tuple[int, ...] = ()  # the folds this run was asked for
+    missing: tuple[int, ...] = ()  # folds still to train before preds/<name>/ can be written
+    work: Path | None = None  # preds/<name>/_work/: each fold's outcome, kept for --resume
+    directory: Path | None = None  # preds/<name>/
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+    undecodable: dict = field(default_factory=dict)  # image id -> why its slice could not be decoded (blank image used)
+    oof_logloss: float | None = None
+    prior_logloss: float | None = None
+    per_label: dict | None = None
+    embedding_dim: int | None = None
+    fold_models: int = 0
+
+
+def train_base(workdir: Workdir, options: TrainOptions | None = None, **fields) -> TrainResult:
     """Train ``arch`` on every requested fold; write preds/<name>/ when all folds are done:
     oof.parquet, test.parquet (the mean over the fold models) and one test_fold<k>.parquet per fold
     model (contract v3), listed in model.json's ``test_folds``.
@@ -52,8 +79,8 @@ def train_base(workdir: Workdir, options: TrainOptions | None = None, **fields) 
     ``pseudo_labels``: one soft-label file per fold model (see base_models.pseudo), added to that
     fold model's training rows only.
 
-    Returns a summary: per-fold and overall OOF weighted log loss, prior score, seconds,
-    training images/s, and ``lines`` to print. ``on_fold_done(fold)`` is called after each fold's
+    Returns a :class:`TrainResult`: per-fold and overall OOF weighted log loss, prior score, seconds,
+    training images/s. ``on_fold_done(fold)`` is called after each fold's
     results are safely on disk (a hook for progress reporting and interruption tests).
 
     The keywords are :class:`~base_models.config.TrainOptions`' fields: pass them, or ``options``
@@ -117,18 +144,12 @@ def _shared_cache(wd, metadata, config, env, decode_workers, progress):
     return cache
 
 
-def _undecodable_lines(cache, env) -> list[str]:
-    """The summary's opening lines: a warning naming the slices the cache could not decode (none if all decoded)."""
-    lines: list[str] = []
-    if cache.bad:
-        listed = "; ".join(f"{i} ({why})" for i, why in list(cache.bad.items())[:5])
-        more = f" and {len(cache.bad) - 5} more" if len(cache.bad) > 5 else ""
-        message = (f"warning: {len(cache.bad)} slice(s) could not be decoded; they get predictions from a blank "
-                   f"image (still in oof/test): {listed}{more}")
-        lines.append(message)
-        if env.is_main:
-            print(message, file=sys.stderr)
-    return lines
+def undecodable_warning(bad: dict) -> str:
+    """One line naming the slices the pixel cache could not decode (``bad``: image id -> reason)."""
+    listed = "; ".join(f"{i} ({why})" for i, why in list(bad.items())[:5])
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    return (f"warning: {len(bad)} slice(s) could not be decoded; they get predictions from a blank "
+            f"image (still in oof/test): {listed}{more}")
 
 
 @dataclass(frozen=True)
@@ -158,10 +179,11 @@ def _samples(cache, run: TrainRun) -> _Samples:
     return _Samples(train, test_ids, train_rows, test_rows, train[list(LABELS)].to_numpy(dtype=np.float32), train["fold"].to_numpy(), extra)
 
 
-def _train(run: TrainRun) -> dict:
+def _train(run: TrainRun) -> TrainResult:
     o, env = run.options, run.env
     cache = _shared_cache(run.wd, run.metadata, run.config, env, o.decode_workers, o.progress)
-    lines = _undecodable_lines(cache, env)
+    if cache.bad and env.is_main:
+        print(undecodable_warning(cache.bad), file=sys.stderr)
     samples = _samples(cache, run)
     test_set = SliceDataset(cache.pixels, samples.test_rows)
 
@@ -179,8 +201,8 @@ def _train(run: TrainRun) -> dict:
             o.on_fold_done(fold)
 
     if not env.is_main:
-        return {"name": run.name, "rank": env.rank}
-    return _finish(run, samples, work, fhash, lines, cache)
+        return TrainResult(name=run.name, rank=env.rank)
+    return _finish(run, samples, work, fhash, cache)
 
 
 def _train_fold(run: TrainRun, runner: Runner, samples: _Samples, data: tuple, work, fold: int) -> None:
@@ -214,24 +236,19 @@ def _train_fold(run: TrainRun, runner: Runner, samples: _Samples, data: tuple, w
                                        f"{record['train_images_per_second']:.0f} img/s")
 
 
-def _finish(run: TrainRun, samples: _Samples, work, fhash: str, lines: list[str], cache) -> dict:
-    name, available, progress = run.name, run.available, run.options.progress
+def _finish(run: TrainRun, samples: _Samples, work, fhash: str, cache) -> TrainResult:
+    name, available = run.name, run.available
     done = [f for f in available if fold_done(work, f, run.options.embeddings)]
     records = {f: read_json(fold_paths(work, f)["record"]) for f in done}
-    for f in run.requested if not progress else []:  # with progress on, each line was shown as its fold ended
-        r = records[f]
-        lines.append(f"fold {f}: OOF weighted log loss {r['oof_logloss']:.4f} (fold prior {r['fold_prior_logloss']:.4f})")
     summary = fold_summary(name, run.config, records, done)
-    missing = [f for f in available if f not in done]
-    if missing:
-        summary["complete"] = False
-        lines.append(
-            f"partial: {len(done)} of {len(available)} folds done (folds {','.join(map(str, done))}), kept in {work}; "
-            f"preds/{name}/oof.parquet needs every fold: run again with --folds {','.join(map(str, missing))} "
-            "(same options) or --resume"
-        )
-        summary["lines"] = lines
-        return summary
+    result = TrainResult(
+        name=name, rank=run.env.rank, complete=False, arch=run.config.arch, context=run.config.context, folds=summary["folds"],
+        fold_priors={f: records[f]["fold_prior_logloss"] for f in done}, requested=tuple(run.requested),
+        missing=tuple(f for f in available if f not in done), work=work, directory=run.wd.preds_dir(name),
+        seconds=summary["seconds"], images_per_second=summary["images_per_second"], undecodable=dict(cache.bad),
+    )
+    if result.missing:
+        return result
 
     y = samples.train[list(LABELS)].to_numpy(dtype=np.float64)
     oof_parts, oof, test, test_folds = fold_predictions(run.wd, name, work, available, run.fold_frame, samples.test_ids)
@@ -239,18 +256,8 @@ def _finish(run: TrainRun, samples: _Samples, work, fhash: str, lines: list[str]
     score = weighted_log_loss(y, aligned)
     prior = prior_score(y)
 
-    seconds = summary["seconds"]
     info = model_info(run, fhash, records, score, prior, summary, cache, work)
     info["test_folds"] = [run.wd.test_fold(name, f).name for f in available]
     write_model_set(run, work, info, (oof, test, test_folds), oof_parts)
-    if run.options.embeddings:
-        lines.append(f"embeddings: dimension {info['embedding_dim']} (pooled features before the head), "
-                     f"OOF from each image's fold model, test from each of the {len(available)} fold models")
-    summary.update(complete=True, oof_logloss=score.overall, prior_logloss=prior.overall, per_label=score.per_label)
-    lines.append(
-        f"{name}: OOF weighted log loss {score.overall:.4f} vs prior {prior.overall:.4f} "
-        f"({score.overall / prior.overall:.2f} x prior); {seconds:.1f} s, {summary['images_per_second']:.0f} train img/s "
-        f"-> {run.wd.preds_dir(name)}"
-    )
-    summary["lines"] = lines
-    return summary
+    return dataclasses.replace(result, complete=True, oof_logloss=score.overall, prior_logloss=prior.overall, per_label=score.per_label,
+                               embedding_dim=info["embedding_dim"] if run.options.embeddings else None, fold_models=len(available))

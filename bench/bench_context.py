@@ -18,12 +18,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def run_seed(root: Path, seed: int, args) -> dict:
@@ -37,16 +34,16 @@ def run_seed(root: Path, seed: int, args) -> dict:
     synth = synthesize(dicom, patients=args.patients, seed=seed, progress=False)
     prepare_data(wd, dicom_dir=dicom / "stage_2_train", test_dicom_dir=dicom / "stage_2_test",
                  labels_csv=dicom / "stage_2_train.csv", n_folds=5, seed=seed, progress=False)
-    row = {"seed": seed, "any prevalence": synth["prevalence"]["any"]}
+    row = {"seed": seed, "any prevalence": synth.prevalence["any"]}
     for variant in args.variants:
         context, _, scale = variant.partition("@")
         start = time.perf_counter()
         with neighbor_lr_scale(float(scale) if scale else None):
             summary = train_base(wd, name=f"cnn_ctx{context}" + (f"_lr{scale.replace('.', 'p')}" if scale else ""), context=int(context),
                                  epochs=args.epochs, seed=seed, progress=False, embeddings=False)
-        row[variant] = summary["oof_logloss"]
+        row[variant] = summary.oof_logloss
         row[f"{variant} s"] = time.perf_counter() - start
-        row.update({f"{variant} {part}": loss for part, loss in split_scores(wd, summary["name"]).items()})
+        row.update({f"{variant} {part}": loss for part, loss in split_scores(wd, summary.name).items()})
     return row
 
 

@@ -26,22 +26,18 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parents[1]
-# the sibling bench module (stackkit itself is imported as installed, like user code)
-if str(ROOT / "bench") not in sys.path:
-    sys.path.insert(0, str(ROOT / "bench"))
-
-import bench_stack
 from stackkit.contract import LABELS, Workdir
 from stackkit.holdout import score_on
 from stackkit.metric import weighted_log_loss
+from stackkit.testing import stack_bench as bench_stack
+
+ROOT = Path(__file__).resolve().parents[1]
 
 RULES = {
     # name: (min_gain, every_fold) for blend.choose_blend
@@ -66,7 +62,7 @@ def prepared_bench(scenario: str, seed: int, out: Path, n_patients: int, env: di
     args = argparse.Namespace(test_folds=bench_stack.import_supports_test_folds(env), embeddings=False)
     logs = root / "logs"
     logs.mkdir(exist_ok=True)
-    bench_stack._prepare(args, f"{scenario}-{seed}", bench, logs, env)
+    bench_stack.prepare_imports(args, f"{scenario}-{seed}", bench, logs, env)
     done.write_text(json.dumps({"models": list(bench.models)}))
     return bench
 
@@ -160,7 +156,7 @@ def feature_variant(bench, name: str, features_args: str, env: dict) -> Workdir:
     if not (target.features_manifest).is_file():
         shutil.rmtree(target.root, ignore_errors=True)
         shutil.copytree(bench.workdir.root, target.root, ignore=shutil.ignore_patterns("stack", "features"))
-        step = bench_stack._step_runner(name, bench.workdir.root.parent / "logs", env, [])
+        step = bench_stack.step_runner(name, bench.workdir.root.parent / "logs", env, [])
         step(f"stack features {name}", "stack", "features", "--workdir", target.root, "--quiet", *shlex.split(features_args))
     return target
 

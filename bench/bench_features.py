@@ -20,6 +20,7 @@ between 239 s and 291 s across runs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -99,12 +100,14 @@ def generate(wd: Workdir, n_images: int, n_models: int, seed: int = 0, n_folds: 
 def child(workdir: str, lags: int) -> None:
     """Run the feature step alone in this process and print its summary plus peak RSS."""
     from features.api import run_stack_features
+    from stackkit.render import features_lines
 
     started = time.perf_counter()
     summary = run_stack_features(Workdir(Path(workdir)), lags=lags, dicom_meta=True, progress=False)
     wall = time.perf_counter() - started
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    print(json.dumps({"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "peak_kb": usage.ru_maxrss, "lines": summary["lines"], "columns": summary["columns"], "timing": summary["timing"]}))
+    print(json.dumps({"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "peak_kb": usage.ru_maxrss, "lines": features_lines(summary), "columns": summary.columns,
+                      "timing": dataclasses.asdict(summary.timing)}))
 
 
 # --- the pandas way ---------------------------------------------------------------------------

@@ -11,6 +11,7 @@ baseline on a sample, and the whole ``prepare_data`` (scan + labels + folds + wr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -40,8 +41,8 @@ def dataset(patients: int, size: int) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=OUT, prefix=".tmp-"))
     start = time.perf_counter()
     summary = synthesize(tmp, patients=patients, size=size, seed=0, progress=True)
-    print(f"synth: {summary['train_images'] + summary['test_images']} files in {time.perf_counter() - start:.1f} s")
-    (tmp / "summary.json").write_text(json.dumps(summary))
+    print(f"synth: {summary.train_images + summary.test_images} files in {time.perf_counter() - start:.1f} s")
+    (tmp / "summary.json").write_text(json.dumps(dataclasses.asdict(summary), default=str))
     for stale in OUT.glob(f"prepare_p{patients}_s{size}_*"):  # datasets of older generator versions
         shutil.rmtree(stale, ignore_errors=True)
     os.replace(tmp, root)

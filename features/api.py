@@ -7,6 +7,7 @@ import logging
 import os
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -82,46 +83,47 @@ def _features_manifest(wd: Workdir, folds: pd.DataFrame, models: list, lags, dic
     }
 
 
-def _features_summary(wd: Workdir, models: list, lags, definitions, train, test, wall: tuple, cpu_times: tuple,
-                      feature_set: str = "basic") -> dict:
-    """The run's summary; ``wall`` and ``cpu_times`` are (read, build, total) seconds."""
-    read_seconds, build_seconds, seconds = wall
-    read_cpu, build_cpu, cpu = cpu_times
-    return {
-        "rows_train": len(train),
-        "rows_test": len(test),
-        "columns": len(definitions),
-        "models": ", ".join(models),
-        "lags": int(lags),
-        "feature_set": feature_set,
-        "seconds": round(seconds, 2),
-        "timing": {
-            "read_seconds": read_seconds, "build_seconds": build_seconds, "write_seconds": seconds - read_seconds - build_seconds,
-            "read_cpu": read_cpu, "build_cpu": build_cpu, "write_cpu": cpu - read_cpu - build_cpu,
-        },
-        "train": str(wd.features_train),
-        "test": str(wd.features_test),
-        "manifest": str(wd.features_manifest),
-        "lines": [
-            f"stack features: {len(definitions)} feature columns from {len(models)} model(s) ({', '.join(models)}), lags={lags}, feature set {feature_set}",
-            f"  train {len(train):,} rows -> {wd.features_train}",
-            f"  test  {len(test):,} rows -> {wd.features_test}",
-            f"  manifest -> {wd.features_manifest}",
-            f"  {seconds:.1f}s (read {read_seconds:.1f}s, build {build_seconds:.1f}s, write {seconds - read_seconds - build_seconds:.1f}s); "
-            f"CPU {cpu:.1f}s (read {read_cpu:.1f}s, build {build_cpu:.1f}s, write {cpu - read_cpu - build_cpu:.1f}s)",
-        ],
-    }
+@dataclass(frozen=True)
+class FeatureTiming:
+    """Wall and CPU seconds of the three phases of `stack features`."""
+
+    read_seconds: float
+    build_seconds: float
+    write_seconds: float
+    read_cpu: float
+    build_cpu: float
+    write_cpu: float
+
+
+@dataclass(frozen=True)
+class FeaturesResult:
+    """What one `stack features` wrote (stackkit/cli.py renders it)."""
+
+    rows_train: int
+    rows_test: int
+    columns: int  # feature columns
+    models: tuple[str, ...]
+    lags: int
+    feature_set: str
+    test_fold_sets: int  # test feature sets written once per base fold model (0: none)
+    models_without_test_folds: tuple[str, ...]  # with test_fold_sets: the models whose averaged test.parquet entered every set
+    seconds: float
+    cpu_seconds: float
+    timing: FeatureTiming
+    train: Path
+    test: Path
+    manifest: Path
 
 
 def run_stack_features(workdir: Workdir, *, lags: int = 2, dicom_meta: bool = False, progress: bool = True,
-                       feature_set: str = "basic") -> dict:
+                       feature_set: str = "basic") -> FeaturesResult:
     """Build study-aware features from every model under preds/ and write features/.
 
     Writes features/train.parquet, features/test.parquet and features/manifest.json as one set:
     written into a sibling folder (the manifest last, with the tables' sha256) that replaces
     features/ in one switch, so readers never see tables and a manifest of two runs.
     ``feature_set``: ``"basic"`` or ``"wide"`` (features.build's module docstring), recorded in the manifest.
-    Returns a summary: rows, columns, models, seconds and output paths.
+    Returns a :class:`FeaturesResult`: rows, columns, models, seconds and output paths.
     """
     started, cpu_started = time.perf_counter(), time.process_time()
     wd = Workdir.of(workdir)
@@ -158,13 +160,12 @@ def run_stack_features(workdir: Workdir, *, lags: int = 2, dicom_meta: bool = Fa
             del fold_test
         write_set_record(folder, MANIFEST, manifest)
     seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-    summary = _features_summary(wd, models, lags, definitions, train, test, (read_seconds, build_seconds, seconds), (read_cpu, build_cpu, cpu),
-                               feature_set)
-    if fold_sets:
-        without = manifest["models_without_test_folds"]
-        summary["lines"].insert(3, f"  test_fold0..{len(fold_sets) - 1}: the test features once per base fold model"
-                                   + (f" (averaged test.parquet for {', '.join(without)})" if without else ""))
-    return summary
+    timing = FeatureTiming(read_seconds, build_seconds, seconds - read_seconds - build_seconds, read_cpu, build_cpu, cpu - read_cpu - build_cpu)
+    return FeaturesResult(rows_train=len(train), rows_test=len(test), columns=len(definitions), models=tuple(models), lags=int(lags),
+                          feature_set=feature_set, test_fold_sets=len(fold_sets),
+                          models_without_test_folds=tuple(m for m in models if not test_folds_by_model.get(m)) if fold_sets else (),
+                          seconds=seconds, cpu_seconds=cpu, timing=timing, train=wd.features_train, test=wd.features_test,
+                          manifest=wd.features_manifest)
 
 
 @contextlib.contextmanager

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """stackkit command line: one command per pipeline step.
 
-The CLI only turns options into one library call and library errors into a one-line
-message with exit code 2 (datasette style); all work lives in the packages. Heavy libraries
+The CLI only turns options into one library call, the call's typed result into lines
+(stackkit/render.py) and library errors into a one-line message with exit code 2 (datasette
+style); all work lives in the packages. Heavy libraries
 (torch, pydicom, lightgbm) are imported inside the commands that need them.
 """
 
@@ -14,6 +15,7 @@ import sys
 
 import click
 
+from stackkit import render
 from stackkit.contract import DEFAULT_WORKDIR, SEED_RANGE, WORKDIR_ENV, Workdir
 
 EXIT_BAD_INPUT = 2
@@ -145,9 +147,9 @@ def data_synth(wd, out_dir, patients, size, slices, test_fraction, seed, quiet):
     bounds = _int_list(slices)
     if not bounds or len(bounds) != 2 or bounds[0] < 1 or bounds[0] > bounds[1]:
         raise click.BadParameter(f"expected MIN,MAX with 1 <= MIN <= MAX, got {slices!r}", param_hint="--slices")
-    summary = synthesize(out_dir or wd.root / "dicom", patients=patients, size=size, slices=(bounds[0], bounds[1]),
-                         test_fraction=test_fraction, seed=seed, progress=not quiet)
-    _print_summary("data synth", summary)
+    result = synthesize(out_dir or wd.root / "dicom", patients=patients, size=size, slices=(bounds[0], bounds[1]),
+                        test_fraction=test_fraction, seed=seed, progress=not quiet)
+    _echo(render.key_values("data synth", result))
 
 
 @data.command("prepare")
@@ -181,12 +183,12 @@ def data_prepare(wd, dicom_dir, test_dicom_dir, labels_csv, n_folds, seed, stric
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SkippedDicomWarning)
         try:
-            summary = prepare_data(wd, dicom_dir=dicom_dir, test_dicom_dir=test_dicom_dir, labels_csv=labels_csv,
-                                   n_folds=n_folds, seed=seed, strict=strict, workers=workers, progress=not quiet,
-                                   modalities=modalities, image_id=image_id)
+            result = prepare_data(wd, dicom_dir=dicom_dir, test_dicom_dir=test_dicom_dir, labels_csv=labels_csv,
+                                  n_folds=n_folds, seed=seed, strict=strict, workers=workers, progress=not quiet,
+                                  modalities=modalities, image_id=image_id)
         finally:  # the skipped files are often why a run fails: show them either way
             _show_warnings(caught, SkippedDicomWarning)
-    _print_summary("data prepare", summary)
+    _echo(render.key_values("data prepare", result))
 
 
 def _show_warnings(caught, plain_category) -> None:
@@ -243,11 +245,11 @@ def base_train(wd, name, arch, context, epochs, batch_size, lr, img_size, folds,
     """
     from base_models.train import train_base
 
-    summary = train_base(wd, name=name, arch=arch, context=context, epochs=epochs, batch_size=batch_size, lr=lr,
-                         img_size=img_size, folds=_int_list(folds), device=device, seed=seed, resume=resume,
-                         tta=tta, workers=workers, progress=not quiet, embeddings=embeddings, amp=amp,
-                         pretrained=pretrained, weights=weights, pseudo_labels=list(pseudo_labels))
-    _print_summary("base train", summary)
+    result = train_base(wd, name=name, arch=arch, context=context, epochs=epochs, batch_size=batch_size, lr=lr,
+                        img_size=img_size, folds=_int_list(folds), device=device, seed=seed, resume=resume,
+                        tta=tta, workers=workers, progress=not quiet, embeddings=embeddings, amp=amp,
+                        pretrained=pretrained, weights=weights, pseudo_labels=list(pseudo_labels))
+    _echo(render.train_lines(result, folds=quiet))
 
 
 @base.command("import")
@@ -280,10 +282,10 @@ def base_import(wd, name, oof_path, test_path, test_folds, logits, folds_from_da
     """
     from base_models.importer import import_predictions
 
-    summary = import_predictions(wd, name, oof_path=oof_path, test_path=test_path, logits=logits, force=force,
-                                 oof_embeddings=oof_embeddings, test_embeddings=list(test_embeddings),
-                                 test_folds=list(test_folds), folds_from_data=folds_from_data)
-    _print_summary("base import", summary)
+    result = import_predictions(wd, name, oof_path=oof_path, test_path=test_path, logits=logits, force=force,
+                                oof_embeddings=oof_embeddings, test_embeddings=list(test_embeddings),
+                                test_folds=list(test_folds), folds_from_data=folds_from_data)
+    _echo(render.import_lines(result))
 
 
 # --- stack -----------------------------------------------------------------------------------
@@ -306,8 +308,8 @@ def stack_features(wd, lags, dicom_meta, feature_set, quiet):
     """Build study-aware features from every model under preds/."""
     from features.api import run_stack_features
 
-    summary = run_stack_features(wd, lags=lags, dicom_meta=dicom_meta, progress=not quiet, feature_set=feature_set)
-    _print_summary("stack features", summary)
+    result = run_stack_features(wd, lags=lags, dicom_meta=dicom_meta, progress=not quiet, feature_set=feature_set)
+    _echo(render.features_lines(result))
 
 
 @stack.command("fit")
@@ -346,11 +348,11 @@ def stack_fit(wd, stackers, tune, trials, timeout, storage, study_name, heartbea
     """
     from stackkit.stack.fit import run_stack_fit
 
-    summary = run_stack_fit(wd, stackers=_str_list(stackers), tune=tune, trials=trials, timeout=timeout,
-                            storage=storage, study_name=study_name, blend_base_models=base_in_blend,
-                            per_label_weights=not shared_weights, any_consistency=not no_any_consistency,
-                            seed=seed, progress=not quiet, heartbeat_interval=heartbeat, device=device, use_embeddings=embeddings)
-    _print_summary("stack fit", summary)
+    result = run_stack_fit(wd, stackers=_str_list(stackers), tune=tune, trials=trials, timeout=timeout,
+                           storage=storage, study_name=study_name, blend_base_models=base_in_blend,
+                           per_label_weights=not shared_weights, any_consistency=not no_any_consistency,
+                           seed=seed, progress=not quiet, heartbeat_interval=heartbeat, device=device, use_embeddings=embeddings)
+    _echo(render.fit_lines(result))
 
 
 # --- submit, demo ----------------------------------------------------------------------------
@@ -372,9 +374,9 @@ def submit(wd, out, test_dicom_dir, sample_submission, allow_incomplete):
 
     if test_dicom_dir and sample_submission:
         raise click.UsageError("pass --test-dicom-dir or --sample-submission, not both")
-    summary = write_submission(wd, out, test_dicom_dir=test_dicom_dir, sample_submission=sample_submission,
-                               allow_incomplete=allow_incomplete)
-    _print_summary("submit", summary)
+    result = write_submission(wd, out, test_dicom_dir=test_dicom_dir, sample_submission=sample_submission,
+                              allow_incomplete=allow_incomplete)
+    _echo(render.submit_lines(result))
 
 
 @cli.command("demo")
@@ -393,24 +395,14 @@ def demo(wd, patients, trials, epochs, seed, fresh, quiet):
     """
     from stackkit.demo import run_demo
 
-    summary = run_demo(wd, patients=patients, trials=trials, epochs=epochs, seed=seed, fresh=fresh,
-                       progress=not quiet, on_step=None if quiet else lambda title: click.echo(f"== demo: {title}"))
-    _print_summary("demo", summary)
+    result = run_demo(wd, patients=patients, trials=trials, epochs=epochs, seed=seed, fresh=fresh,
+                      progress=not quiet, on_step=None if quiet else lambda title: click.echo(f"== demo: {title}"))
+    _echo(render.demo_lines(result))
 
 
-def _print_summary(step: str, summary) -> None:
-    if not isinstance(summary, dict):
-        return
-    table = summary.get("table")
-    if table:
-        click.echo(table)
-    lines = summary.get("lines") or []
+def _echo(lines: list[str]) -> None:
     for line in lines:
         click.echo(line)
-    if not table and not lines:
-        shown = {k: v for k, v in summary.items() if isinstance(v, (int, float, str)) and k != "table"}
-        if shown:
-            click.echo(f"{step}: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
 
 
 def main() -> None:

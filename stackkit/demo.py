@@ -15,9 +15,16 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from stackkit.contract import Workdir
 from stackkit.errors import StackkitError
+
+if TYPE_CHECKING:
+    from stackkit.holdout import HeldOutVerdict
+    from stackkit.stack.fit import StackFitResult
 
 DEMO_MARKER = ".stackkit-demo"
 # stackers the demo fits besides the default set: the ones that read the CNNs' embeddings
@@ -37,8 +44,19 @@ def _fresh_workdir(wd: Workdir) -> None:
     (root / DEMO_MARKER).write_text("made by `demo`; the demo may delete this folder\n")
 
 
+@dataclass(frozen=True)
+class DemoResult:
+    """What the demo did (stackkit/cli.py renders it): the fit, the files, each step's seconds and the held-out verdict."""
+
+    fit: StackFitResult
+    submission: Path
+    report: Path
+    timings: dict  # step title -> seconds
+    verdict: HeldOutVerdict
+
+
 def run_demo(wd: Workdir, *, patients: int = 40, trials: int = 8, seed: int = 0, fresh: bool = True,
-             progress: bool = True, epochs: int = 9, on_step=None) -> dict:
+             progress: bool = True, epochs: int = 9, on_step=None) -> DemoResult:
     """The pipeline's library calls in order; ``on_step(title)`` is called before each step (the CLI prints it)."""
     from base_models.train import train_base
     from features.api import run_stack_features
@@ -61,30 +79,20 @@ def run_demo(wd: Workdir, *, patients: int = 40, trials: int = 8, seed: int = 0,
         return result
 
     dicom_root = wd.root / "dicom"
-    synth_summary = step("synth", synthesize, dicom_root, patients=patients, seed=seed, progress=progress)
+    synthesized = step("synth", synthesize, dicom_root, patients=patients, seed=seed, progress=progress)
     # a tiny demo has fewer training patients than the usual 5 folds: one patient per fold at least
-    n_folds = max(2, min(5, synth_summary["train_patients"]))
+    n_folds = max(2, min(5, synthesized.train_patients))
     step("prepare", prepare_data, wd, dicom_dir=dicom_root / "stage_2_train", test_dicom_dir=dicom_root / "stage_2_test",
          labels_csv=dicom_root / "stage_2_train.csv", n_folds=n_folds, seed=seed, progress=progress)
-    trained = {}
     for name, context in (("cnn_plain", 0), ("cnn_ctx1", 1)):
-        trained[name] = step(f"base train {name}", train_base, wd, name=name, context=context, epochs=epochs,
-                             seed=seed, progress=progress, embeddings=True)
+        step(f"base train {name}", train_base, wd, name=name, context=context, epochs=epochs, seed=seed, progress=progress, embeddings=True)
     step("stack features", run_stack_features, wd, progress=progress)
     from stackkit.stack.stackers import DEFAULT_STACKERS
 
     stackers = list(dict.fromkeys([*DEFAULT_STACKERS, *DEMO_EMBEDDING_STACKERS]))
-    fit_summary = step("stack fit --tune", run_stack_fit, wd, stackers=stackers, tune=True, trials=trials, seed=seed,
-                       progress=progress)
-    submit_summary = step("submit", write_submission, wd)
+    fit = step("stack fit --tune", run_stack_fit, wd, stackers=stackers, tune=True, trials=trials, seed=seed, progress=progress)
+    submitted = step("submit", write_submission, wd)
     from stackkit.holdout import held_out_verdict
 
-    verdict = step("held-out score", held_out_verdict, wd, synth_summary["held_out_labels_csv"])
-
-    lines = [line for line in fit_summary.get("lines", []) if line.startswith(("blend", "the tuned blend"))]
-    lines += [f"{name:>18}: {seconds:7.1f} s" for name, seconds in timings.items()]
-    lines.append(f"{'total':>18}: {sum(timings.values()):7.1f} s")
-    lines.append(f"submission: {submit_summary.get('path', wd.submission)}")
-    lines.append(f"report: {wd.report_html}")
-    lines += ["", *verdict["table"].splitlines(), *verdict["lines"]]
-    return {"table": fit_summary.get("table", ""), "lines": lines, "timings": timings, "held_out": verdict["rows"]}
+    verdict = step("held-out score", held_out_verdict, wd, synthesized.held_out_labels_csv)
+    return DemoResult(fit=fit, submission=submitted.path, report=wd.report_html, timings=timings, verdict=verdict)

@@ -9,6 +9,7 @@ test predictions on them, beside their cross-validated (OOF) scores from ``stack
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,52 +38,65 @@ def score_on(frame: pd.DataFrame, truth: pd.DataFrame, what: str) -> Score:
     return weighted_log_loss(truth[list(LABELS)].to_numpy(), pred)
 
 
-def held_out_rows(wd: Workdir, truth: pd.DataFrame) -> list[dict]:
-    """Per source, {name, kind, cv, held_out}: the submission, the blend's sources (stackers), every base model."""
+@dataclass(frozen=True)
+class HeldOutRow:
+    """One source's weighted log loss on CV (its OOF rows) and on the held-out labels; ``kind`` is
+    submit, stacker, base or prior."""
+
+    name: str
+    kind: str
+    cv: float
+    held_out: float
+
+
+@dataclass(frozen=True)
+class HeldOutVerdict:
+    """The held-out scores (stackkit/cli.py renders them): the submission first, the stackers, every
+    base model and the prior; ``best_base`` is the base model best on CV, as a team without the
+    held-out labels would choose it."""
+
+    rows: tuple[HeldOutRow, ...]
+    images: int  # held-out test images scored
+    labels_file: str  # the held-out label file's name
+
+    @property
+    def submission(self) -> HeldOutRow:
+        return self.rows[0]
+
+    @property
+    def best_base(self) -> HeldOutRow:
+        return min((r for r in self.rows if r.kind == "base"), key=lambda r: r.cv)
+
+
+def held_out_rows(wd: Workdir, truth: pd.DataFrame) -> list[HeldOutRow]:
+    """Per source: the submission, the blend's sources (stackers), every base model, and the prior."""
     record = json.loads(wd.blend.read_text())
-    rows = [{"name": f"submission ({record['choice']['chosen']})", "kind": "submit", "cv": record["scores"]["cv"]["overall"],
-             "held_out": score_on(read_submission(wd.submission), truth, str(wd.submission)).overall}]
+    rows = [HeldOutRow(f"submission ({record['choice']['chosen']})", "submit", record["scores"]["cv"]["overall"],
+                       score_on(read_submission(wd.submission), truth, str(wd.submission)).overall)]
     base = {f"preds/{m}": (score["overall"], wd.test(m)) for m, score in record["base_oof_scores"].items()}
     sources = {s["name"]: (s["oof_score"]["overall"], wd.root / s["test"]) for s in record["sources"]
                if s["name"] not in base}
     for kind, entries in (("stacker", sources), ("base", base)):
         for name, (cv, test_path) in entries.items():
             held = score_on(pd.read_parquet(test_path), truth, str(test_path)).overall
-            rows.append({"name": name, "kind": kind, "cv": float(cv), "held_out": held})
+            rows.append(HeldOutRow(name, kind, float(cv), held))
     return rows + [_prior_row(wd, truth)]
 
 
-def _prior_row(wd: Workdir, truth: pd.DataFrame) -> dict:
+def _prior_row(wd: Workdir, truth: pd.DataFrame) -> HeldOutRow:
     """The floor: every image predicted at the training labels' rates (on CV: their own rates)."""
     y_train = pd.read_parquet(wd.labels)[list(LABELS)].to_numpy(np.float64)
     rates = np.broadcast_to(y_train.mean(axis=0), (len(truth), len(LABELS)))
-    return {"name": "prior (train label rates)", "kind": "prior", "cv": prior_score(y_train).overall,
-            "held_out": weighted_log_loss(truth[list(LABELS)].to_numpy(), rates).overall}
+    return HeldOutRow("prior (train label rates)", "prior", prior_score(y_train).overall,
+                      weighted_log_loss(truth[list(LABELS)].to_numpy(), rates).overall)
 
 
-def held_out_verdict(wd: Workdir, labels_csv) -> dict:
-    """{"rows", "table", "lines"}: the scores table and what the stack gained over the best base model
-    (chosen on CV, as a team without the held-out labels would) on the held-out labels and on CV."""
+def held_out_verdict(wd: Workdir, labels_csv) -> HeldOutVerdict:
+    """Every source scored on the held-out labels beside its CV score: what the stack gained over the
+    best base model there and on CV."""
     from stackkit.data.prepare import parse_label_csv
 
     truth = parse_label_csv(Path(labels_csv))
     if truth.empty:
         raise StackkitError(f"{labels_csv}: no held-out labels to score on")
-    rows = held_out_rows(wd, truth)
-    submission = rows[0]
-    best = min((r for r in rows if r["kind"] == "base"), key=lambda r: r["cv"])
-    width = max(len(r["name"]) for r in rows)
-    lines = [f"{'source':<{width}}  {'kind':<7}  {'CV (OOF)':>9}  {'held-out':>9}", "-" * (width + 31)]
-    lines += [f"{r['name']:<{width}}  {r['kind']:<7}  {r['cv']:>9.5f}  {r['held_out']:>9.5f}" for r in rows]
-    verdict = [
-        f"held-out: {len(truth)} test images whose labels no step saw ({Path(labels_csv).name}); weighted log loss, lower is better",
-        f"the stack vs the best base model ({best['name']}, best on CV): {_gain(submission['held_out'], best['held_out'])} "
-        f"on the held-out labels ({submission['held_out']:.5f} against {best['held_out']:.5f}), "
-        f"{_gain(submission['cv'], best['cv'])} on CV ({submission['cv']:.5f} against {best['cv']:.5f})",
-    ]
-    return {"rows": rows, "table": "\n".join(lines), "lines": verdict}
-
-
-def _gain(stack: float, base: float) -> str:
-    change = 1.0 - stack / base
-    return f"{change:.1%} lower" if change >= 0 else f"{-change:.1%} higher (worse)"
+    return HeldOutVerdict(tuple(held_out_rows(wd, truth)), len(truth), Path(labels_csv).name)

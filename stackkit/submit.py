@@ -9,6 +9,7 @@ Everything is checked before anything is written; the file is replaced atomicall
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -235,8 +236,18 @@ def check_coverage(workdir: Workdir, image_ids, *, test_dicom_dir=None, sample_s
         )
 
 
+@dataclass(frozen=True)
+class SubmitResult:
+    """What one `submit` wrote (stackkit/cli.py renders it)."""
+
+    path: Path
+    images: int  # test images
+    rows: int  # ID,Label rows: six per image
+    sources: tuple[str, ...]  # the blend's sources
+
+
 def write_submission(workdir: Workdir, out: str | None = None, *, test_dicom_dir=None, sample_submission=None,
-                     allow_incomplete: bool = False) -> dict:
+                     allow_incomplete: bool = False) -> SubmitResult:
     """Write the Kaggle submission (default ``WORKDIR/submission.csv``; ``.gz`` -> gzip). Atomic; refuses bad input before writing.
 
     A submission short of the real test set is refused (see :func:`check_coverage`)."""
@@ -262,13 +273,7 @@ def write_submission(workdir: Workdir, out: str | None = None, *, test_dicom_dir
         tmp.write_bytes(data)
         # checked before the rename: a file that fails the format never replaces a good one
         validate_submission(tmp, wide["image_id"], compressed=compressed)
-    return {
-        "path": str(target),
-        "images": int(len(wide)),
-        "rows": int(len(long)),
-        "sources": [s["name"] for s in record["sources"]],
-        "lines": [f"submission: {target} ({len(wide)} test images, {len(long)} rows; blend of {', '.join(s['name'] for s in record['sources'])})"],
-    }
+    return SubmitResult(path=target, images=int(len(wide)), rows=int(len(long)), sources=tuple(s["name"] for s in record["sources"]))
 
 
 def validate_submission(path, test_image_ids, *, compressed: bool | None = None) -> None:

@@ -30,13 +30,11 @@ EXEMPT_FUNCTION_MODULES = ("stackkit/cli.py",)  # click commands: one parameter 
 # Known, explained exceptions still to fix (issue 22 follow-ups): each entry fails the test when
 # it no longer applies, so the list can only shrink.
 _LATER = "not done in the module-split part of issue 22 (time): split it, or an options dataclass"
-_OTHERS = "in a module another issue is changing now (synthetic data, demo): fixed there"
 _RECORDS = "builds a record or a summary that issue 22's typed records / typed results part replaces"
 KNOWN_LONG_MODULES: dict[str, str] = {}
 KNOWN_LONG_FUNCTIONS: dict[str, str] = {
     "base_models/importer.py:import_predictions": _RECORDS,
     "stackkit/data/dicom.py:_parse_fast": _LATER + " (the fast header parser's one loop over elements)",
-    "stackkit/data/synth.py:synthesize": _OTHERS,
     "stackkit/stack/tune.py:tune_stacker": _LATER,
     "stackkit/testing/latent.py:make_studies": _LATER,
     "stackkit/testing/exported.py:write_exported_benchmark": _LATER,
@@ -44,9 +42,7 @@ KNOWN_LONG_FUNCTIONS: dict[str, str] = {
 KNOWN_MANY_PARAMETERS: dict[str, str] = {
     "base_models/importer.py:import_predictions": _RECORDS,
     "features/api.py:_features_manifest": _RECORDS,
-    "features/api.py:_features_summary": _RECORDS,
     "stackkit/stack/crossfit.py:fit_stacker": _LATER,
-    "stackkit/stack/fit.py:run_stack_fit": _RECORDS,
     "stackkit/stack/fit.py:_blend_record": _RECORDS,
     "stackkit/stack/tune.py:tune_stacker": _LATER,
 }

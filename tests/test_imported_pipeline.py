@@ -75,7 +75,7 @@ def test_stacking_imported_predictions_on_unusual_studies(unusual_workdir, tmp_p
     blend = read_json(wd.blend)
     base_scores = [score["overall"] for score in blend["base_oof_scores"].values()]
     assert sorted(blend["base_oof_scores"]) == ["cnn_a", "cnn_b"]
-    assert summary["scores"]["cv"]["overall"] < min(base_scores)
+    assert summary.cv.overall < min(base_scores)
     stack_oof = pd.read_parquet(wd.stack_dir("lgbm") / "oof.parquet")
     assert sorted(stack_oof["image_id"]) == sorted(folds["image_id"])
 

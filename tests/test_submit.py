@@ -46,7 +46,7 @@ def test_submission_matches_the_kaggle_format_and_the_blend(wd):
     validate_submission(wd.submission, test_ids)
     sub = read_submission(wd.submission)
     assert list(sub.columns) == ["ID", "Label"]
-    assert len(sub) == 6 * len(test_ids) == summary["rows"]
+    assert len(sub) == 6 * len(test_ids) == summary.rows
     # ID_<image>_<label>, six consecutive rows per image, labels in contract order
     image = sub["ID"].str.rsplit("_", n=1).str[0]
     label = sub["ID"].str.rsplit("_", n=1).str[1]
@@ -77,8 +77,8 @@ def test_csv_gz_is_gzip_with_the_same_rows(wd, tmp_path):
     raw = (tmp_path / "sub.csv.gz").read_bytes()
     assert raw[:2] == b"\x1f\x8b"
     assert gzip.decompress(raw) == (tmp_path / "sub.csv").read_bytes()
-    validate_submission(packed["path"], _test_ids(wd))
-    assert plain["rows"] == packed["rows"]
+    validate_submission(packed.path, _test_ids(wd))
+    assert plain.rows == packed.rows
     # deterministic bytes (no timestamp in the gzip header)
     write_submission(wd, str(tmp_path / "again.csv.gz"))
     assert (tmp_path / "again.csv.gz").read_bytes() == raw

@@ -206,13 +206,32 @@ class PrepareOptions:
     image_id: str = "sop"
 
 
-def prepare_data(workdir: Workdir, options: PrepareOptions | None = None, **fields) -> dict:
+@dataclass(frozen=True)
+class PrepareResult:
+    """What one `data prepare` wrote (stackkit/cli.py renders it)."""
+
+    metadata: Path
+    labels: Path
+    folds: Path
+    train_images: int
+    test_images: int
+    patients: int
+    studies: int
+    n_folds: int
+    fold_images: list  # per fold: its labeled images
+    fold_any_rate: list  # per fold: the share of them with any hemorrhage
+    prevalence: dict  # label -> share of positive labeled images
+    dropped_labels: int  # label rows without a readable image
+    skipped: list  # (file, reason) of every DICOM file skipped
+
+
+def prepare_data(workdir: Workdir, options: PrepareOptions | None = None, **fields) -> PrepareResult:
     """Scan both DICOM folders, parse the labels, make folds, validate, then write data/ as one set.
 
     Unreadable or refused DICOM files (``stackkit.data.decoding``: a Modality not in
     ``modalities``, default CT; multi-frame; colour; truncated; no decoder) are skipped with a
     :class:`SkippedDicomWarning` per file, emitted as soon as the scan ends (before any later
-    check can fail), and listed under ``summary["skipped"]``; with ``strict=True`` the first one
+    check can fail), and listed in the result's ``skipped``; with ``strict=True`` the first one
     is an error. ``image_id``: ``sop`` or ``filename`` (``IMAGE_ID_RULES``). Nothing is written
     unless every check passes. The keywords are :class:`PrepareOptions`' fields: pass them, or
     ``options`` (then ``fields`` override it).
@@ -386,21 +405,14 @@ def _why_not_found(image: str, metadata: pd.DataFrame, skipped, dicom_dir, image
     return f"no readable file has that {rule} and there is no {named}{more}"
 
 
-def _prepare_summary(workdir: Workdir, metadata, labels, folds, n_folds: int, skipped, *, dropped_labels: int) -> dict:
+def _prepare_summary(workdir: Workdir, metadata, labels, folds, n_folds: int, skipped, *, dropped_labels: int) -> PrepareResult:
     fold_studies = folds.merge(metadata[["image_id", "study_id"]], on="image_id").merge(labels[["image_id", "any"]], on="image_id")
     per_fold = fold_studies.groupby("fold").agg(images=("image_id", "size"), any_rate=("any", "mean"))
-    return {
-        "metadata": str(workdir.metadata),
-        "labels": str(workdir.labels),
-        "folds": str(workdir.folds),
-        "train_images": int((metadata["split"] == "train").sum()),
-        "test_images": int((metadata["split"] == "test").sum()),
-        "patients": int(metadata["patient_id"].nunique()),
-        "studies": int(metadata["study_id"].nunique()),
-        "n_folds": int(n_folds),
-        "fold_images": per_fold["images"].astype(int).tolist(),
-        "fold_any_rate": [round(float(v), 4) for v in per_fold["any_rate"]],
-        "prevalence": {label: round(float(labels[label].mean()), 4) for label in LABELS},
-        "dropped_labels": int(dropped_labels),
-        "skipped": [(path, reason) for path, reason in skipped],
-    }
+    return PrepareResult(
+        metadata=workdir.metadata, labels=workdir.labels, folds=workdir.folds,
+        train_images=int((metadata["split"] == "train").sum()), test_images=int((metadata["split"] == "test").sum()),
+        patients=int(metadata["patient_id"].nunique()), studies=int(metadata["study_id"].nunique()), n_folds=int(n_folds),
+        fold_images=per_fold["images"].astype(int).tolist(), fold_any_rate=[round(float(v), 4) for v in per_fold["any_rate"]],
+        prevalence={label: round(float(labels[label].mean()), 4) for label in LABELS}, dropped_labels=int(dropped_labels),
+        skipped=[(path, reason) for path, reason in skipped],
+    )

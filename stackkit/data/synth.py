@@ -325,6 +325,23 @@ def _study_positions(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.n
     return ascending, u
 
 
+@dataclass(frozen=True)
+class SynthResult:
+    """What one `data synth` wrote (stackkit/cli.py renders it)."""
+
+    out_dir: Path
+    patients: int
+    train_patients: int
+    test_patients: int
+    studies: int
+    train_images: int
+    test_images: int
+    labels_csv: Path  # stage_2_train.csv
+    held_out_labels_csv: Path  # the test split's labels, which no step reads
+    prevalence: dict  # label -> share of positive training images
+    digest: str  # of the training labels: equal for equal datasets
+
+
 def synthesize(
     out_dir,
     *,
@@ -334,8 +351,8 @@ def synthesize(
     test_fraction: float = 0.25,
     seed: int = 0,
     progress: bool = True,
-) -> dict:
-    """Write a synthetic RSNA 2019 style dataset under ``out_dir``; return a summary dict.
+) -> SynthResult:
+    """Write a synthetic RSNA 2019 style dataset under ``out_dir``; return what it wrote.
 
     Deterministic: the same arguments give byte-identical files. Train/test split by patient.
     Refuses a folder whose stage_2_train/ or stage_2_test/ already holds .dcm files (a mix of
@@ -376,19 +393,10 @@ def synthesize(
     _write_long_labels(out_dir / HELD_OUT_CSV, label_ids["test"], label_rows["test"])
 
     prevalence = {label: round(float(label_matrix[:, i].mean()), 4) if len(label_matrix) else 0.0 for i, label in enumerate(LABELS)}
-    return {
-        "out_dir": str(out_dir),
-        "patients": patients,
-        "train_patients": patients - n_test,
-        "test_patients": n_test,
-        "studies": len(plan),
-        "train_images": counts["train"],
-        "test_images": counts["test"],
-        "labels_csv": str(out_dir / TRAIN_CSV),
-        "held_out_labels_csv": str(out_dir / HELD_OUT_CSV),
-        "prevalence": prevalence,
-        "digest": _dataset_digest(label_ids["train"], label_matrix),
-    }
+    return SynthResult(out_dir=out_dir, patients=patients, train_patients=patients - n_test, test_patients=n_test, studies=len(plan),
+                       train_images=counts["train"], test_images=counts["test"], labels_csv=out_dir / TRAIN_CSV,
+                       held_out_labels_csv=out_dir / HELD_OUT_CSV, prevalence=prevalence,
+                       digest=_dataset_digest(label_ids["train"], label_matrix))
 
 
 def _write_long_labels(path: Path, image_ids: list[str], rows: list[np.ndarray]) -> np.ndarray:

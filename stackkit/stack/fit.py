@@ -29,16 +29,22 @@ each set and averages, so neither level meets test rows smoother than the OOF ro
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from stackkit.contract import CONTRACT_VERSION, LABELS, SEED_RANGE, Workdir, file_sha256, folds_hash
 from stackkit.contract.io import check_set_target, replace_dir, write_json
 from stackkit.errors import StackkitError
-from stackkit.metric import weighted_log_loss
+from stackkit.metric import Score, weighted_log_loss
+
+if TYPE_CHECKING:
+    from stackkit.stack.report import ScoreRow
+    from stackkit.stack.tune import StudyInfo
 
 DEFAULT_STUDY = "stackkit"
 DEVICES = ("auto", "cpu", "cuda")
@@ -65,41 +71,91 @@ class Sources:
     image_ids: np.ndarray  # (n,) data/folds.parquet order
 
 
-def run_stack_fit(
-    workdir: Workdir,
-    *,
-    stackers: list[str] | None = None,
-    tune: bool = False,
-    trials: int = 20,
-    timeout: float | None = None,
-    storage: str | None = None,
-    study_name: str | None = None,
-    blend_base_models: bool = False,
-    per_label_weights: bool = True,
-    any_consistency: bool = True,
-    seed: int = 0,
-    progress: bool = True,
-    heartbeat_interval: int | None = None,
-    device: str = "auto",
-    use_embeddings: bool = True,
-) -> dict:
-    """Fit the stackers, choose the blend, write stack/ + blend.json + report.html; returns a summary
-    (``table``, ``lines``, paths, scores, studies)."""
+@dataclass(frozen=True)
+class StackFitOptions:
+    """`stack fit`'s options (the CLI's flags); ``stackers=None`` is the registry's default set."""
+
+    stackers: list[str] | None = None
+    tune: bool = False
+    trials: int = 20
+    timeout: float | None = None
+    storage: str | None = None
+    study_name: str | None = None
+    blend_base_models: bool = False
+    per_label_weights: bool = True
+    any_consistency: bool = True
+    seed: int = 0
+    progress: bool = True
+    heartbeat_interval: int | None = None
+    device: str = "auto"
+    use_embeddings: bool = True
+
+
+@dataclass(frozen=True)
+class TunedScores:
+    """A tuned stacker's numbers: its refitted recipe on the outer fold (honest) beside the defaults
+    there, and the selected trial's inner CV (optimistic: it was chosen on it)."""
+
+    name: str
+    honest: float
+    outer_fold: int
+    defaults_outer: float
+    selected_trial: int | None
+    selected: float
+    trials_run: int
+    trials_total: int
+
+
+@dataclass(frozen=True)
+class StackFitResult:
+    """What one `stack fit` did (stackkit/cli.py renders it): the blend kept and its scores beside
+    every source's, the table's rows, tuning, and the files written."""
+
+    chosen: str
+    cv: Score
+    in_sample: Score
+    best_source: str  # the single source (stacker or base model) lowest on CV
+    best_source_cv: float
+    sources: tuple[str, ...]
+    source_scores: dict[str, Score]  # each source's OOF score
+    base_oof_scores: dict[str, Score]  # every base model's OOF score, blended or not
+    weights: tuple[tuple[str, float], ...]  # (source, mean weight over labels), largest first
+    score_rows: tuple[ScoreRow, ...]  # the terminal table: base models, stackers, the blend in-sample and on CV
+    tuned: tuple[TunedScores, ...]
+    studies: dict[str, StudyInfo]  # per stacker and "blend": the Optuna study (with --tune)
+    storage: str | None  # the Optuna storage, password hidden; None without --tune
+    budget_s: float | None
+    test_sets: int  # how submit meets the test set: 1, or one per base fold model
+    models_without_test_folds: tuple[str, ...]
+    stackers_kept: tuple[str, ...]  # stack/<name>/ of an earlier run carried over, not in this blend
+    blend: Path
+    report: Path
+    stack_dirs: dict[str, Path]
+    seconds: float
+
+
+def run_stack_fit(workdir: Workdir, options: StackFitOptions | None = None, **fields) -> StackFitResult:
+    """Fit the stackers, choose the blend, write stack/ + blend.json + report.html.
+
+    The keywords are :class:`StackFitOptions`' fields: pass them, or ``options`` (then ``fields`` override it)."""
     from stackkit.contract.validate import load_core
     from stackkit.stack.storage import make_storage
 
     started = time.perf_counter()
     wd = Workdir.of(workdir)
+    o = StackFitOptions(**fields) if options is None else dataclasses.replace(options, **fields)
+    stackers, tune, trials, timeout, storage, seed, progress = o.stackers, o.tune, o.trials, o.timeout, o.storage, o.seed, o.progress
+    per_label_weights, device = o.per_label_weights, o.device
     names = _check_options(stackers, trials=trials, timeout=timeout, seed=seed, device=device)
     core = load_core(wd)
-    base_models = wd.model_names() if blend_base_models else []
+    base_models = wd.model_names() if o.blend_base_models else []
     if not names and not base_models:
         raise StackkitError("nothing to blend: no stackers given and no base models in the blend; pass --stackers lgbm,mlp (or --base-in-blend with models under preds/)")
     resolved_device = resolve_device(device, names)
-    storage_obj = make_storage(storage, wd, heartbeat_interval=heartbeat_interval) if tune else None
+    storage_obj = make_storage(storage, wd, heartbeat_interval=o.heartbeat_interval) if tune else None
     budget = timeout if timeout is not None else (DEFAULT_TUNE_BUDGET_S if tune else None)
     deadline = None if budget is None else time.monotonic() + float(budget)
-    search = _Search(tune, trials, deadline, storage_obj, study_name or DEFAULT_STUDY, seed, progress)
+    search = _Search(tune, trials, deadline, storage_obj, o.study_name or DEFAULT_STUDY, seed, progress)
     kept = kept_stackers(wd, names)
     # stack/ is one set: every stacker's folder, blend.json and report.html are built in a sibling folder
     # and switched in together, so an interrupted fit (Ctrl-C, a crash) leaves the previous stack/ as it
@@ -108,9 +164,9 @@ def run_stack_fit(
         swd = wd.staged_stack(staged)
         fitted, studies = {}, {}
         if names:
-            fitted, studies = _fit_stackers(swd, core, names, search, device=resolved_device, use_embeddings=use_embeddings)
+            fitted, studies = _fit_stackers(swd, core, names, search, device=resolved_device, use_embeddings=o.use_embeddings)
         sources = _collect_sources(swd, core, fitted, base_models)
-        choice, blend_info = _choose_blend(sources, search, per_label=per_label_weights, any_consistency=any_consistency)
+        choice, blend_info = _choose_blend(sources, search, per_label=per_label_weights, any_consistency=o.any_consistency)
         if blend_info is not None:
             studies["blend"] = blend_info
         record = _blend_record(swd, sources, choice, fitted, studies, tune=tune, seed=seed, storage=storage,
@@ -120,8 +176,8 @@ def run_stack_fit(
         write_json(record, swd.blend)
         from stackkit.stack.report import stack_fit_report
 
-        table = stack_fit_report(swd, record, sources, choice, fitted, studies)
-    return _summary(wd, record, table, sources, choice, fitted, studies, time.perf_counter() - started)
+        rows = stack_fit_report(swd, record, sources, choice, fitted, studies)
+    return _result(wd, record, rows, sources, choice, fitted, studies, time.perf_counter() - started)
 
 
 def kept_stackers(wd: Workdir, names: list[str]) -> list[str]:
@@ -363,44 +419,23 @@ def test_sets_record(wd: Workdir, sources: Sources) -> dict:
             "models_without_test_folds": [m for m in wd.model_names() if not wd.test_fold_files(m)]}
 
 
-def _summary(wd, record, table, sources: Sources, choice, fitted, studies, seconds) -> dict:
-    cv, in_sample = choice.cv, choice.in_sample
-    best_source = min((c for c in choice.candidates if c.kind == "source"), key=lambda c: c.cv.overall)
-    lines = [f"blend: {choice.chosen.name}: cross-validated {cv.overall:.5f} (in-sample {in_sample.overall:.5f}); "
-             f"best single source {best_source.name} {best_source.cv.overall:.5f}"]
-    if record["base_oof_scores"]:
-        best_model, best_score = min(record["base_oof_scores"].items(), key=lambda item: item[1]["overall"])
-        lines.append(f"blend-cv is {1.0 - cv.overall / best_score['overall']:.1%} below the best base model "
-                     f"(preds/{best_model}: {best_score['overall']:.5f})")
-    weights = ", ".join(f"{w['name']} {w['mean_weight']:.2f}" for w in record["choice"]["weights_summary"] if w["mean_weight"] >= 0.005)
-    lines.append(f"weights (mean over labels): {weights}")
-    for name, (_result, tuned) in fitted.items():
-        if tuned is not None:
-            lines.append(f"tuned {name}: honest {tuned.honest.overall:.5f} on outer fold {tuned.outer_fold} (defaults "
-                         f"{tuned.defaults_outer.overall:.5f}); selected trial {tuned.info.best_trial}: inner CV {tuned.selected_score.overall:.5f} "
-                         f"(optimistic); {tuned.info.trials_run} trials now, {tuned.info.trials_total} in study")
-    if record["optuna"]:
-        lines.append(f"optuna storage: {record['optuna']['storage']}; time budget {record['optuna']['budget_s']:.0f} s (--timeout)")
-    from stackkit.stack.report import test_sets_note
-
-    lines.append(test_sets_note(record))
-    if record["stackers_kept"]:
-        lines.append("kept unchanged from an earlier run (not in this blend): "
-                     + ", ".join(f"stack/{name}" for name in record["stackers_kept"]))
-    lines.append(f"wrote {wd.blend} and {wd.report_html} in {seconds:.1f} s")
-    return {
-        "table": table,
-        "lines": lines,
-        "blend": str(wd.blend),
-        "report": str(wd.report_html),
-        "stack_dirs": {n: str(wd.stack_dir(n)) for n in fitted},
-        "sources": sources.names,
-        "chosen": choice.chosen.name,
-        "scores": {"in_sample": in_sample.as_dict(), "cv": cv.as_dict(),
-                   "sources": {n: weighted_log_loss(sources.y, sources.preds[s]).as_dict() for s, n in enumerate(sources.names)}},
-        "studies": {n: info.as_dict() for n, info in studies.items()},
-        "seconds": seconds,
-    }
+def _result(wd, record, rows, sources: Sources, choice, fitted, studies, seconds) -> StackFitResult:
+    best = min((c for c in choice.candidates if c.kind == "source"), key=lambda c: c.cv.overall)
+    tuned = tuple(TunedScores(name, t.honest.overall, t.outer_fold, t.defaults_outer.overall, t.info.best_trial, t.selected_score.overall,
+                              t.info.trials_run, t.info.trials_total)
+                  for name, (_result, t) in fitted.items() if t is not None)
+    optuna = record["optuna"] or {}
+    return StackFitResult(
+        chosen=choice.chosen.name, cv=choice.cv, in_sample=choice.in_sample, best_source=best.name, best_source_cv=best.cv.overall,
+        sources=tuple(sources.names),
+        source_scores={n: weighted_log_loss(sources.y, sources.preds[s]) for s, n in enumerate(sources.names)},
+        base_oof_scores={m: Score(**score) for m, score in record["base_oof_scores"].items()},
+        weights=tuple((w["name"], w["mean_weight"]) for w in record["choice"]["weights_summary"]),
+        score_rows=tuple(rows), tuned=tuned, studies=dict(studies), storage=optuna.get("storage"), budget_s=optuna.get("budget_s"),
+        test_sets=record["test_sets"], models_without_test_folds=tuple(record["models_without_test_folds"]),
+        stackers_kept=tuple(record["stackers_kept"]), blend=wd.blend, report=wd.report_html,
+        stack_dirs={n: wd.stack_dir(n) for n in fitted}, seconds=seconds,
+    )
 
 
 def _relative(path: Path, wd: Workdir) -> str:

@@ -1,9 +1,10 @@
-"""The `stack fit` report: a text table for the terminal and stack/report.html with inline plots.
+"""The `stack fit` report: stack/report.html with inline plots, and the score rows of the terminal table.
 
-``render_table`` prints one row per base model, stacker and blend (in-sample and
-cross-validated), the overall weighted log loss and each label's log loss. The HTML report
-embeds its PNG plots as base64 (one self-contained file); matplotlib is imported only when the
-report is written, and draws on the Agg canvas directly (no pyplot, no global backend switch).
+``score_rows`` gives one row per base model, stacker and blend (in-sample and cross-validated):
+the overall weighted log loss and each label's log loss (stackkit/render.py prints them as the
+terminal table). The HTML report embeds its PNG plots as base64 (one self-contained file);
+matplotlib is imported only when the report is written, and draws on the Agg canvas directly
+(no pyplot, no global backend switch).
 """
 
 from __future__ import annotations
@@ -38,29 +39,6 @@ class ScoreRow:
         if hasattr(score, "overall"):
             return cls(name, kind, float(score.overall), dict(score.per_label))
         return cls(name, kind, float(score["overall"]), dict(score["per_label"]))
-
-
-def render_table(rows) -> str:
-    """Fixed-width table of weighted log loss (lower is better): overall and per label; best overall marked with *."""
-    rows = [r if isinstance(r, ScoreRow) else ScoreRow.from_score(r["name"], r["kind"], r) for r in rows]
-    if not rows:
-        return ""
-    short = {"epidural": "epidural", "intraparenchymal": "intraparench", "intraventricular": "intraventric",
-             "subarachnoid": "subarachnoid", "subdural": "subdural", "any": "any"}
-    name_width = max(12, *(len(r.name) for r in rows))
-    header = f"{'source':<{name_width}}  {'kind':<8}  {'overall':>8}  " + "  ".join(f"{short[l]:>12}" for l in LABELS)
-    lines = [header, "-" * len(header)]
-    # the marker goes to the best honest number: in-sample blend scores and a tuned trial's own score flatter themselves
-    honest = [r for r in rows if r.kind not in ("blend", "selected")]
-    best = min(honest or rows, key=lambda r: r.overall)
-    for r in rows:
-        mark = "*" if r is best else " "
-        lines.append(
-            f"{r.name:<{name_width}}  {r.kind:<8}  {r.overall:>8.5f}{mark} "
-            + "  ".join(f"{r.per_label.get(l, float('nan')):>12.5f}" for l in LABELS)
-        )
-    lines.append("weighted log loss (any counts twice); * = best out-of-fold score; 'blend' is in-sample, 'blend-cv' is refitted per fold")
-    return "\n".join(lines)
 
 
 # --- plots ------------------------------------------------------------------------------------------
@@ -221,8 +199,8 @@ def score_rows(record: dict, fitted: dict) -> list[ScoreRow]:
     return rows
 
 
-def stack_fit_report(workdir: Workdir, record: dict, sources, choice, fitted: dict, studies: dict) -> str:
-    """stack/report.html for one `stack fit` (tables, weights, per-fold scores, calibration, tuning); returns the terminal table."""
+def stack_fit_report(workdir: Workdir, record: dict, sources, choice, fitted: dict, studies: dict) -> list[ScoreRow]:
+    """stack/report.html for one `stack fit` (tables, weights, per-fold scores, calibration, tuning); returns the terminal table's rows."""
     rows = score_rows(record, fitted)
     chosen = choice.chosen
     candidates = pd.DataFrame([{"candidate": c.name, "kind": c.kind, "cross-validated": c.cv.overall,
@@ -236,7 +214,7 @@ def stack_fit_report(workdir: Workdir, record: dict, sources, choice, fitted: di
         f"<p>Kept for submission: <b>{html.escape(chosen.name)}</b>: {html.escape(choice.reason)}. "
         f"Cross-validated {choice.cv.overall:.5f}, in-sample {choice.in_sample.overall:.5f} (in-sample flatters a fitted blend). "
         f"Clip {record['clip']:.3g}; any &ge; max(subtypes): {record['any_consistency']}.</p>",
-        f"<p>{html.escape(test_sets_note(record))}</p>",
+        f"<p>{html.escape(test_sets_note(record['test_sets'], record['models_without_test_folds']))}</p>",
         "<h2>Scores (weighted log loss, lower is better)</h2>",
         html_table(_score_frame(rows)),
         "<p>base and stacker rows are out-of-fold; a tuned stacker's row is the OOF of its one refitted recipe (all folds but the outer "
@@ -261,14 +239,14 @@ def stack_fit_report(workdir: Workdir, record: dict, sources, choice, fitted: di
         if info.history:
             sections += [f"<h2>Optuna: {html.escape(info.name)} (trials of the current inputs)</h2>", _img(plot_history(info.name, info.history), info.name)]
     _write_page(workdir, sections)
-    return render_table(rows)
+    return rows
 
 
-def test_sets_note(record: dict) -> str:
-    """How submit meets the test set (contract v3), and which base models had no per-fold test files."""
-    without = record.get("models_without_test_folds", [])
-    if record.get("test_sets", 1) > 1:
-        note = (f"Test set: the blend is applied to each of the {record['test_sets']} base fold models' test sets, then averaged, "
+def test_sets_note(test_sets: int, without) -> str:
+    """How submit meets the test set (contract v3): ``test_sets`` (blend.json's), and ``without``: the base
+    models with no per-fold test files."""
+    if test_sets > 1:
+        note = (f"Test set: the blend is applied to each of the {test_sets} base fold models' test sets, then averaged, "
                 "so it meets single-model predictions as in its out-of-fold fit.")
         return note + (f" Without per-fold test files (their averaged test.parquet enters every set): {', '.join(without)}." if without else "")
     return ("Test set: no base model has per-fold test files (preds/<model>/test_fold<k>.parquet), so the test features and the blend "

@@ -11,11 +11,11 @@ import numpy as np
 
 from stackkit.contract import Workdir
 
-from stackkit.data.synth import synthesize
+from stackkit.data.synth import SynthResult, synthesize
 from stackkit.data.dicom import quiet_rsna_ids
 
 
-def small_dicom_dataset(out: Path, *, patients: int = 8, seed: int = 0) -> dict:
+def small_dicom_dataset(out: Path, *, patients: int = 8, seed: int = 0) -> SynthResult:
     return synthesize(out, patients=patients, size=16, slices=(4, 7), test_fraction=0.25, seed=seed, progress=False)
 
 

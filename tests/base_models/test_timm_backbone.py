@@ -182,10 +182,10 @@ def test_timm_model_with_weights_file_trains_resumes_and_writes_the_contract_fil
     wd = fresh_workdir(small_dataset, tmp_path / "w")
     options = dict(name="r18", arch="timm:resnet18", weights=str(r18_weights), context=1, **SMALL)
     partial = train_base(wd, folds=[0], **options)
-    assert partial["complete"] is False and not wd.oof("r18").exists()
+    assert partial.complete is False and not wd.oof("r18").exists()
     fold0 = (wd.preds_dir("r18") / "_work" / "fold0.json").read_bytes()
     summary = train_base(wd, resume=True, **options)
-    assert summary["complete"] is True
+    assert summary.complete is True
     assert (wd.preds_dir("r18") / "_work" / "fold0.json").read_bytes() == fold0  # fold 0 kept, not retrained
 
     metadata, _, folds = load_core(Workdir.of(wd.root))
@@ -229,7 +229,7 @@ def test_pseudo_labelled_images_train_their_fold_model_only_and_never_reach_the_
     wd = fresh_workdir(small_dataset, tmp_path / "w")
     paths = _pseudo_files(wd, tmp_path)
     summary = train_base(wd, name="pl", arch="resnet_tiny", pseudo_labels=[str(p) for p in paths], **SMALL)
-    assert summary["complete"]
+    assert summary.complete
     _, _, folds = load_core(wd)
     oof = read_oof(wd.oof("pl"), folds)
     pseudo_ids = set().union(*(set(pd.read_parquet(p)["image_id"]) for p in paths))

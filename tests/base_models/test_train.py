@@ -15,6 +15,7 @@ import pytest
 
 from stackkit.contract import LABELS, Workdir, folds_hash
 from stackkit.errors import StackkitError
+from stackkit.render import train_lines
 from stackkit.contract.validate import load_core, read_oof, read_test
 
 from stackkit.testing.contract import rewrite_data_file
@@ -376,7 +377,7 @@ def test_oof_and_test_cover_every_image_once_with_its_fold(trained):
     merged = oof.merge(folds, on="image_id", suffixes=("", "_expected"))
     assert (merged["fold"] == merged["fold_expected"]).all()
     assert sorted(test["image_id"]) == sorted(metadata.loc[metadata["split"] == "test", "image_id"])
-    assert summary["complete"] and set(summary["folds"]) == set(range(SMALL_FOLDS))
+    assert summary.complete and set(summary.folds) == set(range(SMALL_FOLDS))
 
 
 def test_model_json_records_provenance(trained):
@@ -387,7 +388,7 @@ def test_model_json_records_provenance(trained):
     assert info["folds_hash"] == folds_hash(folds["image_id"], folds["fold"])
     assert info["parameters"]["context"] == 0 and info["parameters"]["in_channels"] == 3
     assert set(info["oof_per_label"]) == set(LABELS)
-    assert info["oof_logloss"] == pytest.approx(summary["oof_logloss"])
+    assert info["oof_logloss"] == pytest.approx(summary.oof_logloss)
     for key in ("prior_logloss", "train_seconds", "train_images_per_second", "created", "torch_version", "device"):
         assert key in info
     for rel in info["checkpoints"].values():
@@ -417,7 +418,7 @@ def test_embeddings_come_from_the_fold_model_that_did_not_train_on_the_image(tra
         np.testing.assert_allclose(head(emb.oof[rows]), oof[list(LABELS)].to_numpy()[rows], atol=2e-3)
         test_probs.append(head(emb.test[k]))
     np.testing.assert_allclose(np.mean(test_probs, axis=0), test[list(LABELS)].to_numpy(), atol=2e-3)
-    assert any("embeddings: dimension 96" in line for line in summary["lines"])
+    assert any("embeddings: dimension 96" in line for line in train_lines(summary, folds=True))
 
 
 def test_test_fold_files_are_the_fold_models_test_predictions_and_average_to_test(trained):
@@ -451,13 +452,13 @@ def test_truncated_slice_is_reported_and_still_predicted(trained, small_dataset)
     victim = (small_dataset.root / "truncated.txt").read_text()
     info = json.loads(wd.model_json("plain").read_text())
     assert list(info["undecodable_images"]) == [victim]
-    assert any(victim in line and "blank image" in line for line in summary["lines"])
+    assert any(victim in line and "blank image" in line for line in train_lines(summary, folds=True))
     assert victim in set(pd.read_parquet(wd.oof("plain"))["image_id"])
 
 
 def test_trained_model_beats_the_prior(trained):
     _, summary = trained
-    assert summary["oof_logloss"] <= 0.85 * summary["prior_logloss"], summary["lines"]
+    assert summary.oof_logloss <= 0.85 * summary.prior_logloss, train_lines(summary, folds=True)
 
 
 def test_context_model_is_at_least_as_good_as_no_context(trained, small_dataset, tmp_path):
@@ -471,8 +472,8 @@ def test_context_model_is_at_least_as_good_as_no_context(trained, small_dataset,
     info = json.loads(wd.model_json("ctx1").read_text())
     assert info["embedding_dim"] is None and not wd.embeddings_dir("ctx1").exists()  # --no-embeddings
     assert info["parameters"]["in_channels"] == 9 and info["parameters"]["augment"] == "hflip+zflip"
-    assert with_context["oof_logloss"] <= 0.85 * with_context["prior_logloss"]
-    assert with_context["oof_logloss"] < 1.05 * plain["oof_logloss"], (with_context["lines"], plain["lines"])
+    assert with_context.oof_logloss <= 0.85 * with_context.prior_logloss
+    assert with_context.oof_logloss < 1.05 * plain.oof_logloss, (train_lines(with_context, folds=True), train_lines(plain, folds=True))
 
 
 class _Interrupt(Exception):
@@ -494,9 +495,9 @@ def test_kill_and_resume_gives_the_uninterrupted_files(trained, small_dataset, t
 
     # a partial run (one fold) writes only its work and says so
     partial = train_base(wd, name="plain", context=0, folds=[1], resume=True, **SMALL)
-    assert not partial["complete"] and not wd.oof("plain").exists()
+    assert not partial.complete and not wd.oof("plain").exists()
     assert wd.test_fold_files("plain") == []  # no per-fold test file before the set of K is complete
-    assert any("partial" in line for line in partial["lines"])
+    assert any("partial" in line for line in train_lines(partial, folds=True))
 
     # resuming with different settings is refused rather than mixing two models
     with pytest.raises(StackkitError, match="different settings"):
@@ -504,7 +505,7 @@ def test_kill_and_resume_gives_the_uninterrupted_files(trained, small_dataset, t
 
     trained_folds = []
     summary = train_base(wd, name="plain", context=0, resume=True, on_fold_done=trained_folds.append, **SMALL)
-    assert trained_folds == [2] and summary["complete"]
+    assert trained_folds == [2] and summary.complete
     assert json.loads(wd.model_json("plain").read_text())["test_folds"] == [f"test_fold{k}.parquet" for k in range(SMALL_FOLDS)]
     for path in (reference.oof("plain"), reference.test("plain"), *[reference.test_fold("plain", k) for k in range(SMALL_FOLDS)]):
         target = wd.root / path.relative_to(reference.root)

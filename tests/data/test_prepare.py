@@ -11,7 +11,7 @@ import pytest
 
 from stackkit.contract import LABELS, Workdir
 from stackkit.errors import StackkitError
-from stackkit.data.prepare import SkippedDicomWarning, make_folds, parse_label_csv, prepare_data
+from stackkit.data.prepare import PrepareResult, SkippedDicomWarning, make_folds, parse_label_csv, prepare_data
 from stackkit.data.synth import TEST_DIR, TRAIN_CSV, TRAIN_DIR
 from stackkit.contract.validate import load_core
 from stackkit.testing import dicom as h
@@ -32,7 +32,7 @@ def data(source, tmp_path) -> Path:
     return h.copy_dataset(source, tmp_path / "data")
 
 
-def run(data: Path, workdir: Path, **kwargs) -> dict:
+def run(data: Path, workdir: Path, **kwargs) -> PrepareResult:
     args = dict(
         dicom_dir=data / TRAIN_DIR, test_dicom_dir=data / TEST_DIR, labels_csv=data / TRAIN_CSV,
         n_folds=4, seed=0, workers=1, progress=False,
@@ -57,8 +57,8 @@ def test_outputs_are_contract_valid_and_match_the_dicoms(source, prepared):
     test_files = sorted(p.stem for p in (source / TEST_DIR).glob("*.dcm"))
     assert sorted(metadata.loc[metadata.split == "train", "image_id"]) == train_files
     assert sorted(metadata.loc[metadata.split == "test", "image_id"]) == test_files
-    assert summary["train_images"] == len(train_files) and summary["test_images"] == len(test_files)
-    assert summary["skipped"] == []
+    assert summary.train_images == len(train_files) and summary.test_images == len(test_files)
+    assert summary.skipped == []
     for column in ("series_id", "slice_thickness", "pixel_spacing", "window_center", "rescale_intercept", "rows", "path"):
         assert column in metadata.columns and metadata[column].notna().all()
     assert metadata["z"].dtype == np.float64
@@ -120,10 +120,10 @@ def test_non_strict_skips_corrupt_files_by_name_and_drops_their_labels(data, tmp
     assert any(str(broken) in m and "truncated" in m for m in messages)
     assert any(str(no_preamble) in m and "DICM" in m for m in messages)
     assert any("dropped the labels of 2 skipped image(s)" in m for m in messages)
-    assert [Path(p).name for p, _ in summary["skipped"]] == [broken.name, no_preamble.name]
+    assert [Path(p).name for p, _ in summary.skipped] == [broken.name, no_preamble.name]
     metadata, labels, folds = load_core(Workdir(tmp_path / "work"))
     assert broken.stem not in set(metadata["image_id"]) and broken.stem not in set(labels["image_id"])
-    assert summary["train_images"] == len(train_files) - 2 == len(folds)
+    assert summary.train_images == len(train_files) - 2 == len(folds)
 
 
 def test_skipped_test_files_are_recorded_for_submit(data, tmp_path):

@@ -61,8 +61,8 @@ def _wide_labels(out, name=TRAIN_CSV) -> pd.DataFrame:
 
 def test_every_file_is_a_readable_ct_with_the_rsna_tags(dataset):
     out, summary, files = dataset
-    assert len(files) == summary["train_images"] + summary["test_images"]
-    assert (files["split"] == "train").sum() == summary["train_images"]
+    assert len(files) == summary.train_images + summary.test_images
+    assert (files["split"] == "train").sum() == summary.train_images
     for record in files.itertuples():
         ds = record.ds
         assert ds.preamble is not None and ds.file_meta.TransferSyntaxUID in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
@@ -104,13 +104,13 @@ def test_labels_contiguous_along_z_and_prevalence_plausible(dataset):
             positive = np.flatnonzero(study[label].to_numpy())
             if len(positive):
                 assert positive[-1] - positive[0] + 1 == len(positive), (study["study"].iloc[0], label)
-    assert 0.1 < summary["prevalence"]["any"] < 0.6
+    assert 0.1 < summary.prevalence["any"] < 0.6
 
 
 def test_test_split_labels_are_held_back_in_their_own_file(dataset):
     out, summary, files = dataset
     held = _wide_labels(out, HELD_OUT_CSV)
-    assert summary["held_out_labels_csv"] == str(out / HELD_OUT_CSV)
+    assert summary.held_out_labels_csv == out / HELD_OUT_CSV
     assert sorted(held.index) == sorted(files.loc[files.split == "test", "image_id"])
     assert not set(held.index) & set(_wide_labels(out).index)
     assert (held["any"] == held[list(LABELS[:5])].max(axis=1)).all()
@@ -182,7 +182,7 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     b = synthesize(tmp_path / "b", patients=3, size=16, slices=(3, 5), seed=7, progress=False)
     c = synthesize(tmp_path / "c", patients=3, size=16, slices=(3, 5), seed=8, progress=False)
     assert files(tmp_path / "a") == files(tmp_path / "b")
-    assert a["digest"] == b["digest"] != c["digest"]
+    assert a.digest == b.digest != c.digest
     assert files(tmp_path / "a").keys() != files(tmp_path / "c").keys()
 
 

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from features.api import run_stack_features
+from stackkit.render import features_lines
 from features.build import DICOM_META_COLUMNS, TOP_K, build_features, build_test_features, feature_columns, roll_windows
 from stackkit.contract import CONTRACT_VERSION, LABELS, Workdir, file_sha256, folds_hash
 from stackkit.errors import ContractError, LeakageError, StackkitError
@@ -304,7 +305,7 @@ def test_run_stack_features_writes_tables_and_a_manifest_of_every_column(tmp_pat
         rel: file_sha256(wd.root / rel)
         for rel in ["data/metadata.parquet", "data/folds.parquet", "preds/cnn_a/oof.parquet", "preds/cnn_a/test.parquet", "preds/cnn_b/oof.parquet", "preds/cnn_b/test.parquet"]
     }
-    assert summary["rows_train"] == len(train) == len(folds) and summary["columns"] == len(manifest["feature_columns"])
+    assert summary.rows_train == len(train) == len(folds) and summary.columns == len(manifest["feature_columns"])
     assert list(zip(train["study_id"], train["slice_index"])) == sorted(zip(train["study_id"], train["slice_index"]))
     # the written table equals the pure layer's frame
     metadata = pd.read_parquet(wd.metadata)
@@ -456,14 +457,14 @@ def test_run_stack_features_wide_records_the_set_and_passes_it_to_the_per_fold_t
 
     summary = run_stack_features(wd, lags=1, progress=False)
     assert json.loads(wd.features_manifest.read_text())["feature_set"] == "basic"
-    assert summary["lines"][0].endswith("lags=1, feature set basic")
-    basic_columns = summary["columns"]
+    assert features_lines(summary)[0].endswith("lags=1, feature set basic")
+    basic_columns = summary.columns
 
     summary = run_stack_features(wd, lags=1, progress=False, feature_set="wide")
     manifest = json.loads(wd.features_manifest.read_text())
-    assert manifest["feature_set"] == "wide" and summary["feature_set"] == "wide"
-    assert summary["lines"][0] == f"stack features: {summary['columns']} feature columns from 2 model(s) (cnn_a, cnn_b), lags=1, feature set wide"
-    assert summary["columns"] == basic_columns + len(LABELS) * (2 + 2 * len(WIDE_MODEL_FEATURES))
+    assert manifest["feature_set"] == "wide" and summary.feature_set == "wide"
+    assert features_lines(summary)[0] == f"stack features: {summary.columns} feature columns from 2 model(s) (cnn_a, cnn_b), lags=1, feature set wide"
+    assert summary.columns == basic_columns + len(LABELS) * (2 + 2 * len(WIDE_MODEL_FEATURES))
     assert manifest["columns"]["cnn_b__any__minus_study_max"].startswith("cnn_b, any: pred - study_max")
     assert manifest["columns"]["models__epidural__min"] == "minimum of the 'epidural' prediction across models"
     assert manifest["test_folds"] == n_folds

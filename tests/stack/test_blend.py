@@ -1,13 +1,8 @@
-"""Blend math, blend fitting (in-sample vs cross-validated) and the Optuna storages/studies."""
+"""Blend math, blend fitting (in-sample vs cross-validated) and the Optuna blend search (storages: test_storages.py)."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,15 +16,12 @@ from stackkit.stack.blend import (
     normalize_weights,
     sigmoid,
 )
-from stackkit.contract import LABELS, Workdir
-from stackkit.errors import StackkitError
+from stackkit.contract import LABELS
 from stackkit.metric import weighted_log_loss
-from stackkit.stack.storage import make_storage, redact_url
-from stackkit.stack.tune import completed_trials, search_blend
+from stackkit.stack.tune import search_blend
 
-from stackkit.testing.stack import base_model_workdir, synthetic_sources
+from stackkit.testing.stack import synthetic_sources
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 ANY = LABELS.index("any")
 
 
@@ -159,124 +151,6 @@ def test_search_blend_never_worse_than_its_start_points():
     assert best.score(preds, y).overall <= fitted.score(preds, y).overall + 1e-12
     assert best.score(preds, y).overall <= BlendParams.equal(3).score(preds, y).overall
     assert info.trials_run == 8
-
-
-# --- Optuna storages and studies -------------------------------------------------------------------------
-
-
-def _tiny_blend_problem():
-    preds, y, _ = synthetic_sources(300, [2.0, 0.5], seed=6)
-    return preds, y, ["s1", "s2"]
-
-
-def test_rerun_continues_the_same_study(tmp_path):
-    wd = Workdir(tmp_path / "work")
-    preds, y, names = _tiny_blend_problem()
-    kwargs = dict(per_label=False, any_consistency=True, trials=4, seed=0, study_name="cont-blend")
-    _, first = search_blend(preds, y, names, storage=make_storage(None, wd), **kwargs)
-    _, second = search_blend(preds, y, names, storage=make_storage(None, wd), **kwargs)
-    assert wd.optuna_journal.is_file()
-    assert (first.trials_total, second.trials_total) == (4, 8)
-    assert second.trials_run == 4
-    assert second.best_value <= first.best_value
-
-
-def test_sqlite_url_works_and_continues(tmp_path):
-    wd = Workdir(tmp_path / "work")
-    url = f"sqlite:///{tmp_path / 'db' / 'optuna.db'}"
-    preds, y, names = _tiny_blend_problem()
-    kwargs = dict(per_label=True, any_consistency=False, trials=3, seed=1, study_name="sq-blend")
-    _, first = search_blend(preds, y, names, storage=make_storage(url, wd), **kwargs)
-    _, second = search_blend(preds, y, names, storage=make_storage(url, wd), **kwargs)
-    assert (tmp_path / "db" / "optuna.db").is_file()
-    assert (first.trials_total, second.trials_total) == (3, 6)
-
-
-def test_journal_path_forms(tmp_path):
-    import optuna
-
-    wd = Workdir(tmp_path / "work")
-    for url in (f"journal:{tmp_path / 'a.log'}", str(tmp_path / "b" / "c.log")):
-        storage = make_storage(url, wd)
-        optuna.create_study(study_name="x", storage=storage, load_if_exists=True).optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
-    assert (tmp_path / "a.log").stat().st_size > 0 and (tmp_path / "b" / "c.log").stat().st_size > 0
-
-
-@pytest.mark.parametrize(
-    "url, match",
-    [
-        ("foo://host/db", r"unknown scheme 'foo'; accepted: .*sqlite.*postgresql"),
-        ("redis://localhost:6379", "unknown scheme 'redis'"),
-        ("journal:", "needs a file path"),
-        ("postgresql://stack:s3cr3tpw@127.0.0.1:1/optuna", r"storage .postgresql://stack:\*\*\*@127.0.0.1:1/optuna.: cannot connect"),
-        ("postgresql+psycopg2://stack:s3cr3tpw@127.0.0.1:1/optuna", "cannot connect.*database is up"),
-        ("sqlite:///{tmp}/afile/x.db", "cannot create its folder"),
-    ],
-)
-def test_storage_errors_are_one_line_without_password(url, match, tmp_path):
-    (tmp_path / "afile").write_text("a file, not a folder")
-    url = url.replace("{tmp}", str(tmp_path))
-    with pytest.raises(StackkitError, match=match) as info:
-        make_storage(url, Workdir(tmp_path / "work"))
-    message = str(info.value)
-    assert "\n" not in message and "s3cr3tpw" not in message
-
-
-def test_redact_url_hides_password():
-    assert redact_url("postgresql+psycopg2://u:pass@db:5432/x") == "postgresql+psycopg2://u:***@db:5432/x"
-    assert "pw" not in redact_url("mysql://root:pw@h/db")
-
-
-def test_postgres_storage_two_workers_and_wrong_password(postgres_url, tmp_path):
-    from sqlalchemy.engine import make_url
-
-    wd = Workdir(tmp_path / "work")
-    preds, y, names = _tiny_blend_problem()
-    study = f"pg-{tmp_path.name}"
-    kwargs = dict(per_label=False, any_consistency=True, trials=3, seed=0, study_name=study)
-    search_blend(preds, y, names, storage=make_storage(postgres_url, wd), **kwargs)
-    _, info = search_blend(preds, y, names, storage=make_storage(postgres_url, wd), **kwargs)
-    assert info.trials_total == 6
-    wrong = make_url(postgres_url).set(password="definitely-wrong-pw").render_as_string(hide_password=False)
-    with pytest.raises(StackkitError, match="cannot connect") as err:
-        make_storage(wrong, wd)
-    assert "definitely-wrong-pw" not in str(err.value)
-
-
-WORKER = textwrap.dedent(
-    """
-    import sys
-    from stackkit.contract import Workdir
-    from stackkit.stack.fit import run_stack_fit
-    summary = run_stack_fit(Workdir.resolve(sys.argv[1]), stackers=[], blend_base_models=True, tune=True, trials=int(sys.argv[2]), seed=int(sys.argv[3]),
-                            timeout=3600, study_name="shared", progress=False)
-    print(summary["studies"]["blend"]["trials_run_now"])
-    """
-)
-
-
-def test_two_tune_processes_share_the_default_journal(tmp_path):
-    """Two `stack fit --tune` processes at once on the default journal: no errors, one study with both processes' trials."""
-    import optuna
-
-    wd = base_model_workdir(tmp_path / "work", n_patients=16)
-    trials = 6
-    env = {**os.environ, "STACKKIT_THREADS": "1"}  # two processes on one machine split its cores
-    procs = [
-        subprocess.Popen([sys.executable, "-c", WORKER, str(wd.root), str(trials), str(seed)], cwd=REPO_ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        for seed in (0, 1)
-    ]
-    outputs = [p.communicate(timeout=240) for p in procs]
-    for proc, (out, err) in zip(procs, outputs):
-        assert proc.returncode == 0, err[-2000:]
-        assert out.strip().splitlines()[-1] == str(trials)
-    storage = make_storage(None, wd)
-    study = optuna.load_study(study_name="shared-blend", storage=storage)
-    assert len(completed_trials(study)) == 2 * trials
-    assert not [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.FAIL]
-    record = json.loads(wd.blend.read_text())
-    assert record["optuna"]["studies"]["blend"]["name"] == "shared-blend"
 
 
 def test_blend_output_properties_hold_for_any_parameters():

@@ -14,7 +14,8 @@ from stackkit.errors import LeakageError, StackkitError
 from stackkit.stack.fit import run_stack_fit
 from stackkit.contract.io import read_json, write_json, write_parquet
 from stackkit.metric import weighted_log_loss
-from stackkit.stack.report import ScoreRow, render_table
+from stackkit.render import fit_lines, score_table
+from stackkit.stack.report import ScoreRow
 from stackkit.contract.validate import load_core, read_oof
 
 from stackkit.testing.contract import snapshot
@@ -84,7 +85,8 @@ def test_fit_without_tune_writes_stackers_blend_and_report(wd):
     assert np.isclose(scores["cv"]["overall"], candidates[choice["chosen"]]["cv"]["overall"])
     assert scores["cv"]["overall"] <= min(_oof_scores(wd, record)) + 1e-12
     assert len(scores["cv"]["per_fold"]) == int(folds["fold"].max()) + 1 and set(scores["cv"]["per_label"]) == set(LABELS)
-    assert "blend-cv" in summary["table"] and f"stack/{FAST}" in summary["table"]
+    table = score_table(summary.score_rows)
+    assert "blend-cv" in table and f"stack/{FAST}" in table
     page = wd.report_html.read_text()
     assert _images_in_report(wd) >= 3 and page.count("<table>") >= 4  # scores, candidates, weights, calibration
     assert choice["chosen"] in page and "ECE" in page
@@ -130,8 +132,8 @@ def test_changed_labels_start_a_fresh_tuning_history(wd):
     labels.loc[labels.index[:5], "epidural"] = 1 - labels.loc[labels.index[:5], "epidural"]
     write_parquet(labels, wd.labels)
     summary = run_stack_fit(wd, stackers=[FAST], tune=True, trials=2, study_name="k", progress=False)
-    study = summary["studies"][FAST]
-    assert study["trials_total"] == 4 and study["best_trial"] >= 2  # the best is one of this run's trials
+    study = summary.studies[FAST]
+    assert study.trials_total == 4 and study.best_trial >= 2  # the best is one of this run's trials
     record = read_json(wd.blend)
     assert record["sources"][0]["tuning"]["selected_trial"] in {2, 3}
 
@@ -186,7 +188,7 @@ def test_stackers_left_out_of_a_rerun_are_carried_over_unchanged(wd):
     record = read_json(wd.blend)
     assert [s["name"] for s in record["sources"]] == ["preds/m1", "preds/m2"]  # not in this blend ...
     assert record["stackers_kept"] == [FAST]  # ... but kept, byte for byte, and still loadable
-    assert any(line.startswith("kept unchanged from an earlier run") and f"stack/{FAST}" in line for line in summary["lines"])
+    assert any(line.startswith("kept unchanged from an earlier run") and f"stack/{FAST}" in line for line in fit_lines(summary))
     assert {k: v for k, v in snapshot(wd.root).items() if k.startswith(f"stack/{FAST}/")} == earlier
     assert len(load_stacker_models(wd, FAST)) == 4
 
@@ -217,7 +219,7 @@ def test_report_table_marks_the_honest_best_score():
         ScoreRow("blend", "blend", 0.05, {l: 0.05 for l in LABELS}),
         ScoreRow("blend-cv", "blend-cv", 0.08, {l: 0.08 for l in LABELS}),
     ]
-    table = render_table(rows)
+    table = score_table(rows)
     lines = table.splitlines()
     assert lines[0].split()[:3] == ["source", "kind", "overall"] and lines[0].split()[-1] == "any"
     # the best-score marker goes to the honest CV number, not the in-sample blend
