@@ -8,6 +8,7 @@ predictions; ``save_stacker_result`` / ``load_stacker_models`` write and read st
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from stackkit.contract.io import read_json, read_table, recover_set, replace_dir
 from stackkit.metric import Score, weighted_log_loss
 from stackkit.stack.folds import EARLY_STOPPING_FRACTION, FoldJobs, early_stopping_split, fold_models
 from stackkit.stack.stackers import STACKERS, StackData, Stacker, get_stacker
+from stackkit.stack.stackers.base import default_threads
 from stackkit.contract.validate import check_id_coverage, check_ids, load_core, require_columns, validate_predictions
 
 # Share of the training folds' patients held out for early stopping.
@@ -354,12 +356,18 @@ def fit_stacker(name: str, params: dict | None, inputs: StackInputs, *, seed: in
 
 def predict_test_sets(models: list[Stacker], inputs: StackInputs) -> list[np.ndarray]:
     """Per test set (one per base fold model, or the averaged one), the mean of the stacker's fold models' predictions."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    # a single-threaded stacker (seq) predicts with several fold models at once, on threads: torch
+    # releases the GIL in its operations, and each model's predictions are the same as alone
+    threads = min(len(models), default_threads()) if models and models[0].fits_folds_apart(models[0].params) else 1
     out = []
-    for data in inputs.test_sets():
-        total = np.zeros((len(data), len(LABELS)), dtype=np.float64)
-        for model in models:  # fold order: the same sum, and so the same bits, on every run
-            total += model.predict(data)
-        out.append(total / max(1, len(models)))
+    with ThreadPoolExecutor(max(1, threads)) as pool, (models[0].prediction_scope() if models else contextlib.nullcontext()):
+        for data in inputs.test_sets():
+            total = np.zeros((len(data), len(LABELS)), dtype=np.float64)
+            for predictions in pool.map(lambda model: model.predict(data), models):  # fold order: the same sum, the same bits
+                total += predictions
+            out.append(total / max(1, len(models)))
     return out
 
 

@@ -23,6 +23,7 @@ the path: a truncated LightGBM model file passed by path can abort the process).
 from __future__ import annotations
 
 import abc
+import contextlib
 import os
 from pathlib import Path
 from typing import ClassVar
@@ -156,6 +157,11 @@ class Stacker(abc.ABC):
         """Whether a K-fold fit with ``params`` runs its folds in separate processes, one per core
         (:mod:`stackkit.stack.folds`): for a stacker that uses one thread and leaves the other cores idle."""
         return False
+
+    def prediction_scope(self):
+        """Context inside which several fitted models of this stacker predict at once, one per thread of
+        this process (:func:`stackkit.stack.crossfit.predict_test_sets`, for a stacker that fits its folds apart)."""
+        return contextlib.nullcontext()
 
     @abc.abstractmethod
     def _fit(self, train, valid, X_train, Y_train, X_valid, Y_valid, params: dict, seed: int) -> None: ...

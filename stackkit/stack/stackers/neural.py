@@ -9,6 +9,7 @@ feature that had a NaN in the training rows (:class:`FeatureScaler`).
 from __future__ import annotations
 
 import abc
+import contextlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,6 +128,22 @@ def predict_device(requested):
     return device if device.type in ("cpu", "cuda") else torch.device("cpu")
 
 
+@contextlib.contextmanager
+def torch_threads(n_threads: int):
+    """torch's (process-wide) intra-op thread count set to ``n_threads`` inside, restored after; left
+    alone when it is already that, so models predicting at once on threads never race to set it."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if previous != int(n_threads):
+        torch.set_num_threads(int(n_threads))
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
+
+
 def to_device(prepared, device):
     """Every tensor in ``prepared`` (a tensor, or a tuple/list/dict of them) on ``device``; anything else as it is."""
     if device.type == "cpu":
@@ -204,9 +221,7 @@ class NeuralStacker(Stacker):
         prepared_valid = self._to_device(self._prepare(X_valid, valid, None), device)
         targets_valid = torch.from_numpy(Y_valid).to(device)
         weights = torch.from_numpy(label_weights()).to(device)
-        previous_threads = torch.get_num_threads()
-        torch.set_num_threads(int(params["num_threads"]))
-        try:
+        with torch_threads(int(params["num_threads"])):
             # the GPU's RNG (dropout on a GPU) is seeded and restored too
             rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
             with torch.random.fork_rng(devices=rng_devices):
@@ -234,16 +249,12 @@ class NeuralStacker(Stacker):
                             break
                 module.load_state_dict(best_state)
                 module.eval()
-        finally:
-            torch.set_num_threads(previous_threads)
         self.module = module.cpu() if device.type != "cpu" else module  # saved and reloaded on any machine
 
     def _predict(self, data, X) -> np.ndarray:
         import torch
 
-        previous_threads = torch.get_num_threads()
-        torch.set_num_threads(int(self.params["num_threads"]))
-        try:
+        with torch_threads(int(self.params["num_threads"])):
             device = predict_device(self.params.get("device", "cpu"))  # a model fitted on a GPU predicts on a machine without one
             prepared = self._to_device(self._prepare(X, data, None), device)
             module = self.module.to(device)
@@ -252,8 +263,9 @@ class NeuralStacker(Stacker):
                     return torch.sigmoid(self._predict_logits(module, prepared, self.params, True)).cpu().numpy()
             finally:
                 self.module = module.cpu()
-        finally:
-            torch.set_num_threads(previous_threads)
+
+    def prediction_scope(self):
+        return torch_threads(int(self.params["num_threads"]))
 
     def _state(self) -> dict:
         return {"n_inputs": self.scaler.n_outputs}
