@@ -240,11 +240,10 @@ def _finish(run: TrainRun, samples: _Samples, work, fhash: str, lines: list[str]
     prior = prior_score(y)
 
     seconds = summary["seconds"]
-    info = model_info(run, fhash, records, score, prior, summary, cache, work)
-    info["test_folds"] = [run.wd.test_fold(name, f).name for f in available]
-    write_model_set(run, work, info, (oof, test, test_folds), oof_parts)
+    tables = (oof, test, test_folds)
+    record = write_model_set(run, work, model_info(run, fhash, records, (score, prior), summary, cache, work, tables), tables, oof_parts)
     if run.options.embeddings:
-        lines.append(f"embeddings: dimension {info['embedding_dim']} (pooled features before the head), "
+        lines.append(f"embeddings: dimension {record.embedding_dim} (pooled features before the head), "
                      f"OOF from each image's fold model, test from each of the {len(available)} fold models")
     summary.update(complete=True, oof_logloss=score.overall, prior_logloss=prior.overall, per_label=score.per_label)
     lines.append(

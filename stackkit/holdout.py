@@ -8,13 +8,13 @@ test predictions on them, beside their cross-validated (OOF) scores from ``stack
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from stackkit.contract import LABELS, Workdir
+from stackkit.contract.records import read_blend_record
 from stackkit.errors import StackkitError
 from stackkit.metric import Score, prior_score, weighted_log_loss
 
@@ -39,11 +39,11 @@ def score_on(frame: pd.DataFrame, truth: pd.DataFrame, what: str) -> Score:
 
 def held_out_rows(wd: Workdir, truth: pd.DataFrame) -> list[dict]:
     """Per source, {name, kind, cv, held_out}: the submission, the blend's sources (stackers), every base model."""
-    record = json.loads(wd.blend.read_text())
-    rows = [{"name": f"submission ({record['choice']['chosen']})", "kind": "submit", "cv": record["scores"]["cv"]["overall"],
+    record = read_blend_record(wd.blend)
+    rows = [{"name": f"submission ({record.choice['chosen']})", "kind": "submit", "cv": record.scores["cv"]["overall"],
              "held_out": score_on(read_submission(wd.submission), truth, str(wd.submission)).overall}]
-    base = {f"preds/{m}": (score["overall"], wd.test(m)) for m, score in record["base_oof_scores"].items()}
-    sources = {s["name"]: (s["oof_score"]["overall"], wd.root / s["test"]) for s in record["sources"]
+    base = {f"preds/{m}": (score["overall"], wd.test(m)) for m, score in record.base_oof_scores.items()}
+    sources = {s["name"]: (s["oof_score"]["overall"], wd.root / s["test"]) for s in record.sources
                if s["name"] not in base}
     for kind, entries in (("stacker", sources), ("base", base)):
         for name, (cv, test_path) in entries.items():

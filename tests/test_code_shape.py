@@ -34,7 +34,6 @@ _OTHERS = "in a module another issue is changing now (synthetic data, demo): fix
 _RECORDS = "builds a record or a summary that issue 22's typed records / typed results part replaces"
 KNOWN_LONG_MODULES: dict[str, str] = {}
 KNOWN_LONG_FUNCTIONS: dict[str, str] = {
-    "base_models/importer.py:import_predictions": _RECORDS,
     "stackkit/data/dicom.py:_parse_fast": _LATER + " (the fast header parser's one loop over elements)",
     "stackkit/data/synth.py:synthesize": _OTHERS,
     "stackkit/stack/tune.py:tune_stacker": _LATER,
@@ -42,12 +41,9 @@ KNOWN_LONG_FUNCTIONS: dict[str, str] = {
     "stackkit/testing/exported.py:write_exported_benchmark": _LATER,
 }
 KNOWN_MANY_PARAMETERS: dict[str, str] = {
-    "base_models/importer.py:import_predictions": _RECORDS,
-    "features/api.py:_features_manifest": _RECORDS,
     "features/api.py:_features_summary": _RECORDS,
     "stackkit/stack/crossfit.py:fit_stacker": _LATER,
     "stackkit/stack/fit.py:run_stack_fit": _RECORDS,
-    "stackkit/stack/fit.py:_blend_record": _RECORDS,
     "stackkit/stack/tune.py:tune_stacker": _LATER,
 }
 # (importer, imported) lazy imports that close a cycle, kept until their modules are reorganised

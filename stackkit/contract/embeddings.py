@@ -152,7 +152,13 @@ class ModelEmbeddings:
         return len(self.test) > 1
 
 
-def has_embeddings(record: dict) -> bool:
+def _as_json(record) -> dict:
+    """A model.json record as written: a ``ModelRecord`` or its JSON object."""
+    return record if isinstance(record, dict) else {**record.to_json(), "sha256": record.sha256}
+
+
+def has_embeddings(record) -> bool:
+    record = _as_json(record)
     return record.get("embedding_dim") is not None and isinstance(record.get("embeddings"), dict)
 
 
@@ -160,6 +166,7 @@ def read_model_embeddings(wd: Workdir, model: str, record: dict, *, n_oof: int, 
                           check_hashes: bool = True) -> ModelEmbeddings:
     """The files ``record`` (preds/<model>/model.json) lists, hash-checked against it, then memory-mapped."""
     json_path = wd.model_json(model)
+    record = _as_json(record)
     try:
         dim = int(record["embedding_dim"])
         oof_rel = str(record["embeddings"]["oof"])
