@@ -28,11 +28,6 @@ def read_object(path: str | os.PathLike, *, missing: str, malformed: str, shown=
     return record
 
 
-def hashes_of(record: dict) -> dict | None:
-    """A set record's ``sha256`` map as written (checked by ``io.verify_set`` when used), None without one."""
-    return record.get("sha256")
-
-
 def known_fields(cls, record: dict) -> dict:
     """The entries of ``record`` that are fields of the dataclass ``cls``."""
     names = {f.name for f in dataclasses.fields(cls)}

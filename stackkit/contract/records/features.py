@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stackkit.contract import CONTRACT_VERSION, FEATURES_MANIFEST, Workdir
-from stackkit.contract.io import write_set_record
+from stackkit.contract.io import write_json, write_set_record
 from stackkit.contract.records._common import known_fields, read_object
 from stackkit.errors import ContractError
 
@@ -48,10 +48,14 @@ class FeaturesManifest:
                 "models_without_test_folds": self.models_without_test_folds, "inputs": self.inputs}
 
 
-def write_features_manifest(folder: str | os.PathLike, manifest: FeaturesManifest) -> FeaturesManifest:
-    """The manifest of the features/ set being written in ``folder``, last: with the sha256 of every table there."""
+def write_features_manifest(folder: str | os.PathLike, manifest: FeaturesManifest, *, hashes: bool = True) -> FeaturesManifest:
+    """The manifest of the features/ set being written in ``folder``, last: with the sha256 of every table
+    there; ``hashes=False``: without (a manifest as a hand-made features/ has it, whose tables are not checked)."""
     from dataclasses import replace
 
+    if not hashes:
+        write_json(manifest.to_json(), Path(folder) / FEATURES_MANIFEST)
+        return manifest
     written = write_set_record(folder, FEATURES_MANIFEST, manifest.to_json())
     return replace(manifest, sha256=written["sha256"])
 
