@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from stackkit.contract import LABELS, RELATIVE, PredictionFolder, Workdir, file_sha256, folds_hash
+from stackkit.contract.columns import TEST_KEY_COLUMNS, TRAIN_KEY_COLUMNS
 from stackkit.errors import ContractError, LeakageError, StackkitError
 from stackkit.contract.io import read_table, recover_set, replace_dir, verify_set, write_parquet
 from stackkit.contract.records import (FeaturesManifest, StackerRecord, manifest_test_fold_paths, read_features_manifest,
@@ -248,8 +249,8 @@ def load_stack_inputs(workdir, *, use_embeddings: bool = True, core=None) -> Sta
     metadata, labels, folds = load_core(wd) if core is None else core
     manifest, current_hash, feature_columns = _checked_manifest(wd, folds)
 
-    train = _features_frame(wd.features_train, ("image_id", "study_id", "fold", "slice_index"), feature_columns, wd)
-    test = _features_frame(wd.features_test, ("image_id", "study_id", "slice_index"), feature_columns, wd)
+    train = _features_frame(wd.features_train, TRAIN_KEY_COLUMNS, feature_columns, wd)
+    test = _features_frame(wd.features_test, TEST_KEY_COLUMNS, feature_columns, wd)
     if manifest.sha256 is not None:  # written by `stack features` as a set: the tables must be the ones this manifest lists
         verify_set(wd.features_dir, wd.relative(wd.features_manifest), manifest.sha256, remedy=RERUN_FEATURES)
     check_id_coverage(train["image_id"], folds["image_id"], wd.relative(wd.features_train), "labeled")
