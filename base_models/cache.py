@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from stackkit.contract import Workdir
+from stackkit.contract import RELATIVE, Workdir
 from stackkit.errors import ContractError
 from stackkit.contract.io import atomic_path, write_json
 
@@ -53,7 +53,7 @@ class PixelCache:
         return rows
 
 
-def resolve_paths(metadata: pd.DataFrame, wd: Workdir, source: str = "data/metadata.parquet") -> np.ndarray:
+def resolve_paths(metadata: pd.DataFrame, wd: Workdir, source: str = str(RELATIVE.metadata)) -> np.ndarray:
     """Absolute file path per metadata row; relative paths are taken from the work directory if they exist there."""
     if "path" not in metadata.columns:
         raise ContractError(

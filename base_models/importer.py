@@ -8,6 +8,7 @@ Optional (contract v3): one test file per fold model (``--test-fold``), stored a
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -16,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stackkit.contract import CONTRACT_VERSION, EMBEDDINGS_DIR, LABELS, MODEL_RECORD, Workdir, check_model_name, folds_hash
+from stackkit.contract import LABELS, PredictionFolder, Workdir, check_model_name, folds_hash
+from stackkit.contract.io import check_set_target, read_table
+from stackkit.contract.records import ModelRecord, publish_model
 from stackkit.errors import ContractError, StackkitError
-from stackkit.contract.io import check_set_target, read_table, replace_dir, write_parquet, write_set_record
 from stackkit.metric import prior_score, weighted_log_loss
 from stackkit.contract.validate import check_numeric, check_probabilities, load_core, validate_predictions
 
@@ -187,9 +189,25 @@ class ImportResult:
     embedding_test_files: int
 
 
-def import_predictions(wd: Workdir, name: str, *, oof_path, test_path=None, logits: bool = False, force: bool = False,
-                       oof_embeddings=None, test_embeddings=(), test_folds=(), folds_from_data: bool = False) -> ImportResult:
-    """``folds_from_data``: an OOF file without a ``fold`` column is accepted, its folds taken from
+@dataclass(frozen=True)
+class ImportOptions:
+    """What `base import` is given: :func:`import_predictions`' keywords."""
+
+    oof_path: str | Path
+    test_path: str | Path | None = None
+    logits: bool = False
+    force: bool = False
+    oof_embeddings: str | Path | None = None
+    test_embeddings: tuple = ()
+    test_folds: tuple = ()
+    folds_from_data: bool = False
+
+
+def import_predictions(wd: Workdir, name: str, options: ImportOptions | None = None, **fields) -> ImportResult:
+    """Register predictions made elsewhere as preds/<name>/; the keywords are :class:`ImportOptions`' fields
+    (or pass ``options``; ``fields`` then override it).
+
+    ``folds_from_data``: an OOF file without a ``fold`` column is accepted, its folds taken from
     data/folds.parquet (the caller vouches they were made on those folds); without it such a file is refused.
 
     ``test_folds`` (optional, contract v3): one test prediction file per fold model, fold 0
@@ -201,25 +219,51 @@ def import_predictions(wd: Workdir, name: str, *, oof_path, test_path=None, logi
     aligned with the rows of ``oof_path`` / ``test_path`` as given (without ``test_path``: with the
     first ``test_folds`` file's); several test files are fold models 0, 1, ... in order, one is
     ``test.npy``. float32 is stored as float16."""
+    options = ImportOptions(**fields) if options is None else dataclasses.replace(options, **fields)
     check_model_name(name)
     metadata, labels, folds = load_core(wd)
     target = check_set_target(wd.preds_dir(name))
-    if target.exists() and not force:
+    if target.exists() and not options.force:
         raise StackkitError(f"{target}: model '{name}' already exists; pass --force to replace it or choose another name")
     n_folds = int(folds["fold"].max()) + 1
-    test_folds = list(test_folds or ())
-    check_test_fold_count(test_path, test_folds, n_folds)
+    check_test_fold_count(options.test_path, list(options.test_folds or ()), n_folds)
+    (raw_oof, oof), (raw_test, test), fold_tests = _read_tables(wd, name, options, metadata, folds)
+    embeddings = None
+    if options.oof_embeddings is not None or options.test_embeddings:
+        oof_emb, test_embs, dim = check_import_embeddings(options.oof_embeddings, options.test_embeddings, n_oof=len(raw_oof),
+                                                          n_test=len(raw_test), n_folds=n_folds)
+        # the written rows follow the validated tables; the embeddings follow them row for row
+        embeddings = _embedding_writer(oof_emb, _input_positions(raw_oof, oof), test_embs, _input_positions(raw_test, test), dim)
 
-    raw_oof = read_prediction_file(oof_path, logits=logits, what="OOF")
-    check_fold_column(raw_oof, oof_path, folds_from_data)
-    oof = validate_predictions(raw_oof, str(oof_path), expected_ids=folds["image_id"], what="labeled", folds=folds,
+    y_true = labels.set_index("image_id").loc[oof["image_id"], list(LABELS)].to_numpy()
+    score = weighted_log_loss(y_true, oof[list(LABELS)].to_numpy())
+    prior = prior_score(y_true)
+    record = ModelRecord(name=name, source="imported", architecture=None, parameters=_parameters(options, raw_oof),
+                         folds_hash=folds_hash(folds["image_id"], folds["fold"]),
+                         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), oof_logloss=score.as_dict(),
+                         prior_logloss=prior.overall, n_oof=int(len(oof)), n_test=int(len(test)))
+    # preds/<name>/ is replaced as a set: every file (embeddings included) is written into a fresh sibling
+    # folder, the record (model.json, with the sha256 of every other file) last, then the folder is switched in.
+    record = publish_model(wd, record, (oof, test, fold_tests), embeddings=embeddings)
+    return ImportResult(name=name, directory=target, n_oof=int(len(oof)), n_test=int(len(test)), oof_logloss=score.overall,
+                        prior_logloss=prior.overall, test_fold_files=len(fold_tests), test_given=options.test_path is not None,
+                        embedding_dim=record.embedding_dim or None,
+                        embedding_test_files=len(record.embeddings["test"]) if record.embedding_dim else 0)
+
+
+def _read_tables(wd: Workdir, name: str, options: ImportOptions, metadata: pd.DataFrame, folds: pd.DataFrame) -> tuple:
+    """((raw OOF, OOF), (raw test, test), per-fold tests): every prediction file read and validated, nothing
+    written; the per-fold tables in test.parquet's row order, the raw tables as given (for the embeddings' rows)."""
+    raw_oof = read_prediction_file(options.oof_path, logits=options.logits, what="OOF")
+    check_fold_column(raw_oof, options.oof_path, options.folds_from_data)
+    oof = validate_predictions(raw_oof, str(options.oof_path), expected_ids=folds["image_id"], what="labeled", folds=folds,
                                logits_hint=True)
     test_ids = metadata.loc[metadata["split"] == "test", "image_id"]
     raw_test = test = None
-    if test_path is not None:
-        raw_test = read_prediction_file(test_path, logits=logits, what="test")
-        test = validate_predictions(raw_test, str(test_path), expected_ids=test_ids, what="test", logits_hint=True)
-    raw_folds, fold_tests = read_test_fold_files(test_folds, test_ids, logits=logits)
+    if options.test_path is not None:
+        raw_test = read_prediction_file(options.test_path, logits=options.logits, what="test")
+        test = validate_predictions(raw_test, str(options.test_path), expected_ids=test_ids, what="test", logits_hint=True)
+    raw_folds, fold_tests = read_test_fold_files(list(options.test_folds or ()), test_ids, logits=options.logits)
     if test is None:
         # fold 0's file as given sets the row order; the mean is taken in probability space
         raw_test = raw_folds[0]
@@ -227,54 +271,28 @@ def import_predictions(wd: Workdir, name: str, *, oof_path, test_path=None, logi
                                     expected_ids=test_ids, what="test")
     # every fold file is written in test.parquet's row order
     fold_tests = [_in_order(frame, test["image_id"]) for frame in fold_tests]
-    embeddings = None
-    if oof_embeddings is not None or test_embeddings:
-        oof_emb, test_embs, dim = check_import_embeddings(oof_embeddings, test_embeddings, n_oof=len(raw_oof),
-                                                          n_test=len(raw_test), n_folds=n_folds)
-        # the written rows follow the validated tables; the embeddings follow them row for row
-        embeddings = (oof_emb, _input_positions(raw_oof, oof), test_embs, _input_positions(raw_test, test), dim)
+    return (raw_oof, oof), (raw_test, test), fold_tests
 
-    y_true = labels.set_index("image_id").loc[oof["image_id"], list(LABELS)].to_numpy()
-    score = weighted_log_loss(y_true, oof[list(LABELS)].to_numpy())
-    prior = prior_score(y_true)
 
-    parameters = {"oof_file": str(oof_path), "test_file": None if test_path is None else str(test_path),
-                  "test_fold_files": [str(t) for t in test_folds], "logits": logits,
+def _parameters(options: ImportOptions, raw_oof: pd.DataFrame) -> dict:
+    """model.json's ``parameters`` of an imported model: the files given and how they were read."""
+    parameters = {"oof_file": str(options.oof_path), "test_file": None if options.test_path is None else str(options.test_path),
+                  "test_fold_files": [str(t) for t in options.test_folds or ()], "logits": options.logits,
                   "folds_from_data": "fold" not in raw_oof.columns}
-    if embeddings is not None:
-        parameters.update(oof_embeddings=str(oof_embeddings), test_embeddings=[str(t) for t in test_embeddings])
-    record = {
-        "contract_version": CONTRACT_VERSION,
-        "name": name,
-        "source": "imported",
-        "architecture": None,
-        "parameters": parameters,
-        "folds_hash": folds_hash(folds["image_id"], folds["fold"]),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "oof_logloss": score.as_dict(),
-        "prior_logloss": prior.overall,
-        "n_oof": int(len(oof)),
-        "n_test": int(len(test)),
-        "embedding_dim": None,
-        "test_folds": [wd.test_fold(name, k).name for k in range(len(fold_tests))],
-    }
-    # preds/<name>/ is replaced as a set: every file (embeddings included) is written into a fresh sibling
-    # folder, the record (model.json, with the sha256 of every other file) last, then the folder is switched in.
-    with replace_dir(target) as folder:
-        write_parquet(oof, folder / "oof.parquet")
-        write_parquet(test, folder / "test.parquet")
-        for file_name, frame in zip(record["test_folds"], fold_tests):
-            write_parquet(frame, folder / file_name)
-        if embeddings is not None:
-            from stackkit.contract.embeddings import embedding_record, test_file_names, write_embeddings
+    if options.oof_embeddings is not None or options.test_embeddings:
+        parameters.update(oof_embeddings=str(options.oof_embeddings), test_embeddings=[str(t) for t in options.test_embeddings])
+    return parameters
 
-            oof_emb, oof_rows, test_embs, test_rows, dim = embeddings
-            write_embeddings(oof_emb, folder / EMBEDDINGS_DIR / "oof.npy", oof_rows)
-            for file_name, array in zip(test_file_names(len(test_embs)), test_embs):
-                write_embeddings(array, folder / EMBEDDINGS_DIR / file_name, test_rows)
-            record.update(embedding_record(dim, len(test_embs)))
-        record = write_set_record(folder, MODEL_RECORD, record)
-    return ImportResult(name=name, directory=target, n_oof=int(len(oof)), n_test=int(len(test)), oof_logloss=score.overall,
-                        prior_logloss=prior.overall, test_fold_files=len(fold_tests), test_given=test_path is not None,
-                        embedding_dim=None if embeddings is None else int(embeddings[4]),
-                        embedding_test_files=0 if embeddings is None else len(embeddings[2]))
+
+def _embedding_writer(oof_emb, oof_rows, test_embs, test_rows, dim: int):
+    """publish_model's embeddings step: the files into the new model folder, their model.json entries back."""
+    from stackkit.contract.embeddings import embedding_record, write_embeddings
+
+    def write(folder: Path) -> dict:
+        files = PredictionFolder(folder)
+        write_embeddings(oof_emb, files.oof_embeddings, oof_rows)
+        for k, array in enumerate(test_embs):
+            write_embeddings(array, files.test_embeddings(k if len(test_embs) > 1 else None), test_rows)
+        return embedding_record(dim, len(test_embs))
+
+    return write

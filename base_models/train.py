@@ -256,8 +256,7 @@ def _finish(run: TrainRun, samples: _Samples, work, fhash: str, cache) -> TrainR
     score = weighted_log_loss(y, aligned)
     prior = prior_score(y)
 
-    info = model_info(run, fhash, records, score, prior, summary, cache, work)
-    info["test_folds"] = [run.wd.test_fold(name, f).name for f in available]
-    write_model_set(run, work, info, (oof, test, test_folds), oof_parts)
+    tables = (oof, test, test_folds)
+    record = write_model_set(run, work, model_info(run, fhash, records, (score, prior), summary, cache, work, tables), tables, oof_parts)
     return dataclasses.replace(result, complete=True, oof_logloss=score.overall, prior_logloss=prior.overall, per_label=score.per_label,
-                               embedding_dim=info["embedding_dim"] if run.options.embeddings else None, fold_models=len(available))
+                               embedding_dim=record.embedding_dim if run.options.embeddings else None, fold_models=len(available))

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stackkit.contract import EMBEDDINGS_DIR, LABELS, MODEL_RECORD, Workdir
-from stackkit.contract.io import (check_set_target, read_json, read_table, replace_dir, write_artifact, write_json, write_parquet,
-                                  write_set_record)
+from stackkit.contract import LABELS, PredictionFolder, Workdir
+from stackkit.contract.io import check_set_target, has_sidecar, read_json, read_table, write_artifact, write_json, write_parquet
+from stackkit.contract.records import ModelRecord, publish_model, read_model_record
 from stackkit.contract.validate import validate_predictions
 from stackkit.errors import StackkitError
 
@@ -43,7 +43,7 @@ def check_model_folder(wd: Workdir, name: str) -> None:
     existing = wd.model_json(name)
     if existing.is_file():
         try:
-            source = read_json(existing).get("source")
+            source = read_model_record(existing).source
         except StackkitError:
             source = None
         if source not in (None, "trained"):
@@ -72,7 +72,7 @@ def fold_paths(work: Path, fold: int, embeddings: bool = False) -> dict[str, Pat
 
 def fold_done(work: Path, fold: int, embeddings: bool = False) -> bool:
     paths = fold_paths(work, fold, embeddings)
-    return all(p.is_file() for p in paths.values()) and paths["checkpoint"].with_name(paths["checkpoint"].name + ".sha256").is_file()
+    return all(p.is_file() for p in paths.values()) and has_sidecar(paths["checkpoint"])
 
 
 def prepare_work(work: Path, run_key: dict, resume: bool) -> None:
@@ -161,60 +161,53 @@ def fold_predictions(wd, name, work, available, fold_frame, test_ids) -> tuple:
     return oof_parts, oof, test, test_folds
 
 
-def model_info(run: TrainRun, fhash: str, records: dict, score, prior, summary: dict, cache, work: Path) -> dict:
-    """model.json's contents for a complete trained model (embedding_dim filled in once embeddings are written)."""
+def model_info(run: TrainRun, fhash: str, records: dict, scores: tuple, summary: dict, cache, work: Path, tables: tuple) -> ModelRecord:
+    """model.json's record of a complete trained model (the embeddings' entries filled in as they are written);
+    ``scores`` = (the OOF score, the prior's score), ``tables`` = (oof, test, test_folds) as published."""
     import torch
 
     wd, config, available = run.wd, run.config, run.available
-    return {
-        "source": "trained",
-        "architecture": config.arch,
-        "parameters": config.as_dict(),
-        "folds_hash": fhash,
+    score, prior = scores
+    training = {
         "folds": available,
-        "oof_logloss": score.overall,
-        "oof_per_label": score.per_label,
         "oof_logloss_per_fold": {str(f): records[f]["oof_logloss"] for f in available},
-        "prior_logloss": prior.overall,
         "train_seconds": float(sum(r["train_seconds"] for r in records.values())),
         "seconds": summary["seconds"],
         "train_images_per_second": summary["images_per_second"],
         "undecodable_images": dict(cache.bad),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "torch_version": torch.__version__,
         "device": str(run.dev),
         "world_size": run.env.world_size,
-        "checkpoints": {str(f): str(fold_paths(work, f)["checkpoint"].relative_to(wd.root)) for f in available},
-        "embedding_dim": None,
+        "checkpoints": {str(f): wd.relative(fold_paths(work, f)["checkpoint"]) for f in available},
     }
+    return ModelRecord(name=run.name, source="trained", architecture=config.arch, parameters=config.as_dict(), folds_hash=fhash,
+                       created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), oof_logloss=score.as_dict(),
+                       prior_logloss=prior.overall, n_oof=len(tables[0]), n_test=len(tables[1]), training=training)
 
 
 def write_model_embeddings(folder, work, available, oof_parts, oof) -> dict:
     """``folder``/embeddings/ (the new preds/<name>/ set): oof.npy in the final oof.parquet's row order
     (each fold's rows from its own fold model) and test_fold<k>.npy per fold model; returns the model.json entries."""
-    from stackkit.contract.embeddings import embedding_record, open_npy, test_file_names, write_embedding_parts
+    from stackkit.contract.embeddings import embedding_record, open_npy, write_embedding_parts
 
     parts, position = [], pd.Index(oof["image_id"].to_numpy(dtype=object))
     for f, part in zip(available, oof_parts):
         array = open_npy(fold_paths(work, f, True)["oof_embeddings"], "fold OOF embedding file")
         parts.append((array, position.get_indexer(pd.Index(part["image_id"].astype(str).to_numpy(dtype=object)))))
     dim = int(parts[0][0].shape[1])
-    write_embedding_parts(folder / EMBEDDINGS_DIR / "oof.npy", len(oof), dim, parts)
-    for f, file_name in zip(available, test_file_names(len(available))):
+    files = PredictionFolder(folder)
+    write_embedding_parts(files.oof_embeddings, len(oof), dim, parts)
+    for k, f in enumerate(available):
         array = open_npy(fold_paths(work, f, True)["test_embeddings"], "fold test embedding file")
-        write_embedding_parts(folder / EMBEDDINGS_DIR / file_name, len(array), dim, [(array, np.arange(len(array)))])
+        write_embedding_parts(files.test_embeddings(k if len(available) > 1 else None), len(array), dim, [(array, np.arange(len(array)))])
     return embedding_record(dim, len(available))
 
 
-def write_model_set(run: TrainRun, work: Path, info: dict, tables: tuple, oof_parts: list) -> None:
-    """preds/<name>/ replaced as a set (as `base import` does), the fold work carried along by hard links:
+def write_model_set(run: TrainRun, work: Path, record: ModelRecord, tables: tuple, oof_parts: list) -> ModelRecord:
+    """preds/<name>/ published as a set (as `base import` does), the fold work carried along by hard links:
     ``tables`` = (oof, test, test_folds); the embeddings too when the run has them; model.json last."""
-    oof, test, test_folds = tables
-    with replace_dir(run.wd.preds_dir(run.name), keep=(WORK_DIR,)) as folder:
-        write_parquet(oof, folder / "oof.parquet")
-        write_parquet(test, folder / "test.parquet")
-        for file_name, frame in zip(info["test_folds"], test_folds):
-            write_parquet(frame, folder / file_name)  # fold model k's test predictions (contract v3)
-        if run.options.embeddings:
-            info.update(write_model_embeddings(folder, work, run.available, oof_parts, oof))
-        write_set_record(folder, MODEL_RECORD, info, exclude=(WORK_DIR,))
+    embeddings = None
+    if run.options.embeddings:
+        def embeddings(folder: Path) -> dict:
+            return write_model_embeddings(folder, work, run.available, oof_parts, tables[0])
+    return publish_model(run.wd, record, tables, embeddings=embeddings, keep=(WORK_DIR,))

@@ -13,14 +13,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stackkit.contract import CONTRACT_VERSION, Workdir, file_sha256, folds_hash
+from stackkit.contract import Workdir, file_sha256, folds_hash
 from stackkit.errors import ContractError, StackkitError
-from stackkit.contract.io import atomic_path, check_set_target, replace_dir, write_set_record
+from stackkit.contract.io import atomic_path, check_set_target, replace_dir
+from stackkit.contract.records import FeaturesManifest, write_features_manifest
 
 from features.build import build_features, build_test_features
-from features.columns import DICOM_META_COLUMNS, TEST_KEY_COLUMNS, TRAIN_KEY_COLUMNS, check_feature_set
-
-MANIFEST = "manifest.json"
+from stackkit.contract.columns import DICOM_META_COLUMNS, TEST_KEY_COLUMNS, TRAIN_KEY_COLUMNS, check_feature_set
 
 log = logging.getLogger(__name__)
 
@@ -60,27 +59,29 @@ def test_fold_sets(test_by_model: dict, test_folds_by_model: dict) -> list[dict]
     return [{m: (frames[k] if frames else test_by_model[m]) for m, frames in test_folds_by_model.items()} for k in range(n_sets)]
 
 
-def _features_manifest(wd: Workdir, folds: pd.DataFrame, models: list, lags, dicom_meta: bool, definitions, train, test,
-                       test_folds_by_model: dict, n_sets: int, feature_set: str = "basic") -> dict:
-    """features/manifest.json's contents, without the tables' sha256 (write_set_record adds them)."""
+def _features_manifest(wd: Workdir, folds: pd.DataFrame, definitions, rows: dict, test_folds_by_model: dict, *, lags,
+                       dicom_meta: bool, feature_set: str = "basic") -> FeaturesManifest:
+    """features/manifest.json's record, without the tables' sha256 (its writer adds them). ``test_folds_by_model``
+    holds every model, in order; ``rows``: the train and test tables' row counts."""
+    models = list(test_folds_by_model)
+    n_sets = max((len(frames) for frames in test_folds_by_model.values() if frames), default=0)
     inputs = [wd.metadata, wd.folds] + [p for m in models for p in (wd.oof(m), wd.test(m), *wd.test_fold_files(m))]
-    return {
-        "contract_version": CONTRACT_VERSION,
-        "folds_hash": folds_hash(folds["image_id"].to_numpy(dtype=object), folds["fold"].to_numpy()),
-        "lags": int(lags),
-        "feature_set": feature_set,
-        "dicom_meta": bool(dicom_meta),
-        "models": models,
-        "key_columns": {"train": list(TRAIN_KEY_COLUMNS), "test": list(TEST_KEY_COLUMNS)},
-        "feature_columns": list(definitions),
-        "columns": definitions,
-        "rows": {"train": len(train), "test": len(test)},
+    return FeaturesManifest(
+        folds_hash=folds_hash(folds["image_id"].to_numpy(dtype=object), folds["fold"].to_numpy()),
+        lags=int(lags),
+        feature_set=feature_set,
+        dicom_meta=bool(dicom_meta),
+        models=models,
+        key_columns={"train": list(TRAIN_KEY_COLUMNS), "test": list(TEST_KEY_COLUMNS)},
+        feature_columns=list(definitions),
+        columns=definitions,
+        rows=rows,
         # v3: test features once per base fold model (features/test_fold<k>.parquet), 0 when no model has per-fold files
-        "test_folds": n_sets,
-        "test_fold_files": [wd.features_test_fold(k).name for k in range(n_sets)],
-        "models_without_test_folds": [m for m in models if not test_folds_by_model.get(m)] if n_sets else list(models),
-        "inputs": {_relative(p, wd): file_sha256(p) for p in inputs},
-    }
+        test_folds=n_sets,
+        test_fold_files=[wd.features_test_fold(k).name for k in range(n_sets)],
+        models_without_test_folds=[m for m in models if not test_folds_by_model.get(m)] if n_sets else list(models),
+        inputs={wd.relative(p): file_sha256(p) for p in inputs},
+    )
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,8 @@ def run_stack_features(workdir: Workdir, *, lags: int = 2, dicom_meta: bool = Fa
     build_seconds = time.perf_counter() - started - read_seconds
     build_cpu = time.process_time() - cpu_started - read_cpu
 
-    manifest = _features_manifest(wd, folds, models, lags, dicom_meta, definitions, train, test, test_folds_by_model, len(fold_sets), feature_set)
+    manifest = _features_manifest(wd, folds, definitions, {"train": len(train), "test": len(test)}, test_folds_by_model,
+                                  lags=lags, dicom_meta=dicom_meta, feature_set=feature_set)
     # features/ is replaced as a set: both tables and the manifest (last, with their sha256) are
     # written into a sibling folder that is switched in at once; any failure keeps the old set.
     with replace_dir(wd.features_dir) as folder:
@@ -158,12 +160,12 @@ def run_stack_features(workdir: Workdir, *, lags: int = 2, dicom_meta: bool = Fa
             with atomic_path(folder / wd.features_test_fold(k).name) as fold_tmp:
                 write_feature_table(fold_test, fold_tmp)
             del fold_test
-        write_set_record(folder, MANIFEST, manifest)
+        write_features_manifest(folder, manifest)
     seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     timing = FeatureTiming(read_seconds, build_seconds, seconds - read_seconds - build_seconds, read_cpu, build_cpu, cpu - read_cpu - build_cpu)
     return FeaturesResult(rows_train=len(train), rows_test=len(test), columns=len(definitions), models=tuple(models), lags=int(lags),
                           feature_set=feature_set, test_fold_sets=len(fold_sets),
-                          models_without_test_folds=tuple(m for m in models if not test_folds_by_model.get(m)) if fold_sets else (),
+                          models_without_test_folds=tuple(manifest.models_without_test_folds) if fold_sets else (),
                           seconds=seconds, cpu_seconds=cpu, timing=timing, train=wd.features_train, test=wd.features_test,
                           manifest=wd.features_manifest)
 
@@ -215,10 +217,3 @@ def write_feature_table(frame: pd.DataFrame, path: os.PathLike) -> None:
         write_statistics=[name for name in names if frame[name].dtype != np.float32],
         row_group_size=1 << 20,
     )
-
-
-def _relative(path: Path, wd: Workdir) -> str:
-    try:
-        return Path(path).relative_to(wd.root).as_posix()
-    except ValueError:
-        return str(path)

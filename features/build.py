@@ -1,6 +1,6 @@
 """Study-aware level-2 features from base-model predictions: the checks at this boundary and the assembly.
 
-The column schema is :mod:`features.columns`; the numpy kernels over arrays are :mod:`features.kernels`.
+The column schema is :mod:`stackkit.contract.columns`; the numpy kernels over arrays are :mod:`features.kernels`.
 
 Every image of the train and test sets is placed once in a global order: train rows first,
 then test rows; inside each split by ``study_id``; inside a study by ``z`` (ties by
@@ -36,10 +36,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from features.columns import (DICOM_META_COLUMNS, META_PREFIX, TEST_KEY_COLUMNS, TOP_K, TRAIN_KEY_COLUMNS,
+from stackkit.contract.columns import (DICOM_META_COLUMNS, META_PREFIX, TEST_KEY_COLUMNS, TOP_K, TRAIN_KEY_COLUMNS,
                               check_feature_set, feature_columns, reversal_map, reverse_features, roll_windows)
 from features.kernels import FeatureMatrix, Plan, StudyLayout, cross_model_columns, model_columns, study_layout
-from stackkit.contract import LABELS, RESERVED_MODEL_NAMES, env_threads
+from stackkit.contract import LABELS, RELATIVE, RESERVED_MODEL_NAMES, env_threads
 from stackkit.errors import ContractError, LeakageError, StackkitError
 
 
@@ -262,7 +262,8 @@ def _row_order(metadata: pd.DataFrame) -> _Rows:
 def _sorted_folds(folds: pd.DataFrame, rows: _Rows) -> np.ndarray:
     """The fold of every train row in output order; one per study (checked)."""
     n_train = rows.layout.n_train
-    fold_pos = rows.positions_of(folds["image_id"], "data/folds.parquet")
+    source = str(RELATIVE.folds)
+    fold_pos = rows.positions_of(folds["image_id"], source)
     if ((fold_pos >= n_train)).any():
         pos = int(np.argmax(fold_pos >= n_train))
         raise ContractError(f"data/folds.parquet: image_id '{folds['image_id'].iloc[pos]}' at row {pos + 1} is a test image; folds cover train images only")
@@ -271,7 +272,7 @@ def _sorted_folds(folds: pd.DataFrame, rows: _Rows) -> np.ndarray:
     if (fold_sorted < 0).any():
         pos = int(np.argmax(fold_sorted < 0))
         raise ContractError(f"data/folds.parquet: train image_id '{rows.sorted_ids[pos]}' has no fold; rebuild folds with `data prepare`")
-    _check_study_folds(fold_sorted, rows.layout, rows.study_sorted, "data/folds.parquet")
+    _check_study_folds(fold_sorted, rows.layout, rows.study_sorted, source)
     return fold_sorted
 
 
@@ -298,7 +299,7 @@ def _slice_columns(col: FeatureMatrix, rows: _Rows) -> None:
 def _model_predictions(model: str, oof: pd.DataFrame, test: pd.DataFrame, rows: _Rows, fold_sorted: np.ndarray) -> np.ndarray:
     """(6, n_rows) float32 predictions of one model in output order, each label one contiguous array."""
     n_rows, n_train = rows.n_rows, rows.layout.n_train
-    oof_source, test_source = f"preds/{model}/oof.parquet", f"preds/{model}/test.parquet"
+    oof_source, test_source = str(RELATIVE.oof(model)), str(RELATIVE.test(model))
     oof_pos = rows.positions_of(oof["image_id"], oof_source)
     test_pos = rows.positions_of(test["image_id"], test_source)
     if "fold" in oof.columns:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from features.columns import MODELS_PREFIX, ROLL_WINDOWS, TOP_K
+from stackkit.contract.columns import MODELS_PREFIX, ROLL_WINDOWS, TOP_K
 from stackkit.contract import LABELS, slice_order
 
 

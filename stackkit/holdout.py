@@ -8,7 +8,6 @@ test predictions on them, beside their cross-validated (OOF) scores from ``stack
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from stackkit.contract import LABELS, Workdir
+from stackkit.contract.records import read_blend_record
 from stackkit.errors import StackkitError
 from stackkit.metric import Score, prior_score, weighted_log_loss
 
@@ -70,11 +70,11 @@ class HeldOutVerdict:
 
 def held_out_rows(wd: Workdir, truth: pd.DataFrame) -> list[HeldOutRow]:
     """Per source: the submission, the blend's sources (stackers), every base model, and the prior."""
-    record = json.loads(wd.blend.read_text())
-    rows = [HeldOutRow(f"submission ({record['choice']['chosen']})", "submit", record["scores"]["cv"]["overall"],
+    record = read_blend_record(wd.blend)
+    rows = [HeldOutRow(f"submission ({record.choice['chosen']})", "submit", record.scores["cv"]["overall"],
                        score_on(read_submission(wd.submission), truth, str(wd.submission)).overall)]
-    base = {f"preds/{m}": (score["overall"], wd.test(m)) for m, score in record["base_oof_scores"].items()}
-    sources = {s["name"]: (s["oof_score"]["overall"], wd.root / s["test"]) for s in record["sources"]
+    base = {f"preds/{m}": (score["overall"], wd.test(m)) for m, score in record.base_oof_scores.items()}
+    sources = {s["name"]: (s["oof_score"]["overall"], wd.root / s["test"]) for s in record.sources
                if s["name"] not in base}
     for kind, entries in (("stacker", sources), ("base", base)):
         for name, (cv, test_path) in entries.items():

@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stackkit.stack.blend import SPACES, BlendParams
+from stackkit.stack.blend import BlendParams
 from stackkit.contract import LABELS, Workdir, file_sha256
 from stackkit.errors import ContractError, StackkitError, one_line
 from stackkit.contract.io import atomic_path, read_json
+from stackkit.contract.records import read_blend_record
 from stackkit.contract.validate import ids_in
 
 ID_PATTERN = re.compile(r"^(ID_[0-9A-Za-z]+)_(" + "|".join(LABELS) + r")$")
@@ -29,81 +30,13 @@ HEADER = ["ID", "Label"]
 def load_blend(workdir: Workdir) -> tuple[dict, list[dict], BlendParams]:
     """blend.json, its sources and the BlendParams; one-line errors for a missing or malformed file."""
     path = workdir.blend
-    if not path.is_file():
-        raise StackkitError(f"{path}: not found; run `stack fit` first")
-    record = read_json(path)
-    if not isinstance(record, dict) or not isinstance(record.get("sources"), list):
-        raise ContractError(f"{path}: malformed blend record (expected an object with a 'sources' list); rerun `stack fit`")
-    sources = list(record["sources"])
-    if not sources:
-        raise ContractError(f"{path}: lists no sources; rerun `stack fit`")
-    check_blend_record(record, path)
+    blend = read_blend_record(path)
+    record = blend.to_json()
     try:
-        params = BlendParams.from_json(record, [s["name"] for s in sources])
+        params = BlendParams.from_json(record, blend.source_names)
     except (KeyError, TypeError, ValueError) as exc:
         raise ContractError(f"{path}: malformed blend record ({type(exc).__name__}: {one_line(exc, 120)}); rerun `stack fit`") from None
-    return record, sources, params
-
-
-def _field_error(path, field: str, value, expected: str) -> ContractError:
-    return ContractError(f"{path}: '{field}' is {one_line(repr(value), 60)}; expected {expected}; rerun `stack fit` (or restore the record)")
-
-
-def check_blend_record(record: dict, path) -> None:
-    """Every field `submit` uses, checked with the range `stack fit` writes: one line naming the first bad field."""
-    import math
-
-    def number(value) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-    names = set()
-    for i, source in enumerate(record["sources"]):
-        if not isinstance(source, dict) or not isinstance(source.get("name"), str) or not source["name"]:
-            raise _field_error(path, f"sources[{i}].name", source.get("name") if isinstance(source, dict) else source, "a source name")
-        if source["name"] in names:
-            raise _field_error(path, f"sources[{i}].name", source["name"], "each source once")
-        names.add(source["name"])
-        if not isinstance(source.get("test"), str) or not source["test"]:
-            raise _field_error(path, f"sources[{i}].test", source.get("test"), "the path of its test file under the work directory")
-        sha = source.get("test_sha256")
-        if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
-            raise _field_error(path, f"sources[{i}].test_sha256", sha, "a sha256 hex digest")
-        folds = source.get("test_folds", [])
-        if not isinstance(folds, list) or not all(isinstance(f, dict) and isinstance(f.get("path"), str)
-                                                   and isinstance(f.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", f["sha256"])
-                                                   for f in folds):
-            raise _field_error(path, f"sources[{i}].test_folds", folds, "a list of {path, sha256} per base fold model's test set")
-    n_sets = record.get("test_sets", 1)
-    if isinstance(n_sets, bool) or not isinstance(n_sets, int) or n_sets < 1:
-        raise _field_error(path, "test_sets", n_sets, "a positive integer")
-    for i, source in enumerate(record["sources"]):
-        if source.get("test_folds") and len(source["test_folds"]) != n_sets:
-            raise _field_error(path, f"sources[{i}].test_folds", f"{len(source['test_folds'])} files", f"{n_sets} (test_sets) or none")
-    clip = record.get("clip")
-    if not number(clip) or not 0.0 <= clip < 0.5:
-        raise _field_error(path, "clip", clip, "a number in [0, 0.5)")
-    if not isinstance(record.get("any_consistency"), bool):
-        raise _field_error(path, "any_consistency", record.get("any_consistency"), "true or false")
-    if record.get("space", "logit") not in SPACES:
-        raise _field_error(path, "space", record.get("space"), " or ".join(SPACES))
-    for label in LABELS:
-        t = record["temperature"].get(label) if isinstance(record.get("temperature"), dict) else None
-        if not number(t) or t <= 0:
-            raise _field_error(path, f"temperature.{label}", t, "a positive number")
-        if "bias" in record:  # records of older versions have none (no bias)
-            b = record["bias"].get(label) if isinstance(record["bias"], dict) else None
-            if not number(b):
-                raise _field_error(path, f"bias.{label}", b, "a finite number")
-        weights = record["weights"].get(label) if isinstance(record.get("weights"), dict) else None
-        if not isinstance(weights, dict):
-            raise _field_error(path, f"weights.{label}", weights, "a weight per source")
-        for name in names:
-            w = weights.get(name)
-            if not number(w) or w < 0:
-                raise _field_error(path, f"weights.{label}.{name}", w, "a non-negative number")
-        unknown = sorted(set(weights) - names)
-        if unknown:
-            raise _field_error(path, f"weights.{label}.{unknown[0]}", weights[unknown[0]], "weights for the listed sources only")
+    return record, list(blend.sources), params
 
 
 def blended_test_predictions(workdir: Workdir) -> tuple[pd.DataFrame, dict]:

@@ -33,17 +33,13 @@ _LATER = "not done in the module-split part of issue 22 (time): split it, or an 
 _RECORDS = "builds a record or a summary that issue 22's typed records / typed results part replaces"
 KNOWN_LONG_MODULES: dict[str, str] = {}
 KNOWN_LONG_FUNCTIONS: dict[str, str] = {
-    "base_models/importer.py:import_predictions": _RECORDS,
     "stackkit/data/dicom.py:_parse_fast": _LATER + " (the fast header parser's one loop over elements)",
     "stackkit/stack/tune.py:tune_stacker": _LATER,
     "stackkit/testing/latent.py:make_studies": _LATER,
     "stackkit/testing/exported.py:write_exported_benchmark": _LATER,
 }
 KNOWN_MANY_PARAMETERS: dict[str, str] = {
-    "base_models/importer.py:import_predictions": _RECORDS,
-    "features/api.py:_features_manifest": _RECORDS,
     "stackkit/stack/crossfit.py:fit_stacker": _LATER,
-    "stackkit/stack/fit.py:_blend_record": _RECORDS,
     "stackkit/stack/tune.py:tune_stacker": _LATER,
 }
 # (importer, imported) lazy imports that close a cycle, kept until their modules are reorganised

@@ -50,7 +50,27 @@ METADATA_OPTIONAL = (
 # (``<model>__<label>__<feature>``), beside the reserved prefixes of the other feature groups.
 MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 RESERVED_MODEL_NAMES = ("slice", "meta", "models")
-MODEL_RECORD = "model.json"
+
+# The file names of a work directory. Only stackkit/contract/ spells them: everything else asks
+# Workdir, PredictionFolder or FoldModelFiles (tests/contract/test_names_owned.py checks it).
+OOF_FILE = "oof.parquet"
+TEST_FILE = "test.parquet"
+MODEL_RECORD = "model.json"  # preds/<model>/model.json
+FEATURES_MANIFEST = "manifest.json"  # features/manifest.json
+STACKER_RECORD = "meta.json"  # stack/<stacker>/meta.json
+FOLD_MODEL_RECORD = "stacker.json"  # stack/<stacker>/fold<k>/stacker.json
+BLEND_RECORD = "blend.json"  # stack/blend.json
+IMPORTANCE_FILE = "importance.parquet"  # stack/<stacker>/importance.parquet (GBDT stackers)
+PROJECTION_FILE = "projection.npz"  # a GBDT fold model's PCA of the base models' embeddings
+SCALER_FILE = "scaler.npz"  # a neural fold model's feature scaler
+TORCH_MODEL_FILE = "model.pt"  # a neural fold model's state_dict
+# a GBDT fold model's booster per label: <label><suffix>
+BOOSTER_SUFFIXES = {"lgbm": ".lgb.txt", "xgb": ".xgb.ubj"}
+
+
+def test_fold_name(fold: int) -> str:
+    """``test_fold<k>.parquet`` (v3): fold model k's test predictions, or the features of base fold model k's."""
+    return f"test_fold{int(fold)}.parquet"
 
 
 def check_model_name(name, what: str = "model name") -> str:
@@ -125,6 +145,13 @@ class Workdir:
         """``workdir`` itself, or a path turned into one: what every library entry point accepts."""
         return workdir if isinstance(workdir, cls) else cls(Path(workdir))
 
+    def relative(self, path: str | os.PathLike) -> str:
+        """``path`` relative to the work directory (as messages and records name its files); ``path`` itself outside it."""
+        try:
+            return Path(path).relative_to(self.root).as_posix()
+        except ValueError:
+            return str(path)
+
     @property
     def data_dir(self) -> Path:
         return self.root / "data"
@@ -153,36 +180,37 @@ class Workdir:
     def preds_dir(self, model: str) -> Path:
         return self.preds_root / model
 
+    def model_folder(self, model: str) -> "PredictionFolder":
+        """The files of preds/<model>/."""
+        return PredictionFolder(self.preds_dir(model), MODEL_RECORD)
+
     def oof(self, model: str) -> Path:
-        return self.preds_dir(model) / "oof.parquet"
+        return self.model_folder(model).oof
 
     def test(self, model: str) -> Path:
-        return self.preds_dir(model) / "test.parquet"
+        return self.model_folder(model).test
 
     def test_fold(self, model: str, fold: int) -> Path:
         """preds/<model>/test_fold<k>.parquet (v3, optional): fold model k's test predictions."""
-        return self.preds_dir(model) / f"test_fold{int(fold)}.parquet"
+        return self.model_folder(model).test_fold(fold)
 
     def test_fold_files(self, model: str) -> list[Path]:
         """The model's per-fold test files that exist, fold 0, 1, ... (empty for a model with only test.parquet)."""
-        found = []
-        while self.test_fold(model, len(found)).is_file():
-            found.append(self.test_fold(model, len(found)))
-        return found
+        return self.model_folder(model).test_fold_files()
 
     def model_json(self, model: str) -> Path:
-        return self.preds_dir(model) / "model.json"
+        return self.model_folder(model).record
 
     def embeddings_dir(self, model: str) -> Path:
         """preds/<model>/embeddings/: optional (v2) pooled CNN features, see stackkit.contract.embeddings."""
-        return self.preds_dir(model) / EMBEDDINGS_DIR
+        return self.model_folder(model).embeddings_dir
 
     def oof_embeddings(self, model: str) -> Path:
-        return self.embeddings_dir(model) / "oof.npy"
+        return self.model_folder(model).oof_embeddings
 
     def test_embeddings(self, model: str, fold: int | None = None) -> Path:
         """``test_fold<k>.npy`` of fold model ``fold``, or ``test.npy`` (one embedding per test image) for None."""
-        return self.embeddings_dir(model) / ("test.npy" if fold is None else f"test_fold{int(fold)}.npy")
+        return self.model_folder(model).test_embeddings(fold)
 
     def model_names(self) -> list[str]:
         """Models under preds/, sorted by name; a model folder without its oof or test file is an error.
@@ -202,11 +230,11 @@ class Workdir:
         for p in sorted(self.preds_root.iterdir()):
             if p.name.startswith(".") or not p.is_dir():
                 continue
-            present = {name: (p / name).is_file() for name in ("oof.parquet", "test.parquet", MODEL_RECORD)}
-            if present["oof.parquet"] and present["test.parquet"]:
+            present = {name: (p / name).is_file() for name in (OOF_FILE, TEST_FILE, MODEL_RECORD)}
+            if present[OOF_FILE] and present[TEST_FILE]:
                 names.append(p.name)
             elif any(present.values()):
-                missing = " and ".join(name for name in ("oof.parquet", "test.parquet") if not present[name])
+                missing = " and ".join(name for name in (OOF_FILE, TEST_FILE) if not present[name])
                 raise ContractError(
                     f"{p}: model '{p.name}' has no {missing}; a model needs both: rerun `base train` or "
                     "`base import --force` for it, or remove the folder"
@@ -227,11 +255,11 @@ class Workdir:
 
     def features_test_fold(self, fold: int) -> Path:
         """features/test_fold<k>.parquet (v3): the test features built from base fold model k's predictions."""
-        return self.features_dir / f"test_fold{int(fold)}.parquet"
+        return self.features_dir / test_fold_name(fold)
 
     @property
     def features_manifest(self) -> Path:
-        return self.features_dir / "manifest.json"
+        return self.features_dir / FEATURES_MANIFEST
 
     @property
     def stack_root(self) -> Path:
@@ -252,9 +280,13 @@ class Workdir:
     def stack_dir(self, stacker: str) -> Path:
         return self.stack_root / stacker
 
+    def stacker_folder(self, stacker: str) -> "PredictionFolder":
+        """The files of stack/<stacker>/: its predictions, meta.json and fold models."""
+        return PredictionFolder(self.stack_dir(stacker), STACKER_RECORD)
+
     @property
     def blend(self) -> Path:
-        return self.stack_root / "blend.json"
+        return self.stack_root / BLEND_RECORD
 
     @property
     def report_html(self) -> Path:
@@ -271,6 +303,98 @@ class Workdir:
     @property
     def optuna_journal(self) -> Path:
         return self.root / "optuna" / "journal.log"
+
+
+@dataclass(frozen=True)
+class PredictionFolder:
+    """The files of one prediction folder: preds/<model>/ (record ``model.json``), stack/<stacker>/
+    (record ``meta.json``), or the sibling folder such a set is being written into."""
+
+    path: Path
+    record_name: str = MODEL_RECORD
+
+    def __post_init__(self):
+        if not isinstance(self.path, Path):
+            object.__setattr__(self, "path", Path(self.path))
+
+    @property
+    def oof(self) -> Path:
+        return self.path / OOF_FILE
+
+    @property
+    def test(self) -> Path:
+        return self.path / TEST_FILE
+
+    def test_fold(self, fold: int) -> Path:
+        return self.path / test_fold_name(fold)
+
+    def test_fold_files(self) -> list[Path]:
+        """The per-fold test files that exist, fold 0, 1, ... (empty for a folder with only test.parquet)."""
+        found = []
+        while self.test_fold(len(found)).is_file():
+            found.append(self.test_fold(len(found)))
+        return found
+
+    def present_test_folds(self) -> list[str]:
+        """Names of every ``test_fold*.parquet`` present, sorted (a partial or overlong set included)."""
+        return sorted(p.name for p in self.path.glob("test_fold*.parquet"))
+
+    @property
+    def record(self) -> Path:
+        return self.path / self.record_name
+
+    @property
+    def embeddings_dir(self) -> Path:
+        """A base model's embeddings/ (v2, optional)."""
+        return self.path / EMBEDDINGS_DIR
+
+    @property
+    def oof_embeddings(self) -> Path:
+        return self.embeddings_dir / "oof.npy"
+
+    def test_embeddings(self, fold: int | None = None) -> Path:
+        """``test_fold<k>.npy`` of fold model ``fold``, or ``test.npy`` (one embedding per test image) for None."""
+        return self.embeddings_dir / ("test.npy" if fold is None else f"test_fold{int(fold)}.npy")
+
+    @property
+    def importance(self) -> Path:
+        return self.path / IMPORTANCE_FILE
+
+    def fold_model(self, fold: int) -> "FoldModelFiles":
+        """A stacker's fold model k: stack/<stacker>/fold<k>/."""
+        return FoldModelFiles(self.path / f"fold{int(fold)}")
+
+
+@dataclass(frozen=True)
+class FoldModelFiles:
+    """The files of one stacker fold model's folder (``stack/<stacker>/fold<k>/``, or any folder
+    ``Stacker.save`` is given): each with a sha256 sidecar (``contract.io.sidecar``)."""
+
+    path: Path
+
+    def __post_init__(self):
+        if not isinstance(self.path, Path):
+            object.__setattr__(self, "path", Path(self.path))
+
+    @property
+    def record(self) -> Path:
+        return self.path / FOLD_MODEL_RECORD
+
+    @property
+    def projection(self) -> Path:
+        return self.path / PROJECTION_FILE
+
+    @property
+    def scaler(self) -> Path:
+        return self.path / SCALER_FILE
+
+    @property
+    def torch_model(self) -> Path:
+        return self.path / TORCH_MODEL_FILE
+
+    def booster(self, stacker: str, label: str) -> Path:
+        """A GBDT stacker's booster of ``label`` (``<label>.lgb.txt``, ``<label>.xgb.ubj``)."""
+        return self.path / f"{label}{BOOSTER_SUFFIXES[stacker]}"
 
 
 def folds_hash(image_ids, folds) -> str:
@@ -319,3 +443,8 @@ def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
         for chunk in iter(lambda: handle.read(chunk_size), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# The layout relative to any work directory's root: how code without a Workdir at hand (kernels
+# over frames) names a contract file in a message, e.g. ``str(RELATIVE.folds)``.
+RELATIVE = Workdir(Path())

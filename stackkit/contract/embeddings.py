@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stackkit.contract import EMBEDDINGS_DIR, Workdir, file_sha256
+from stackkit.contract import PredictionFolder, Workdir, file_sha256
 from stackkit.errors import ContractError, StackkitError, one_line
 
 EMBEDDING_DTYPE = np.float16
@@ -125,16 +125,16 @@ def write_embedding_parts(path, n_rows: int, dim: int, parts) -> Path:
     return Path(path)
 
 
-def test_file_names(n_test_files: int) -> list[str]:
-    """Names of the test embedding files: ``test.npy`` for one, ``test_fold<k>.npy`` for one per fold model."""
-    return ["test.npy"] if n_test_files == 1 else [f"test_fold{k}.npy" for k in range(n_test_files)]
+def _test_files(folder: PredictionFolder, n_test_files: int) -> list[Path]:
+    """``test.npy`` for one test embedding file, ``test_fold<k>.npy`` for one per fold model."""
+    return [folder.test_embeddings(None if n_test_files == 1 else k) for k in range(n_test_files)]
 
 
 def embedding_record(dim: int, n_test_files: int) -> dict:
     """model.json entries for the embedding files of a model folder (their sha256 go with every other file's)."""
-    files = ["oof.npy", *test_file_names(n_test_files)]
-    relative = [f"{EMBEDDINGS_DIR}/{name}" for name in files]
-    return {"embedding_dim": int(dim), "embeddings": {"oof": relative[0], "test": relative[1:]}}
+    folder = PredictionFolder(Path())  # paths relative to the model folder
+    return {"embedding_dim": int(dim), "embeddings": {"oof": folder.oof_embeddings.as_posix(),
+                                                      "test": [path.as_posix() for path in _test_files(folder, n_test_files)]}}
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,13 @@ class ModelEmbeddings:
         return len(self.test) > 1
 
 
-def has_embeddings(record: dict) -> bool:
+def _as_json(record) -> dict:
+    """A model.json record as written: a ``ModelRecord`` or its JSON object."""
+    return record if isinstance(record, dict) else {**record.to_json(), "sha256": record.sha256}
+
+
+def has_embeddings(record) -> bool:
+    record = _as_json(record)
     return record.get("embedding_dim") is not None and isinstance(record.get("embeddings"), dict)
 
 
@@ -160,6 +166,7 @@ def read_model_embeddings(wd: Workdir, model: str, record: dict, *, n_oof: int, 
                           check_hashes: bool = True) -> ModelEmbeddings:
     """The files ``record`` (preds/<model>/model.json) lists, hash-checked against it, then memory-mapped."""
     json_path = wd.model_json(model)
+    record = _as_json(record)
     try:
         dim = int(record["embedding_dim"])
         oof_rel = str(record["embeddings"]["oof"])
@@ -230,7 +237,6 @@ __all__ = [
     "open_npy",
     "read_model_embeddings",
     "release_pages",
-    "test_file_names",
     "write_embedding_parts",
     "write_embeddings",
 ]

@@ -396,12 +396,23 @@ def read_table(path: str | os.PathLike, *, what: str = "file", columns=None) -> 
 # --- files with sha256 sidecars ------------------------------------------------------------------
 
 
+def sidecar(path: str | os.PathLike) -> Path:
+    """The sha256 sidecar of ``path``: ``<name>.sha256`` beside it."""
+    path = Path(path)
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def has_sidecar(path: str | os.PathLike) -> bool:
+    """``path`` and its sidecar both exist (the sidecar is written last: a complete artifact)."""
+    return Path(path).is_file() and sidecar(path).is_file()
+
+
 def write_artifact(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` atomically, then its sha256 sidecar (sidecar last: a file without one is refused)."""
     path = Path(path)
-    sidecar = path.with_name(path.name + SIDECAR_SUFFIX)
+    sidecar_path = sidecar(path)
     write_bytes(data, path)
-    write_text(f"{file_sha256(path)}  {path.name}\n", sidecar)
+    write_text(f"{file_sha256(path)}  {path.name}\n", sidecar_path)
     return path
 
 
@@ -411,15 +422,15 @@ def read_artifact(path: str | os.PathLike, remedy: str = "refit with `stack fit`
     The bytes are read once and checked before any library sees them: a truncated LightGBM
     model handed over by path can abort the process."""
     path = Path(path)
-    sidecar = path.with_name(path.name + SIDECAR_SUFFIX)
+    sidecar_path = sidecar(path)
     if not path.is_file():
         raise StackkitError(f"{path}: model file not found; {remedy}")
-    if not sidecar.is_file():
-        raise StackkitError(f"{path}: sha256 sidecar {sidecar.name} missing; refusing to load an unverified model file: {remedy}")
+    if not sidecar_path.is_file():
+        raise StackkitError(f"{path}: sha256 sidecar {sidecar_path.name} missing; refusing to load an unverified model file: {remedy}")
     try:
-        expected = sidecar.read_text(encoding="utf-8").split()[0].strip().lower()
+        expected = sidecar_path.read_text(encoding="utf-8").split()[0].strip().lower()
     except (IndexError, UnicodeDecodeError) as exc:
-        raise StackkitError(f"{sidecar}: unreadable sha256 sidecar; {remedy}") from exc
+        raise StackkitError(f"{sidecar_path}: unreadable sha256 sidecar; {remedy}") from exc
     data = path.read_bytes()
     actual = hashlib.sha256(data).hexdigest()
     if actual != expected:

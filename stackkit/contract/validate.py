@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 from stackkit.contract import LABELS, METADATA_REQUIRED, SPLITS, Workdir
 from stackkit.errors import ContractError, LeakageError
 from stackkit.contract.io import read_json, read_table, verify_set
+from stackkit.contract.records import read_model_record
 
 
 def _row_ref(frame: pd.DataFrame, position: int) -> str:
@@ -258,12 +259,7 @@ def attach_folds(frame: pd.DataFrame, folds: pd.DataFrame, source) -> pd.DataFra
 
 
 def _source(path: Path, workdir: Workdir | None) -> str:
-    if workdir is not None:
-        try:
-            return str(Path(path).relative_to(workdir.root))
-        except ValueError:
-            pass
-    return str(path)
+    return str(path) if workdir is None else workdir.relative(path)
 
 
 def _require_file(path: Path, hint: str) -> None:
@@ -330,7 +326,7 @@ def read_test_folds(workdir: Workdir, model: str, metadata: pd.DataFrame, n_fold
 
     One per fold model or none: a partial set (or one past fold K-1) is an error, because a test
     set with some fold models missing would not be distributed like the OOF rows."""
-    present = sorted(p.name for p in workdir.preds_dir(model).glob("test_fold*.parquet"))
+    present = workdir.model_folder(model).present_test_folds()
     if not present:
         return None
     expected = sorted(workdir.test_fold(model, k).name for k in range(n_folds))
@@ -357,18 +353,19 @@ def verify_model_files(workdir: Workdir, model: str, names=None) -> None:
 
     A work directory assembled by hand may have no model.json; a record that lists hashes must
     match, else the folder mixes two versions of the model or was edited since."""
-    record_path = workdir.model_json(model)
-    hashes = _recorded_hashes(record_path)
+    files = workdir.model_folder(model)
+    record = read_model_record(files.record)
+    hashes = None if record is None else record.sha256
     if hashes is None:
         return
     if names is None:
-        fold_files = sorted(p.name for p in workdir.preds_dir(model).glob("test_fold*.parquet"))
+        fold_files = files.present_test_folds()
         unlisted = [name for name in fold_files if isinstance(hashes, dict) and name not in hashes]
         if unlisted:
-            raise ContractError(f"{workdir.preds_dir(model) / unlisted[0]}: not listed in {_source(record_path, workdir)} "
+            raise ContractError(f"{files.path / unlisted[0]}: not listed in {_source(files.record, workdir)} "
                                 f"(added after the model was written); rerun `base train` or `base import --force` for model '{model}'")
-        names = ["oof.parquet", "test.parquet", *fold_files]
-    verify_set(workdir.preds_dir(model), _source(record_path, workdir), hashes, names=names,
+        names = [files.oof.name, files.test.name, *fold_files]
+    verify_set(files.path, _source(files.record, workdir), hashes, names=names,
                remedy=f"rerun `base train` or `base import --force` for model '{model}'")
 
 

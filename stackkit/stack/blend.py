@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from stackkit.contract import LABEL_WEIGHTS, LABELS
+from stackkit.contract.records.blend import SPACES  # blend.json's `space`: the contract's
 from stackkit.metric import weighted_log_loss
 
 N_LABELS = len(LABELS)
@@ -39,7 +40,6 @@ DEFAULT_CLIP = 1e-6
 NO_CLIP = 1e-7
 CLIP_GRID = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 3e-3, 1e-2)
 TEMPERATURE_BOUNDS = (0.25, 4.0)
-SPACES = ("logit", "probability")
 
 
 def logit(p: np.ndarray, eps: float = LOGIT_EPS) -> np.ndarray:

@@ -9,7 +9,6 @@ predictions; ``save_stacker_result`` / ``load_stacker_models`` write and read st
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +16,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stackkit.contract import CONTRACT_VERSION, LABELS, Workdir, file_sha256, folds_hash
+from stackkit.contract import LABELS, RELATIVE, PredictionFolder, Workdir, file_sha256, folds_hash
+from stackkit.contract.columns import TEST_KEY_COLUMNS, TRAIN_KEY_COLUMNS
 from stackkit.errors import ContractError, LeakageError, StackkitError
-from stackkit.contract.io import read_json, read_table, recover_set, replace_dir, verify_set, write_parquet, write_set_record
+from stackkit.contract.io import read_table, recover_set, replace_dir, verify_set, write_parquet
+from stackkit.contract.records import (FeaturesManifest, StackerRecord, manifest_test_fold_paths, read_features_manifest,
+                                       read_stacker_record, write_stacker_record)
+from stackkit.contract.records.features import RERUN_FEATURES
 from stackkit.metric import Score, weighted_log_loss
 from stackkit.stack.folds import EARLY_STOPPING_FRACTION, FoldJobs, early_stopping_split, fold_models
 from stackkit.stack.stackers import STACKERS, StackData, Stacker, get_stacker
@@ -27,11 +30,9 @@ from stackkit.stack.stackers.base import default_threads
 from stackkit.contract.validate import check_id_coverage, check_ids, load_core, require_columns, validate_predictions
 
 # Share of the training folds' patients held out for early stopping.
-RERUN_FEATURES = "rerun `stack features`"
-STACKER_RECORD = "meta.json"
 
 
-def check_feature_inputs(wd: Workdir, manifest: dict) -> None:
+def check_feature_inputs(wd: Workdir, manifest: FeaturesManifest) -> None:
     """Refuse features built from inputs that changed since: every file the manifest hashed must be unchanged.
 
     Also refuses a model folder that lost its test (or oof) file (``Workdir.model_names``) or whose
@@ -40,10 +41,7 @@ def check_feature_inputs(wd: Workdir, manifest: dict) -> None:
 
     for model in wd.model_names():
         verify_model_files(wd, model)
-    inputs = manifest.get("inputs", {})
-    if not isinstance(inputs, dict):
-        raise ContractError(f"features/manifest.json: 'inputs' must map input files to sha256; {RERUN_FEATURES}")
-    for rel, recorded in inputs.items():
+    for rel, recorded in manifest.inputs.items():
         path = wd.root / rel
         parts = Path(rel).parts
         what = f"model '{parts[1]}'" if len(parts) == 3 and parts[0] == wd.preds_root.name else rel
@@ -64,7 +62,7 @@ class StackInputs:
     train: StackData  # features + labels (joined from data/labels.parquet on image_id)
     test: StackData
     feature_columns: list[str]
-    manifest: dict
+    manifest: FeaturesManifest
     folds_hash: str
     embedding_models: tuple[str, ...] = ()  # base models whose embeddings train/test carry (contract v2)
     # v3: features/test_fold<k>.parquet, the test features once per base fold model (empty: only test.parquet)
@@ -99,7 +97,7 @@ class StackInputs:
             return
         expected_ids = self.test_keys["image_id"].to_numpy(dtype=object)
         for k, path in enumerate(self.test_fold_paths):
-            source = f"features/{path.name}"
+            source = str(RELATIVE.features_test_fold(k))
             frame = read_table(path, what="features file", columns=["image_id", *self.feature_columns])
             require_columns(frame, self.feature_columns, source, f"features/manifest.json lists them; {RERUN_FEATURES}")
             ids = frame["image_id"].to_numpy(dtype=object)
@@ -131,7 +129,7 @@ class StackerResult:
 
 
 def _features_frame(path: Path, key_columns, feature_columns, wd: Workdir) -> pd.DataFrame:
-    source = os.path.relpath(path, wd.root)
+    source = wd.relative(path)
     frame = read_table(path, what="features file")
     require_columns(frame, key_columns, source, RERUN_FEATURES)
     require_columns(frame, feature_columns, source, f"features/manifest.json lists them; {RERUN_FEATURES}")
@@ -142,26 +140,21 @@ def _features_frame(path: Path, key_columns, feature_columns, wd: Workdir) -> pd
     return frame
 
 
-def _checked_manifest(wd: Workdir, folds: pd.DataFrame) -> tuple[dict, str, list]:
+def _checked_manifest(wd: Workdir, folds: pd.DataFrame) -> tuple[FeaturesManifest, str, list]:
     """The features manifest, the current folds hash and its feature columns, once the set is checked against data/."""
     recover_set(wd.features_dir, clean=False)
     for path in (wd.features_manifest, wd.features_train, wd.features_test):
         if not path.is_file():
             raise StackkitError(f"{path}: not found; run `stack features` first")
-    manifest = read_json(wd.features_manifest)
-    if not isinstance(manifest, dict):
-        raise ContractError(f"features/manifest.json: expected a JSON object; {RERUN_FEATURES}")
+    manifest = read_features_manifest(wd)
     current_hash = folds_hash(folds["image_id"].to_numpy(dtype=object), folds["fold"].to_numpy())
-    if manifest.get("folds_hash") != current_hash:
+    if manifest.folds_hash != current_hash:
         raise LeakageError(
-            f"features/manifest.json: folds_hash {str(manifest.get('folds_hash'))[:12]}... differs from data/folds.parquet "
+            f"{wd.relative(wd.features_manifest)}: folds_hash {str(manifest.folds_hash)[:12]}... differs from {wd.relative(wd.folds)} "
             f"({current_hash[:12]}...): features were built from a different folds file: {RERUN_FEATURES}"
         )
     check_feature_inputs(wd, manifest)
-    feature_columns = manifest.get("feature_columns")
-    if not isinstance(feature_columns, list) or not feature_columns or not all(isinstance(c, str) for c in feature_columns):
-        raise ContractError(f"features/manifest.json: 'feature_columns' must be a non-empty list of column names; {RERUN_FEATURES}")
-    return manifest, current_hash, feature_columns
+    return manifest, current_hash, manifest.feature_columns
 
 
 def _expected_folds(train: pd.DataFrame, folds: pd.DataFrame) -> np.ndarray:
@@ -228,7 +221,7 @@ def _stack_data(
 
 
 def _with_embeddings(
-    wd: Workdir, manifest: dict, folds: pd.DataFrame, train_keys: pd.DataFrame, test_keys: pd.DataFrame, train_data: StackData, test_data: StackData
+    wd: Workdir, manifest: FeaturesManifest, folds: pd.DataFrame, train_keys: pd.DataFrame, test_keys: pd.DataFrame, train_data: StackData, test_data: StackData
 ) -> tuple[StackData, StackData, tuple[str, ...]]:
     """(train, test, embedding models): the data with the features' models' embeddings attached, unchanged where none were exported."""
     from dataclasses import replace
@@ -236,7 +229,7 @@ def _with_embeddings(
     from stackkit.stack.embeddings import load_embedding_sets
 
     embedding_models: tuple[str, ...] = ()
-    models = manifest.get("models") if isinstance(manifest.get("models"), list) else wd.model_names()
+    models = manifest.models if manifest.models is not None else wd.model_names()
     n_folds = int(folds["fold"].max()) + 1
     train_sets, test_sets = load_embedding_sets(wd, models, train_keys["image_id"].to_numpy(), test_keys["image_id"].to_numpy(), n_folds)
     if train_sets:
@@ -258,13 +251,13 @@ def load_stack_inputs(workdir, *, use_embeddings: bool = True, core=None) -> Sta
     metadata, labels, folds = load_core(wd) if core is None else core
     manifest, current_hash, feature_columns = _checked_manifest(wd, folds)
 
-    train = _features_frame(wd.features_train, ("image_id", "study_id", "fold", "slice_index"), feature_columns, wd)
-    test = _features_frame(wd.features_test, ("image_id", "study_id", "slice_index"), feature_columns, wd)
-    if "sha256" in manifest:  # written by `stack features` as a set: the tables must be the ones this manifest lists
-        verify_set(wd.features_dir, "features/manifest.json", manifest["sha256"], remedy=RERUN_FEATURES)
-    check_id_coverage(train["image_id"], folds["image_id"], "features/train.parquet", "labeled")
+    train = _features_frame(wd.features_train, TRAIN_KEY_COLUMNS, feature_columns, wd)
+    test = _features_frame(wd.features_test, TEST_KEY_COLUMNS, feature_columns, wd)
+    if manifest.sha256 is not None:  # written by `stack features` as a set: the tables must be the ones this manifest lists
+        verify_set(wd.features_dir, wd.relative(wd.features_manifest), manifest.sha256, remedy=RERUN_FEATURES)
+    check_id_coverage(train["image_id"], folds["image_id"], wd.relative(wd.features_train), "labeled")
     test_ids = metadata.loc[metadata["split"] == "test", "image_id"]
-    check_id_coverage(test["image_id"], test_ids, "features/test.parquet", "test")
+    check_id_coverage(test["image_id"], test_ids, wd.relative(wd.features_test), "test")
 
     expected_fold = _expected_folds(train, folds)
     train_keys, test_keys = _key_frames(train, test, metadata, expected_fold)
@@ -275,21 +268,11 @@ def load_stack_inputs(workdir, *, use_embeddings: bool = True, core=None) -> Sta
     embedding_models: tuple[str, ...] = ()
     if use_embeddings:
         train_data, test_data, embedding_models = _with_embeddings(wd, manifest, folds, train_keys, test_keys, train_data, test_data)
-    test_fold_paths = _test_fold_paths(wd, manifest)
+    test_fold_paths = manifest_test_fold_paths(wd, manifest)
     return StackInputs(train_keys, test_keys, train_data, test_data, list(feature_columns), manifest, current_hash, embedding_models,
                        test_fold_paths)
 
 
-def _test_fold_paths(wd: Workdir, manifest: dict) -> tuple[Path, ...]:
-    """features/test_fold<k>.parquet as the manifest lists them (v3); () for features without per-fold test sets."""
-    names = manifest.get("test_fold_files", [])
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise ContractError(f"features/manifest.json: 'test_fold_files' must be a list of file names; {RERUN_FEATURES}")
-    paths = tuple(wd.features_test_fold(k) for k in range(len(names)))
-    for name, path in zip(names, paths):
-        if name != path.name or not path.is_file():
-            raise ContractError(f"features/manifest.json: lists {name}, expected {path.name} to exist in features/; {RERUN_FEATURES}")
-    return paths
 
 
 class FoldPruned(Exception):
@@ -388,39 +371,30 @@ def save_stacker_result(workdir, result: StackerResult, core=None) -> None:
     metadata, _labels, folds = load_core(wd) if core is None else core
     if result.folds_hash != folds_hash(folds["image_id"].to_numpy(dtype=object), folds["fold"].to_numpy()):
         raise LeakageError(f"stacker '{result.name}' was fitted on other folds than data/folds.parquet; refit with `stack fit`")
-    directory = wd.stack_dir(result.name)
-    source = os.path.relpath(wd.published(directory), wd.root)  # stack/<name>, also while stack/ is being built
-    oof = validate_predictions(result.oof, f"{source}/oof.parquet", expected_ids=folds["image_id"], what="labeled", folds=folds)
+    published = wd.published(wd.stack_dir(result.name))  # stack/<name>, also while stack/ is being built
+    named = PredictionFolder(Path(wd.relative(published)))  # how messages name its files
+    oof = validate_predictions(result.oof, str(named.oof), expected_ids=folds["image_id"], what="labeled", folds=folds)
     test_ids = metadata.loc[metadata["split"] == "test", "image_id"]
-    test = validate_predictions(result.test, f"{source}/test.parquet", expected_ids=test_ids, what="test")
-    record = {
-        "contract_version": CONTRACT_VERSION,
-        "stacker": result.name,
-        "params": result.params,
-        "score": result.score.as_dict(),
-        "fold_scores": result.fold_scores,
-        "seconds": result.seconds,
-        "n_folds": len(result.models),
-        "test_folds": [f"test_fold{k}.parquet" for k in range(len(result.test_folds))],
-        "feature_columns": result.feature_columns,
-        "folds_hash": result.folds_hash,
-        "tuning": result.tuning,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    test = validate_predictions(result.test, str(named.test), expected_ids=test_ids, what="test")
+    record = StackerRecord(stacker=result.name, params=result.params, score=result.score.as_dict(), fold_scores=result.fold_scores,
+                           seconds=result.seconds, n_folds=len(result.models), n_test_folds=len(result.test_folds),
+                           feature_columns=result.feature_columns, folds_hash=result.folds_hash, tuning=result.tuning,
+                           created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     # stack/<name>/ is replaced as a set: fold models, predictions and meta.json (last, with the
     # sha256 of every other file) go into a sibling folder switched in at once, so a fold never
     # holds models of two runs and the predictions always belong to the models beside them.
-    with replace_dir(directory) as folder:
+    with replace_dir(wd.stack_dir(result.name)) as folder:
+        files = PredictionFolder(folder)
         for k, model in enumerate(result.models):
-            model.save(folder / f"fold{k}")
-        write_parquet(oof, folder / "oof.parquet")
-        write_parquet(test, folder / "test.parquet")
+            model.save(files.fold_model(k).path)
+        write_parquet(oof, files.oof)
+        write_parquet(test, files.test)
         for k, fold_test in enumerate(result.test_folds):
-            fold_test = validate_predictions(fold_test, f"{source}/test_fold{k}.parquet", expected_ids=test_ids, what="test")
-            write_parquet(fold_test, folder / f"test_fold{k}.parquet")
+            fold_test = validate_predictions(fold_test, str(named.test_fold(k)), expected_ids=test_ids, what="test")
+            write_parquet(fold_test, files.test_fold(k))
         if result.importance is not None:
-            write_parquet(result.importance, folder / "importance.parquet")
-        write_set_record(folder, STACKER_RECORD, record)
+            write_parquet(result.importance, files.importance)
+        write_stacker_record(folder, record)
 
 
 def load_stacker_models(workdir, name: str) -> list[Stacker]:
@@ -428,17 +402,7 @@ def load_stacker_models(workdir, name: str) -> list[Stacker]:
     wd = Workdir.of(workdir)
     if name not in STACKERS:
         get_stacker(name)  # raises the one-line "unknown stacker" error
-    directory = wd.stack_dir(name)
-    recover_set(directory, clean=False)
-    meta_path = directory / STACKER_RECORD
-    if not meta_path.is_file():
-        raise StackkitError(f"{meta_path}: not found; run `stack fit --stackers {name}` first")
-    meta = read_json(meta_path)
-    if not isinstance(meta, dict):
-        raise ContractError(f"{meta_path}: expected a JSON object; refit with `stack fit`")
-    if "sha256" in meta:
-        verify_set(directory, meta_path, meta["sha256"], remedy=f"refit with `stack fit --stackers {name}`")
-    n_folds = meta.get("n_folds")
-    if not isinstance(n_folds, int) or n_folds < 1:
-        raise ContractError(f"{meta_path}: 'n_folds' must be a positive integer; refit with `stack fit`")
-    return [STACKERS[name].load(directory / f"fold{k}") for k in range(n_folds)]
+    files = wd.stacker_folder(name)
+    recover_set(files.path, clean=False)
+    record = read_stacker_record(files.path, name)
+    return [STACKERS[name].load(files.fold_model(k).path) for k in range(record.n_folds)]

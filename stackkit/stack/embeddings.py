@@ -19,7 +19,8 @@ import pandas as pd
 
 from stackkit.contract import Workdir
 from stackkit.contract.embeddings import has_embeddings, read_model_embeddings
-from stackkit.contract.io import read_json, read_table
+from stackkit.contract.io import read_table
+from stackkit.contract.records import read_model_record
 from stackkit.errors import ContractError
 from stackkit.stack.inputs import EmbeddingSet
 
@@ -36,17 +37,14 @@ def load_embedding_sets(wd: Workdir, models, train_ids, test_ids, n_folds: int) 
     """(train sets, test sets) over the ``models`` that have embeddings; ((), ()) when none has."""
     found = []
     for model in models:
-        path = wd.model_json(model)
-        if not path.is_file():
-            continue
-        record = read_json(path)
-        if not has_embeddings(record):
+        record = read_model_record(wd.model_json(model))
+        if record is None or not has_embeddings(record):
             continue
         oof_ids = read_table(wd.oof(model), what="OOF prediction file", columns=["image_id"])["image_id"].astype(str).to_numpy(dtype=object)
         test_file_ids = read_table(wd.test(model), what="test prediction file", columns=["image_id"])["image_id"].astype(str).to_numpy(dtype=object)
         emb = read_model_embeddings(wd, model, record, n_oof=len(oof_ids), n_test=len(test_file_ids), n_folds=n_folds)
-        train_rows = _file_rows(oof_ids, train_ids, f"preds/{model}/oof.parquet")
-        test_rows = _file_rows(test_file_ids, test_ids, f"preds/{model}/test.parquet")
+        train_rows = _file_rows(oof_ids, train_ids, wd.relative(wd.oof(model)))
+        test_rows = _file_rows(test_file_ids, test_ids, wd.relative(wd.test(model)))
         found.append((model, emb, train_rows, test_rows))
     if not found:
         return (), ()

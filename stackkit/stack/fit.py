@@ -31,14 +31,15 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from stackkit.contract import CONTRACT_VERSION, LABELS, SEED_RANGE, Workdir, file_sha256, folds_hash
-from stackkit.contract.io import check_set_target, replace_dir, write_json
+from stackkit.contract import LABELS, SEED_RANGE, Workdir, file_sha256, folds_hash
+from stackkit.contract.io import check_set_target, replace_dir
+from stackkit.contract.records import BlendRecord, write_blend_record
 from stackkit.errors import StackkitError
 from stackkit.metric import Score, weighted_log_loss
 
@@ -54,6 +55,18 @@ OPTUNA_BLEND = "Optuna search over weights, temperature and clip"
 # --tune without --timeout: 20 trials of a GBDT stacker at ~50k images take longer than a user waits
 # for one command; the budget stops the studies in time (each keeps its best complete trial).
 DEFAULT_TUNE_BUDGET_S = 420.0
+
+
+@dataclass(frozen=True)
+class BlendRun:
+    """How `stack fit` ran, as blend.json records it."""
+
+    tune: bool
+    seed: int
+    storage: str | None
+    per_label: bool
+    device: str
+    budget: float | None
 
 
 @dataclass
@@ -169,11 +182,11 @@ def run_stack_fit(workdir: Workdir, options: StackFitOptions | None = None, **fi
         choice, blend_info = _choose_blend(sources, search, per_label=per_label_weights, any_consistency=o.any_consistency)
         if blend_info is not None:
             studies["blend"] = blend_info
-        record = _blend_record(swd, sources, choice, fitted, studies, tune=tune, seed=seed, storage=storage,
-                               per_label=per_label_weights, device=resolved_device, budget=budget)
-        record["base_oof_scores"] = base_oof_scores(wd, core, sources)
-        record["stackers_kept"] = kept
-        write_json(record, swd.blend)
+        blend = _blend_record(swd, sources, choice, fitted, studies,
+                              BlendRun(tune, seed, storage, per_label_weights, resolved_device, budget))
+        blend = replace(blend, base_oof_scores=base_oof_scores(wd, core, sources), stackers_kept=kept)
+        write_blend_record(blend, swd.blend)
+        record = blend.to_json()  # the report and the summary read the record as written
         from stackkit.stack.report import stack_fit_report
 
         rows = stack_fit_report(swd, record, sources, choice, fitted, studies)
@@ -316,9 +329,10 @@ def _collect_sources(wd, core, fitted: dict, base_models: list[str]) -> Sources:
     for name, (result, _tuned) in fitted.items():
         names.append(f"stack/{name}")
         kinds.append("stacker")
-        oof_paths.append(wd.stack_dir(name) / "oof.parquet")
-        test_paths.append(wd.stack_dir(name) / "test.parquet")
-        fold_paths.append([wd.stack_dir(name) / f"test_fold{k}.parquet" for k in range(len(result.test_folds))])
+        files = wd.stacker_folder(name)
+        oof_paths.append(files.oof)
+        test_paths.append(files.test)
+        fold_paths.append([files.test_fold(k) for k in range(len(result.test_folds))])
         arrays.append(result.oof.set_index("image_id").reindex(image_ids)[list(LABELS)].to_numpy(dtype=np.float64))
     for model in base_models:
         oof = read_oof(wd.oof(model), folds, wd)  # LeakageError when its folds disagree with data/folds.parquet
@@ -379,31 +393,30 @@ def weight_summary(weights: np.ndarray, names: list[str]) -> list[dict]:
     return sorted(rows, key=lambda r: -r["mean_weight"])
 
 
-def _blend_record(wd, sources: Sources, choice, fitted: dict, studies: dict, *, tune, seed, storage, per_label, device, budget) -> dict:
+def _blend_record(wd, sources: Sources, choice, fitted: dict, studies: dict, run: BlendRun) -> BlendRecord:
     from stackkit.stack.storage import describe_storage
 
     params = choice.params
     in_sample, cv = choice.in_sample, choice.cv
-    return {
-        "contract_version": CONTRACT_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "formula": params.formula,
-        "sources": [_source_record(wd, sources, s, fitted) for s in range(len(sources.names))],
-        "per_label_weights": bool(per_label),
-        **params.to_json(sources.names),
-        "scores": {"in_sample": in_sample.as_dict(), "cv": {**cv.as_dict(), "per_fold": choice.chosen.per_fold}},
-        "choice": {"chosen": choice.chosen.name, "kind": choice.chosen.kind, "reason": choice.reason,
-                   "candidates": [c.as_dict() for c in choice.candidates],
-                   "weights_summary": weight_summary(params.weights, sources.names)},
-        "cv_method": CV_METHOD,
+    return BlendRecord(
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        formula=params.formula,
+        sources=[_source_record(wd, sources, s, fitted) for s in range(len(sources.names))],
+        per_label_weights=bool(run.per_label),
+        params=params.to_json(sources.names),
+        scores={"in_sample": in_sample.as_dict(), "cv": {**cv.as_dict(), "per_fold": choice.chosen.per_fold}},
+        choice={"chosen": choice.chosen.name, "kind": choice.chosen.kind, "reason": choice.reason,
+                "candidates": [c.as_dict() for c in choice.candidates],
+                "weights_summary": weight_summary(params.weights, sources.names)},
+        cv_method=CV_METHOD,
         **test_sets_record(wd, sources),
-        "tuned": bool(tune),
-        "device": device,
-        "seed": int(seed),
-        "folds_hash": folds_hash(sources.image_ids, sources.folds),
-        "optuna": None if not tune else {"storage": describe_storage(storage, wd), "budget_s": budget,
-                                         "studies": {n: info.as_dict() for n, info in studies.items()}},
-    }
+        tuned=bool(run.tune),
+        device=run.device,
+        seed=int(run.seed),
+        folds_hash=folds_hash(sources.image_ids, sources.folds),
+        optuna=None if not run.tune else {"storage": describe_storage(run.storage, wd), "budget_s": run.budget,
+                                          "studies": {n: info.as_dict() for n, info in studies.items()}},
+    )
 
 
 def test_sets_record(wd: Workdir, sources: Sources) -> dict:
@@ -439,7 +452,4 @@ def _result(wd, record, rows, sources: Sources, choice, fitted, studies, seconds
 
 
 def _relative(path: Path, wd: Workdir) -> str:
-    try:
-        return wd.published(path).relative_to(wd.root).as_posix()
-    except ValueError:
-        return str(path)
+    return wd.relative(wd.published(path))

@@ -25,7 +25,7 @@ class StackData:
     ``Y``: (n, 6) 0/1 labels in LABELS order, ``None`` for prediction.
     ``image_ids``: optional (n,) ids, used only to name rows in error messages.
     ``feature_names``: optional names of the f columns (features/manifest.json): sequence
-    stackers derive from them how a study reversed in z looks (:func:`features.columns.reversal_map`).
+    stackers derive from them how a study reversed in z looks (:func:`stackkit.contract.columns.reversal_map`).
     ``embeddings``: optional per-slice embeddings of the base models that have them, one
     :class:`EmbeddingSet` per embedding space: one for OOF rows, one per base fold model (or one)
     for test rows. Stackers that do not use embeddings ignore them.

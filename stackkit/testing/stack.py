@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stackkit.contract import CONTRACT_VERSION, LABELS, Workdir, folds_hash
-from stackkit.contract.io import write_json, write_parquet
+from stackkit.contract import LABELS, Workdir, folds_hash
+from stackkit.contract.columns import TEST_KEY_COLUMNS, TRAIN_KEY_COLUMNS
+from stackkit.contract.io import write_parquet
+from stackkit.contract.records import FeaturesManifest, write_features_manifest
 
 from stackkit.testing.contract import make_contract_frames, noisy_predictions
 
@@ -63,19 +65,16 @@ def write_stack_workdir(root, *, n_patients: int = 40, n_folds: int = 4, seed: i
     train, test, feature_columns = build_feature_frames(metadata, labels, folds, seed=seed)
     write_parquet(train, wd.features_train)
     write_parquet(test, wd.features_test)
-    write_json(
-        {
-            "contract_version": CONTRACT_VERSION,
-            "folds_hash": folds_hash(folds["image_id"].to_numpy(dtype=object), folds["fold"].to_numpy()),
-            "lags": 1,
-            "models": ["model0", "model1"],
-            "key_columns": {"train": ["image_id", "study_id", "fold", "slice_index"], "test": ["image_id", "study_id", "slice_index"]},
-            "feature_columns": feature_columns,
-            "columns": {c: "synthetic test feature" for c in feature_columns},
-            "inputs": {},
-        },
-        wd.features_manifest,
+    manifest = FeaturesManifest(
+        folds_hash=folds_hash(folds["image_id"].to_numpy(dtype=object), folds["fold"].to_numpy()),
+        lags=1, feature_set=None, dicom_meta=None,
+        models=["model0", "model1"],
+        key_columns={"train": list(TRAIN_KEY_COLUMNS), "test": list(TEST_KEY_COLUMNS)},
+        feature_columns=feature_columns,
+        columns={c: "synthetic test feature" for c in feature_columns},
+        rows=None,
     )
+    write_features_manifest(wd.features_dir, manifest, hashes=False)
     return wd
 
 

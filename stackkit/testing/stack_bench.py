@@ -193,8 +193,9 @@ def _fit_and_submit(label: str, wd: Workdir, fit_args: str, logs: Path, env: dic
 def _variant_scores(wd: Workdir, truth: pd.DataFrame) -> dict:
     """Held-out scores of one variant's submission and of every stacker it fitted."""
     scores = {"submission": score(read_submission(wd.submission), truth)}
-    for name in sorted(p.parent.name for p in wd.stack_root.glob("*/test.parquet")):
-        scores[f"stacker {name}"] = score(pd.read_parquet(wd.stack_dir(name) / "test.parquet"), truth)
+    fitted = sorted(p.name for p in wd.stack_root.iterdir() if p.is_dir() and wd.stacker_folder(p.name).test.is_file())
+    for name in fitted:
+        scores[f"stacker {name}"] = score(pd.read_parquet(wd.stacker_folder(name).test), truth)
     return scores
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stackkit.contract import LABELS, Workdir, folds_hash
+from stackkit.contract import CONTRACT_VERSION, LABELS, Workdir, folds_hash
 from stackkit.errors import StackkitError
 from stackkit.render import train_lines
 from stackkit.contract.validate import load_core, read_oof, read_test
@@ -387,8 +387,9 @@ def test_model_json_records_provenance(trained):
     assert info["source"] == "trained" and info["architecture"] == "resnet_tiny"
     assert info["folds_hash"] == folds_hash(folds["image_id"], folds["fold"])
     assert info["parameters"]["context"] == 0 and info["parameters"]["in_channels"] == 3
-    assert set(info["oof_per_label"]) == set(LABELS)
-    assert info["oof_logloss"] == pytest.approx(summary.oof_logloss)
+    assert info["contract_version"] == CONTRACT_VERSION and info["name"] == "plain"
+    assert set(info["oof_logloss"]["per_label"]) == set(LABELS)  # the importer's form (issue 22): one model.json writer
+    assert info["oof_logloss"]["overall"] == pytest.approx(summary.oof_logloss)
     for key in ("prior_logloss", "train_seconds", "train_images_per_second", "created", "torch_version", "device"):
         assert key in info
     for rel in info["checkpoints"].values():
@@ -530,7 +531,7 @@ def test_torchrun_two_cpu_processes(small_dataset, tmp_path):
     test = read_test(wd.test("ddp"), metadata, wd)
     assert len(oof) == len(folds) and len(test) == int((metadata["split"] == "test").sum())
     info = json.loads(wd.model_json("ddp").read_text())
-    assert info["world_size"] == 2 and info["oof_logloss"] < info["prior_logloss"] * 1.2
+    assert info["world_size"] == 2 and info["oof_logloss"]["overall"] < info["prior_logloss"] * 1.2
     assert not list(wd.preds_dir("ddp").glob(".stackkit-tmp-*"))
 
 

@@ -31,11 +31,9 @@ from typing import ClassVar
 import numpy as np
 
 from stackkit.contract import LABEL_WEIGHTS, env_threads
-from stackkit.contract.codecs import read_json_artifact, write_json_artifact
+from stackkit.contract.records import FoldModelRecord, read_fold_model_record, write_fold_model_record
 from stackkit.errors import StackkitError
 from stackkit.stack.inputs import N_LABELS, EmbeddingSet, StackData, check_features, check_labels
-
-STACKER_JSON = "stacker.json"
 
 
 def available_cores() -> int:
@@ -177,21 +175,18 @@ class Stacker(abc.ABC):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         written = self._save_models(directory)
-        meta = {"stacker": self.name, "params": self.params, "n_features": self.n_features, "state": self._state()}
         # stacker.json last: its presence marks a complete model directory
-        written.append(write_json_artifact(meta, directory / STACKER_JSON))
+        written.append(write_fold_model_record(directory, FoldModelRecord(self.name, self.params, self.n_features, self._state())))
         return written
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "Stacker":
         directory = Path(directory)
-        meta = read_json_artifact(directory / STACKER_JSON)
-        if meta.get("stacker") != cls.name:
-            raise StackkitError(f"{directory / STACKER_JSON}: holds a '{meta.get('stacker')}' model, expected '{cls.name}'")
+        record = read_fold_model_record(directory, cls.name)
         stacker = cls()
-        stacker.params = dict(meta["params"])
-        stacker.n_features = int(meta["n_features"])
-        stacker._load_models(directory, meta.get("state") or {})
+        stacker.params = record.params
+        stacker.n_features = record.n_features
+        stacker._load_models(directory, record.state)
         return stacker
 
     def _state(self) -> dict:
@@ -205,5 +200,5 @@ class Stacker(abc.ABC):
     def _load_models(self, directory: Path, state: dict) -> None: ...
 
 
-__all__ = ["N_LABELS", "STACKER_JSON", "EmbeddingSet", "StackData", "Stacker", "available_cores", "check_features",
+__all__ = ["N_LABELS", "EmbeddingSet", "StackData", "Stacker", "available_cores", "check_features",
            "check_labels", "clip_probabilities", "default_threads", "label_priors", "label_weights"]

@@ -11,12 +11,13 @@ from typing import ClassVar
 
 import numpy as np
 
-from stackkit.contract import LABELS
+from stackkit.contract import LABELS, FoldModelFiles
+from stackkit.contract.columns import split_column
 from stackkit.contract.codecs import npz_bytes, read_npz
 from stackkit.contract.io import read_artifact, write_artifact
 from stackkit.errors import StackkitError
 from stackkit.stack.inputs import N_LABELS, StackData
-from stackkit.stack.stackers.base import STACKER_JSON, Stacker, label_priors
+from stackkit.stack.stackers.base import Stacker, label_priors
 
 
 FEATURE_SUBSETS = ("label", "all")
@@ -30,14 +31,12 @@ def label_feature_columns(feature_names, label: str) -> np.ndarray:
     The other labels' lags, leads and study aggregates are left out: they cost most of the
     columns and add little to one label's model (bench/bench_stack.py measures it).
     """
-    from features.columns import MODELS_PREFIX
-
     keep = []
     for position, name in enumerate(feature_names):
-        parts = str(name).split("__")
-        if len(parts) != 3 or parts[1] not in LABELS:
+        column = split_column(name)
+        if column is None or column.label is None:
             keep.append(position)  # not a per-label column
-        elif parts[1] == label or parts[0] == MODELS_PREFIX or parts[2] == "pred":
+        elif column.label == label or not column.per_model or column.feature == "pred":
             keep.append(position)
     return np.asarray(keep, dtype=np.int64)
 
@@ -149,20 +148,16 @@ class PerLabelStacker(Stacker):
                 "label_columns": [None if c is None else [int(i) for i in c] for c in self.label_columns],
                 "projection_models": self.projection_models}
 
-    def _model_file(self, j: int) -> str:
-        return f"{LABELS[j]}{self.model_suffix}"
-
-    PROJECTION_FILE = "projection.npz"
-
     def _save_models(self, directory: Path) -> list[Path]:
+        files = FoldModelFiles(directory)
         written = [
-            write_artifact(directory / self._model_file(j), self._booster_bytes(b))
+            write_artifact(files.booster(self.name, LABELS[j]), self._booster_bytes(b))
             for j, b in enumerate(self.boosters)
             if b is not None
         ]
         if self.projection is not None:
             arrays = {f"{kind}{m}": array for m, pair in enumerate(self.projection) for kind, array in zip(("mean", "components"), pair)}
-            written.append(write_artifact(directory / self.PROJECTION_FILE, npz_bytes(**arrays)))
+            written.append(write_artifact(files.projection, npz_bytes(**arrays)))
         return written
 
     def _load_models(self, directory: Path, state: dict) -> None:
@@ -173,22 +168,20 @@ class PerLabelStacker(Stacker):
         self.label_columns = [None if c is None else np.asarray(c, dtype=np.int64) for c in columns]
         width = self._n_columns
         if any(c is not None and (len(c) == 0 or c.min() < 0 or c.max() >= width) for c in self.label_columns):
-            raise StackkitError(f"{directory / STACKER_JSON}: label_columns out of range for {width} columns; refit with `stack fit`")
+            raise StackkitError(f"{FoldModelFiles(directory).record}: label_columns out of range for {width} columns; refit with `stack fit`")
         self.boosters = []
         for j, present in enumerate(state["has_booster"]):
             if not present:
                 self.boosters.append(None)
                 continue
-            path = directory / self._model_file(j)
+            path = FoldModelFiles(directory).booster(self.name, LABELS[j])
             self.boosters.append(self._booster_from_bytes(read_artifact(path), path))
 
     def _load_projection(self, directory: Path):
-        path = directory / self.PROJECTION_FILE
+        path = FoldModelFiles(directory).projection
         models = range(len(self.projection_models))
         arrays = read_npz(read_artifact(path), path, "embedding projection", [f"{kind}{m}" for m in models for kind in ("mean", "components")])
         return [(arrays[f"mean{m}"], arrays[f"components{m}"]) for m in models]
-
-    model_suffix: ClassVar[str]
 
     @abc.abstractmethod
     def _fit_label(self, X_train, y_train, X_valid, y_valid, params, seed, label_position, cache: dict | None):

@@ -18,7 +18,6 @@ from stackkit.stack.stackers.gbdt import PerLabelStacker
 
 class LGBMStacker(PerLabelStacker):
     name = "lgbm"
-    model_suffix = ".lgb.txt"
 
     def default_params(self) -> dict:
         return {

@@ -26,7 +26,6 @@ def _xgboost():
 
 class XGBStacker(PerLabelStacker):
     name = "xgb"
-    model_suffix = ".xgb.ubj"
 
     def default_params(self) -> dict:
         return {
