@@ -130,24 +130,36 @@ def data():
               help="Folder to write the dataset into (default: WORKDIR/dicom).")
 @click.option("--patients", default=40, show_default=True, type=click.IntRange(2, None), help="Number of patients.")
 @click.option("--size", default=64, show_default=True, type=click.IntRange(16, 1024), help="Image size in pixels.")
-@click.option("--slices", default="16,32", show_default=True, help="Range of slices per study: MIN,MAX.")
+@click.option("--slices", default=None, help="Range of slices per study (per series): MIN,MAX [default: 16,32 for rsna2019; the task's own otherwise].")
 @click.option("--test-fraction", default=0.25, show_default=True, type=click.FloatRange(0.0, 0.9), help="Share of patients in stage_2_test.")
 @click.option("--seed", default=0, show_default=True, type=SEED)
+@click.option("--task", default="rsna2019", show_default=True, type=click.Choice(["rsna2019", "rsna2022-cspine", "rsna2023-abdominal"]),
+              help="The competition whose layout and labels are written.")
 @progress_option
-def data_synth(wd, out_dir, patients, size, slices, test_fraction, seed, quiet):
-    """Write a synthetic dataset in the RSNA 2019 layout.
+def data_synth(wd, out_dir, patients, size, slices, test_fraction, seed, task, quiet):
+    """Write a synthetic dataset in a competition's layout (default RSNA 2019).
 
-    OUT/stage_2_train/*.dcm, OUT/stage_2_test/*.dcm and OUT/stage_2_train.csv (long ID,Label
-    format): real CT DICOM files with head-like anatomy and 3D hemorrhages of the five subtypes
-    (a bleed's faint edge slices labeled from their neighbours). The test split's labels are held
-    back in OUT/stage_2_test_labels.csv, which no step reads (the demo scores on it).
+    rsna2019: OUT/stage_2_train/*.dcm, OUT/stage_2_test/*.dcm and OUT/stage_2_train.csv (long
+    ID,Label format): real CT DICOM files with head-like anatomy and 3D hemorrhages of the five
+    subtypes (a bleed's faint edge slices labeled from their neighbours). The test split's labels
+    are held back in OUT/stage_2_test_labels.csv, which no step reads (the demo scores on it).
+    rsna2022-cspine and rsna2023-abdominal: the layouts of docs/synthetic_tasks.md (their
+    `data prepare` and demo are not wired yet).
     """
+    bounds = None if slices is None else _int_list(slices)
+    if bounds is not None and (not bounds or len(bounds) != 2 or bounds[0] < 1 or bounds[0] > bounds[1]):
+        raise click.BadParameter(f"expected MIN,MAX with 1 <= MIN <= MAX, got {slices!r}", param_hint="--slices")
+    out = out_dir or wd.root / "dicom"
+    if task != "rsna2019":
+        from stackkit.data.synth_tasks import synthesize_task
+
+        summary = synthesize_task(task, out, patients=patients, size=size, slices=None if bounds is None else tuple(bounds),
+                                  test_fraction=test_fraction, seed=seed, progress=not quiet)
+        _echo(["data synth: " + ", ".join(f"{key}={value}" for key, value in summary.items())])
+        return
     from stackkit.data.synth import synthesize
 
-    bounds = _int_list(slices)
-    if not bounds or len(bounds) != 2 or bounds[0] < 1 or bounds[0] > bounds[1]:
-        raise click.BadParameter(f"expected MIN,MAX with 1 <= MIN <= MAX, got {slices!r}", param_hint="--slices")
-    result = synthesize(out_dir or wd.root / "dicom", patients=patients, size=size, slices=(bounds[0], bounds[1]),
+    result = synthesize(out, patients=patients, size=size, slices=(16, 32) if bounds is None else (bounds[0], bounds[1]),
                         test_fraction=test_fraction, seed=seed, progress=not quiet)
     _echo(render.key_values("data synth", result))
 

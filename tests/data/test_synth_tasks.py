@@ -367,3 +367,14 @@ def test_synthesize_task_refuses_bad_arguments_in_one_line(tmp_path, cspine_root
         synthesize_task(ABDOMINAL, cspine_root, patients=2, progress=False)
     with pytest.raises(StackkitError, match=r"--patients 1 is too few"):
         synthesize_task(ABDOMINAL, tmp_path / "c", patients=1, progress=False)
+
+
+@pytest.mark.parametrize("task", ["rsna2022-cspine", "rsna2023-abdominal"])
+def test_data_synth_task_writes_the_tasks_layout_through_the_cli(task, tmp_path):
+    from stackkit.testing.cli import run_cli
+
+    out = run_cli("data", "synth", "--task", task, "--patients", "3", "--out", tmp_path / "d", "--quiet").stdout
+    assert out.startswith(f"data synth: task={task}, ") and out.count("\n") == 1
+    assert read_task_labels(task, tmp_path / "d").labels.shape[0] >= 1
+    refused = run_cli("data", "synth", "--task", task, "--slices", "9,3", "--out", tmp_path / "e", check=False)
+    assert refused.returncode == 2 and "--slices" in refused.stderr
