@@ -32,10 +32,7 @@ SIDECAR_SUFFIX = ".sha256"
 _PER_FOLD = re.compile(r"test_fold(\{\}|\d+)\.parquet")
 
 # Known, explained exceptions: each fails the test when it no longer applies, so the list can only shrink.
-KNOWN: dict[str, str] = {
-    "stackkit/stack/stackers/neural.py:model.pt": "the lead is changing neural.py now: use FoldModelFiles.torch_model there",
-    "stackkit/stack/stackers/neural.py:scaler.npz": "the lead is changing neural.py now: use FoldModelFiles.scaler there",
-}
+KNOWN: dict[str, str] = {}
 
 
 def path_literal(text: str) -> str | None:

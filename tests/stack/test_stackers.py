@@ -12,6 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from stackkit.contract import FoldModelFiles
+
 from stackkit.contract import LABELS, Workdir
 from stackkit.errors import LeakageError, StackkitError
 from stackkit.contract.io import read_json, write_json, write_parquet
@@ -274,7 +276,7 @@ def test_a_model_fitted_for_a_gpu_loads_and_predicts_on_a_cpu_only_machine(name,
     for_gpu = copy.copy(model)
     for_gpu.params = {**model.params, "device": "cuda"}  # what `stack fit --device cuda` saves
     for_gpu.save(tmp_path / "fold0")
-    state = torch.load(io.BytesIO((tmp_path / "fold0" / NeuralStacker.MODEL_FILE).read_bytes()), weights_only=True)
+    state = torch.load(io.BytesIO((FoldModelFiles(tmp_path / "fold0").torch_model).read_bytes()), weights_only=True)
     assert all(tensor.device.type == "cpu" for tensor in state.values())
     loaded = STACKERS[name].load(tmp_path / "fold0")
     assert loaded.params["device"] == "cuda"
@@ -301,7 +303,7 @@ def test_a_fit_on_the_gpu_matches_a_fit_on_the_cpu(name, stack_inputs, tmp_path,
     assert np.abs(on_gpu - on_cpu).mean() < 1e-3
     assert weighted_log_loss(held.Y, on_gpu).overall == pytest.approx(weighted_log_loss(held.Y, on_cpu).overall, rel=0.02)
     gpu.save(tmp_path / "fold0")
-    state = torch.load(io.BytesIO((tmp_path / "fold0" / NeuralStacker.MODEL_FILE).read_bytes()), weights_only=True)
+    state = torch.load(io.BytesIO((FoldModelFiles(tmp_path / "fold0").torch_model).read_bytes()), weights_only=True)
     assert all(tensor.device.type == "cpu" for tensor in state.values())
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # loaded on a machine without a GPU
     np.testing.assert_allclose(STACKERS[name].load(tmp_path / "fold0").predict(held), on_gpu, atol=1e-5)

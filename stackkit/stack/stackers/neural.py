@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stackkit.contract import FoldModelFiles
 from stackkit.contract.codecs import npz_bytes, read_npz
 from stackkit.contract.io import read_artifact, write_artifact
 from stackkit.errors import StackkitError, one_line
@@ -168,8 +169,6 @@ class NeuralStacker(Stacker):
     """
 
     per_label = False
-    MODEL_FILE = "model.pt"
-    SCALER_FILE = "scaler.npz"
 
     def __init__(self):
         super().__init__()
@@ -279,8 +278,8 @@ class NeuralStacker(Stacker):
         # CPU tensors whatever device fitted it: loadable with weights_only=True on a machine without a GPU
         torch.save(self.module.cpu().state_dict(), buffer)
         return [
-            write_artifact(directory / self.MODEL_FILE, buffer.getvalue()),
-            write_artifact(directory / self.SCALER_FILE, self.scaler.to_bytes()),
+            write_artifact(FoldModelFiles(directory).torch_model, buffer.getvalue()),
+            write_artifact(FoldModelFiles(directory).scaler, self.scaler.to_bytes()),
         ]
 
     def _load_models(self, directory: Path, state: dict) -> None:
@@ -289,7 +288,7 @@ class NeuralStacker(Stacker):
 
         import torch
 
-        scaler_path, model_path = directory / self.SCALER_FILE, directory / self.MODEL_FILE
+        scaler_path, model_path = FoldModelFiles(directory).scaler, FoldModelFiles(directory).torch_model
         self.scaler = FeatureScaler.from_bytes(read_artifact(scaler_path), scaler_path)
         raw = read_artifact(model_path)
         module = self._build_module(int(state["n_inputs"]), self.params)

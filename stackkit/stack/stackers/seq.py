@@ -8,7 +8,7 @@ prediction averages the forward and the reversed study (test-time augmentation);
 scores that average. A reversed study is what the same study looks like stored the other way
 round: its rows in the opposite order *and* its direction-dependent features swapped (lags with
 leads, the z gaps, index with reverse index, position -> 1 - position), from the feature names
-(:func:`features.build.reversal_map`). Without feature names only the row order is reversed.
+(:func:`stackkit.contract.columns.reversal_map`). Without feature names only the row order is reversed.
 """
 
 from __future__ import annotations
@@ -87,12 +87,12 @@ class SequenceStacker(NeuralStacker):
         if train.feature_names is None:
             self.reversal = (np.arange(n, dtype=np.int64), np.zeros(n, dtype=bool))
         else:
-            from features.build import reversal_map
+            from stackkit.contract.columns import reversal_map
 
             self.reversal = reversal_map(train.feature_names)
 
     def _reversed_features(self, X: np.ndarray) -> np.ndarray:
-        from features.build import reverse_features
+        from stackkit.contract.columns import reverse_features
 
         return reverse_features(X, *self.reversal)
 
