@@ -13,7 +13,8 @@ only scored here, with the task's metric (``schema_metric``). Compared, in this 
     a softmax group's healthy class 1 - the max of its injury classes, then normalised; a
     predicted derived label the max over its groups), the best on the held-out labels;
 (b) plain LightGBM: a booster per target (binary, or multiclass for a k-class group) on per-unit
-    aggregates of every model's slice predictions (max, mean, mean of the top TOP_K), trained on
+    aggregates of every model's slice predictions of the columns the target reads (max, mean,
+    mean of the top TOP_K; a group its own columns, patient_overall its own and C1..C7), trained on
     the OOF rows' aggregates on the same patient-grouped folds (fold k's booster stops early on
     fold k; the test prediction is the mean of the K boosters on the test aggregates), weighted by
     the metric's class weights;
@@ -47,8 +48,9 @@ TUNING_SEEDS = (0, 1)
 REPORT_SEEDS = (101, 102, 103)
 GENERATED_TASKS = ("rsna2022-cspine", "rsna2023-abdominal")
 TOP_K = 5
-LGBM_PARAMS = {"learning_rate": 0.03, "num_leaves": 7, "min_data_in_leaf": 10, "feature_fraction": 0.5,
-               "bagging_fraction": 0.8, "bagging_freq": 1, "lambda_l2": 1.0, "verbosity": -1}
+# few units (hundreds), many features (3 per model and column), rare positives: small, regularised trees
+LGBM_PARAMS = {"learning_rate": 0.05, "num_leaves": 4, "min_data_in_leaf": 5, "feature_fraction": 0.5,
+               "bagging_fraction": 0.8, "bagging_freq": 1, "lambda_l2": 2.0, "verbosity": -1}
 
 
 # --- per-unit features -------------------------------------------------------------------------
@@ -92,11 +94,14 @@ def feature_tables(bench: TaskBenchmark, inputs: dict[str, tuple[pd.DataFrame, p
 # --- the plain LightGBM -------------------------------------------------------------------------
 
 
-def _targets(schema: TaskSchema) -> list[tuple[str, tuple[str, ...], tuple[float, ...]]]:
-    """(name, label columns, class weights) per booster: a binary group or predicted derived label
-    one column (weights negative, positive); a softmax group its classes."""
-    out = [(g.name, g.columns, tuple(g.weights)) for g in schema.groups]
-    out += [(d.name, (d.name,), tuple(d.weights)) for d in schema.derived if d.predicted]
+def _targets(schema: TaskSchema) -> list[tuple[tuple[str, ...], tuple[float, ...], tuple[str, ...]]]:
+    """(label columns, class weights, slice columns it reads) per booster: a binary group or
+    predicted derived label one column (weights negative, positive); a softmax group its classes.
+    A group reads its own slice columns (a softmax group's injury classes), a derived label its
+    own (where the slice models predict it) and its groups'."""
+    out = [(g.columns, tuple(g.weights), (g.name,) if g.kind == "binary" else g.classes[1:]) for g in schema.groups]
+    reads = {g.name: (g.name,) if g.kind == "binary" else g.classes[1:] for g in schema.groups}
+    out += [((d.name,), tuple(d.weights), (d.name,) + sum((reads[m] for m in d.of), ())) for d in schema.derived if d.predicted]
     return out
 
 
@@ -122,11 +127,14 @@ def _fit_target(train: np.ndarray, test: np.ndarray, y: np.ndarray, weights: np.
 
 def lightgbm_predictions(bench: TaskBenchmark, train: pd.DataFrame, test: pd.DataFrame, seed: int) -> pd.DataFrame:
     """The test units' predictions (unit id + the schema's labels) of the plain LightGBM on the
-    per-unit features ``train`` / ``test`` (indexed by unit id), on the benchmark's folds."""
+    per-unit features ``train`` / ``test`` (indexed by unit id, columns ``source:column:stat``),
+    on the benchmark's folds; each booster on the features of the slice columns its target reads."""
     labels = bench.labels.set_index(bench.unit_column).loc[train.index]
     fold = bench.folds.set_index(bench.unit_column)["fold"].loc[train.index].to_numpy()
     out = {}
-    for name, columns, class_weights in _targets(bench.schema):
+    column_of = np.array([name.split(":")[-2] for name in train.columns])
+    for columns, class_weights, reads in _targets(bench.schema):
+        features = np.isin(column_of, reads)
         if len(columns) == 1:
             y = labels[columns[0]].to_numpy().astype(np.int64)
             n_classes, names = 2, (None, columns[0])
@@ -134,7 +142,7 @@ def lightgbm_predictions(bench: TaskBenchmark, train: pd.DataFrame, test: pd.Dat
             y = labels[list(columns)].to_numpy().argmax(axis=1)
             n_classes, names = len(columns), columns
         weights = np.asarray(class_weights, dtype=np.float64)[y]
-        p = _fit_target(train.to_numpy(), test.to_numpy(), y, weights, fold, n_classes, seed)
+        p = _fit_target(train.to_numpy()[:, features], test.to_numpy()[:, features], y, weights, fold, n_classes, seed)
         out.update({c: p[:, i] for i, c in enumerate(names) if c is not None})
     frame = pd.DataFrame({c: out[c] for c in bench.schema.labels})
     frame.insert(0, bench.unit_column, test.index.to_numpy())
@@ -167,7 +175,7 @@ def stack_fit_scores(bench: TaskBenchmark, seed: int) -> dict | None:
 
 def run_seed(task: str, seed: int, args) -> dict:
     started = time.perf_counter()
-    bench = make_task_benchmark(task, args.patients, seed, n_models=args.models, n_folds=args.folds)
+    bench = make_task_benchmark(task, args.patients, seed, n_models=args.models, n_folds=args.folds, test_fraction=args.test_fraction)
     generate_s = time.perf_counter() - started
     schema, truth = bench.schema, bench.test_labels
     losses = {f"base {m}": schema_metric(schema, truth, max_aggregation(bench, bench.test[m])).overall for m in bench.models}
@@ -221,7 +229,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", required=True, choices=GENERATED_TASKS)
     parser.add_argument("--seeds", default="tuning", help=f"'tuning' {TUNING_SEEDS} (default), 'report' {REPORT_SEEDS} or comma-separated seeds")
-    parser.add_argument("--patients", type=int, default=400, help="patients per seed (default 400)")
+    parser.add_argument("--patients", type=int, default=600, help="patients per seed (default 600)")
+    parser.add_argument("--test-fraction", type=float, default=0.4,
+                        help="share of the patients held out (default 0.4: a few hundred test units keep the loss steady)")
     parser.add_argument("--models", type=int, default=None, help="base models (default: the task's dials)")
     parser.add_argument("--folds", type=int, default=5, help="patient-grouped folds (default 5)")
     parser.add_argument("--json", default=None, help="write every figure to this JSON file")

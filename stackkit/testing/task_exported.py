@@ -3,8 +3,8 @@ labels at the target unit and the latent evidence, in memory (the world is descr
 :mod:`stackkit.testing.task_latent`).
 
     bench = make_task_benchmark("rsna2022-cspine", n_patients=400, seed=0)
-    bench.oof["effnetv2_s"]            # image_id, fold, C1..C7: each row from the fold model that held its patient out
-    bench.test_folds["effnetv2_s"][k]  # image_id, C1..C7: fold model k on every test slice
+    bench.oof["effnetv2_s"]            # image_id, fold, C1..C7, patient_overall: each row from the fold model that held its patient out
+    bench.test_folds["effnetv2_s"][k]  # image_id, the same columns: fold model k on every test slice
     bench.test["effnetv2_s"]           # their mean
     max_aggregation(bench, bench.test["effnetv2_s"])   # study_id + the schema's labels: the plain aggregation
     schema_metric(bench.schema, bench.test_labels, ...)
