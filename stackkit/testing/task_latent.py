@@ -303,12 +303,12 @@ def _world(rng: np.random.Generator, layout: _Layout, dials: TaskDials) -> tuple
 
 def _membership_offset(rng: np.random.Generator, world: _World) -> np.ndarray:
     """(n, C) log of a model's soft membership of each slice in each column's interval (its boundaries jittered)."""
+    from scipy.special import log_expit
+
     layout, rows, dials = world.layout, world.rows, world.dials
     bounds = layout.intervals + rng.normal(0, dials.boundary_jitter, layout.intervals.shape)
     lo, hi = bounds[rows.series, :, 0], bounds[rows.series, :, 1]
     at = rows.slice_no[:, None] + 0.5
-    from scipy.special import log_expit
-
     return log_expit((at - lo) / dials.boundary_width) + log_expit((hi - at) / dials.boundary_width)
 
 

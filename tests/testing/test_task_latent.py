@@ -205,3 +205,16 @@ def test_bench_unit_aggregates_are_max_mean_and_top_k_mean():
     assert out == pytest.approx(np.array(expected, dtype=np.float32))
     assert bench_tasks.parse_seeds("tuning") == list(bench_tasks.TUNING_SEEDS)
     assert not set(bench_tasks.TUNING_SEEDS) & set(bench_tasks.REPORT_SEEDS)
+
+
+def test_heads_fitted_on_the_metrics_weights_shift_by_their_log():
+    from stackkit.testing.task_latent import _platt
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20_000, 1))
+    y = (rng.random((20_000, 1)) < 1 / (1 + np.exp(-(2 * x - 1)))).astype(np.float64)
+    a, b = _platt(x, y, np.ones(1), ridge=0.0)
+    assert a[0] == pytest.approx(2.0, abs=0.1) and b[0] == pytest.approx(-1.0, abs=0.1)
+    # positives weighted 4: the same slope, the intercept log 4 higher (odds x 4, as the weighted loss wants)
+    a4, b4 = _platt(x, y, np.full(1, 4.0), ridge=0.0)
+    assert a4[0] == pytest.approx(a[0], abs=0.1) and b4[0] - b[0] == pytest.approx(np.log(4.0), abs=0.1)
