@@ -9,6 +9,7 @@ predictions; ``save_stacker_result`` / ``load_stacker_models`` write and read st
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,10 +73,13 @@ class StackInputs:
     def folds(self) -> np.ndarray:
         return self.train_keys["fold"].to_numpy()
 
-    @property
+    @functools.cached_property
     def groups(self) -> np.ndarray:
-        """Patient id per train row: the unit no split may cut."""
-        return self.train_keys["patient_id"].to_numpy()
+        """Patient per train row, the unit no split may cut, as an integer code in sorted id order:
+        a group split over the codes is the split over the ids (both sort alike), without turning
+        the ids into Python strings and hashing them again at every fold."""
+        codes, _ = pd.factorize(self.train_keys["patient_id"], sort=True)
+        return codes
 
     @property
     def n_folds(self) -> int:

@@ -299,3 +299,13 @@ def test_fold_processes_are_as_many_as_the_memory_holds(monkeypatch):
     assert folds.fold_processes(seq, seq.resolve_params({}), 5, fold_bytes=int(2.8e9)) == 1
     monkeypatch.setattr(folds, "available_memory_bytes", lambda: None)  # not Linux: no cap
     assert folds.fold_processes(seq, seq.resolve_params({}), 5, fold_bytes=int(2.8e9)) == 3
+
+
+def test_early_stopping_splits_over_the_patient_codes_are_those_over_the_patient_ids(inputs):
+    ids = inputs.train_keys["patient_id"].to_numpy(dtype=object)
+    assert inputs.groups.dtype.kind == "i" and len(np.unique(inputs.groups)) == len(np.unique(ids))
+    for k in range(inputs.n_folds):
+        for seed in (0, 7):
+            by_codes = early_stopping_split(inputs.folds, inputs.groups, k, seed)
+            by_ids = early_stopping_split(inputs.folds, ids, k, seed)
+            assert all(np.array_equal(a, b) for a, b in zip(by_codes, by_ids))
