@@ -33,13 +33,10 @@ _LATER = "not done in the module-split part of issue 22 (time): split it, or an 
 _RECORDS = "builds a record or a summary that issue 22's typed records / typed results part replaces"
 KNOWN_LONG_MODULES: dict[str, str] = {}
 KNOWN_LONG_FUNCTIONS: dict[str, str] = {
-    "stackkit/stack/tune.py:tune_stacker": _LATER,
     "stackkit/testing/latent.py:make_studies": _LATER,
     "stackkit/testing/exported.py:write_exported_benchmark": _LATER,
 }
 KNOWN_MANY_PARAMETERS: dict[str, str] = {
-    "stackkit/stack/crossfit.py:fit_stacker": _LATER,
-    "stackkit/stack/tune.py:tune_stacker": _LATER,
 }
 # (importer, imported) lazy imports that close a cycle, kept until their modules are reorganised
 KNOWN_LAZY_EDGES: dict[tuple[str, str], str] = {}
