@@ -182,6 +182,13 @@ def neighbor_smooth(values: np.ndarray, first: np.ndarray, last: np.ndarray) -> 
     return (prev + 2.0 * values + nxt) / np.sqrt(weight)
 
 
+def study_rows(sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(study of each row, slice number in its study) for studies of ``sizes`` rows, laid out study by study."""
+    study_of_row = np.repeat(np.arange(len(sizes)), sizes)
+    start_of_study = np.cumsum(sizes) - sizes
+    return study_of_row, np.arange(len(study_of_row)) - start_of_study[study_of_row]
+
+
 def persistent_noise(rng: np.random.Generator, n_columns: int, first: np.ndarray, slice_no: np.ndarray,
                       persistence: float) -> np.ndarray:
     """(n, n_columns) unit-variance AR(1) noise along the rows, coefficient ``persistence``, restarted at
@@ -286,9 +293,7 @@ def make_studies(rng: np.random.Generator, n_patients: int, test_fraction: float
     patient_of_study = np.repeat(np.arange(n_patients), studies_per_patient)
     n_studies = len(patient_of_study)
     sizes = np.clip(np.rint(rng.normal(40, 8, n_studies)), 25, 60).astype(np.int64)
-    study_of_row = np.repeat(np.arange(n_studies), sizes)
-    start_of_study = np.cumsum(sizes) - sizes
-    slice_no = np.arange(len(study_of_row)) - start_of_study[study_of_row]
+    study_of_row, slice_no = study_rows(sizes)
     n_in_study = sizes[study_of_row]
     first, last = slice_no == 0, slice_no == n_in_study - 1
     z = _slice_z(rng, sizes, study_of_row, slice_no, first)
