@@ -101,7 +101,7 @@ def read_windowed(path: str | os.PathLike, windows: Sequence[tuple[float, float]
     """
     import pydicom
 
-    from stackkit.data.dicom import quiet_rsna_ids
+    from stackkit.data.decoding import quiet_rsna_ids
 
     blank = np.zeros((len(windows), size, size), dtype=np.uint8)
     try:

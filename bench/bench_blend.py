@@ -46,7 +46,7 @@ def main() -> None:
     from stackkit.stack.blend import cross_validated_blend, fit_blend
     from stackkit.metric import weighted_log_loss
     from stackkit.submit import to_long
-    from stackkit.stack.tune import search_blend
+    from stackkit.stack.blend_search import search_blend
     from stackkit.contract import LABELS
 
     rng = np.random.default_rng(0)

@@ -46,10 +46,9 @@ import numpy as np
 import pandas as pd
 
 from stackkit.contract.tasks import TaskSchema, schema_metric
-from stackkit.testing.task_exported import TaskBenchmark, make_task_benchmark, max_aggregation, prior_predictions
+from stackkit.testing.stack_bench import REPORT_SEEDS, TUNING_SEEDS, parse_seeds
+from stackkit.testing.task_exported import TaskBenchmark, make_task_benchmark, max_aggregation, prior_predictions, unit_aggregates
 
-TUNING_SEEDS = (0, 1)
-REPORT_SEEDS = (101, 102, 103)
 GENERATED_TASKS = ("rsna2022-cspine", "rsna2023-abdominal")
 TOP_K = 5
 # few units (hundreds), many features (3 per model and column), rare positives: small, regularised trees
@@ -58,25 +57,6 @@ LGBM_PARAMS = {"learning_rate": 0.05, "num_leaves": 4, "min_data_in_leaf": 5, "f
 
 
 # --- per-unit features -------------------------------------------------------------------------
-
-
-def unit_aggregates(unit: np.ndarray, values: np.ndarray, top_k: int = TOP_K) -> tuple[np.ndarray, np.ndarray]:
-    """(unit ids in first-seen order, (n_units, 3 x F) float32): per column of ``values`` (n, F) the
-    max, the mean and the mean of the top ``top_k`` over each unit's rows (all of them if fewer)."""
-    codes, uniques = pd.factorize(unit)
-    count = np.bincount(codes, minlength=len(uniques))
-    order = np.argsort(codes, kind="stable")
-    starts = np.cumsum(count) - count
-    out = np.empty((len(uniques), 3 * values.shape[1]), dtype=np.float32)
-    for j in range(values.shape[1]):  # a loop over feature columns, each vectorized over every row
-        column = values[:, j].astype(np.float64)
-        ranked = np.lexsort((-column, codes))  # by unit, then descending value
-        rank = np.arange(len(ranked)) - starts[codes[ranked]]
-        top = rank < top_k
-        out[:, 3 * j] = np.maximum.reduceat(column[order], starts)
-        out[:, 3 * j + 1] = np.bincount(codes, weights=column, minlength=len(uniques)) / count
-        out[:, 3 * j + 2] = np.bincount(codes[ranked][top], weights=column[ranked][top], minlength=len(uniques)) / np.minimum(count, top_k)
-    return uniques, out
 
 
 def feature_tables(bench: TaskBenchmark, inputs: dict[str, tuple[pd.DataFrame, pd.DataFrame]]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -88,7 +68,7 @@ def feature_tables(bench: TaskBenchmark, inputs: dict[str, tuple[pd.DataFrame, p
         blocks = []
         for name, frames in inputs.items():
             frame = frames[part]
-            units, values = unit_aggregates(unit_of.reindex(frame["image_id"]).to_numpy(), frame[list(bench.columns)].to_numpy())
+            units, values = unit_aggregates(unit_of.reindex(frame["image_id"]).to_numpy(), frame[list(bench.columns)].to_numpy(), TOP_K)
             names = [f"{name}:{c}:{stat}" for c in bench.columns for stat in ("max", "mean", f"top{TOP_K}")]
             blocks.append(pd.DataFrame(values, index=pd.Index(units, name=bench.unit_column), columns=names))
         tables.append(pd.concat(blocks, axis=1))
@@ -222,12 +202,6 @@ def summarize(results: list[dict]) -> dict:
     tables = [compare(r["losses"]) for r in results]
     rename = [{("best base" if k.startswith("best base") else k): v for k, v in t.items()} for t in tables]
     return {name: {stat: float(np.mean([t[name][stat] for t in rename])) for stat in ("loss", "x_lgbm")} for name in rename[0]}
-
-
-def parse_seeds(text: str) -> list[int]:
-    """``tuning`` / ``report`` (the fixed seed sets) or comma-separated integers."""
-    named = {"tuning": TUNING_SEEDS, "report": REPORT_SEEDS}
-    return list(named[text]) if text in named else [int(s) for s in text.split(",") if s.strip()]
 
 
 def parse_args(argv=None):

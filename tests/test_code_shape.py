@@ -29,26 +29,11 @@ EXEMPT_FUNCTION_MODULES = ("stackkit/cli.py",)  # click commands: one parameter 
 
 # Known, explained exceptions still to fix (issue 22 follow-ups): each entry fails the test when
 # it no longer applies, so the list can only shrink.
-_LATER = "not done in the module-split part of issue 22 (time): split it, or an options dataclass"
-_RECORDS = "builds a record or a summary that issue 22's typed records / typed results part replaces"
 KNOWN_LONG_MODULES: dict[str, str] = {}
-KNOWN_LONG_FUNCTIONS: dict[str, str] = {
-    "stackkit/data/dicom.py:_parse_fast": _LATER + " (the fast header parser's one loop over elements)",
-    "stackkit/stack/tune.py:tune_stacker": _LATER,
-    "stackkit/testing/latent.py:make_studies": _LATER,
-    "stackkit/testing/exported.py:write_exported_benchmark": _LATER,
-}
-KNOWN_MANY_PARAMETERS: dict[str, str] = {
-    "stackkit/stack/crossfit.py:fit_stacker": _LATER,
-    "stackkit/stack/tune.py:tune_stacker": _LATER,
-}
+KNOWN_LONG_FUNCTIONS: dict[str, str] = {}
+KNOWN_MANY_PARAMETERS: dict[str, str] = {}
 # (importer, imported) lazy imports that close a cycle, kept until their modules are reorganised
-KNOWN_LAZY_EDGES: dict[tuple[str, str], str] = {
-    ("stackkit.contract", "stackkit.contract.io"): "Workdir.models recovers interrupted set switches with io.recover_set, "
-                                                   "and io reads the contract's names: Workdir needs a home below io",
-    ("stackkit.data.decoding", "stackkit.data.dicom"): "decoding's decoder probe silences pydicom's RSNA-id warnings with "
-                                                       "dicom.quiet_rsna_ids: that helper belongs in decoding",
-}
+KNOWN_LAZY_EDGES: dict[tuple[str, str], str] = {}
 
 
 def _modules() -> dict[str, Path]:

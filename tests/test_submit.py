@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import shutil
 
 import numpy as np
 import pandas as pd
@@ -17,7 +16,7 @@ from stackkit.contract.io import read_json, write_json, write_parquet
 from stackkit.submit import validate_submission, write_submission
 from stackkit.contract.validate import read_metadata
 
-from stackkit.testing.contract import snapshot
+from stackkit.testing.contract import copy_workdir, snapshot
 from stackkit.testing.stack import base_model_workdir, read_submission
 
 
@@ -31,8 +30,7 @@ def blended_template(tmp_path_factory):
 
 @pytest.fixture
 def wd(blended_template, tmp_path) -> Workdir:
-    shutil.copytree(blended_template.root, tmp_path / "work")
-    return Workdir(tmp_path / "work")
+    return copy_workdir(blended_template, tmp_path / "work")
 
 
 def _test_ids(wd):

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from stackkit.contract.hashing import file_sha256  # noqa: F401 - re-exported: the contract's file hash
+
 CONTRACT_VERSION = 4  # v2: v1 plus optional embeddings; v3: optional per-fold test predictions; v4: `base import` needs `fold` or --folds-from-data (docs/contract.md)
 # Every --seed: what numpy's and the libraries' seeds accept.
 SEED_RANGE = (0, 2**32 - 1)
@@ -435,14 +437,6 @@ def slice_order(study_codes: np.ndarray, z: np.ndarray, image_ids, leading: np.n
         rank_of[id_rank] = np.arange(len(id_rank))
         order[tie_pos] = order[tie_pos][np.lexsort((rank_of, run_id))]
     return order
-
-
-def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(chunk_size), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # The layout relative to any work directory's root: how code without a Workdir at hand (kernels

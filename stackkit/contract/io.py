@@ -21,7 +21,7 @@ from typing import Iterable, Iterator
 
 import pandas as pd
 
-from stackkit.contract import file_sha256
+from stackkit.contract.hashing import file_sha256
 from stackkit.errors import ContractError, StackkitError, one_line
 
 TMP_PREFIX = ".stackkit-tmp-"

@@ -18,12 +18,24 @@ file is refused (one line) or None.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import numpy as np
 
 from stackkit.errors import one_line
 
 DEFAULT_MODALITIES = ("CT",)
 MODALITY_OPTION = "--modality"
+
+
+@contextlib.contextmanager
+def quiet_rsna_ids():
+    """Silence the one pydicom warning RSNA ids cause: ``ID_63eb1e259`` is not a valid UI value, and
+    pydicom warns on every one it reads or assigns. Every other warning stays."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Invalid value for VR UI", category=UserWarning)
+        yield
 
 
 def check_image_kind(values: dict, modalities) -> str | None:
@@ -80,8 +92,6 @@ def decode_problem(path: str, values: dict, syntax: str) -> str | None:
     import pydicom
     from pydicom.pixels import get_decoder
     from pydicom.uid import UID
-
-    from stackkit.data.dicom import quiet_rsna_ids
 
     uid = UID(syntax)
     try:

@@ -20,7 +20,6 @@ compressed pixel data that no installed decoder reads).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import os
@@ -28,7 +27,9 @@ import struct
 import warnings
 
 from stackkit.contract import METADATA_OPTIONAL
-from stackkit.data.decoding import DEFAULT_MODALITIES, check_image_kind, decode_problem, is_encapsulated, native_length_problem
+from stackkit.data.decoding import (  # quiet_rsna_ids: also this module's name for it (tests import it from here)
+    DEFAULT_MODALITIES, check_image_kind, decode_problem, is_encapsulated, native_length_problem, quiet_rsna_ids,
+)
 from stackkit.errors import StackkitError, one_line
 
 
@@ -83,23 +84,42 @@ class _UseFallback(Exception):
     """The fast parser does not handle this file; pydicom will."""
 
 
-@contextlib.contextmanager
-def quiet_rsna_ids():
-    """Silence the one pydicom warning RSNA ids cause: ``ID_63eb1e259`` is not a valid UI value, and
-    pydicom warns on every one it reads or assigns. Every other warning stays."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"Invalid value for VR UI", category=UserWarning)
-        yield
-
-
 # --- fast path -------------------------------------------------------------------------------
+
+
+# struct readers of the fast path, bound once (the loop below calls them per element)
+_UNPACK_TAG_LEN = struct.Struct("<HHI").unpack_from
+_UNPACK_EXPLICIT = struct.Struct("<HH2sH").unpack_from
+_UNPACK_U32 = struct.Struct("<I").unpack_from
+
+
+def _file_meta(window) -> tuple[int, bool, str]:
+    """(offset of the data set, explicit VR?, transfer syntax UID) from the file meta group (0002), which
+    is always explicit VR little endian; a syntax the fast path does not read falls back to pydicom."""
+    pos, syntax = 132, None
+    while True:
+        group, element, vr, short_len = _UNPACK_EXPLICIT(window(pos, 8))
+        if group != 0x0002:
+            break
+        if vr in _LONG_VRS:
+            length = _UNPACK_U32(window(pos + 8, 4))[0]
+            pos += 12
+        else:
+            length, pos = short_len, pos + 8
+        if length == _UNDEFINED:
+            raise _UseFallback("undefined length in file meta")
+        if element == 0x0010:
+            syntax = window(pos, length).rstrip(b"\x00 ").decode("ascii", "replace")
+        pos += length
+    if syntax not in (_IMPLICIT_LE, _EXPLICIT_LE):
+        raise _UseFallback(f"transfer syntax {syntax}")
+    return pos, syntax == _EXPLICIT_LE, syntax
 
 
 def _parse_fast(path: str) -> tuple[dict, str, int | None]:
     """(raw values by keyword, transfer syntax UID, bytes of pixel data in the file or None without PixelData)."""
-    unpack_tag_len = struct.Struct("<HHI").unpack_from
-    unpack_explicit = struct.Struct("<HH2sH").unpack_from
-    unpack_u32 = struct.Struct("<I").unpack_from
+    # local names: the element loop is the hot path of `data prepare`
+    unpack_tag_len, unpack_explicit, unpack_u32 = _UNPACK_TAG_LEN, _UNPACK_EXPLICIT, _UNPACK_U32
     with open(path, "rb", buffering=0) as handle:
         size = os.fstat(handle.fileno()).st_size
         buf = handle.read(_BLOCK)
@@ -119,30 +139,7 @@ def _parse_fast(path: str) -> tuple[dict, str, int | None]:
 
         if len(buf) < 132 or buf[128:132] != b"DICM":
             raise CorruptDicomError(path, "not a DICOM Part 10 file (no 'DICM' preamble at byte 128)")
-        # File meta group (0002): always explicit VR little endian.
-        pos, syntax = 132, None
-        while True:
-            head = window(pos, 8)
-            group, element, vr, short_len = unpack_explicit(head)
-            if group != 0x0002:
-                break
-            if vr in _LONG_VRS:
-                length = unpack_u32(window(pos + 8, 4))[0]
-                pos += 12
-            else:
-                length, pos = short_len, pos + 8
-            if length == _UNDEFINED:
-                raise _UseFallback("undefined length in file meta")
-            if element == 0x0010:
-                syntax = window(pos, length).rstrip(b"\x00 ").decode("ascii", "replace")
-            pos += length
-        if syntax == _IMPLICIT_LE:
-            explicit = False
-        elif syntax == _EXPLICIT_LE:
-            explicit = True
-        else:
-            raise _UseFallback(f"transfer syntax {syntax}")
-
+        pos, explicit, syntax = _file_meta(window)
         raw: dict = {}
         while pos + 8 <= size:
             head = window(pos, 8)

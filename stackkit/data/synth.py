@@ -63,7 +63,7 @@ import pandas as pd
 from stackkit.contract import LABELS
 from stackkit.errors import StackkitError
 from stackkit.contract.io import write_text
-from stackkit.data.dicom import quiet_rsna_ids
+from stackkit.data.decoding import quiet_rsna_ids
 
 SUBTYPES = LABELS[:5]
 TRAIN_DIR = "stage_2_train"

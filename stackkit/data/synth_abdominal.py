@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 from stackkit.data.synth_ct import (HELD_OUT_CSV, SAMPLE_SUBMISSION, TRAIN_CSV, SeriesSpec, add_noise, grid, slice_layout,
-                                    split_test_patients, start_dataset, study_date, unique_numbers, write_csv, write_series)
+                                    draw_patients, start_dataset, study_date, unique_numbers, write_csv, write_series)
 
 TASK = "rsna2023-abdominal"
 ORGANS = ("kidney", "liver", "spleen")
@@ -227,9 +227,8 @@ def synthesize_abdominal(out_dir, *, patients: int = 40, size: int = 64, slices=
     Deterministic: the same arguments give byte-identical files."""
     plan = start_dataset(TASK, out_dir, patients, size, slices, test_fraction, MIN_SLICES)
     (low, high), patients, size, out_dir = plan.slices, plan.patients, plan.size, plan.out_dir
-    rng = np.random.default_rng(seed)
-    ids = np.sort(unique_numbers(rng, patients, 10000, 65535))
-    is_test = split_test_patients(rng, patients, test_fraction)
+    rng, numbers, is_test = draw_patients(seed, patients, test_fraction, (10000, 65535))
+    ids = np.sort(numbers)
     per_patient = np.where(rng.random(patients) < TWO_SERIES_PROBABILITY, 2, 1)
     series_ids = np.split(unique_numbers(rng, int(per_patient.sum()), 100, 65535), np.cumsum(per_patient)[:-1])
     grades, meta, images, n_images = [], [], [], np.zeros(patients, dtype=np.int64)

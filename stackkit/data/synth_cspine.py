@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from stackkit.data.synth_ct import (HELD_OUT_CSV, SAMPLE_SUBMISSION, TRAIN_CSV, SeriesSpec, add_noise, grid, slice_layout,
-                                    split_test_patients, start_dataset, study_date, unique_numbers, write_csv, write_series)
+                                    draw_patients, start_dataset, study_date, write_csv, write_series)
 
 TASK = "rsna2022-cspine"
 VERTEBRAE = tuple(f"C{i}" for i in range(1, 8))
@@ -178,9 +178,8 @@ def synthesize_cspine(out_dir, *, patients: int = 40, size: int = 64, slices=DEF
     Deterministic: the same arguments give byte-identical files."""
     plan = start_dataset(TASK, out_dir, patients, size, slices, test_fraction, MIN_SLICES)
     (low, high), patients, size, out_dir = plan.slices, plan.patients, plan.size, plan.out_dir
-    rng = np.random.default_rng(seed)
-    uids = np.array([f"{UID_ROOT}.{number}" for number in unique_numbers(rng, patients, 1000, 33000)])
-    is_test = split_test_patients(rng, patients, test_fraction)
+    rng, numbers, is_test = draw_patients(seed, patients, test_fraction, (1000, 33000))
+    uids = np.array([f"{UID_ROOT}.{number}" for number in numbers])
     labels = np.zeros((patients, len(VERTEBRAE)), dtype=np.int8)
     segmentations, boxes, images = [], [], np.zeros(patients, dtype=np.int64)
 

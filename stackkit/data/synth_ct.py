@@ -92,6 +92,13 @@ def split_test_patients(rng: np.random.Generator, patients: int, test_fraction: 
     return chosen
 
 
+def draw_patients(seed: int, patients: int, test_fraction: float, id_range: tuple[int, int]):
+    """(the dataset's random stream, one distinct number per patient in ``id_range``, the test split), drawn in that order."""
+    rng = np.random.default_rng(seed)
+    numbers = unique_numbers(rng, patients, *id_range)
+    return rng, numbers, split_test_patients(rng, patients, test_fraction)
+
+
 def unique_numbers(rng: np.random.Generator, count: int, low: int, high: int) -> np.ndarray:
     """``count`` distinct integers in [low, high), in drawn order (ids like the competitions' numbers)."""
     return rng.choice(np.arange(low, high), size=count, replace=False)

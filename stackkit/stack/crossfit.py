@@ -9,10 +9,12 @@ predictions; ``save_stacker_result`` / ``load_stacker_models`` write and read st
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -283,18 +285,33 @@ class FoldPruned(Exception):
     """Raised by an ``on_fold`` callback to stop a K-fold fit early (an Optuna trial that is pruned)."""
 
 
-def fit_stacker(name: str, params: dict | None, inputs: StackInputs, *, seed: int = 0, progress: bool = True,
-                folds: list[int] | None = None, on_fold=None, caches: dict | None = None, predict_test: bool = True,
-                exclude_fold: int | None = None) -> StackerResult:
+@dataclass(frozen=True)
+class CrossFitOptions:
+    """:func:`fit_stacker`'s keywords: what to fit (``folds``, ``exclude_fold``) and how (seed, caches, callback)."""
+
+    seed: int = 0
+    progress: bool = True
+    folds: list[int] | None = None
+    on_fold: Callable[[int, float], None] | None = None
+    caches: dict | None = None
+    predict_test: bool = True
+    exclude_fold: int | None = None
+
+
+def fit_stacker(name: str, params: dict | None, inputs: StackInputs, options: CrossFitOptions | None = None,
+                **fields) -> StackerResult:
     """K-fold fit of stacker ``name``: OOF for every train image, test = mean of the fold models.
 
+    The keywords are :class:`CrossFitOptions`' fields (or pass ``options``; ``fields`` then override it).
     ``folds``: fit only these held-out folds (the other rows' OOF stay NaN). ``exclude_fold``:
     its rows are never trained, early-stopped on or predicted (tuning's outer fold: a trial is
     cross-validated over the other folds only); ``folds`` must leave it out. ``on_fold(k, fold_loss)``
     after each fold may raise :class:`FoldPruned`. ``caches``: {fold: dict} kept across calls
     with the same ``exclude_fold`` (see ``Stacker.fit``).
     """
-
+    options = CrossFitOptions(**fields) if options is None else dataclasses.replace(options, **fields)
+    seed, progress, folds, on_fold = options.seed, options.progress, options.folds, options.on_fold
+    caches, predict_test, exclude_fold = options.caches, options.predict_test, options.exclude_fold
     started = time.perf_counter()
     resolved = get_stacker(name).resolve_params(params)
     fold_of_row = inputs.folds

@@ -357,7 +357,7 @@ def _choose_blend(sources: Sources, search: _Search, *, per_label, any_consisten
     tune, trials, deadline, seed, progress = search.tune, search.trials, search.deadline, search.seed, search.progress
     extra, blend_info = {}, None
     if tune and len(sources.names) > 1:
-        from stackkit.stack.tune import search_blend
+        from stackkit.stack.blend_search import search_blend
 
         timeout = None if deadline is None else max(1.0, deadline - time.monotonic())
         kwargs = dict(per_label=per_label, any_consistency=any_consistency, seed=seed)

@@ -1,4 +1,4 @@
-"""Optuna studies for ``stack fit --tune``: one per stacker, one for the blend.
+"""Optuna studies for ``stack fit --tune``: one per stacker, one for the blend (its search: ``stack.blend_search``).
 
 Studies are opened with ``load_if_exists=True``: a rerun with the same study name and storage,
 or a second worker started beside the first (same journal file, or the same database from
@@ -25,24 +25,14 @@ import hashlib
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
 
 from stackkit.contract import LABELS
-from stackkit.stack.blend import (
-    CLIP_GRID,
-    N_LABELS,
-    TEMPERATURE_BOUNDS,
-    BlendParams,
-    fit_blend,
-    logit,
-)
 from stackkit.errors import StackkitError, one_line
-
-BLEND_WEIGHT_PREFIX = "w"
-CLIP_RANGE = (CLIP_GRID[0], CLIP_GRID[-1])
 
 
 @contextlib.contextmanager
@@ -217,11 +207,166 @@ class _DefaultsTrial:
     suggest_float = suggest_int = suggest_categorical = _suggest
 
 
-def tune_stacker(name: str, inputs, *, storage, study_name: str, trials: int, timeout: float | None, seed: int,
-                 inputs_key: str, overrides: dict | None = None, progress: bool = True, verbose: bool = False,
-                 outer_fold: int | None = None) -> TunedStacker:
+@dataclass(frozen=True)
+class TuneOptions:
+    """:func:`tune_stacker`'s keywords: the study (storage, name, trials, time budget) and the fits' seed and overrides.
+
+    ``inputs_key``: a digest of what the trials are fitted on (mixed with the outer fold);
+    ``outer_fold``: None for :func:`outer_fold_of` the seed."""
+
+    storage: object
+    study_name: str
+    trials: int
+    timeout: float | None
+    seed: int
+    inputs_key: str
+    overrides: dict | None = None
+    progress: bool = True
+    verbose: bool = False
+    outer_fold: int | None = None
+
+
+@dataclass
+class _Tuning:
+    """One :func:`tune_stacker` call: the outer fold, the time budget, the defaults (trial 0), and what the
+    trials run here measured (seconds per inner fit, the best value) that the budget's reserve is read from."""
+
+    name: str
+    inputs: object
+    options: TuneOptions
+    stacker: object
+    overrides: dict
+    outer: int
+    inner: list[int]
+    inner_sizes: np.ndarray  # rows per inner fold: a pruned trial's running loss is their weighted mean
+    key: str
+    deadline: float | None
+    defaults: _DefaultsTrial
+    default_params: dict  # trial 0's parameters
+    fit_seconds: dict = field(default_factory=dict)  # trial number (and "defaults") -> seconds per inner fit, complete trials run here
+    best_here: dict = field(default_factory=dict)
+    study_caches: dict = field(default_factory=dict)  # per inner fold: training rows without fold o (never shared with full fits)
+
+    @classmethod
+    def start(cls, name: str, inputs, options: TuneOptions) -> "_Tuning":
+        from stackkit.stack.stackers import get_stacker
+
+        stacker = get_stacker(name)
+        overrides = dict(options.overrides or {})
+        n_folds = inputs.n_folds
+        if n_folds < 3:
+            raise StackkitError(f"--tune needs at least 3 folds (one held out of the study, two for its cross-validation); "
+                                f"data/folds.parquet has {n_folds}")
+        outer = outer_fold_of(options.seed, n_folds) if options.outer_fold is None else int(options.outer_fold)
+        if not 0 <= outer < n_folds:
+            raise StackkitError(f"outer fold {outer}: expected 0..{n_folds - 1}")
+        inner = [k for k in range(n_folds) if k != outer]
+        key = digest(options.inputs_key, "outer_fold", outer, n_folds)
+        inner_sizes = np.bincount(inputs.folds, minlength=n_folds).astype(np.float64)[inner]
+        deadline = None if options.timeout is None else time.monotonic() + options.timeout
+        defaults = _DefaultsTrial(stacker.default_params())
+        default_params = {**stacker.suggest_params(defaults), **overrides}
+        return cls(name, inputs, options, stacker, overrides, outer, inner, inner_sizes, key, deadline, defaults, default_params)
+
+    @property
+    def n_folds(self) -> int:
+        return self.inputs.n_folds
+
+    def reserve(self) -> float:
+        """Seconds the refit (K fits + test predictions) and the defaults' outer fit are expected to take."""
+        if not self.best_here:
+            return 0.0
+        # a final fit trains on K-1 folds where a trial's fits train on K-2: scale their measured time
+        growth = (self.n_folds - 1) / (self.n_folds - 2)
+        per_fit = self.fit_seconds[self.best_here["number"]]
+        return growth * (self.n_folds * per_fit + self.fit_seconds.get("defaults", per_fit))
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and bool(self.best_here) and time.monotonic() > self.deadline - self.reserve()
+
+    def objective(self, trial) -> float:
+        import optuna
+
+        from stackkit.stack.crossfit import FoldPruned, fit_stacker
+
+        params = {**self.stacker.suggest_params(trial), **self.overrides}
+        trial.set_user_attr("inputs_key", self.key)
+        trial.set_user_attr("outer_fold", self.outer)
+        trial.set_user_attr("params", json.loads(json.dumps(params, default=_json_scalar)))
+        inner, inner_sizes, losses = self.inner, self.inner_sizes, []
+
+        def on_fold(k, fold_loss):
+            losses.append(fold_loss)
+            done = inner_sizes[: len(losses)]
+            trial.report(float(np.dot(losses, done) / done.sum()), step=k)
+            if trial.should_prune():
+                raise FoldPruned
+            if self.out_of_time():
+                raise FoldPruned  # the budget (less the refit's share) is spent and a complete trial exists
+
+        try:
+            result = fit_stacker(self.name, params, self.inputs, seed=self.options.seed, progress=False, folds=inner,
+                                 exclude_fold=self.outer, on_fold=on_fold, caches=self.study_caches, predict_test=False)
+        except FoldPruned:
+            raise optuna.TrialPruned() from None
+        trial.set_user_attr("fold_losses", [float(v) for v in result.fold_scores])
+        trial.set_user_attr("score", result.score.as_dict())
+        value = float(result.score.overall)
+        self.fit_seconds[trial.number] = result.seconds / len(inner)
+        if _same_params(params, self.default_params):
+            self.fit_seconds["defaults"] = self.fit_seconds[trial.number]
+        if not self.best_here or value < self.best_here["value"]:
+            self.best_here.update(value=value, number=trial.number)
+        return value
+
+    def refit_best(self, study, ran: int) -> TunedStacker:
+        """The best complete trial of this key, refitted over all K folds; scored on the outer fold beside the defaults."""
+        import optuna
+
+        from stackkit.metric import Score, weighted_log_loss
+        from stackkit.stack.crossfit import fit_stacker
+
+        name, inputs, seed, outer = self.name, self.inputs, self.options.seed, self.outer
+        candidates = [t for t in completed_trials(study, self.key) if len(t.user_attrs.get("fold_losses", [])) == len(self.inner)]
+        if not candidates:
+            raise StackkitError(f"study '{self.options.study_name}': no trial of stacker '{name}' completed; "
+                                "see the errors above or rerun with more --trials")
+        best = min(candidates, key=lambda t: t.value)
+        params = dict(best.user_attrs["params"])
+        full_caches: dict = {}  # per fold, all other folds' rows: shared by the refit and the defaults' outer fit
+        result = fit_stacker(name, params, inputs, seed=seed, progress=self.options.progress, caches=full_caches)
+        rows = inputs.folds == outer
+        labels = list(LABELS)
+        honest = weighted_log_loss(inputs.train.Y[rows], result.oof[labels].to_numpy()[rows])
+        if _same_params(params, self.default_params):
+            defaults_outer = honest
+        else:
+            plain = fit_stacker(name, self.default_params, inputs, seed=seed, progress=False, folds=[outer], caches=full_caches,
+                                predict_test=False)
+            defaults_outer = weighted_log_loss(inputs.train.Y[rows], plain.oof[labels].to_numpy()[rows])
+        selected = Score(float(best.user_attrs["score"]["overall"]), dict(best.user_attrs["score"]["per_label"]))
+        states = [t.state for t in study.get_trials(deepcopy=False) if t.user_attrs.get("inputs_key") == self.key]
+        info = StudyInfo(self.options.study_name, len(study.get_trials(deepcopy=False)), ran, float(best.value), best.number,
+                         study_history(study, self.key))
+        result.tuning = {
+            "outer_fold": outer,
+            "inner_folds": self.inner,
+            "honest": honest.as_dict(),
+            "defaults_outer": defaults_outer.as_dict(),
+            "selected": selected.as_dict(),
+            "selected_trial": int(best.number),
+            "selected_is_defaults": _same_params(params, self.default_params),
+            "trials": {"run_now": ran, "complete": states.count(optuna.trial.TrialState.COMPLETE),
+                       "pruned": states.count(optuna.trial.TrialState.PRUNED), "inputs_key": self.key},
+            "method": TUNING_METHOD,
+        }
+        return TunedStacker(result, outer, honest, defaults_outer, selected, info)
+
+
+def tune_stacker(name: str, inputs, options: TuneOptions | None = None, **fields) -> TunedStacker:
     """Tune stacker ``name`` with an outer fold the study never sees; refit the winner as one recipe.
 
+    The keywords are :class:`TuneOptions`' fields (or pass ``options``; ``fields`` then override it).
     Fold ``o = outer_fold`` (default :func:`outer_fold_of` the seed) is held out of the study:
     every trial is a cross-validation over the other K-1 folds (each fit trains and early-stops
     on K-2 of them, ``fit_stacker(..., exclude_fold=o)``), reports its running loss after each
@@ -236,116 +381,21 @@ def tune_stacker(name: str, inputs, *, storage, study_name: str, trials: int, ti
     another outer fold. The time budget ``timeout`` includes the refit: the study stops early
     enough to leave the time the final fits are expected to take.
     """
-    import time
-
     import optuna
 
-    from stackkit.stack.crossfit import FoldPruned, fit_stacker
-    from stackkit.stack.stackers import get_stacker
-    from stackkit.metric import Score, weighted_log_loss
-
-    stacker = get_stacker(name)
-    overrides = dict(overrides or {})
-    n_folds = inputs.n_folds
-    if n_folds < 3:
-        raise StackkitError(f"--tune needs at least 3 folds (one held out of the study, two for its cross-validation); "
-                            f"data/folds.parquet has {n_folds}")
-    outer = outer_fold_of(seed, n_folds) if outer_fold is None else int(outer_fold)
-    if not 0 <= outer < n_folds:
-        raise StackkitError(f"outer fold {outer}: expected 0..{n_folds - 1}")
-    inner = [k for k in range(n_folds) if k != outer]
-    key = digest(inputs_key, "outer_fold", outer, n_folds)
-    fold_sizes = np.bincount(inputs.folds, minlength=n_folds).astype(np.float64)
-    inner_sizes = fold_sizes[inner]
-    # a final fit trains on K-1 folds where a trial's fits train on K-2: scale their measured time
-    growth = (n_folds - 1) / (n_folds - 2)
-    deadline = None if timeout is None else time.monotonic() + timeout
-    defaults = _DefaultsTrial(stacker.default_params())
-    default_params = {**stacker.suggest_params(defaults), **overrides}  # trial 0's parameters
-    fit_seconds: dict = {}  # trial number (and "defaults") -> seconds per inner fit, complete trials run here
-    best_here: dict = {}
-    study_caches: dict = {}  # per inner fold: training rows without fold o (never shared with full fits)
-
-    def reserve() -> float:
-        """Seconds the refit (K fits + test predictions) and the defaults' outer fit are expected to take."""
-        if not best_here:
-            return 0.0
-        per_fit = fit_seconds[best_here["number"]]
-        return growth * (n_folds * per_fit + fit_seconds.get("defaults", per_fit))
-
-    def out_of_time() -> bool:
-        return deadline is not None and bool(best_here) and time.monotonic() > deadline - reserve()
-
-    def objective(trial):
-        params = {**stacker.suggest_params(trial), **overrides}
-        trial.set_user_attr("inputs_key", key)
-        trial.set_user_attr("outer_fold", outer)
-        trial.set_user_attr("params", json.loads(json.dumps(params, default=_json_scalar)))
-        losses: list[float] = []
-
-        def on_fold(k, fold_loss):
-            losses.append(fold_loss)
-            done = inner_sizes[: len(losses)]
-            trial.report(float(np.dot(losses, done) / done.sum()), step=k)
-            if trial.should_prune():
-                raise FoldPruned
-            if out_of_time():
-                raise FoldPruned  # the budget (less the refit's share) is spent and a complete trial exists
-
-        try:
-            result = fit_stacker(name, params, inputs, seed=seed, progress=False, folds=inner, exclude_fold=outer,
-                                 on_fold=on_fold, caches=study_caches, predict_test=False)
-        except FoldPruned:
-            raise optuna.TrialPruned() from None
-        trial.set_user_attr("fold_losses", [float(v) for v in result.fold_scores])
-        trial.set_user_attr("score", result.score.as_dict())
-        value = float(result.score.overall)
-        fit_seconds[trial.number] = result.seconds / len(inner)
-        if _same_params(params, default_params):
-            fit_seconds["defaults"] = fit_seconds[trial.number]
-        if not best_here or value < best_here["value"]:
-            best_here.update(value=value, number=trial.number)
-        return value
-
-    with optuna_logging(verbose):
-        study = open_study(study_name, storage, seed=seed, pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0))
+    options = TuneOptions(**fields) if options is None else replace(options, **fields)
+    run = _Tuning.start(name, inputs, options)
+    with optuna_logging(options.verbose):
+        pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
+        study = open_study(options.study_name, options.storage, seed=options.seed, pruner=pruner)
         # the defaults are a trial of every key (Optuna's skip_if_exists would also skip them for trials of other data)
-        if not any(t.params == defaults.values for t in study.get_trials(deepcopy=False) if t.user_attrs.get("inputs_key") == key):
-            study.enqueue_trial(defaults.values, user_attrs={"inputs_key": key})
-        remaining = None if deadline is None else max(1.0, deadline - time.monotonic())
-        ran = run_trials(study, objective, trials=trials, timeout=remaining, progress=progress, desc=f"tune {name}", inputs_key=key,
-                         stop=out_of_time)
-        candidates = [t for t in completed_trials(study, key) if len(t.user_attrs.get("fold_losses", [])) == len(inner)]
-        if not candidates:
-            raise StackkitError(f"study '{study_name}': no trial of stacker '{name}' completed; see the errors above or rerun with more --trials")
-        best = min(candidates, key=lambda t: t.value)
-        params = dict(best.user_attrs["params"])
-        full_caches: dict = {}  # per fold, all other folds' rows: shared by the refit and the defaults' outer fit
-        result = fit_stacker(name, params, inputs, seed=seed, progress=progress, caches=full_caches)
-        rows = inputs.folds == outer
-        labels = list(LABELS)
-        honest = weighted_log_loss(inputs.train.Y[rows], result.oof[labels].to_numpy()[rows])
-        if _same_params(params, default_params):
-            defaults_outer = honest
-        else:
-            plain = fit_stacker(name, default_params, inputs, seed=seed, progress=False, folds=[outer], caches=full_caches, predict_test=False)
-            defaults_outer = weighted_log_loss(inputs.train.Y[rows], plain.oof[labels].to_numpy()[rows])
-        selected = Score(float(best.user_attrs["score"]["overall"]), dict(best.user_attrs["score"]["per_label"]))
-        states = [t.state for t in study.get_trials(deepcopy=False) if t.user_attrs.get("inputs_key") == key]
-        info = StudyInfo(study_name, len(study.get_trials(deepcopy=False)), ran, float(best.value), best.number, study_history(study, key))
-    result.tuning = {
-        "outer_fold": outer,
-        "inner_folds": inner,
-        "honest": honest.as_dict(),
-        "defaults_outer": defaults_outer.as_dict(),
-        "selected": selected.as_dict(),
-        "selected_trial": int(best.number),
-        "selected_is_defaults": _same_params(params, default_params),
-        "trials": {"run_now": ran, "complete": states.count(optuna.trial.TrialState.COMPLETE),
-                   "pruned": states.count(optuna.trial.TrialState.PRUNED), "inputs_key": key},
-        "method": TUNING_METHOD,
-    }
-    return TunedStacker(result, outer, honest, defaults_outer, selected, info)
+        trials_of_key = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("inputs_key") == run.key]
+        if not any(t.params == run.defaults.values for t in trials_of_key):
+            study.enqueue_trial(run.defaults.values, user_attrs={"inputs_key": run.key})
+        remaining = None if run.deadline is None else max(1.0, run.deadline - time.monotonic())
+        ran = run_trials(study, run.objective, trials=options.trials, timeout=remaining, progress=options.progress,
+                         desc=f"tune {name}", inputs_key=run.key, stop=run.out_of_time)
+        return run.refit_best(study, ran)
 
 
 def _same_params(a: dict, b: dict) -> bool:
@@ -357,111 +407,3 @@ def _json_scalar(value):
     if hasattr(value, "item"):
         return value.item()
     return str(value)
-
-
-# --- the blend ---------------------------------------------------------------------------------------
-
-
-def suggest_blend(trial, source_names: list[str], *, per_label: bool, any_consistency: bool) -> BlendParams:
-    """Weights in [0, 1] per source (and label), temperature per label (or shared), one clip; normalized by BlendParams."""
-    if per_label:
-        weights = np.array([[trial.suggest_float(f"{BLEND_WEIGHT_PREFIX}|{s}|{label}", 0.0, 1.0) for label in LABELS] for s in source_names])
-        temperature = np.array([trial.suggest_float(f"t|{label}", *TEMPERATURE_BOUNDS, log=True) for label in LABELS])
-    else:
-        weights = np.array([trial.suggest_float(f"{BLEND_WEIGHT_PREFIX}|{s}", 0.0, 1.0) for s in source_names])
-        temperature = np.full(N_LABELS, trial.suggest_float("t", *TEMPERATURE_BOUNDS, log=True))
-    clip = trial.suggest_float("clip", *CLIP_RANGE, log=True)
-    return BlendParams(weights, temperature, clip, any_consistency)
-
-
-def blend_as_trial_params(params: BlendParams, source_names: list[str], *, per_label: bool) -> dict:
-    """The trial parameters that :func:`suggest_blend` maps to ``params`` (to enqueue a start point)."""
-    lo, hi = TEMPERATURE_BOUNDS
-    t = np.clip(params.temperature, lo, hi)
-    # weights scaled so the largest is 1: inside [0, 1] and the same blend after normalization
-    w = params.weights / np.maximum(params.weights.max(axis=0, keepdims=True), 1e-12)
-    out = {}
-    if per_label:
-        for s, name in enumerate(source_names):
-            for l, label in enumerate(LABELS):
-                out[f"{BLEND_WEIGHT_PREFIX}|{name}|{label}"] = float(w[s, l])
-        for l, label in enumerate(LABELS):
-            out[f"t|{label}"] = float(t[l])
-    else:
-        for s, name in enumerate(source_names):
-            out[f"{BLEND_WEIGHT_PREFIX}|{name}"] = float(w[s, 0])
-        out["t"] = float(t[0])
-    out["clip"] = float(np.clip(params.clip, *CLIP_RANGE))
-    return out
-
-
-@dataclass(frozen=True)
-class BlendSearch:
-    """:func:`search_blend`'s keywords: the blend's form, the Optuna budget, its storage and study name."""
-
-    per_label: bool
-    any_consistency: bool
-    trials: int
-    timeout: float | None = None
-    seed: int = 0
-    storage: object = None
-    study_name: str | None = None
-    progress: bool = False
-    verbose: bool = False
-
-
-def search_blend(preds: np.ndarray, y: np.ndarray, source_names: list[str], options: BlendSearch | None = None,
-                 **fields) -> tuple[BlendParams, StudyInfo | None]:
-    """The blend-fitting procedure used both in-sample and inside every CV fold.
-
-    1. ``fit_blend``: L-BFGS weights and temperatures, grid clip (deterministic).
-    2. ``trials`` Optuna trials over weights/temperature/clip, started from equal weights and from
-       step 1's solution (enqueued). In a persistent ``storage`` the study continues across runs.
-    Returns the best in-sample candidate among step 1, equal weights (logit mean and linear pool) and
-    the matching trials. The keywords are :class:`BlendSearch`' fields: pass them, or ``options``
-    (then ``fields`` override it).
-    """
-    import optuna
-
-    o = BlendSearch(**fields) if options is None else replace(options, **fields)
-    per_label, any_consistency, trials, seed = o.per_label, o.any_consistency, o.trials, o.seed
-
-    source_logits = logit(preds)  # once: every trial below blends the same sources
-    fitted = fit_blend(preds, y, per_label=per_label, any_consistency=any_consistency, source_logits=source_logits)
-    equal = BlendParams.equal(len(source_names), any_consistency=any_consistency, space="logit")
-    pool = BlendParams.equal(len(source_names), any_consistency=any_consistency, space="probability")
-    candidates = [(params.score_logits(source_logits, y).overall, params) for params in (fitted, equal, pool)]
-    if trials <= 0:
-        return min(candidates, key=lambda c: c[0])[1], None
-    inputs_key = digest(source_names, per_label, any_consistency, preds.astype(np.float32), y.astype(np.int8))
-
-    def objective(trial):
-        trial.set_user_attr("inputs_key", inputs_key)
-        params = suggest_blend(trial, source_names, per_label=per_label, any_consistency=any_consistency)
-        return params.score_logits(source_logits, y).overall
-
-    with optuna_logging(o.verbose):
-        if o.storage is None:
-            study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed), direction="minimize")
-        else:
-            study = open_study(o.study_name, o.storage, seed=seed)
-        for start in (fitted, equal):
-            study.enqueue_trial(blend_as_trial_params(start, source_names, per_label=per_label), skip_if_exists=True)
-        ran = run_trials(study, objective, trials=trials, timeout=o.timeout, progress=o.progress, desc="tune blend", inputs_key=inputs_key)
-        matching = completed_trials(study, inputs_key)
-        for trial in matching:
-            params = _blend_from_trial(trial, source_names, per_label=per_label, any_consistency=any_consistency)
-            candidates.append((trial.value, params))
-        best_value, best = min(candidates, key=lambda c: c[0])
-        best_trial = min(matching, key=lambda t: t.value) if matching else None
-        info = StudyInfo(study.study_name, len(study.get_trials(deepcopy=False)), ran,
-                         None if best_trial is None else float(best_trial.value),
-                         None if best_trial is None else best_trial.number, study_history(study, inputs_key))
-    return best, info
-
-
-def _blend_from_trial(trial, source_names, *, per_label: bool, any_consistency: bool) -> BlendParams:
-    import optuna
-
-    # replaying suggest_blend on a FixedTrial reads the same parameter names back
-    return suggest_blend(optuna.trial.FixedTrial(trial.params), source_names, per_label=per_label, any_consistency=any_consistency)

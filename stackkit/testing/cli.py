@@ -15,3 +15,10 @@ def run_cli(*args, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}): {proc.stderr[-2000:]}")
     return proc
+
+
+def one_line_error(result) -> str:
+    """The one line a refused command printed (click's ``Error: ...``), asserted to be all it printed."""
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    return lines[0]

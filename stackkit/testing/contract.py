@@ -102,3 +102,18 @@ def snapshot(root: Path) -> dict[str, bytes]:
     """Every file under root with its bytes: to prove a failed command changed nothing."""
     root = Path(root)
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def copy_workdir(template: Workdir, folder: Path) -> Workdir:
+    """A private copy of a module-scoped template work directory at ``folder``, which a test may change."""
+    import shutil
+
+    shutil.copytree(template.root, folder)
+    return Workdir(folder)
+
+
+def move_oof_fold(wd: Workdir, model: str, row: int, n_folds: int) -> None:
+    """preds/<model>/oof.parquet with row ``row``'s fold moved to the next one: predictions made on other folds."""
+    oof = pd.read_parquet(wd.oof(model))
+    oof.loc[row, "fold"] = (oof.loc[row, "fold"] + 1) % n_folds
+    write_parquet(oof, wd.oof(model))

@@ -12,7 +12,7 @@ import numpy as np
 from stackkit.contract import Workdir
 
 from stackkit.data.synth import SynthResult, synthesize
-from stackkit.data.dicom import quiet_rsna_ids
+from stackkit.data.decoding import quiet_rsna_ids
 
 
 def small_dicom_dataset(out: Path, *, patients: int = 8, seed: int = 0) -> SynthResult:

@@ -235,6 +235,59 @@ def _shared_world(rng: np.random.Generator, s: Studies, scenario: Scenario) -> W
     )
 
 
+@dataclass(frozen=True)
+class _ModelExport:
+    """What every simulated base model is exported from: the studies, the shared world, the rows
+    (OOF rows with their fold, test rows) and where its files go."""
+
+    s: Studies
+    world: World
+    scenario: Scenario
+    image_ids: np.ndarray
+    oof_rows: np.ndarray
+    oof_fold: np.ndarray
+    test_rows: np.ndarray
+    exports: Path
+    n_folds: int
+    embedding_dim: int
+    seed: int
+
+
+def _export_model(x: _ModelExport, m: int, name: str) -> tuple:
+    """Model ``m``'s files: (OOF predictions, OOF embeddings or None, test mean, per fold model test
+    predictions, per fold model test embeddings); its own random stream ``[seed, m + 1]``."""
+    s, world, scenario, n, n_folds, exports = x.s, x.world, x.scenario, len(x.s.z), x.n_folds, x.exports
+    model_rng = np.random.default_rng([x.seed, m + 1])
+    model = make_model(model_rng, m, len(s.patient_of_study), n_folds, x.embedding_dim, scenario)
+    if scenario.model_error_persistence:
+        # a model's own errors persist along z as the shared ones do
+        world.model_noise = persistent_noise(model_rng, len(LABELS), s.first, s.slice_no, scenario.model_error_persistence)
+    else:
+        # a model's own errors: half of them smooth along z (neighboring slices look alike)
+        world.model_noise = 0.5 * neighbor_smooth(model_rng.normal(size=(n, len(LABELS))), s.first, s.last) + 0.87 * model_rng.normal(size=(n, len(LABELS)))
+    world.model_nuisance = model_rng.normal(size=(n, len(LABELS)))
+    oof_components = model_components(model_rng, model, x.oof_rows, world)
+    fit_head(model, oof_components, s.y[x.oof_rows].astype(np.float64))
+    oof_file = write_parquet(_frame(x.image_ids[x.oof_rows], head_probabilities(model, oof_components, x.oof_fold), x.oof_fold),
+                             exports / f"{name}_oof.parquet")
+    oof_emb = None
+    if x.embedding_dim:
+        oof_emb = _write_npy(embed(model_rng, model, oof_components, x.oof_fold), exports / f"{name}_oof_emb.npy")
+    del oof_components
+    test_ids = x.image_ids[x.test_rows]
+    test_probability = np.zeros((len(x.test_rows), len(LABELS)))
+    fold_files, emb_files = [], []
+    for k in range(n_folds):  # the K fold models each predict every test image
+        components = model_components(model_rng, model, x.test_rows, world)
+        fold_probability = head_probabilities(model, components, k)
+        test_probability += fold_probability / n_folds
+        fold_files.append(write_parquet(_frame(test_ids, fold_probability), exports / f"{name}_test_fold{k}.parquet"))
+        if x.embedding_dim:
+            emb_files.append(_write_npy(embed(model_rng, model, components, k), exports / f"{name}_test_emb_fold{k}.npy"))
+    test_file = write_parquet(_frame(test_ids, test_probability), exports / f"{name}_test.parquet")
+    return oof_file, oof_emb, test_file, fold_files, emb_files
+
+
 def write_exported_benchmark(
     root,
     *,
@@ -266,38 +319,14 @@ def write_exported_benchmark(
     # outside the work directory, like the held-out labels: the floor's input, never the pipeline's
     latent = write_parquet(_frame(image_ids, s.evidence), root / "latent_evidence.parquet")
     oof_rows, oof_fold, test_rows = _export_rows(rng, image_ids, folds, test_rows_shuffled)
-    world = _shared_world(rng, s, scenario)
-    exports = root / "exports"
+    plan = _ModelExport(s, _shared_world(rng, s, scenario), scenario, image_ids, oof_rows, oof_fold, test_rows,
+                        root / "exports", n_folds, embedding_dim, seed)
     names = tuple(MODEL_NAMES[m] if m < len(MODEL_NAMES) else f"model{m:02d}" for m in range(n_models))
     oof_files, test_files, test_fold_files, oof_emb_files, test_emb_files = {}, {}, {}, {}, {}
     for m, name in enumerate(names):
-        model_rng = np.random.default_rng([seed, m + 1])
-        model = make_model(model_rng, m, n_studies, n_folds, embedding_dim, scenario)
-        if scenario.model_error_persistence:
-            # a model's own errors persist along z as the shared ones do
-            world.model_noise = persistent_noise(model_rng, len(LABELS), s.first, s.slice_no, scenario.model_error_persistence)
-        else:
-            # a model's own errors: half of them smooth along z (neighboring slices look alike)
-            world.model_noise = 0.5 * neighbor_smooth(model_rng.normal(size=(n, len(LABELS))), s.first, s.last) + 0.87 * model_rng.normal(size=(n, len(LABELS)))
-        world.model_nuisance = model_rng.normal(size=(n, len(LABELS)))
-        oof_components = model_components(model_rng, model, oof_rows, world)
-        fit_head(model, oof_components, s.y[oof_rows].astype(np.float64))
-        oof_files[name] = write_parquet(_frame(image_ids[oof_rows], head_probabilities(model, oof_components, oof_fold), oof_fold), exports / f"{name}_oof.parquet")
+        oof_files[name], oof_emb, test_files[name], test_fold_files[name], test_embs = _export_model(plan, m, name)
         if embedding_dim:
-            oof_emb_files[name] = _write_npy(embed(model_rng, model, oof_components, oof_fold), exports / f"{name}_oof_emb.npy")
-        del oof_components
-        test_probability = np.zeros((len(test_rows), len(LABELS)))
-        test_emb_files[name], test_fold_files[name] = [], []
-        for k in range(n_folds):  # the K fold models each predict every test image
-            components = model_components(model_rng, model, test_rows, world)
-            fold_probability = head_probabilities(model, components, k)
-            test_probability += fold_probability / n_folds
-            test_fold_files[name].append(write_parquet(_frame(image_ids[test_rows], fold_probability), exports / f"{name}_test_fold{k}.parquet"))
-            if embedding_dim:
-                test_emb_files[name].append(_write_npy(embed(model_rng, model, components, k), exports / f"{name}_test_emb_fold{k}.npy"))
-        test_files[name] = write_parquet(_frame(image_ids[test_rows], test_probability), exports / f"{name}_test.parquet")
-        if not embedding_dim:
-            del test_emb_files[name]
+            oof_emb_files[name], test_emb_files[name] = oof_emb, test_embs
     return ExportedBenchmark(
         root=root, workdir=wd, heldout_test_labels=heldout, models=names, oof_files=oof_files, test_files=test_files,
         oof_embedding_files=oof_emb_files, test_embedding_files=test_emb_files, n_images=n, n_train=len(folds),

@@ -182,6 +182,13 @@ def neighbor_smooth(values: np.ndarray, first: np.ndarray, last: np.ndarray) -> 
     return (prev + 2.0 * values + nxt) / np.sqrt(weight)
 
 
+def study_rows(sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(study of each row, slice number in its study) for studies of ``sizes`` rows, laid out study by study."""
+    study_of_row = np.repeat(np.arange(len(sizes)), sizes)
+    start_of_study = np.cumsum(sizes) - sizes
+    return study_of_row, np.arange(len(study_of_row)) - start_of_study[study_of_row]
+
+
 def persistent_noise(rng: np.random.Generator, n_columns: int, first: np.ndarray, slice_no: np.ndarray,
                       persistence: float) -> np.ndarray:
     """(n, n_columns) unit-variance AR(1) noise along the rows, coefficient ``persistence``, restarted at
@@ -219,24 +226,20 @@ class Studies:
     is_test_patient: np.ndarray
 
 
-def make_studies(rng: np.random.Generator, n_patients: int, test_fraction: float, scenario: "Scenario") -> Studies:
-    studies_per_patient = 1 + (rng.random(n_patients) < 0.08)
-    patient_of_study = np.repeat(np.arange(n_patients), studies_per_patient)
-    n_studies = len(patient_of_study)
-    sizes = np.clip(np.rint(rng.normal(40, 8, n_studies)), 25, 60).astype(np.int64)
-    study_of_row = np.repeat(np.arange(n_studies), sizes)
-    start_of_study = np.cumsum(sizes) - sizes
-    slice_no = np.arange(len(study_of_row)) - start_of_study[study_of_row]
-    n_in_study = sizes[study_of_row]
-    first, last = slice_no == 0, slice_no == n_in_study - 1
-
-    # z: ~5 mm apart, 15 % of series head-to-foot, a few slices at the previous slice's z
+def _slice_z(rng: np.random.Generator, sizes: np.ndarray, study_of_row: np.ndarray, slice_no: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """z of every row: ~5 mm apart, 15 % of series head-to-foot, a few slices at the previous slice's z."""
+    n_studies = len(sizes)
     spacing = rng.choice([4.5, 5.0, 5.0, 5.0, 5.5], n_studies) * np.where(rng.random(n_studies) < 0.15, -1.0, 1.0)
     z = np.round(rng.normal(50.0, 30.0, n_studies)[study_of_row] + spacing[study_of_row] * slice_no, 3)
     duplicate = (rng.random(len(z)) < 0.003) & ~first
     z[duplicate] = z[np.flatnonzero(duplicate) - 1]
+    return z
 
-    # one run per subtype present, runs of a study spread around one focus
+
+def _lesion_runs(rng: np.random.Generator, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(present, run_start, run_end) per study and subtype: one run per subtype present, the runs of a
+    study spread around one focus; ``run_end`` exclusive, in slices."""
+    n_studies = len(sizes)
     positive = rng.random(n_studies) < POSITIVE_STUDY_RATE
     present = positive[:, None] & (rng.random((n_studies, N_SUBTYPES)) < SUBTYPE_PRESENCE)
     none_yet = positive & ~present.any(axis=1)
@@ -246,43 +249,69 @@ def make_studies(rng: np.random.Generator, n_patients: int, test_fraction: float
     focus = rng.uniform(0.3, 0.7, n_studies)[:, None] * sizes[:, None]
     center = np.clip(focus + rng.normal(0, 0.12, (n_studies, N_SUBTYPES)) * sizes[:, None], 0, sizes[:, None] - 1)
     run_start = np.clip(np.rint(center - run_length / 2), 0, np.maximum(sizes[:, None] - run_length, 0))
-    run_end = run_start + run_length  # exclusive
+    return present, run_start, run_start + run_length
 
-    at = slice_no[:, None].astype(np.float64)
-    start_r, end_r = run_start[study_of_row], run_end[study_of_row]
-    inside = present[study_of_row] & (at >= start_r) & (at < end_r)
-    y = np.zeros((len(z), len(LABELS)), dtype=np.int8)
-    y[:, :N_SUBTYPES] = inside
-    y[:, -1] = y[:, :N_SUBTYPES].max(axis=1)
 
-    # visibility: a sine bump over the run (faint at its ends), 0.35 x exp(-distance) just outside it
-    length_r = run_length[study_of_row]
+def _evidence(rng: np.random.Generator, scenario: "Scenario", s: Studies, sizes: np.ndarray, runs: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """The (n, 6) latent evidence of the lesions (a sine bump over each run, partial volume just outside
+    it) and of the mimics, and each lesion's intensity (n_studies, 5)."""
+    present, run_start, run_end = runs
+    n_studies, n = len(sizes), len(s.z)
+    at = s.slice_no[:, None].astype(np.float64)
+    start_r, end_r = run_start[s.study_of_row], run_end[s.study_of_row]
+    inside = present[s.study_of_row] & (at >= start_r) & (at < end_r)
+    length_r = (run_end - run_start)[s.study_of_row]
     bump = scenario.run_end_visibility + (1.0 - scenario.run_end_visibility) * np.sin(np.pi * (at - start_r + 0.5) / length_r)
     distance_out = np.maximum(start_r - at, at - (end_r - 1))
     outside = scenario.partial_volume * np.exp(-distance_out / 0.8)
     lesion_intensity = rng.lognormal(0.0, 0.45, (n_studies, N_SUBTYPES))
-    intensity = lesion_intensity[study_of_row]
-    jitter = np.exp(0.25 * neighbor_smooth(rng.normal(size=(len(z), N_SUBTYPES)), first, last))
-    evidence = np.zeros((len(z), len(LABELS)))
-    evidence[:, :N_SUBTYPES] = np.where(present[study_of_row], intensity * jitter * np.where(inside, bump, outside), 0.0)
+    intensity = lesion_intensity[s.study_of_row]
+    jitter = np.exp(0.25 * neighbor_smooth(rng.normal(size=(n, N_SUBTYPES)), s.first, s.last))
+    evidence = np.zeros((n, len(LABELS)))
+    evidence[:, :N_SUBTYPES] = np.where(present[s.study_of_row], intensity * jitter * np.where(inside, bump, outside), 0.0)
     has_mimic = rng.random((n_studies, N_SUBTYPES)) < scenario.mimic_rate
-    mimic_start = np.floor(rng.random((n_studies, N_SUBTYPES)) * sizes[:, None])[study_of_row]
-    in_mimic = has_mimic[study_of_row] & (at >= mimic_start) & (at < mimic_start + rng.integers(1, MIMIC_LENGTH + 1, (n_studies, N_SUBTYPES))[study_of_row])
-    mimic = rng.lognormal(-0.6, 0.4, (n_studies, N_SUBTYPES))[study_of_row] * jitter
+    mimic_start = np.floor(rng.random((n_studies, N_SUBTYPES)) * sizes[:, None])[s.study_of_row]
+    mimic_length = rng.integers(1, MIMIC_LENGTH + 1, (n_studies, N_SUBTYPES))[s.study_of_row]
+    in_mimic = has_mimic[s.study_of_row] & (at >= mimic_start) & (at < mimic_start + mimic_length)
+    mimic = rng.lognormal(-0.6, 0.4, (n_studies, N_SUBTYPES))[s.study_of_row] * jitter
     evidence[:, :N_SUBTYPES] = np.where(in_mimic & ~inside, np.maximum(evidence[:, :N_SUBTYPES], mimic), evidence[:, :N_SUBTYPES])
     evidence[:, -1] = evidence[:, :N_SUBTYPES].max(axis=1)
+    return evidence, lesion_intensity
 
-    is_test_patient = np.zeros(n_patients, dtype=bool)
-    is_test_patient[rng.permutation(n_patients)[: int(round(test_fraction * n_patients))]] = True
+
+def _run_labels(s: Studies, present: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """(n, 6) int8: a subtype's label on the slices of its runs [start, end), `any` their max."""
+    at = s.slice_no[:, None].astype(np.float64)
+    y = np.zeros((len(s.z), len(LABELS)), dtype=np.int8)
+    y[:, :N_SUBTYPES] = present[s.study_of_row] & (at >= start[s.study_of_row]) & (at < end[s.study_of_row])
+    y[:, -1] = y[:, :N_SUBTYPES].max(axis=1)
+    return y
+
+
+def make_studies(rng: np.random.Generator, n_patients: int, test_fraction: float, scenario: "Scenario") -> Studies:
+    studies_per_patient = 1 + (rng.random(n_patients) < 0.08)
+    patient_of_study = np.repeat(np.arange(n_patients), studies_per_patient)
+    n_studies = len(patient_of_study)
+    sizes = np.clip(np.rint(rng.normal(40, 8, n_studies)), 25, 60).astype(np.int64)
+    study_of_row, slice_no = study_rows(sizes)
+    n_in_study = sizes[study_of_row]
+    first, last = slice_no == 0, slice_no == n_in_study - 1
+    z = _slice_z(rng, sizes, study_of_row, slice_no, first)
+    present, run_start, run_end = runs = _lesion_runs(rng, sizes)
+    s = Studies(patient_of_study, study_of_row, slice_no, first, last, z, None, None, None)
+    s.y = _run_labels(s, present, run_start, run_end)
+    s.evidence, lesion_intensity = _evidence(rng, scenario, s, sizes, runs)
+
+    s.is_test_patient = np.zeros(n_patients, dtype=bool)
+    s.is_test_patient[rng.permutation(n_patients)[: int(round(test_fraction * n_patients))]] = True
     if scenario.label_edge_spread or scenario.label_miss_rate:
         # annotators disagree: where a run starts and ends, and whether a faint lesion is there at all
         shape = (n_studies, N_SUBTYPES)
         label_start = np.clip(run_start + np.rint(rng.normal(0, scenario.label_edge_spread, shape)), 0, sizes[:, None] - 1)
         label_end = np.clip(run_end + np.rint(rng.normal(0, scenario.label_edge_spread, shape)), label_start + 1, sizes[:, None])
         annotated = present & ~((rng.random(shape) < scenario.label_miss_rate) & (lesion_intensity < 0.7))
-        y[:, :N_SUBTYPES] = annotated[study_of_row] & (at >= label_start[study_of_row]) & (at < label_end[study_of_row])
-        y[:, -1] = y[:, :N_SUBTYPES].max(axis=1)
-    return Studies(patient_of_study, study_of_row, slice_no, first, last, z, y, evidence, is_test_patient)
+        s.y = _run_labels(s, annotated, label_start, label_end)
+    return s
 
 
 # --- base models -------------------------------------------------------------------------------

@@ -170,6 +170,25 @@ def to_schema_columns(schema: TaskSchema, maxima: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
+def unit_aggregates(unit: np.ndarray, values: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(unit ids in first-seen order, (n_units, 3 x F) float32): per column of ``values`` (n, F) the
+    max, the mean and the mean of the top ``top_k`` over each unit's rows (all of them if fewer)."""
+    codes, uniques = pd.factorize(unit)
+    count = np.bincount(codes, minlength=len(uniques))
+    order = np.argsort(codes, kind="stable")
+    starts = np.cumsum(count) - count
+    out = np.empty((len(uniques), 3 * values.shape[1]), dtype=np.float32)
+    for j in range(values.shape[1]):  # a loop over feature columns, each vectorized over every row
+        column = values[:, j].astype(np.float64)
+        ranked = np.lexsort((-column, codes))  # by unit, then descending value
+        rank = np.arange(len(ranked)) - starts[codes[ranked]]
+        top = rank < top_k
+        out[:, 3 * j] = np.maximum.reduceat(column[order], starts)
+        out[:, 3 * j + 1] = np.bincount(codes, weights=column, minlength=len(uniques)) / count
+        out[:, 3 * j + 2] = np.bincount(codes[ranked][top], weights=column[ranked][top], minlength=len(uniques)) / np.minimum(count, top_k)
+    return uniques, out
+
+
 def max_aggregation(bench: TaskBenchmark, predictions: pd.DataFrame) -> pd.DataFrame:
     """The plain aggregation of one model's slice predictions (image_id + columns): per unit the max
     over its slices (every series of it) of each column, in the schema's columns (to_schema_columns)."""

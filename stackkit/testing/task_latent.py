@@ -60,7 +60,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stackkit.testing.latent import distinct_ids, persistent_noise
+from stackkit.testing.latent import distinct_ids, persistent_noise, study_rows
 
 VERTEBRAE = tuple(f"C{i}" for i in range(1, 8))
 ORGANS = ("kidney", "liver", "spleen")
@@ -166,9 +166,7 @@ class _Rows:
 
 
 def _rows(layout: _Layout) -> _Rows:
-    series = np.repeat(np.arange(len(layout.sizes)), layout.sizes)
-    starts = np.cumsum(layout.sizes) - layout.sizes
-    slice_no = np.arange(len(series)) - starts[series]
+    series, slice_no = study_rows(layout.sizes)
     return _Rows(series, layout.unit_of_series[series], slice_no, slice_no == 0)
 
 

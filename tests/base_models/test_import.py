@@ -16,6 +16,7 @@ from stackkit.contract.io import read_json, read_table, write_parquet
 from stackkit.contract.validate import load_core, read_oof, read_test
 
 from stackkit.testing.contract import noisy_predictions, snapshot, with_folds
+from stackkit.testing.cli import one_line_error
 
 
 def _wide(contract_workdir):
@@ -379,7 +380,6 @@ def test_bad_test_folds_are_one_line_exit_2_and_change_nothing(contract_workdir,
     args = ["--oof", str(tmp_path / "oof.parquet"), *_fold_args(bad)] + (["--test", str(test_path)] if with_test else [])
     result = _invoke(wd, "kept", "--force", *args)
     assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    assert re.search(message, lines[0]), lines[0]
+    line = one_line_error(result)
+    assert re.search(message, line), line
     assert _tree_digest(wd.root) == before

@@ -16,6 +16,7 @@ from stackkit.contract.io import read_json, write_parquet
 from stackkit.contract.validate import load_core
 from stackkit.errors import ContractError
 from stackkit.testing.contract import noisy_predictions, snapshot, with_folds
+from stackkit.testing.cli import one_line_error
 
 DIM = 12
 
@@ -211,7 +212,6 @@ def test_bad_embeddings_are_one_line_exit_2_and_nothing_written(contract_workdir
     bad_args = corrupt(tmp_path, list(args))
     result = _invoke(wd, "kept", "--force", *bad_args)
     assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    assert re.search(message, lines[0]), lines[0]
+    line = one_line_error(result)
+    assert re.search(message, line), line
     assert snapshot(wd.root) == before

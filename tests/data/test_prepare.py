@@ -26,12 +26,6 @@ def source(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture
-def data(source, tmp_path) -> Path:
-    """A private copy of the dataset that a test may break."""
-    return h.copy_dataset(source, tmp_path / "data")
-
-
 def run(data: Path, workdir: Path, **kwargs) -> PrepareResult:
     args = dict(
         dicom_dir=data / TRAIN_DIR, test_dicom_dir=data / TEST_DIR, labels_csv=data / TRAIN_CSV,

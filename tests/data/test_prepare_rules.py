@@ -29,11 +29,6 @@ def source(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture
-def data(source, tmp_path) -> Path:
-    return h.copy_dataset(source, tmp_path / "data")
-
-
 def args(data: Path, work: Path, *extra) -> list[str]:
     return ["data", "prepare", "--workdir", str(work), "--dicom-dir", str(data / TRAIN_DIR), "--test-dicom-dir",
             str(data / TEST_DIR), "--labels", str(data / TRAIN_CSV), "--folds", "2", "--workers", "1", "-q", *extra]

@@ -20,6 +20,7 @@ from features.build import DICOM_META_COLUMNS, TOP_K, build_features, build_test
 from stackkit.contract import CONTRACT_VERSION, LABELS, Workdir, file_sha256, folds_hash
 from stackkit.errors import ContractError, LeakageError, StackkitError
 from stackkit.contract.io import write_parquet
+from stackkit.testing.contract import move_oof_fold
 
 # --- synthetic contract data ---------------------------------------------------------------
 
@@ -342,9 +343,7 @@ def _study_over_two_folds(wd):
 
 
 def _oof_with_foreign_fold(wd):
-    oof = pd.read_parquet(wd.oof("cnn_b"))
-    oof.loc[3, "fold"] = (oof.loc[3, "fold"] + 1) % 3
-    write_parquet(oof, wd.oof("cnn_b"))
+    move_oof_fold(wd, "cnn_b", 3, n_folds=3)
 
 
 def _test_preds_missing_an_image(wd):

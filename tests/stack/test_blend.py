@@ -18,7 +18,7 @@ from stackkit.stack.blend import (
 )
 from stackkit.contract import LABELS
 from stackkit.metric import weighted_log_loss
-from stackkit.stack.tune import search_blend
+from stackkit.stack.blend_search import search_blend
 
 from stackkit.testing.stack import synthetic_sources
 

@@ -18,7 +18,7 @@ from stackkit.render import fit_lines, score_table
 from stackkit.stack.report import ScoreRow
 from stackkit.contract.validate import load_core, read_oof
 
-from stackkit.testing.contract import snapshot
+from stackkit.testing.contract import copy_workdir, move_oof_fold, snapshot
 from stackkit.testing.stack import base_model_workdir
 
 # the fastest stacker on two CPU cores; the others share the Stacker interface and their own tests
@@ -36,8 +36,7 @@ def features_template(tmp_path_factory):
 
 @pytest.fixture
 def wd(features_template, tmp_path) -> Workdir:
-    shutil.copytree(features_template.root, tmp_path / "work")
-    return Workdir(tmp_path / "work")
+    return copy_workdir(features_template, tmp_path / "work")
 
 
 def _images_in_report(wd) -> int:
@@ -145,9 +144,7 @@ def _other_folds_hash(wd):
 
 
 def _base_fold_disagrees(wd):
-    oof = pd.read_parquet(wd.oof("m2"))
-    oof.loc[0, "fold"] = (oof.loc[0, "fold"] + 1) % 4
-    write_parquet(oof, wd.oof("m2"))
+    move_oof_fold(wd, "m2", 0, n_folds=4)
 
 
 def _no_features(wd):

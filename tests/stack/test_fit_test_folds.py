@@ -8,7 +8,6 @@ and the blend meets each set in turn.
 
 from __future__ import annotations
 
-import shutil
 
 import numpy as np
 import pandas as pd
@@ -24,7 +23,7 @@ from stackkit.errors import ContractError
 from stackkit.stack.blend import BlendParams
 from stackkit.stack.fit import run_stack_fit
 from stackkit.submit import blended_test_predictions, load_blend
-from stackkit.testing.contract import make_contract_frames, noisy_predictions
+from stackkit.testing.contract import copy_workdir, make_contract_frames, noisy_predictions
 from stackkit.testing.stack import base_model_workdir
 
 FAST = "mlp"
@@ -79,8 +78,7 @@ def fitted_template(tmp_path_factory):
 
 @pytest.fixture
 def wd(fitted_template, tmp_path) -> Workdir:
-    shutil.copytree(fitted_template.root, tmp_path / "work")
-    return Workdir(tmp_path / "work")
+    return copy_workdir(fitted_template, tmp_path / "work")
 
 
 def test_stack_features_writes_one_test_set_per_base_fold_model(wd):

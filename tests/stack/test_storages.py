@@ -29,7 +29,7 @@ import pytest
 from stackkit.contract import Workdir
 from stackkit.errors import StackkitError
 from stackkit.stack.storage import make_storage, redact_url
-from stackkit.stack.tune import search_blend
+from stackkit.stack.blend_search import search_blend
 from stackkit.testing.cli import CLI, run_cli
 from stackkit.testing.stack import base_model_workdir, synthetic_sources
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,7 +12,6 @@ from stackkit.contract.tasks import RSNA2022_CSPINE, RSNA2023_ABDOMINAL, schema_
 from stackkit.errors import ContractError
 from stackkit.testing.task_exported import TASK_DIALS, make_task_benchmark, max_aggregation, prior_predictions, to_schema_columns
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 TASKS = ("rsna2022-cspine", "rsna2023-abdominal")
 
 
@@ -188,23 +185,18 @@ def test_refuses_bad_arguments(task, n_patients, error, match):
         make_task_benchmark(task, n_patients)
 
 
-def _bench_module():
-    spec = importlib.util.spec_from_file_location("bench_tasks", REPO_ROOT / "bench" / "bench_tasks.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_bench_unit_aggregates_are_max_mean_and_top_k_mean():
-    bench_tasks = _bench_module()
+    from stackkit.testing import stack_bench
+    from stackkit.testing.task_exported import unit_aggregates
+
     unit = np.array(["b", "a", "b", "b", "a", "c"])
     values = np.array([[0.1], [0.5], [0.9], [0.4], [0.3], [0.2]])
-    units, out = bench_tasks.unit_aggregates(unit, values, top_k=2)
+    units, out = unit_aggregates(unit, values, top_k=2)
     assert list(units) == ["b", "a", "c"]
     expected = [[0.9, (0.1 + 0.9 + 0.4) / 3, (0.9 + 0.4) / 2], [0.5, 0.4, 0.4], [0.2, 0.2, 0.2]]
     assert out == pytest.approx(np.array(expected, dtype=np.float32))
-    assert bench_tasks.parse_seeds("tuning") == list(bench_tasks.TUNING_SEEDS)
-    assert not set(bench_tasks.TUNING_SEEDS) & set(bench_tasks.REPORT_SEEDS)
+    assert stack_bench.parse_seeds("tuning") == list(stack_bench.TUNING_SEEDS)
+    assert not set(stack_bench.TUNING_SEEDS) & set(stack_bench.REPORT_SEEDS)
 
 
 def test_heads_fitted_on_the_metrics_weights_shift_by_their_log():
