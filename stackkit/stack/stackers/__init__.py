@@ -25,8 +25,8 @@ STACKERS: dict[str, type[Stacker]] = {
 # per-fold test files), blended without the base models, mean x the plain study LightGBM: lgbm +
 # seq 0.870 (gap to the floor closed: 0.23), lgbm + mlp + seq 0.870, lgbm + mlp 0.879, lgbm alone
 # 0.894 (0.18). A GBDT on neighbor features and a sequence model over the study, as RSNA 2019's
-# second stages; `stack fit` with both takes 2.3-2.9x the plain LightGBM's time at 48k slices (2 idle
-# cores; seq's folds fitted side by side in processes, stackkit.stack.folds).
+# second stages; `stack fit` with both takes 2.3-3.6x the plain LightGBM's time at 48k slices (2.9x on
+# the mean of 10 runs on 2 idle cores; seq's folds fitted side by side in processes, stackkit.stack.folds).
 DEFAULT_STACKERS: tuple[str, ...] = ("lgbm", "seq")
 
 
