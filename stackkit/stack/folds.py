@@ -23,7 +23,7 @@ import numpy as np
 
 from stackkit.errors import StackkitError
 from stackkit.stack.inputs import StackData
-from stackkit.stack.stackers import get_stacker
+from stackkit.stack.stackers import STACKERS, get_stacker
 from stackkit.stack.stackers.base import Stacker, default_threads
 
 EARLY_STOPPING_FRACTION = 0.15
@@ -107,7 +107,7 @@ def fit_folds_in_processes(name: str, params: dict, folds: list[int], job, proce
     ``on_done(k)`` is called in this process as each fold's model arrives (a progress bar).
     An error in a worker is raised here, as a fit in this process would raise it.
     """
-    stacker_class = type(get_stacker(name))
+    stacker_class = STACKERS[name]
     models: dict[int, Stacker] = {}
     waiting = list(folds)
     with tempfile.TemporaryDirectory(prefix=f"stackkit-{name}-folds-") as scratch:

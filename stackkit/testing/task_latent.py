@@ -158,7 +158,11 @@ class _Rows:
     series: np.ndarray
     unit: np.ndarray
     slice_no: np.ndarray
-    first: np.ndarray
+
+    @property
+    def first(self) -> np.ndarray:
+        """Whether each row is its series' first slice."""
+        return self.slice_no == 0
 
     @property
     def n(self) -> int:
@@ -167,7 +171,7 @@ class _Rows:
 
 def _rows(layout: _Layout) -> _Rows:
     series, slice_no = study_rows(layout.sizes)
-    return _Rows(series, layout.unit_of_series[series], slice_no, slice_no == 0)
+    return _Rows(series, layout.unit_of_series[series], slice_no)
 
 
 def _cspine_layout(rng: np.random.Generator, n_units: int, dials: TaskDials) -> _Layout:
