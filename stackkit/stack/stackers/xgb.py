@@ -1,7 +1,7 @@
 """XGBoost stacker: one ``hist`` booster per label, early stopping on the inner split.
 
 Boosters are cut to their best iteration and saved as UBJSON (``save_raw("ubj")``); loaded from
-the verified bytes.
+the verified bytes, after a structural walk (XGBoost's reader can segfault on a cut file).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import numpy as np
 from stackkit.errors import StackkitError, one_line
 from stackkit.stack.stackers.base import default_threads
 from stackkit.stack.stackers.gbdt import PerLabelStacker
+from stackkit.stack.stackers.ubjson import UBJSONError, check_ubjson
 
 
 def _xgboost():
@@ -101,6 +102,10 @@ class XGBStacker(PerLabelStacker):
     def _booster_from_bytes(self, raw: bytes, source: Path):
         xgb = _xgboost()
 
+        try:
+            check_ubjson(raw)
+        except UBJSONError as exc:
+            raise StackkitError(f"{source}: incomplete XGBoost model (UBJSON {exc}); refit with `stack fit`") from None
         booster = xgb.Booster()
         try:
             booster.load_model(bytearray(raw))
