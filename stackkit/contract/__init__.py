@@ -62,6 +62,7 @@ FEATURES_MANIFEST = "manifest.json"  # features/manifest.json
 STACKER_RECORD = "meta.json"  # stack/<stacker>/meta.json
 FOLD_MODEL_RECORD = "stacker.json"  # stack/<stacker>/fold<k>/stacker.json
 BLEND_RECORD = "blend.json"  # stack/blend.json
+TASK_RECORD = "task.json"  # data/task.json (v5): the work directory's task
 IMPORTANCE_FILE = "importance.parquet"  # stack/<stacker>/importance.parquet (GBDT stackers)
 PROJECTION_FILE = "projection.npz"  # a GBDT fold model's PCA of the base models' embeddings
 SCALER_FILE = "scaler.npz"  # a neural fold model's feature scaler
@@ -169,6 +170,11 @@ class Workdir:
     @property
     def folds(self) -> Path:
         return self.data_dir / "folds.parquet"
+
+    @property
+    def task_record(self) -> Path:
+        """The work directory's task (v5, optional: none means rsna2019)."""
+        return self.data_dir / TASK_RECORD
 
     @property
     def prepare_record(self) -> Path:

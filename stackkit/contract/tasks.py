@@ -132,9 +132,11 @@ class TaskSchema:
     submission: Submission
     series_rollup: str | None = None
     clip: float = 1e-15
+    # what a slice-level base model predicts (preds/<model>/ columns); () means the predicted labels
+    slice_columns: tuple[str, ...] = ()
 
     def __post_init__(self):
-        _as_tuple(self, "groups", "derived")
+        _as_tuple(self, "groups", "derived", "slice_columns")
         _check_header(self)
         _check_groups(self)
         _check_derived(self)
@@ -149,6 +151,11 @@ class TaskSchema:
     def labels(self) -> tuple[str, ...]:
         """The columns the models predict, in order: every group's columns, then the predicted derived labels."""
         return tuple(c for g in self.groups for c in g.columns) + tuple(d.name for d in self.derived if d.predicted)
+
+    @property
+    def prediction_columns(self) -> tuple[str, ...]:
+        """The columns of a base model's per-slice predictions: ``slice_columns``, else the labels."""
+        return self.slice_columns or self.labels
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -264,6 +271,11 @@ def _check_submission(schema) -> None:
     missing = [c for c in labels if c not in sub.columns]
     if missing:
         raise _refuse(schema, "submission.columns", sub.columns, f"every predicted label (missing {missing[0]!r})")
+    columns = schema.slice_columns
+    if not isinstance(columns, tuple) or not all(_name(c) for c in columns) or len(set(columns)) != len(columns):
+        raise _refuse(schema, "slice_columns", columns, "distinct column names")
+    if schema.unit == "slice" and columns and columns != labels:
+        raise _refuse(schema, "slice_columns", columns, f"() or the predicted labels for a slice-level task ({', '.join(labels)})")
 
 
 @dataclass(frozen=True)
@@ -444,6 +456,8 @@ RSNA2022_CSPINE = TaskSchema(
     derived=(Derived("patient_overall", _VERTEBRAE, (7.0, 14.0), predicted=True),),
     reduction="row",
     submission=Submission("long", "row_id", _VERTEBRAE + ("patient_overall",), value_column="fractured"),
+    # a slice CNN predicts "this slice shows a fractured Cn", and the study's fracture as a whole
+    slice_columns=_VERTEBRAE + ("patient_overall",),
 )
 
 RSNA2023_ABDOMINAL = TaskSchema(
@@ -457,6 +471,9 @@ RSNA2023_ABDOMINAL = TaskSchema(
     submission=Submission("wide", "patient_id", ("bowel_healthy", "bowel_injury", "extravasation_healthy", "extravasation_injury")
                           + tuple(f"{o}_{level}" for o in _ORGANS for level in ("healthy", "low", "high"))),
     series_rollup="mean",
+    # a slice CNN predicts each injury class on the slice (image-level bowel/extravasation labels,
+    # organ grades given to every slice of the patient); the healthy classes are their complement
+    slice_columns=("bowel_injury", "extravasation_injury") + tuple(f"{o}_{level}" for o in _ORGANS for level in ("low", "high")),
 )
 
 TASKS: dict[str, TaskSchema] = {t.name: t for t in (RSNA2019, RSNA2022_CSPINE, RSNA2023_ABDOMINAL)}

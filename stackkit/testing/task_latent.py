@@ -60,14 +60,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from stackkit.contract.tasks import get_task
 from stackkit.testing.latent import distinct_ids, persistent_noise, study_rows
 
 VERTEBRAE = tuple(f"C{i}" for i in range(1, 8))
 ORGANS = ("kidney", "liver", "spleen")
-SLICE_COLUMNS = {
-    "rsna2022-cspine": VERTEBRAE + ("patient_overall",),
-    "rsna2023-abdominal": ("bowel_injury", "extravasation_injury") + tuple(f"{o}_{g}" for o in ORGANS for g in ("low", "high")),
-}
+SLICE_COLUMNS = {task: get_task(task).slice_columns for task in ("rsna2022-cspine", "rsna2023-abdominal")}
 MODEL_NAMES = ("effnetv2_s", "convnext_t", "resnet50_lstm", "seresnext50", "resnet18", "densenet121",
                "regnety_8", "mobilenet_v3")
 MODEL_STRENGTH = np.array([1.0, 0.95, 0.9, 0.8, 0.6, 0.7, 0.85, 0.5])

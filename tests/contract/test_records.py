@@ -11,9 +11,10 @@ import pytest
 
 from stackkit.contract import CONTRACT_VERSION, LABELS, Workdir, file_sha256
 from stackkit.contract.io import write_json
-from stackkit.contract.records import (BlendRecord, FeaturesManifest, FoldModelRecord, ModelRecord, publish_model, read_blend_record,
-                                       read_features_manifest, read_fold_model_record, read_model_record, read_stacker_record,
-                                       write_blend_record, write_features_manifest, write_fold_model_record)
+from stackkit.contract.records import (BlendRecord, FeaturesManifest, FoldModelRecord, ModelRecord, TaskRecord, publish_model,
+                                       read_blend_record, read_features_manifest, read_fold_model_record, read_model_record,
+                                       read_stacker_record, read_task, read_task_record, write_blend_record, write_features_manifest,
+                                       write_fold_model_record, write_task_record)
 from stackkit.errors import ContractError, StackkitError
 
 
@@ -160,3 +161,34 @@ def test_a_fold_model_record_round_trips_and_refuses_another_stacker(tmp_path):
     assert read_fold_model_record(tmp_path, "lgbm") == record
     with pytest.raises(StackkitError, match=r"stacker\.json: holds a 'lgbm' model, expected 'xgb'"):
         read_fold_model_record(tmp_path, "xgb")
+
+
+def test_the_task_record_round_trips_and_its_absence_is_rsna2019(tmp_path):
+    workdir = Workdir(tmp_path)
+    workdir.data_dir.mkdir()
+    assert read_task(workdir).name == "rsna2019" and read_task_record(workdir.data_dir) is None
+    write_task_record(workdir.data_dir, TaskRecord("rsna2023-abdominal"))
+    assert json.loads(workdir.task_record.read_text()) == {"contract_version": 5, "task": "rsna2023-abdominal"}
+    assert read_task(workdir).unit == "patient"
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ({"contract_version": 5, "task": "rsna2024-lumbar"}, r"task\.json: 'task' is 'rsna2024-lumbar'; expected one of rsna2019, "),
+        ({"contract_version": 4, "task": "rsna2019"}, r"task\.json: 'contract_version' is 4; expected an integer >= 5"),
+        ({"task": "rsna2019"}, r"task\.json: 'contract_version' is None"),
+        (["rsna2019"], r"task\.json: not a JSON object; rerun `data prepare --task NAME`"),
+    ],
+)
+def test_a_bad_task_record_is_one_line_naming_the_field(tmp_path, content, match):
+    write_json(content, tmp_path / "task.json")
+    with pytest.raises(ContractError, match=match) as info:
+        read_task_record(tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def test_an_unknown_task_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(ContractError, match=r"unknown task 'cspine'; known tasks: rsna2019, rsna2022-cspine"):
+        write_task_record(tmp_path, TaskRecord("cspine"))
+    assert not (tmp_path / "task.json").exists()

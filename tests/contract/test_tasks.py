@@ -252,6 +252,8 @@ def _schema(**changes):
     ({"submission": Submission("long", "row_id", ("C1", "C2"), "fractured")}, r"submission\.columns .*missing 'overall'"),
     ({"submission": Submission("long", "row_id", ("C1", "C2", "overall"))}, r"submission\.value_column is None"),
     ({"submission": Submission("tall", "row_id", ("C1", "C2", "overall"))}, r"submission\.layout is 'tall'"),
+    ({"slice_columns": ("C1", "C1")}, r"slice_columns is \('C1', 'C1'\); expected distinct column names"),
+    ({"unit": "slice", "slice_columns": ("C1",)}, r"slice_columns is \('C1',\); expected \(\) or the predicted labels for a slice-level task"),
 ])
 def test_schema_errors(changes, match):
     with pytest.raises(ContractError, match=match) as info:
@@ -284,3 +286,9 @@ def test_builtin_declarations():
     assert RSNA2023_ABDOMINAL.derived == (Derived("any_injury", ("bowel", "extravasation", "kidney", "liver", "spleen"),
                                                   (1.0, 6.0), predicted=False),)
     assert (RSNA2023_ABDOMINAL.unit, RSNA2023_ABDOMINAL.series_rollup) == ("patient", "mean")
+
+
+def test_prediction_columns_are_the_slice_columns_or_the_labels():
+    assert _schema(slice_columns=("C1", "C2", "overall", "vertebra_visible")).prediction_columns[-1] == "vertebra_visible"
+    assert _schema().prediction_columns == ("C1", "C2", "overall")
+    assert get_task("rsna2019").prediction_columns == LABELS
