@@ -166,9 +166,12 @@ def data_synth(wd, out_dir, patients, size, slices, test_fraction, seed, task, q
 
 @data.command("prepare")
 @workdir_option
-@click.option("--dicom-dir", required=True, type=click.Path(), help="Folder of training DICOM files (stage_2_train).")
-@click.option("--test-dicom-dir", required=True, type=click.Path(), help="Folder of test DICOM files (stage_2_test).")
-@click.option("--labels", "labels_csv", required=True, type=click.Path(), help="Label CSV: RSNA long ID,Label or wide image_id + six labels.")
+@click.option("--dicom-dir", default=None, type=click.Path(), help="Folder of training DICOM files (stage_2_train).")
+@click.option("--test-dicom-dir", default=None, type=click.Path(), help="Folder of test DICOM files (stage_2_test).")
+@click.option("--labels", "labels_csv", default=None, type=click.Path(), help="Label CSV: RSNA long ID,Label or wide image_id + six labels.")
+@click.option("--task", default=None, help="rsna2022-cspine or rsna2023-abdominal: read the competition's layout under --root "
+                                          "instead of --dicom-dir, --test-dicom-dir and --labels (RSNA 2019).")
+@click.option("--root", default=None, type=click.Path(), help="With --task: the dataset's folder (train.csv, train_images/, ...).")
 @click.option("--folds", "n_folds", default=5, show_default=True, type=click.IntRange(2, 100), help="Number of patient-grouped folds.")
 @click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the fold assignment.")
 @click.option("--strict", is_flag=True, help="Fail on the first unreadable or refused DICOM instead of skipping it.")
@@ -179,7 +182,8 @@ def data_synth(wd, out_dir, patients, size, slices, test_fraction, seed, task, q
               help="Modalities to read, comma-separated (e.g. CT,MR); files of other modalities are skipped with a reason.")
 @click.option("--workers", default=None, type=click.IntRange(1, None), help="Header-reading processes (default: all cores).")
 @progress_option
-def data_prepare(wd, dicom_dir, test_dicom_dir, labels_csv, n_folds, seed, strict, image_id, modalities, workers, quiet):
+def data_prepare(wd, dicom_dir, test_dicom_dir, labels_csv, task, root, n_folds, seed, strict, image_id, modalities, workers,
+                 quiet):
     """Scan DICOM headers and write data/metadata, data/labels and data/folds (one verified set).
 
     \b
@@ -187,17 +191,40 @@ def data_prepare(wd, dicom_dir, test_dicom_dir, labels_csv, n_folds, seed, stric
     files (JPEG 2000, JPEG-LS, RLE, JPEG) are decoded once here, so a file that cannot be
     decoded is skipped now, never read as a blank image later. Skipped files are listed on
     stderr whether the run succeeds or fails.
+    \b
+    --task rsna2022-cspine|rsna2023-abdominal --root DIR: the competition's layout (docs/synthetic_tasks.md)
+    -> a task work directory's data/: labels per study or patient, the slice-level labels the
+    competition has in data/slice_labels.parquet, data/task.json.
     """
     import warnings
 
     from stackkit.data.prepare import SkippedDicomWarning, prepare_data
 
+    from stackkit.errors import StackkitError
+
+    given = [f"--{n}" for n, v in (("dicom-dir", dicom_dir), ("test-dicom-dir", test_dicom_dir), ("labels", labels_csv)) if v]
+    if task is not None and given:
+        raise StackkitError(f"--task reads its files under --root; {', '.join(given)} are for RSNA 2019 (without --task)")
+    if task is None and root is not None:
+        raise StackkitError("--root goes with --task; RSNA 2019 takes --dicom-dir, --test-dicom-dir and --labels")
+    if task is not None and root is None:
+        raise StackkitError("--task needs --root, the dataset's folder")
+    if task is not None and image_id != "sop":
+        raise StackkitError("--task: image ids are the files' SOPInstanceUIDs (--image-id sop)")
+    if task is None and len(given) < 3:
+        raise StackkitError("RSNA 2019 needs --dicom-dir, --test-dicom-dir and --labels (or --task NAME --root DIR)")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SkippedDicomWarning)
         try:
-            result = prepare_data(wd, dicom_dir=dicom_dir, test_dicom_dir=test_dicom_dir, labels_csv=labels_csv,
-                                  n_folds=n_folds, seed=seed, strict=strict, workers=workers, progress=not quiet,
-                                  modalities=modalities, image_id=image_id)
+            if task is not None:
+                from stackkit.data.prepare_task import prepare_task_data
+
+                result = prepare_task_data(wd, task=task, root=root, n_folds=n_folds, seed=seed, strict=strict, workers=workers,
+                                           progress=not quiet, modalities=modalities)
+            else:
+                result = prepare_data(wd, dicom_dir=dicom_dir, test_dicom_dir=test_dicom_dir, labels_csv=labels_csv,
+                                      n_folds=n_folds, seed=seed, strict=strict, workers=workers, progress=not quiet,
+                                      modalities=modalities, image_id=image_id)
         finally:  # the skipped files are often why a run fails: show them either way
             _show_warnings(caught, SkippedDicomWarning)
     _echo(render.key_values("data prepare", result))

@@ -19,6 +19,7 @@ import pandas as pd
 
 from stackkit.contract import LABELS, Workdir
 from stackkit.errors import ContractError, StackkitError
+from stackkit.contract.records.task import TaskRecord, write_task_record
 from stackkit.contract.io import check_set_target, read_table, replace_dir, write_parquet, write_set_record
 from stackkit.contract.validate import ids_in, validate_folds, validate_labels, validate_metadata
 
@@ -146,8 +147,6 @@ def make_folds(metadata: pd.DataFrame, labels: pd.DataFrame, n_folds: int, seed:
     image_id order first, so the folds depend only on the data and the seed, never on the
     order in which files were scanned.
     """
-    from sklearn.model_selection import StratifiedGroupKFold
-
     n_folds = int(n_folds)
     if n_folds < 2:
         raise StackkitError(f"--folds {n_folds}: need at least 2 folds")
@@ -155,20 +154,29 @@ def make_folds(metadata: pd.DataFrame, labels: pd.DataFrame, n_folds: int, seed:
         labels[["image_id", "any"]], on="image_id", how="inner", validate="one_to_one"
     )
     train = train.sort_values("image_id", kind="stable").reset_index(drop=True)
-    n_patients = train["patient_id"].nunique()
+    study_any = train.groupby("study_id", sort=False)["any"].transform("max").to_numpy()
+    return grouped_folds(train["image_id"], train["patient_id"], study_any, n_folds, seed)
+
+
+def grouped_folds(image_ids: pd.Series, patients: pd.Series, strata: np.ndarray, n_folds: int, seed: int) -> pd.DataFrame:
+    """``image_id``, ``fold`` (int8) of the given rows, in their order: sklearn's
+    ``StratifiedGroupKFold(shuffle=True, random_state=seed)`` grouped by ``patients``, stratified on ``strata``."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    n_folds = int(n_folds)
+    n_patients = patients.nunique()
     if n_patients < n_folds:
         raise StackkitError(
             f"--folds {n_folds}: only {n_patients} labeled patient(s); need at least one patient per fold (lower --folds)"
         )
-    study_any = train.groupby("study_id", sort=False)["any"].transform("max").to_numpy()
-    fold = np.full(len(train), -1, dtype=np.int8)
+    fold = np.full(len(image_ids), -1, dtype=np.int8)
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     with warnings.catch_warnings():
         # few positive studies is legitimate for small data; the split is still grouped
         warnings.filterwarnings("ignore", message=r"The least populated class", category=UserWarning)
-        for k, (_, held_out) in enumerate(splitter.split(np.zeros(len(train)), study_any, groups=train["patient_id"])):
+        for k, (_, held_out) in enumerate(splitter.split(np.zeros(len(image_ids)), strata, groups=patients)):
             fold[held_out] = k
-    return pd.DataFrame({"image_id": train["image_id"].to_numpy(), "fold": fold})
+    return pd.DataFrame({"image_id": image_ids.to_numpy(), "fold": fold})
 
 
 # --- the command -----------------------------------------------------------------------------
@@ -264,17 +272,26 @@ def prepare_data(workdir: Workdir, options: PrepareOptions | None = None, **fiel
     folds = folds.set_index("image_id").reindex(labels["image_id"]).reset_index()
     folds = validate_folds(folds, "data prepare (folds)", metadata, labels)
 
-    # Everything checked: only now touch the work directory. data/ is replaced as a set (other
-    # files in it are carried along), its record last with the sha256 of metadata, labels and
-    # folds, which every reader checks (stackkit.contract.validate.verify_data_file).
+    # Everything checked: only now touch the work directory.
     record = _prepare_record(train_paths, test_paths, skipped, image_id=image_id, modalities=modalities)
-    with replace_dir(workdir.data_dir, keep=True) as folder:
-        write_parquet(metadata, folder / workdir.metadata.name)
-        write_parquet(labels, folder / workdir.labels.name)
-        write_parquet(folds, folder / workdir.folds.name)
-        write_set_record(folder, workdir.prepare_record.name, record)
+    write_data_set(workdir, {workdir.metadata: metadata, workdir.labels: labels, workdir.folds: folds}, record)
 
     return _prepare_summary(workdir, metadata, labels, folds, n_folds, skipped, dropped_labels=n_parsed - len(labels))
+
+
+def write_data_set(workdir: Workdir, tables: dict, record: dict, task: str | None = None) -> None:
+    """data/ replaced as one set: ``tables`` (a data/ path -> its frame), ``task.json`` for a ``task``,
+    and prepare.json last with the sha256 of each, which every reader checks
+    (stackkit.contract.validate.verify_data_file). Other files of the old data/ are carried along,
+    never an earlier set's task record or slice labels (they would describe another dataset)."""
+    own = {workdir.task_record.name, workdir.slice_labels.name}
+    carried = [e.name for e in workdir.data_dir.iterdir() if e.name not in own] if workdir.data_dir.is_dir() else []
+    with replace_dir(workdir.data_dir, keep=carried) as folder:
+        for path, frame in tables.items():
+            write_parquet(frame, folder / Path(path).name)
+        if task is not None:
+            write_task_record(folder, TaskRecord(task))
+        write_set_record(folder, workdir.prepare_record.name, record)
 
 
 def _prepare_record(train_paths, test_paths, skipped, *, image_id: str, modalities) -> dict:

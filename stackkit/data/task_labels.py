@@ -131,7 +131,7 @@ def _key(frame: pd.DataFrame, columns) -> pd.Series:
     return out
 
 
-def _image_files(folder: Path, depth: int) -> pd.DataFrame:
+def image_files(folder: Path, depth: int) -> pd.DataFrame:
     """Every ``<unit>[/<series>]/<number>.dcm`` under ``folder``: columns folder (``unit[/series]``), number."""
     pattern = "/".join(["*"] * depth + ["*.dcm"])
     paths = [p.relative_to(folder).as_posix() for p in folder.glob(pattern)] if folder.is_dir() else []
@@ -184,7 +184,7 @@ def _read_cspine(root: Path):
     labels = _integers(labels, cspine.LABEL_COLUMNS[1:], path, keys, allowed=(0, 1))
     _refuse_first(labels["patient_overall"] != labels[list(cspine.VERTEBRAE)].max(axis=1), labels, path, keys,
                   "has patient_overall unlike its vertebrae; patient_overall is the max of C1..C7")
-    train, test = _image_files(root / TRAIN_IMAGES, 1), _image_files(root / TEST_IMAGES, 1)
+    train, test = image_files(root / TRAIN_IMAGES, 1), image_files(root / TEST_IMAGES, 1)
     _check_folders(labels["StudyInstanceUID"], train, root, TRAIN_IMAGES, labels, path, keys)
     tests = _read_csv(root, cspine.TEST_CSV, task)
     studies = tests.drop_duplicates("StudyInstanceUID")
@@ -234,7 +234,7 @@ def _read_abdominal(root: Path):
                   "has any_injury unlike its groups; any_injury is 1 where any group is not healthy")
     meta = _series_meta(root, abdominal.SERIES_META_CSV, labels, keys)
     test_meta = _series_meta(root, abdominal.TEST_SERIES_META_CSV, None, keys)
-    train, test = _image_files(root / TRAIN_IMAGES, 2), _image_files(root / TEST_IMAGES, 2)
+    train, test = image_files(root / TRAIN_IMAGES, 2), image_files(root / TEST_IMAGES, 2)
     for frame, files, images, name in ((meta, train, TRAIN_IMAGES, abdominal.SERIES_META_CSV),
                                        (test_meta, test, TEST_IMAGES, abdominal.TEST_SERIES_META_CSV)):
         _check_folders(_key(frame, series_keys), files, root, images, frame, root / name, series_keys)
