@@ -121,6 +121,12 @@ class TrainRun:
     available: list[int]
     requested: list[int]
     pseudo: tuple = ()
+    targets: object = None  # base_models.targets.TrainTargets: the columns learnt, their loss weights, a unit task's data/
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """What the model's heads predict: the six labels, or a unit task's prediction columns."""
+        return LABELS if self.targets is None else tuple(self.targets.columns)
 
     @property
     def name(self) -> str:
@@ -130,11 +136,12 @@ class TrainRun:
 # --- validation at the boundary ------------------------------------------------------------------
 
 
-def train_config(options: TrainOptions) -> TrainConfig:
-    """The model configuration of ``options``, checked (a bad option is one line before any data is read)."""
+def train_config(options: TrainOptions, default_windows=DEFAULT_WINDOWS) -> TrainConfig:
+    """The model configuration of ``options``, checked (a bad option is one line before any data is read);
+    ``default_windows``: the task's pixel windows, used when ``options.windows`` is None."""
     windows = options.windows
     try:
-        windows = tuple((float(c), float(w)) for c, w in (DEFAULT_WINDOWS if windows is None else windows))
+        windows = tuple((float(c), float(w)) for c, w in (default_windows if windows is None else windows))
     except (TypeError, ValueError):
         raise StackkitError(f"windows {windows!r}: expected a list of (center, width) pairs in HU") from None
     _check_options(options, windows)

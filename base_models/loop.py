@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from stackkit.contract import LABEL_WEIGHTS, LABELS
+from stackkit.contract import LABEL_WEIGHTS
 from stackkit.metric import weighted_bce
 
 from base_models.config import MIN_SCHEDULE_STEPS, NEIGHBOR_LR_SCALE, WARMUP_FRACTION, WEIGHT_DECAY, TrainConfig
@@ -20,7 +20,8 @@ from base_models.distributed import DistEnv, gather_rows, shard
 class Runner:
     """Everything one process needs to train and predict folds (one instance per train_base call)."""
 
-    def __init__(self, config: TrainConfig, dev, env: DistEnv, workers: int, progress: bool):
+    def __init__(self, config: TrainConfig, dev, env: DistEnv, workers: int, progress: bool, weights=LABEL_WEIGHTS):
+        """``weights``: the loss weight of each predicted column (RSNA 2019: any = 2), one head output each."""
         import torch
 
         self.torch = torch
@@ -29,6 +30,7 @@ class Runner:
         self.env = env
         self.workers = workers
         self.progress = progress and env.is_main
+        self.weights = np.asarray(weights, dtype=np.float32)
         self.cuda = dev.type == "cuda"
         self.amp_dtype = None
         if self.cuda and config.amp:
@@ -61,7 +63,7 @@ class Runner:
         from base_models.archs import create_model
 
         cfg = self.config
-        model = create_model(cfg.arch, cfg.in_channels, len(LABELS), center_channels=cfg.center_channels, **cfg.model_options())
+        model = create_model(cfg.arch, cfg.in_channels, len(self.weights), center_channels=cfg.center_channels, **cfg.model_options())
         model.init_weights(prior=torch.as_tensor(prior, dtype=torch.float32))
         return model.to(self.dev, memory_format=torch.channels_last) if self.cuda else model.to(self.dev)
 
@@ -107,7 +109,7 @@ class Runner:
         loader = self._loader(dataset, sampler, batch_size, generator, drop_last=drop_last)
         optimizer, schedule = self._optimizer(model, len(loader))
         scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        weights = torch.as_tensor(LABEL_WEIGHTS, dtype=torch.float32, device=self.dev)
+        weights = torch.as_tensor(self.weights, dtype=torch.float32, device=self.dev)
         images = 0
         epoch_loss = float("nan")
         start = time.perf_counter()
@@ -146,7 +148,7 @@ class Runner:
         return model, seconds, images * self.env.world_size, epoch_loss
 
     def predict(self, model, dataset: SliceDataset, desc: str, embeddings: bool = False):
-        """Sigmoid probabilities (n, 6) float32 for every sample and, with ``embeddings``, the pooled
+        """Sigmoid probabilities (n, columns) float32 for every sample and, with ``embeddings``, the pooled
         features before the head (n, feature_dim) float32 (the mean over the flips with ``tta``),
         on rank 0 (None on other ranks); without ``embeddings`` the second item is None."""
         torch = self.torch
@@ -154,7 +156,7 @@ class Runner:
 
         positions = shard(np.arange(len(dataset)), self.env)
         model.eval()
-        out = np.empty((len(positions), len(LABELS)), dtype=np.float32)
+        out = np.empty((len(positions), len(self.weights)), dtype=np.float32)
         pooled_out = np.empty((len(positions), model.feature_dim), dtype=np.float32) if embeddings else None
         loader = self._loader(dataset, positions.tolist(), self.config.batch_size * 2, None)
         done = 0

@@ -24,14 +24,15 @@ import pandas as pd
 
 from stackkit.contract import LABELS, Workdir, folds_hash
 from stackkit.contract.io import read_json
-from stackkit.contract.validate import load_core
-from stackkit.metric import prior_score, weighted_log_loss
+from stackkit.contract.records.task import read_task
+from stackkit.errors import StackkitError
 
 from base_models.config import NEIGHBOR_LR_SCALE, TrainOptions, TrainRun, resolve_device, resolve_folds, train_config
 from base_models.data import SliceDataset, neighbor_table
 from base_models.distributed import DistEnv, barrier, init_distributed, shutdown
 from base_models.loop import Runner, cpu_threads_for, optimizer_groups, reverse_slices
 from base_models.pseudo import read_pseudo_labels
+from base_models.targets import TASK_WINDOWS, load_targets
 from base_models.workspace import (WORK_DIR, check_model_folder, fold_done, fold_paths, fold_predictions, fold_summary, folds_to_run,
                                    model_info, probability_frame, save_checkpoint, say, write_fold, write_model_set)
 
@@ -58,9 +59,11 @@ class TrainResult:
     seconds: float = 0.0
     images_per_second: float = 0.0
     undecodable: dict = field(default_factory=dict)  # image id -> why its slice could not be decoded (blank image used)
-    oof_logloss: float | None = None
+    oof_logloss: float | None = None  # over the columns learnt per slice (RSNA 2019: its metric)
     prior_logloss: float | None = None
     per_label: dict | None = None
+    unit_metric: float | None = None  # a unit task's metric of the max over each unit's slices (None for RSNA 2019)
+    unit_prior: float | None = None  # the task's metric of the training labels' rates
     embedding_dim: int | None = None
     fold_models: int = 0
 
@@ -88,10 +91,14 @@ def train_base(workdir: Workdir, options: TrainOptions | None = None, **fields) 
     """
     wd = Workdir.of(workdir)
     options = TrainOptions(**fields) if options is None else dataclasses.replace(options, **fields)
-    config = train_config(options)
+    schema = read_task(wd)
+    config = train_config(options, TASK_WINDOWS[schema.name])
     check_model_folder(wd, options.name)
 
-    metadata, labels, fold_frame = load_core(wd)
+    targets = load_targets(wd, schema)
+    metadata, labels, fold_frame = targets.metadata, targets.labels, targets.folds
+    if targets.core is not None and options.pseudo_labels:
+        raise StackkitError(f"--pseudo-labels: soft labels are RSNA 2019's six per image; task {schema.name} has none")
     available = sorted(int(f) for f in np.unique(fold_frame["fold"].to_numpy()))
     requested = resolve_folds(options.folds, available)
     pseudo = read_pseudo_labels(options.pseudo_labels, available, metadata, fold_frame)
@@ -105,7 +112,8 @@ def train_base(workdir: Workdir, options: TrainOptions | None = None, **fields) 
     previous_threads = torch.get_num_threads()
     try:
         dev = _torch_settings(dev, env, config.img_size, previous_threads)
-        return _train(TrainRun(wd, options, config, dev, env, metadata, labels, fold_frame, available, requested, tuple(pseudo)))
+        return _train(TrainRun(wd, options, config, dev, env, metadata, labels, fold_frame, available, requested, tuple(pseudo),
+                               targets))
     finally:
         torch.use_deterministic_algorithms(previous_deterministic)
         torch.set_num_threads(previous_threads)
@@ -176,7 +184,8 @@ def _samples(cache, run: TrainRun) -> _Samples:
     test_ids = np.sort(metadata.loc[metadata["split"] == "test", "image_id"].to_numpy(dtype=object))
     train_rows = pixel_rows[row_of.reindex(train["image_id"]).to_numpy()]
     test_rows = pixel_rows[row_of.reindex(test_ids).to_numpy()]
-    return _Samples(train, test_ids, train_rows, test_rows, train[list(LABELS)].to_numpy(dtype=np.float32), train["fold"].to_numpy(), extra)
+    y = train[list(run.columns)].to_numpy(dtype=np.float32)
+    return _Samples(train, test_ids, train_rows, test_rows, y, train["fold"].to_numpy(), extra)
 
 
 def _train(run: TrainRun) -> TrainResult:
@@ -193,7 +202,7 @@ def _train(run: TrainRun) -> TrainResult:
                "n_test": int(len(samples.test_ids)), "embeddings": bool(o.embeddings)}
     todo = folds_to_run(work, run_key, run.requested, o.resume, o.embeddings, env, o.progress)
 
-    runner = Runner(run.config, run.dev, env, o.workers, o.progress)
+    runner = Runner(run.config, run.dev, env, o.workers, o.progress, run.targets.weights)
     for fold in todo:
         _train_fold(run, runner, samples, (cache.pixels, test_set), work, fold)
         barrier(env)
@@ -220,15 +229,16 @@ def _train_fold(run: TrainRun, runner: Runner, samples: _Samples, data: tuple, w
     predict_seconds = time.perf_counter() - start
     if not run.env.is_main:
         return
-    score = weighted_log_loss(s.y[held], oof)
+    score = run.targets.score(s.y[held], oof)
     record = {
         "fold": fold, "oof_logloss": score.overall, "oof_per_label": score.per_label,
-        "fold_prior_logloss": prior_score(s.y[held]).overall, "train_images": int((~held).sum()),
+        "fold_prior_logloss": run.targets.prior(s.y[held]).overall, "train_images": int((~held).sum()),
         "pseudo_images": int(len(extra_rows)),
         "train_seconds": seconds, "train_images_per_second": images / max(seconds, 1e-9),
         "predict_seconds": predict_seconds, "last_epoch_loss": last_loss,
     }
-    frames = (probability_frame(s.train["image_id"].to_numpy()[held], oof, s.fold_of[held]), probability_frame(s.test_ids, test))
+    frames = (probability_frame(s.train["image_id"].to_numpy()[held], oof, s.fold_of[held], run.columns),
+              probability_frame(s.test_ids, test, columns=run.columns))
     write_fold(fold_paths(work, fold, embeddings), model.state_dict(), frames,
                (oof_embeddings, test_embeddings) if embeddings else None, record)
     say(run.env, run.options.progress, f"fold {fold}: OOF weighted log loss {score.overall:.4f} "
@@ -250,13 +260,20 @@ def _finish(run: TrainRun, samples: _Samples, work, fhash: str, cache) -> TrainR
     if result.missing:
         return result
 
-    y = samples.train[list(LABELS)].to_numpy(dtype=np.float64)
-    oof_parts, oof, test, test_folds = fold_predictions(run.wd, name, work, available, run.fold_frame, samples.test_ids)
-    aligned = oof.set_index("image_id").reindex(samples.train["image_id"])[list(LABELS)].to_numpy(np.float64)
-    score = weighted_log_loss(y, aligned)
-    prior = prior_score(y)
+    columns = list(run.columns)
+    y = samples.train[columns].to_numpy(dtype=np.float64)
+    oof_parts, oof, test, test_folds = fold_predictions(run.wd, name, work, available, run.fold_frame, samples.test_ids, columns)
+    aligned = oof.set_index("image_id").reindex(samples.train["image_id"])[columns].to_numpy(np.float64)
+    score, prior = run.targets.score(y, aligned), run.targets.prior(y)
+    recorded, unit = (score.as_dict(), prior.overall), (None, None)
+    if run.targets.core is not None:
+        from base_models.importer import _unit_score  # the score `base import` records for a unit task's model
+
+        scored, *unit = _unit_score(run.targets.core, oof)
+        recorded = ({**scored, "slice": score.as_dict()}, unit[1])
 
     tables = (oof, test, test_folds)
-    record = write_model_set(run, work, model_info(run, fhash, records, (score, prior), summary, cache, work, tables), tables, oof_parts)
+    record = write_model_set(run, work, model_info(run, fhash, records, recorded, summary, cache, work, tables), tables, oof_parts)
     return dataclasses.replace(result, complete=True, oof_logloss=score.overall, prior_logloss=prior.overall, per_label=score.per_label,
+                               unit_metric=unit[0], unit_prior=unit[1],
                                embedding_dim=record.embedding_dim if run.options.embeddings else None, fold_models=len(available))

@@ -124,8 +124,8 @@ def write_fold(paths: dict[str, Path], state_dict: dict, frames: tuple[pd.DataFr
     write_json(record, paths["record"])
 
 
-def probability_frame(ids, probs: np.ndarray, fold=None) -> pd.DataFrame:
-    frame = pd.DataFrame(np.asarray(probs, dtype=np.float32), columns=list(LABELS))
+def probability_frame(ids, probs: np.ndarray, fold=None, columns=LABELS) -> pd.DataFrame:
+    frame = pd.DataFrame(np.asarray(probs, dtype=np.float32), columns=list(columns))
     if fold is not None:
         frame.insert(0, "fold", np.asarray(fold, dtype=np.int8))
     frame.insert(0, "image_id", np.asarray(ids, dtype=object))
@@ -144,26 +144,27 @@ def fold_summary(name, config, records: dict, done: list) -> dict:
     }
 
 
-def fold_predictions(wd, name, work, available, fold_frame, test_ids) -> tuple:
+def fold_predictions(wd, name, work, available, fold_frame, test_ids, columns=LABELS) -> tuple:
     """(oof_parts, oof, test, test_folds): the folds' OOF files, their validated union, the validated
     mean over the fold models' test files, and each fold model's test file validated (contract v3's
-    test_fold<k>.parquet), all test tables in ``test_ids`` order."""
+    test_fold<k>.parquet), all test tables in ``test_ids`` order; ``columns``: what the model predicts."""
     oof_parts = [read_table(fold_paths(work, f)["oof"], what="fold OOF file") for f in available]
     oof = pd.concat(oof_parts, ignore_index=True).sort_values("image_id", kind="stable").reset_index(drop=True)
-    oof = validate_predictions(oof, str(wd.oof(name)), expected_ids=fold_frame["image_id"], what="labeled", folds=fold_frame)
+    oof = validate_predictions(oof, str(wd.oof(name)), expected_ids=fold_frame["image_id"], what="labeled", folds=fold_frame,
+                               columns=columns)
     test_folds = []
     for f in available:
         frame = read_table(fold_paths(work, f)["test"], what="fold test file").set_index("image_id").reindex(test_ids).reset_index()
-        test_folds.append(validate_predictions(frame, str(wd.test_fold(name, f)), expected_ids=test_ids, what="test"))
-    test_stack = np.stack([frame[list(LABELS)].to_numpy(np.float64) for frame in test_folds])
-    test = validate_predictions(probability_frame(test_ids, test_stack.mean(axis=0)), str(wd.test(name)),
-                                expected_ids=test_ids, what="test")
+        test_folds.append(validate_predictions(frame, str(wd.test_fold(name, f)), expected_ids=test_ids, what="test", columns=columns))
+    test_stack = np.stack([frame[list(columns)].to_numpy(np.float64) for frame in test_folds])
+    test = validate_predictions(probability_frame(test_ids, test_stack.mean(axis=0), columns=columns), str(wd.test(name)),
+                                expected_ids=test_ids, what="test", columns=columns)
     return oof_parts, oof, test, test_folds
 
 
 def model_info(run: TrainRun, fhash: str, records: dict, scores: tuple, summary: dict, cache, work: Path, tables: tuple) -> ModelRecord:
     """model.json's record of a complete trained model (the embeddings' entries filled in as they are written);
-    ``scores`` = (the OOF score, the prior's score), ``tables`` = (oof, test, test_folds) as published."""
+    ``scores`` = (its oof_logloss entry, the prior's overall score), ``tables`` = (oof, test, test_folds) as published."""
     import torch
 
     wd, config, available = run.wd, run.config, run.available
@@ -181,8 +182,8 @@ def model_info(run: TrainRun, fhash: str, records: dict, scores: tuple, summary:
         "checkpoints": {str(f): wd.relative(fold_paths(work, f)["checkpoint"]) for f in available},
     }
     return ModelRecord(name=run.name, source="trained", architecture=config.arch, parameters=config.as_dict(), folds_hash=fhash,
-                       created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), oof_logloss=score.as_dict(),
-                       prior_logloss=prior.overall, n_oof=len(tables[0]), n_test=len(tables[1]), training=training)
+                       created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), oof_logloss=score,
+                       prior_logloss=prior, n_oof=len(tables[0]), n_test=len(tables[1]), training=training)
 
 
 def write_model_embeddings(folder, work, available, oof_parts, oof) -> dict:

@@ -281,6 +281,10 @@ def base_train(wd, name, arch, context, epochs, batch_size, lr, img_size, folds,
     One model per fold, trained on the other folds: it predicts its own fold (out-of-fold)
     and the test set (test_fold<k>.parquet per fold model, test.parquet their mean). Runs
     under torchrun for several GPUs.
+
+    On a task work directory (`data prepare --task`) the heads predict the task's slice-level
+    columns, learnt from data/slice_labels.parquet where a slice has them, else from its study's
+    or patient's label; the model is also scored by the task's metric of the max over each unit's slices.
     """
     from base_models.train import train_base
 
@@ -289,6 +293,9 @@ def base_train(wd, name, arch, context, epochs, batch_size, lr, img_size, folds,
                         tta=tta, workers=workers, progress=not quiet, embeddings=embeddings, amp=amp,
                         pretrained=pretrained, weights=weights, pseudo_labels=list(pseudo_labels))
     _echo(render.train_lines(result, folds=quiet))
+    if result.unit_metric is not None:
+        _echo([f"{result.name}: task metric {result.unit_metric:.4f} of the max over each unit's slices "
+               f"(training labels' rates {result.unit_prior:.4f})"])
 
 
 @base.command("import")

@@ -32,26 +32,27 @@ def bce_matrix(y_true: np.ndarray, y_prob: np.ndarray) -> np.ndarray:
     return -(y_true * np.log(p) + (1.0 - y_true) * np.log1p(-p))
 
 
-def weighted_log_loss(y_true, y_prob, weights: np.ndarray = LABEL_WEIGHTS) -> Score:
-    """Score an (n_images, 6) array of probabilities against 0/1 labels in LABELS order."""
+def weighted_log_loss(y_true, y_prob, weights: np.ndarray = LABEL_WEIGHTS, labels=LABELS) -> Score:
+    """Score an (n_images, 6) array of probabilities against 0/1 labels in LABELS order (or the columns
+    ``labels`` with one weight each: a task's slice-level prediction columns)."""
     y_true = np.asarray(y_true)
     y_prob = np.asarray(y_prob)
-    if y_true.shape != y_prob.shape or y_true.ndim != 2 or y_true.shape[1] != len(LABELS):
+    if y_true.shape != y_prob.shape or y_true.ndim != 2 or y_true.shape[1] != len(labels):
         raise ValueError(
-            f"expected two (n, {len(LABELS)}) arrays, got {y_true.shape} and {y_prob.shape}"
+            f"expected two (n, {len(labels)}) arrays, got {y_true.shape} and {y_prob.shape}"
         )
     if len(y_true) == 0:
         raise ValueError("cannot score zero images")
     bce = bce_matrix(y_true, y_prob)
     per_label_mean = bce.mean(axis=0)
     overall = float((per_label_mean * weights).sum() / weights.sum())
-    return Score(overall, {label: float(v) for label, v in zip(LABELS, per_label_mean)})
+    return Score(overall, {label: float(v) for label, v in zip(labels, per_label_mean)})
 
 
-def prior_score(y_true) -> Score:
+def prior_score(y_true, weights: np.ndarray = LABEL_WEIGHTS, labels=LABELS) -> Score:
     """Score of predicting each label's frequency: the floor any model must beat."""
     y_true = np.asarray(y_true, dtype=np.float64)
-    return weighted_log_loss(y_true, np.broadcast_to(y_true.mean(axis=0), y_true.shape))
+    return weighted_log_loss(y_true, np.broadcast_to(y_true.mean(axis=0), y_true.shape), weights, labels)
 
 
 def weighted_bce(logits, targets, weights, mask=None):

@@ -264,8 +264,8 @@ def prepare_data(workdir: Workdir, options: PrepareOptions | None = None, **fiel
     labels = parse_label_csv(labels_csv)
 
     headers, skipped = scan_headers(train_paths + test_paths, workers=o.workers, progress=o.progress, modalities=modalities)
-    _report_skipped(skipped, o.strict)
-    metadata = _metadata_from_headers(headers, set(train_paths), dicom_dir, image_id)
+    report_skipped(skipped, o.strict)
+    metadata = metadata_from_headers(headers, set(train_paths), dicom_dir, image_id)
     n_parsed = len(labels)
     labels = _match_labels(labels, metadata, skipped, (labels_csv, dicom_dir, test_dicom_dir), image_id)
     folds = make_folds(metadata, labels, n_folds, o.seed)
@@ -315,7 +315,7 @@ def _ids_of_skipped(skipped, labels: pd.DataFrame) -> set[str]:
     return stems & set(labels["image_id"])
 
 
-def _report_skipped(skipped, strict: bool) -> None:
+def report_skipped(skipped, strict: bool) -> None:
     """One warning per unreadable file (the first MAX_LISTED_SKIPS), or, with ``strict``, an error."""
     if skipped and strict:
         path, reason = skipped[0]
@@ -331,7 +331,7 @@ def _report_skipped(skipped, strict: bool) -> None:
         )
 
 
-def _metadata_from_headers(headers: pd.DataFrame, train_set: set, dicom_dir, image_id: str = "sop") -> pd.DataFrame:
+def metadata_from_headers(headers: pd.DataFrame, train_set: set, dicom_dir, image_id: str = "sop") -> pd.DataFrame:
     """Header rows -> validated metadata in slice order, with the split taken from the folder and
     the image id from the ``image_id`` rule."""
     headers.insert(3, "split", np.where(headers["path"].isin(train_set), "train", "test"))

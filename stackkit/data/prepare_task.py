@@ -31,7 +31,7 @@ from stackkit.contract.tasks import TaskSchema, get_task
 from stackkit.contract.validate import validate_folds
 from stackkit.data import synth_abdominal as abdominal
 from stackkit.data import synth_cspine as cspine
-from stackkit.data.prepare import _metadata_from_headers, _report_skipped, grouped_folds, write_data_set
+from stackkit.data.prepare import metadata_from_headers, report_skipped, grouped_folds, write_data_set
 from stackkit.data.synth_ct import TEST_IMAGES, TRAIN_IMAGES
 from stackkit.data.task_labels import TaskLabels, image_files, read_task_labels
 from stackkit.errors import ContractError, StackkitError
@@ -94,7 +94,7 @@ def prepare_task_data(workdir: Workdir, options: TaskPrepareOptions | None = Non
     files = _dataset_files(Path(o.root), found, DEPTH[o.task])
     modalities = parse_modalities(o.modalities) if o.modalities is None or isinstance(o.modalities, str) else tuple(o.modalities)
     headers, skipped = scan_headers(files["path"].tolist(), workers=o.workers, progress=o.progress, modalities=modalities)
-    _report_skipped(skipped, o.strict)
+    report_skipped(skipped, o.strict)
     metadata = _task_metadata(headers, files, o.root)
     labels = _unit_labels(found, metadata, schema, Path(o.root))
     slice_labels = SLICE_LABELS[o.task](found, files, metadata, labels)
@@ -137,7 +137,7 @@ def _task_metadata(headers: pd.DataFrame, files: pd.DataFrame, root) -> pd.DataF
     headers["patient_id"] = where["unit"].to_numpy(dtype=object)
     headers["study_id"] = where["series_id"].to_numpy(dtype=object)
     train = set(files.loc[files["split"] == "train", "path"])
-    return _metadata_from_headers(headers, train, Path(root) / TRAIN_IMAGES)
+    return metadata_from_headers(headers, train, Path(root) / TRAIN_IMAGES)
 
 
 def _unit_labels(found: TaskLabels, metadata: pd.DataFrame, schema: TaskSchema, root: Path) -> pd.DataFrame:
