@@ -191,40 +191,19 @@ def data_prepare(wd, dicom_dir, test_dicom_dir, labels_csv, task, root, n_folds,
     files (JPEG 2000, JPEG-LS, RLE, JPEG) are decoded once here, so a file that cannot be
     decoded is skipped now, never read as a blank image later. Skipped files are listed on
     stderr whether the run succeeds or fails.
-    \b
-    --task rsna2022-cspine|rsna2023-abdominal --root DIR: the competition's layout (docs/synthetic_tasks.md)
-    -> a task work directory's data/: labels per study or patient, the slice-level labels the
-    competition has in data/slice_labels.parquet, data/task.json.
+    --task NAME --root DIR: a competition's layout -> a task work directory (docs/synthetic_tasks.md).
     """
     import warnings
 
-    from stackkit.data.prepare import SkippedDicomWarning, prepare_data
+    from stackkit.data.prepare import SkippedDicomWarning
+    from stackkit.data.prepare_task import prepare_any
 
-    from stackkit.errors import StackkitError
-
-    given = [f"--{n}" for n, v in (("dicom-dir", dicom_dir), ("test-dicom-dir", test_dicom_dir), ("labels", labels_csv)) if v]
-    if task is not None and given:
-        raise StackkitError(f"--task reads its files under --root; {', '.join(given)} are for RSNA 2019 (without --task)")
-    if task is None and root is not None:
-        raise StackkitError("--root goes with --task; RSNA 2019 takes --dicom-dir, --test-dicom-dir and --labels")
-    if task is not None and root is None:
-        raise StackkitError("--task needs --root, the dataset's folder")
-    if task is not None and image_id != "sop":
-        raise StackkitError("--task: image ids are the files' SOPInstanceUIDs (--image-id sop)")
-    if task is None and len(given) < 3:
-        raise StackkitError("RSNA 2019 needs --dicom-dir, --test-dicom-dir and --labels (or --task NAME --root DIR)")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", SkippedDicomWarning)
         try:
-            if task is not None:
-                from stackkit.data.prepare_task import prepare_task_data
-
-                result = prepare_task_data(wd, task=task, root=root, n_folds=n_folds, seed=seed, strict=strict, workers=workers,
-                                           progress=not quiet, modalities=modalities)
-            else:
-                result = prepare_data(wd, dicom_dir=dicom_dir, test_dicom_dir=test_dicom_dir, labels_csv=labels_csv,
-                                      n_folds=n_folds, seed=seed, strict=strict, workers=workers, progress=not quiet,
-                                      modalities=modalities, image_id=image_id)
+            result = prepare_any(wd, task=task, root=root, dicom_dir=dicom_dir, test_dicom_dir=test_dicom_dir, labels_csv=labels_csv,
+                                 n_folds=n_folds, seed=seed, strict=strict, workers=workers, progress=not quiet,
+                                 modalities=modalities, image_id=image_id)
         finally:  # the skipped files are often why a run fails: show them either way
             _show_warnings(caught, SkippedDicomWarning)
     _echo(render.key_values("data prepare", result))
@@ -281,10 +260,7 @@ def base_train(wd, name, arch, context, epochs, batch_size, lr, img_size, folds,
     One model per fold, trained on the other folds: it predicts its own fold (out-of-fold)
     and the test set (test_fold<k>.parquet per fold model, test.parquet their mean). Runs
     under torchrun for several GPUs.
-
-    On a task work directory (`data prepare --task`) the heads predict the task's slice-level
-    columns, learnt from data/slice_labels.parquet where a slice has them, else from its study's
-    or patient's label; the model is also scored by the task's metric of the max over each unit's slices.
+    On a task work directory: the task's slice-level columns (docs/synthetic_tasks.md).
     """
     from base_models.train import train_base
 
@@ -294,8 +270,7 @@ def base_train(wd, name, arch, context, epochs, batch_size, lr, img_size, folds,
                         pretrained=pretrained, weights=weights, pseudo_labels=list(pseudo_labels))
     _echo(render.train_lines(result, folds=quiet))
     if result.unit_metric is not None:
-        _echo([f"{result.name}: task metric {result.unit_metric:.4f} of the max over each unit's slices "
-               f"(training labels' rates {result.unit_prior:.4f})"])
+        click.echo(f"{result.name}: task metric {result.unit_metric:.4f} of the max over each unit's slices (rates {result.unit_prior:.4f})")
 
 
 @base.command("import")

@@ -244,7 +244,6 @@ def prepare_data(workdir: Workdir, options: PrepareOptions | None = None, **fiel
     unless every check passes. The keywords are :class:`PrepareOptions`' fields: pass them, or
     ``options`` (then ``fields`` override it).
     """
-    from stackkit.data.decoding import parse_modalities
     from stackkit.data.dicom import scan_headers
 
     o = PrepareOptions(**fields) if options is None else dataclasses.replace(options, **fields)
@@ -254,7 +253,7 @@ def prepare_data(workdir: Workdir, options: PrepareOptions | None = None, **fiel
         raise StackkitError(f"--folds {n_folds}: need at least 2 folds")
     if image_id not in IMAGE_ID_RULES:
         raise StackkitError(f"--image-id {image_id!r}: expected one of {', '.join(IMAGE_ID_RULES)}")
-    modalities = parse_modalities(o.modalities) if o.modalities is None or isinstance(o.modalities, str) else tuple(o.modalities)
+    modalities = modalities_option(o.modalities)
     check_set_target(workdir.data_dir)  # before the scan: a long run must not end on this
     train_paths = _dicom_files(dicom_dir, "--dicom-dir")
     test_paths = _dicom_files(test_dicom_dir, "--test-dicom-dir")
@@ -277,6 +276,13 @@ def prepare_data(workdir: Workdir, options: PrepareOptions | None = None, **fiel
     write_data_set(workdir, {workdir.metadata: metadata, workdir.labels: labels, workdir.folds: folds}, record)
 
     return _prepare_summary(workdir, metadata, labels, folds, n_folds, skipped, dropped_labels=n_parsed - len(labels))
+
+
+def modalities_option(value) -> tuple[str, ...]:
+    """The modalities to read: None (CT), a comma-separated string (``--modality``) or a sequence of Modality values."""
+    from stackkit.data.decoding import parse_modalities
+
+    return parse_modalities(value) if value is None or isinstance(value, str) else tuple(value)
 
 
 def write_data_set(workdir: Workdir, tables: dict, record: dict, task: str | None = None) -> None:

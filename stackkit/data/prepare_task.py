@@ -31,7 +31,7 @@ from stackkit.contract.tasks import TaskSchema, get_task
 from stackkit.contract.validate import validate_folds
 from stackkit.data import synth_abdominal as abdominal
 from stackkit.data import synth_cspine as cspine
-from stackkit.data.prepare import metadata_from_headers, report_skipped, grouped_folds, write_data_set
+from stackkit.data.prepare import grouped_folds, metadata_from_headers, modalities_option, report_skipped, write_data_set
 from stackkit.data.synth_ct import TEST_IMAGES, TRAIN_IMAGES
 from stackkit.data.task_labels import TaskLabels, image_files, read_task_labels
 from stackkit.errors import ContractError, StackkitError
@@ -78,7 +78,6 @@ def prepare_task_data(workdir: Workdir, options: TaskPrepareOptions | None = Non
 
     Unreadable DICOM files are skipped with a warning (``strict``: the first is an error), and
     their slice-level labels with them; a training unit left without a slice is an error."""
-    from stackkit.data.decoding import parse_modalities
     from stackkit.data.dicom import scan_headers
 
     o = TaskPrepareOptions(**fields) if options is None else dataclasses.replace(options, **fields)
@@ -92,7 +91,7 @@ def prepare_task_data(workdir: Workdir, options: TaskPrepareOptions | None = Non
     check_set_target(workdir.data_dir)  # before the scan: a long run must not end on this
     found = read_task_labels(o.task, o.root)
     files = _dataset_files(Path(o.root), found, DEPTH[o.task])
-    modalities = parse_modalities(o.modalities) if o.modalities is None or isinstance(o.modalities, str) else tuple(o.modalities)
+    modalities = modalities_option(o.modalities)
     headers, skipped = scan_headers(files["path"].tolist(), workers=o.workers, progress=o.progress, modalities=modalities)
     report_skipped(skipped, o.strict)
     metadata = _task_metadata(headers, files, o.root)
@@ -228,3 +227,27 @@ def _summary(workdir: Workdir, o: TaskPrepareOptions, metadata, labels, folds, s
         n_folds=int(o.n_folds), slice_labeled_images=0 if slice_labels is None else len(slice_labels),
         fold_units=fold_units.astype(int).tolist(), skipped=list(skipped),
     )
+
+
+def prepare_any(workdir: Workdir, *, task=None, root=None, dicom_dir=None, test_dicom_dir=None, labels_csv=None, image_id="sop",
+                **common):
+    """`data prepare`'s options checked and dispatched: ``task`` and ``root`` to :func:`prepare_task_data`,
+    RSNA 2019's folders and label file to :func:`stackkit.data.prepare.prepare_data`; ``common``: the
+    options both take (n_folds, seed, strict, workers, progress, modalities)."""
+    given = [f"--{n}" for n, v in (("dicom-dir", dicom_dir), ("test-dicom-dir", test_dicom_dir), ("labels", labels_csv)) if v]
+    if task is None:
+        if root is not None:
+            raise StackkitError("--root goes with --task; RSNA 2019 takes --dicom-dir, --test-dicom-dir and --labels")
+        if len(given) < 3:
+            raise StackkitError("RSNA 2019 needs --dicom-dir, --test-dicom-dir and --labels (or --task NAME --root DIR)")
+        from stackkit.data.prepare import prepare_data
+
+        return prepare_data(workdir, dicom_dir=dicom_dir, test_dicom_dir=test_dicom_dir, labels_csv=labels_csv, image_id=image_id,
+                            **common)
+    if given:
+        raise StackkitError(f"--task reads its files under --root; {', '.join(given)} are for RSNA 2019 (without --task)")
+    if root is None:
+        raise StackkitError("--task needs --root, the dataset's folder")
+    if image_id != "sop":
+        raise StackkitError("--task: image ids are the files' SOPInstanceUIDs (--image-id sop)")
+    return prepare_task_data(workdir, task=task, root=root, **common)

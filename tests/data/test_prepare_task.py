@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from stackkit.cli import cli
 from stackkit.contract import Workdir
 from stackkit.contract.records.task import read_task
+from stackkit.contract.task_files import load_task_core
 from stackkit.contract.tasks import get_task
 from stackkit.contract.validate import read_folds, read_metadata, verify_data_file
 from stackkit.data import synth_abdominal as abdominal
@@ -131,6 +132,9 @@ def test_folds_cover_the_training_slices_grouped_by_patient(prepared, task):
     assert sum(result.fold_units) == result.train_units
     for path in (wd.metadata, wd.labels, wd.folds, wd.slice_labels, wd.task_record):
         verify_data_file(wd, path)  # listed in prepare.json and unchanged
+    core = load_task_core(wd)  # what every command of a unit task reads: each file validated against the others
+    assert len(core.labels) == result.train_units and len(core.slice_labels) == result.slice_labeled_images
+    assert core.unit_folds["fold"].value_counts().sort_index().tolist() == result.fold_units
 
 
 def test_the_same_data_gives_the_same_files(prepared, roots, tmp_path):
