@@ -180,8 +180,9 @@ def _slice_table(slices: pd.DataFrame, values: dict) -> pd.DataFrame:
 
 
 def _cspine_slice_labels(found: TaskLabels, files, metadata, labels) -> pd.DataFrame | None:
-    """C1..C7 per slice: 1 where the slice's fracture box lies on that vertebra (segmentation). Decided for
-    the healthy studies (every slice 0) and for the fractured ones with both a segmentation and boxes."""
+    """C1..C7 per slice: 1 where the slice's fracture box lies on that vertebra (segmentation), and
+    patient_overall: 1 on a boxed slice. Decided for the healthy studies (every slice 0) and for the
+    fractured ones with both a segmentation and boxes."""
     slices = _train_slices(files, metadata)
     where = TRAIN_IMAGES + "/" + found.slice_labels["study_id"] + "/" + found.slice_labels["slice_number"].astype(str)
     vertebra = pd.Series(found.slice_labels["vertebra"].to_numpy(), index=where.to_numpy())
@@ -192,7 +193,9 @@ def _cspine_slice_labels(found: TaskLabels, files, metadata, labels) -> pd.DataF
     keep = slices["unit"].isin(decided).to_numpy()
     level = vertebra.reindex(key).to_numpy(dtype=object)[keep]
     fractured = key.isin(boxed).to_numpy()[keep]
-    table = _slice_table(slices.loc[keep], {v: fractured & (level == v) for v in cspine.VERTEBRAE})
+    # a box marks a slice showing a fracture: the slice's own patient_overall, on whichever vertebra
+    values = {**{v: fractured & (level == v) for v in cspine.VERTEBRAE}, "patient_overall": fractured}
+    table = _slice_table(slices.loc[keep], values)
     return table if len(table) else None
 
 

@@ -78,11 +78,11 @@ def test_units_ids_and_labels_are_the_synths(prepared, task):
     assert all(i.startswith(s + ".") for i, s in zip(metadata["image_id"], metadata["series_id"]))  # the SOPInstanceUID
 
 
-def test_cspine_slice_labels_are_the_boxed_slices_of_each_vertebra(prepared):
+def test_cspine_slice_labels_are_the_boxed_slices_of_each_vertebra_and_of_the_study(prepared):
     result, root, _ = prepared[CSPINE]
     wd = _work(result)
     metadata, slices = read_metadata(wd), pd.read_parquet(wd.slice_labels)
-    assert list(slices.columns) == ["image_id", *cspine.VERTEBRAE]
+    assert list(slices.columns) == ["image_id", *cspine.VERTEBRAE, "patient_overall"]
     # every training study is decided here: the synth gives every one a segmentation and its boxes
     assert set(slices["image_id"]) == set(metadata.loc[metadata["split"] == "train", "image_id"])
     where = metadata.set_index("image_id")["path"].reindex(slices["image_id"]).map(lambda p: (Path(p).parent.name, int(Path(p).stem)))
@@ -93,6 +93,7 @@ def test_cspine_slice_labels_are_the_boxed_slices_of_each_vertebra(prepared):
     expected = np.array([[key in boxed and vertebra.get(key) == v for v in cspine.VERTEBRAE] for key in where], dtype=np.int8)
     np.testing.assert_array_equal(slices[list(cspine.VERTEBRAE)].to_numpy(), expected)
     assert slices[list(cspine.VERTEBRAE)].to_numpy().sum() == len(boxes) > 0
+    np.testing.assert_array_equal(slices["patient_overall"], [key in boxed for key in where])
 
 
 def test_abdominal_slice_labels_are_the_image_level_labels(prepared):
