@@ -156,24 +156,6 @@ def reversal_map(columns) -> tuple[np.ndarray, np.ndarray]:
     return source, complement
 
 
-_NEIGHBOR = re.compile(r"^(diff_)?(lag|lead)\d+$|^roll\d+_mean$")
-INPUT_SETS = ("all", "no_neighbors")
-
-
-def input_columns(columns, inputs: str) -> np.ndarray | None:
-    """Positions of the feature columns a stacker reads: None for ``all``; for ``no_neighbors``
-    every column except one model's values at or around the neighbor slices (``lag<k>``,
-    ``lead<k>``, their ``diff_``, ``roll<w>_mean``), which a model that reads the whole study in
-    order sees for itself. Names outside the grammar are kept."""
-    if inputs not in INPUT_SETS:
-        raise StackkitError(f"inputs is {inputs!r}; expected one of {', '.join(INPUT_SETS)}")
-    if inputs == "all" or columns is None:
-        return None
-    keep = [j for j, name in enumerate(columns)
-            if (column := split_column(name)) is None or not column.per_model or not _NEIGHBOR.match(column.feature)]
-    return np.asarray(keep, dtype=np.int64)
-
-
 def reverse_features(X: np.ndarray, source: np.ndarray, complement: np.ndarray) -> np.ndarray:
     """The features of the same slices in a study reversed in z (see :func:`reversal_map`)."""
     out = np.asarray(X)[:, source]

@@ -309,32 +309,3 @@ def test_early_stopping_splits_over_the_patient_codes_are_those_over_the_patient
             by_codes = early_stopping_split(inputs.folds, inputs.groups, k, seed)
             by_ids = early_stopping_split(inputs.folds, ids, k, seed)
             assert all(np.array_equal(a, b) for a, b in zip(by_codes, by_ids))
-
-
-# --- the columns a sequence stacker reads ---------------------------------------------------------
-
-
-def test_without_neighbor_columns_seq_reads_the_rest_and_reloads_the_same(tmp_path):
-    (train, test, definitions), _, truth = _real_feature_data()
-    names = list(definitions)
-    codes = pd.Index(sorted(set(train["study_id"].astype(str)) | set(test["study_id"].astype(str))))
-    data = _stack_data(train, names, truth, codes)
-    valid_rows = train["fold"].to_numpy() == 0
-    stacker = get_stacker("seq").fit(data.take(~valid_rows), data.take(valid_rows), {**FAST_PARAMS["seq"], "inputs": "no_neighbors"}, seed=0)
-    read = [names[j] for j in stacker.input_columns]
-    dropped = set(names) - set(read)
-    assert {"cnn__any__pred", "cnn__any__study_max", "slice__position", "slice__z_gap_prev", "models__any__mean"} <= set(read)
-    assert {"cnn__any__lag1", "cnn__subdural__diff_lead2", "cnn__epidural__roll3_mean"} <= dropped
-    assert all(name.split("__")[-1].startswith(("lag", "lead", "diff_", "roll")) for name in dropped)
-    assert stacker.scaler.n_outputs < len(names) and len(stacker.reversal[0]) == len(read)
-    stacker.save(tmp_path / "fold0")
-    loaded = get_stacker("seq").load(tmp_path / "fold0")
-    np.testing.assert_array_equal(loaded.input_columns, stacker.input_columns)
-    held = _stack_data(test, names, truth, codes)
-    np.testing.assert_array_equal(loaded.predict(held), stacker.predict(held))
-
-
-def test_an_unknown_input_set_is_refused(inputs):
-    train, valid, _ = _split(inputs)
-    with pytest.raises(StackkitError, match=r"inputs is 'lags'; expected one of all, no_neighbors"):
-        get_stacker("seq").fit(train, valid, {**FAST_PARAMS["seq"], "inputs": "lags"}, seed=0)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import dataclasses
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,20 +174,6 @@ class NeuralStacker(Stacker):
         super().__init__()
         self.scaler: FeatureScaler | None = None
         self.module = None
-        self.input_columns: np.ndarray | None = None  # the feature columns read (params["inputs"]); None: all
-
-    def _select_inputs(self, train: StackData, X_train: np.ndarray, params: dict) -> tuple[StackData, np.ndarray]:
-        """``train`` and its features narrowed to the columns ``params["inputs"]`` names (all by default)."""
-        from stackkit.contract.columns import input_columns
-
-        self.input_columns = input_columns(train.feature_names, params.get("inputs", "all"))
-        if self.input_columns is None:
-            return train, X_train
-        X_train = X_train[:, self.input_columns]
-        return dataclasses.replace(train, X=X_train, feature_names=tuple(train.feature_names[j] for j in self.input_columns)), X_train
-
-    def _read_inputs(self, X: np.ndarray) -> np.ndarray:
-        return X if self.input_columns is None else X[:, self.input_columns]
 
     @abc.abstractmethod
     def _build_module(self, n_inputs: int, params: dict): ...
@@ -229,8 +214,6 @@ class NeuralStacker(Stacker):
         import torch
 
         device = fit_device(params.get("device", "cpu"), self.name)
-        train, X_train = self._select_inputs(train, X_train, params)
-        X_valid = self._read_inputs(X_valid)
         self.scaler = FeatureScaler.fit(X_train)
         self._fit_inputs(train, X_train, params)
         prepared_train = self._to_device(self._prepare(X_train, train, Y_train), device)
@@ -272,7 +255,7 @@ class NeuralStacker(Stacker):
 
         with torch_threads(int(self.params["num_threads"])):
             device = predict_device(self.params.get("device", "cpu"))  # a model fitted on a GPU predicts on a machine without one
-            prepared = self._to_device(self._prepare(self._read_inputs(X), data, None), device)
+            prepared = self._to_device(self._prepare(X, data, None), device)
             module = self.module.to(device)
             try:
                 with torch.no_grad():
@@ -284,10 +267,7 @@ class NeuralStacker(Stacker):
         return torch_threads(int(self.params["num_threads"]))
 
     def _state(self) -> dict:
-        state = {"n_inputs": self.scaler.n_outputs}
-        if self.input_columns is not None:
-            state["input_columns"] = self.input_columns.tolist()
-        return state
+        return {"n_inputs": self.scaler.n_outputs}
 
     def _save_models(self, directory: Path) -> list[Path]:
         import io
@@ -310,11 +290,6 @@ class NeuralStacker(Stacker):
 
         scaler_path, model_path = FoldModelFiles(directory).scaler, FoldModelFiles(directory).torch_model
         self.scaler = FeatureScaler.from_bytes(read_artifact(scaler_path), scaler_path)
-        columns = state.get("input_columns")
-        self.input_columns = None if columns is None else np.asarray(columns, dtype=np.int64)
-        if self.input_columns is not None and (len(self.input_columns) == 0 or self.input_columns.min() < 0
-                                               or self.input_columns.max() >= self.n_features):
-            raise StackkitError(f"{FoldModelFiles(directory).record}: input_columns out of range for {self.n_features} features; refit with `stack fit`")
         raw = read_artifact(model_path)
         module = self._build_module(int(state["n_inputs"]), self.params)
         try:

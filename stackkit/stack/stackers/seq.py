@@ -127,7 +127,6 @@ class SeqStacker(SequenceStacker):
             "batch_size": 64,  # studies per batch
             "max_epochs": 40,
             "patience": 5,
-            "inputs": "all",  # or "no_neighbors": without the per-model lag/lead/rolling columns
             "device": "cpu",  # stack fit --device cuda puts it on a GPU
             # one thread: a GRU over 64 studies is a chain of small sequential ops, which a second
             # thread does not speed up but makes spin-wait (3 epochs of a fold on a busy 2-core
