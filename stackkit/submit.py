@@ -19,7 +19,7 @@ from stackkit.stack.blend import BlendParams
 from stackkit.contract import LABELS, Workdir, file_sha256
 from stackkit.errors import ContractError, StackkitError, one_line
 from stackkit.contract.io import atomic_path, read_json
-from stackkit.contract.records import read_blend_record
+from stackkit.contract.records import read_blend_record, read_task
 from stackkit.contract.validate import ids_in
 
 ID_PATTERN = re.compile(r"^(ID_[0-9A-Za-z]+)_(" + "|".join(LABELS) + r")$")
@@ -209,7 +209,12 @@ def write_submission(workdir: Workdir, out: str | None = None, *, test_dicom_dir
                      allow_incomplete: bool = False) -> SubmitResult:
     """Write the Kaggle submission (default ``WORKDIR/submission.csv``; ``.gz`` -> gzip). Atomic; refuses bad input before writing.
 
-    A submission short of the real test set is refused (see :func:`check_coverage`)."""
+    A submission short of the real test set is refused (see :func:`check_coverage`). RSNA 2019's: a study- or
+    patient-level task's is written by ``stackkit.unit_submit.write_unit_submission``."""
+    schema = read_task(workdir)
+    if schema.unit != "slice":
+        raise StackkitError(f"{workdir.task_record}: task {schema.name!r} submits one entry per {schema.unit}: "
+                            "use stackkit.unit_submit.write_unit_submission (the `submit` command does)")
     target, compressed = submission_target(workdir, out)
     wide, record = blended_test_predictions(workdir)
     _check_wide(wide, str(workdir.blend))

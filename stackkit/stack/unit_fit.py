@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stackkit.contract import SEED_RANGE, STACKER_RECORD, PredictionFolder, Workdir, env_threads, file_sha256
+from stackkit.contract import SEED_RANGE, STACKER_RECORD, PredictionFolder, Workdir, file_sha256
 from stackkit.contract.io import check_set_target, replace_dir, verify_set, write_artifact, write_parquet
 from stackkit.contract.records import (FoldModelRecord, StackerRecord, UnitBlendRecord, manifest_test_fold_paths, write_fold_model_record,
                                        write_stacker_record, write_unit_blend_record)
@@ -58,6 +58,7 @@ def check_unit_fit_options(schema: TaskSchema, o: StackFitOptions) -> list[str] 
     task is refused with one line, before any work."""
     task = f"task {schema.name!r} stacks one row per {schema.unit}"
     refused = [("--tune", o.tune, f"{task}; its stackers have no Optuna search yet: leave --tune out"),
+               ("--timeout", o.timeout is not None, "only with --tune, which a unit task does not have"),
                ("--storage", o.storage is not None, "only with --tune, which a unit task does not have"),
                ("--study-name", o.study_name is not None, "only with --tune, which a unit task does not have"),
                ("--heartbeat", o.heartbeat_interval is not None, "only with --tune, which a unit task does not have"),
@@ -181,7 +182,7 @@ def run_unit_fit(workdir, schema: TaskSchema | None = None, options: StackFitOpt
     check_set_target(wd.stack_root)  # a file in stack/'s place: refused before any fitting
     core = load_task_core(wd, schema)
     train, tests, manifest, current_hash = load_unit_features(wd, core)
-    result = fit_unit_stack(schema, train, core.labels, tests, stackers=names, seed=int(o.seed), threads=env_threads(1))
+    result = fit_unit_stack(schema, train, core.labels, tests, stackers=names, seed=int(o.seed))
     fitted = list(result.stackers)
     kept = kept_stackers(wd, fitted)
     meta = {"seconds": time.perf_counter() - started, "feature_columns": [c for c in train.columns if c not in (schema.unit_column, "fold")],
