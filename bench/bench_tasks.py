@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from features.units import unit_feature_table
 from stackkit.contract.tasks import TaskSchema, schema_metric
 from stackkit.testing.stack_bench import REPORT_SEEDS, TUNING_SEEDS, parse_seeds
 from stackkit.testing.task_exported import TaskBenchmark, make_task_benchmark, max_aggregation, prior_predictions, unit_aggregates
@@ -141,6 +142,27 @@ def _split_rows(bench: TaskBenchmark, frame: pd.DataFrame) -> tuple[pd.DataFrame
 
 
 # --- (d) the default stack fit ------------------------------------------------------------------
+
+
+def unit_slices(bench: TaskBenchmark) -> pd.DataFrame:
+    """The benchmark's slices as unit_feature_table reads them: study_id the series, z its slice number."""
+    slices = bench.slices.assign(z=bench.slices["slice_no"])
+    if bench.unit_column != "study_id":  # the abdomen: a patient's series are its studies
+        slices["study_id"] = slices["series_id"]
+    return slices
+
+
+def unit_inputs(bench: TaskBenchmark) -> tuple[pd.DataFrame, list[pd.DataFrame]]:
+    """(train unit features with the fold, one test feature set per fold model) from every model's
+    OOF and per-fold test slice predictions."""
+    slices = unit_slices(bench)
+    train_slices, test_slices = slices[slices["split"] == "train"], slices[slices["split"] == "test"]
+    train = unit_feature_table(train_slices, bench.oof, bench.schema)
+    folds = bench.folds[[bench.unit_column, "fold"]].astype({bench.unit_column: str})
+    train = train.merge(folds, on=bench.unit_column, how="left", validate="one_to_one")
+    tests = [unit_feature_table(test_slices, {m: bench.test_folds[m][k] for m in bench.models}, bench.schema)
+             for k in range(bench.n_folds)]
+    return train, tests
 
 
 def stack_fit_scores(bench: TaskBenchmark, seed: int) -> dict | None:
