@@ -189,3 +189,28 @@ def test_sample_submission_checks_the_units(pipelines, tmp_path):
     pd.DataFrame({"patient_id": patients[1:], **{c: 0.5 for c in bench.schema.submission.columns}}).to_csv(sample, index=False)
     result = CliRunner().invoke(cli, ["submit", "--workdir", str(wd.root), "--sample-submission", str(sample)])
     assert result.exit_code == 2 and f"has no patient {patients[0]} (1 of the submission's patients are not in it)" in one_line_error(result)
+
+
+def test_a_rerun_with_fewer_stackers_keeps_the_others_unchanged(pipelines, tmp_path):
+    wd = _copy(pipelines, ABDOMINAL, tmp_path)
+    lgbm = snapshot(wd.stack_dir("lgbm"))
+    output = _run("stack", "fit", "--workdir", wd.root, "-q", "--stackers", "logreg")
+    blend = read_unit_blend_record(wd.blend, pipelines[ABDOMINAL][0].schema)
+    assert blend.blend["stackers"] == ["logreg"] and blend.stackers_kept == ["lgbm"] and [s["name"] for s in blend.sources] == ["stack/logreg"]
+    assert snapshot(wd.stack_dir("lgbm")) == lgbm and "kept unchanged from an earlier run (not in this blend): stack/lgbm" in output
+    assert "blend of stack/logreg" in _run("submit", "--workdir", wd.root)
+
+
+def test_an_interrupted_fit_leaves_the_previous_stack(pipelines, tmp_path, monkeypatch):
+    import stackkit.stack.unit_fit as unit_fit
+
+    wd = _copy(pipelines, ABDOMINAL, tmp_path)
+    before = snapshot(wd.root)
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(unit_fit, "write_unit_blend_record", interrupted)  # every stacker's folder written, the record not
+    with pytest.raises(KeyboardInterrupt):
+        unit_fit.run_unit_fit(wd, stackers=["logreg"])
+    assert snapshot(wd.root) == before and not [p for p in wd.root.iterdir() if p.name.startswith(".stack")]

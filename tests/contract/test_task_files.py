@@ -158,3 +158,16 @@ def test_unit_predictions_folds_that_disagree_are_leakage(benches, tmp_path):
     with pytest.raises(LeakageError, match=r"^oof: fold \d at row 1 \(study_id .*\) disagrees with data/folds\.parquet"):
         validate_unit_predictions(moved, "oof", bench.schema, expected_units=core.unit_folds["study_id"], folds=core.unit_folds)
     assert Workdir(tmp_path).slice_labels.is_file()
+
+
+def test_an_rsna2019_task_record_reads_as_before(contract_workdir):
+    from stackkit.contract.records import TaskRecord, write_task_record
+
+    before = load_core(contract_workdir)
+    write_task_record(contract_workdir.data_dir, TaskRecord("rsna2019"))
+    after = load_core(contract_workdir)
+    assert read_task(contract_workdir) is get_task("rsna2019")
+    for old, new in zip(before, after):
+        pd.testing.assert_frame_equal(old, new)
+    with pytest.raises(StackkitError, match=r"task 'rsna2019' is scored per slice; read it with stackkit\.contract\.validate\.load_core"):
+        load_task_core(contract_workdir)
