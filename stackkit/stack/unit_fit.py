@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stackkit.contract import SEED_RANGE, STACKER_RECORD, PredictionFolder, Workdir, file_sha256
+from stackkit.contract import STACKER_RECORD, PredictionFolder, Workdir, file_sha256
 from stackkit.contract.io import check_set_target, replace_dir, verify_set, write_artifact, write_parquet
 from stackkit.contract.records import (FoldModelRecord, StackerRecord, UnitBlendRecord, manifest_test_fold_paths, write_fold_model_record,
                                        write_stacker_record, write_unit_blend_record)
@@ -28,7 +28,7 @@ from stackkit.contract.task_files import (TaskCore, check_unit_rows, load_task_c
                                          validate_unit_predictions)
 from stackkit.contract.tasks import TaskSchema, TaskScore, schema_metric
 from stackkit.errors import ContractError, StackkitError
-from stackkit.stack.fit import StackFitOptions, kept_stackers
+from stackkit.stack.fit import StackFitOptions, check_seed, kept_stackers
 
 # Stackers that read a study's slices in order: nothing to read in a table of one row per unit.
 SEQUENCE_STACKERS = ("seq", "seq_emb", "transformer")
@@ -69,9 +69,7 @@ def check_unit_fit_options(schema: TaskSchema, o: StackFitOptions) -> list[str] 
     for option, given, why in refused:
         if given:
             raise StackkitError(f"{option}: {why}")
-    seed = o.seed
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
-        raise StackkitError(f"--seed: expected an integer in {SEED_RANGE[0]}..{SEED_RANGE[1]}, got {seed!r}")
+    check_seed(o.seed)
     if o.stackers is None:
         return None
     names = list(dict.fromkeys(o.stackers))

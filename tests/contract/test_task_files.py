@@ -171,3 +171,34 @@ def test_an_rsna2019_task_record_reads_as_before(contract_workdir):
         pd.testing.assert_frame_equal(old, new)
     with pytest.raises(StackkitError, match=r"task 'rsna2019' is scored per slice; read it with stackkit\.contract\.validate\.load_core"):
         load_task_core(contract_workdir)
+
+
+def test_base_import_takes_the_same_options_in_a_task_work_directory(benches, tmp_path):
+    """The long layout (``ID`` = ``<image_id>_<column>``), logits and --folds-from-data, with the task's prediction columns."""
+    from click.testing import CliRunner
+
+    from stackkit.cli import cli
+
+    bench = benches[ABDOMINAL]
+    wd = write_task_workdir(bench, tmp_path / "wd")
+    model, columns = bench.models[0], list(bench.schema.prediction_columns)
+    oof = bench.oof[model]
+    p = oof[columns].to_numpy(np.float64).clip(1e-6, 1 - 1e-6)
+    long = pd.DataFrame({"ID": np.char.add(np.char.add(np.repeat(oof["image_id"].to_numpy().astype(str), len(columns)), "_"),
+                                           np.tile(np.array(columns), len(oof))),
+                         "Label": np.log(p / (1 - p)).reshape(-1)})
+    long.to_csv(tmp_path / "oof_long.csv", index=False)
+    bench.test[model].to_parquet(tmp_path / "test.parquet")
+    args = ["base", "import", model, "--workdir", str(wd.root), "--oof", str(tmp_path / "oof_long.csv"), "--test", str(tmp_path / "test.parquet")]
+    refused = CliRunner().invoke(cli, [*args, "--logits"])
+    assert refused.exit_code == 2 and "no 'fold' column" in refused.output
+    result = CliRunner().invoke(cli, [*args, "--logits", "--folds-from-data"], catch_exceptions=False)
+    assert result.exit_code == 2 and "every value is in [0, 1]" in result.output  # the --test file holds probabilities
+    bench.test[model].assign(**{c: np.log(bench.test[model][c].clip(1e-6, 1 - 1e-6) / (1 - bench.test[model][c].clip(1e-6, 1 - 1e-6)))
+                                for c in columns}).to_parquet(tmp_path / "test.parquet")
+    result = CliRunner().invoke(cli, [*args, "--logits", "--folds-from-data"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    stored = pd.read_parquet(wd.oof(model)).set_index("image_id").loc[oof["image_id"]]
+    assert np.allclose(stored[columns].to_numpy(), p, atol=1e-6)
+    assert (stored["fold"].to_numpy() == oof["fold"].to_numpy()).all()
+    assert json.loads(wd.model_json(model).read_text())["parameters"]["folds_from_data"] is True
