@@ -157,11 +157,14 @@ def unit_fit_lines(result) -> list[str]:
     rows = ([(f"preds/{m} (max)", "base", s) for m, s in result.base_scores.items()]
             + [(f"stack/{n}", "stacker", s) for n, s in result.stacker_scores.items()] + [("blend-cv", "blend-cv", result.cv)])
     width = max(12, *(len(name) for name, _kind, _score in rows))
-    header = f"{'source':<{width}}  {'kind':<8}  {'overall':>8}  " + "  ".join(f"{p[:14]:>14}" for p in parts)
+    widths = {p: max(8, len(p)) for p in parts}
+    header = f"{'source':<{width}}  {'kind':<8}  {'overall':>8}  " + "  ".join(f"{p:>{widths[p]}}" for p in parts)
     best = min(rows, key=lambda r: r[2].overall)
     lines = [header, "-" * len(header)]
-    lines += [f"{name:<{width}}  {kind:<8}  {score.overall:>8.5f}{'*' if (name, kind, score) == best else ' '} "
-              + "  ".join(f"{score.parts.get(p, float('nan')):>14.5f}" for p in parts) for name, kind, score in rows]
+    for row in rows:
+        name, kind, score = row
+        lines.append(f"{name:<{width}}  {kind:<8}  {score.overall:>8.5f}{'*' if row is best else ' '} "
+                     + "  ".join(f"{score.parts.get(p, float('nan')):>{widths[p]}.5f}" for p in parts))
     lines.append(f"task {result.task}'s metric per {result.unit} (lower is better); base: the max over the {result.unit}'s slices, "
                  "out-of-fold; * = best")
     for target, weights in result.weights.items():

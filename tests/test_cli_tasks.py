@@ -99,7 +99,10 @@ def test_features_and_stack_are_written_as_sets(pipelines, task):
             fold_record = json.loads(read_artifact(folder.fold_model(k).record))  # the sidecar checked first
             assert fold_record["state"]["files"] and all(read_artifact(folder.fold_model(k).path / f) for f in fold_record["state"]["files"])
             assert pd.read_parquet(folder.test_fold(k))[unit].nunique() == len(bench.test_labels)
-    assert (wd.stack_root / "report.html").is_file() and "blend-cv" in outputs[1]
+    assert (wd.stack_root / "report.html").is_file()
+    table = [line for line in outputs[1].splitlines() if line.startswith(("preds/", "stack/", "blend-cv "))]
+    assert len(table) == len(bench.models) + len(blend.blend["stackers"]) + 1
+    assert len([line for line in table if re.search(r"\d\* ", line)]) == 1  # the best row marked
 
 
 def _copy(pipelines, task, tmp_path) -> Workdir:

@@ -8,6 +8,7 @@ image) id, as there.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -118,7 +119,7 @@ class TaskCore:
     def n_folds(self) -> int:
         return int(self.folds["fold"].max()) + 1
 
-    @property
+    @functools.cached_property
     def unit_folds(self) -> pd.DataFrame:
         """The unit id and its fold (all slices of a patient share one), one row per train unit, sorted by unit."""
         unit = self.schema.unit_column
