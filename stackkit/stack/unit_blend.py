@@ -10,8 +10,8 @@ unit's total weight where the metric averages rows, as rsna2022-cspine does).
 
 As in :func:`stackkit.stack.blend.choose_blend`: every stacker alone (its out-of-fold
 predictions) and every recipe (refitted on the other folds for each fold k, scored on fold k) is a
-candidate; the lowest recipe that is below the best single stacker on every fold and at least
-``MIN_BLEND_GAIN`` below it overall is kept, else that stacker.
+candidate; the lowest recipe that is at least ``MIN_BLEND_GAIN`` below the best single stacker
+overall (and, with ``every_fold``, below it on every fold) is kept, else that stacker.
 """
 
 from __future__ import annotations
@@ -30,6 +30,10 @@ EPS = 1e-7
 T_BOUNDS = (0.05, 20.0)
 BIAS_BOUND = 10.0
 RECIPES = {"weights": False, "weights + temperature+bias": True}
+# Unlike RSNA 2019's blend, a recipe need not win on every fold: with a few hundred units a fold holds
+# a handful of positives. bench_tasks, tuning seeds: the blend's held-out loss 0.340 / 0.278 (spine /
+# abdomen) with the overall gain alone, 0.353 / 0.277 with every fold required too.
+EVERY_FOLD = False
 BLEND_VERSION = 1
 
 
@@ -101,7 +105,7 @@ def _cv_recipe(sources, y, w, folds, calibrate: bool) -> np.ndarray:
 
 
 def choose_target_blend(names: list[str], sources: np.ndarray, y: np.ndarray, w: np.ndarray, folds: np.ndarray,
-                        min_gain: float = MIN_BLEND_GAIN) -> tuple[dict, np.ndarray]:
+                        min_gain: float = MIN_BLEND_GAIN, every_fold: bool = EVERY_FOLD) -> tuple[dict, np.ndarray]:
     """(the target's blend record, its honest out-of-fold (n, k) probabilities)."""
     candidates = []
     for s, name in enumerate(names):
@@ -115,15 +119,15 @@ def choose_target_blend(names: list[str], sources: np.ndarray, y: np.ndarray, w:
         c["per_fold"] = _per_fold(c["pooled"], y, w, folds)
     best_single = min((c for c in candidates if c["kind"] == "stacker"), key=lambda c: c["cv"])
     eligible = [c for c in candidates if c["kind"] == "blend" and c["cv"] <= best_single["cv"] * (1.0 - min_gain)
-                and all(b < s for b, s in zip(c["per_fold"], best_single["per_fold"]))]
+                and (not every_fold or all(b < s for b, s in zip(c["per_fold"], best_single["per_fold"])))]
     best = min(eligible, key=lambda c: c["cv"]) if eligible else best_single
     if best["kind"] == "blend":
         weights, t, b = fit_mix(sources, y, w, best["calibrate"])
-        reason = (f"{best['name']} is below the best single stacker ({best_single['name']}, {best_single['cv']:.5f}) on every fold "
-                  f"and >= {min_gain:.1%} overall ({best['cv']:.5f})")
+        reason = (f"{best['name']} is >= {min_gain:.1%} below the best single stacker ({best_single['name']}, {best_single['cv']:.5f}) "
+                  f"on cross-validation ({best['cv']:.5f})" + (" and below it on every fold" if every_fold else ""))
     else:
         weights, t, b = np.array([float(n == best["name"]) for n in names]), 1.0, np.zeros(sources.shape[2])
-        reason = f"the best single stacker ({best['cv']:.5f}); no blend is below it on every fold and by >= {min_gain:.1%}"
+        reason = f"the best single stacker ({best['cv']:.5f}); no blend is >= {min_gain:.1%} below it on cross-validation"
     record = {"chosen": best["name"], "reason": reason, "weights": {n: float(v) for n, v in zip(names, weights)},
               "temperature": float(t), "bias": [float(v) for v in b],
               "candidates": [{"name": c["name"], "kind": c["kind"], "cv": c["cv"], "per_fold": c["per_fold"]} for c in candidates]}

@@ -173,7 +173,7 @@ def _blend(schema: TaskSchema, stackers: dict[str, UnitStackerResult], data: dic
     return blend, _frame(schema, data["ids"], pooled, data["fold"])
 
 
-def _mean_of(schema: TaskSchema, frames: list[pd.DataFrame]) -> pd.DataFrame:
+def mean_predictions(schema: TaskSchema, frames: list[pd.DataFrame]) -> pd.DataFrame:
     """The mean of predictions of the same units (in the first's order), softmax groups renormalised."""
     unit = schema.unit_column
     first = frames[0][unit].astype(str).to_numpy()
@@ -205,7 +205,7 @@ def fit_unit_stack(schema: TaskSchema, train: pd.DataFrame, labels: pd.DataFrame
     test_sets_out = [apply_unit_blend(schema, blend, {n: s.test_sets[i] for n, s in fitted.items()}) for i in range(len(test_sets))]
     score = schema_metric(schema, data["labels"], oof, predictions_source="unit blend OOF")
     blend["cv"] = score.as_dict()
-    return UnitStackResult(fitted, oof, test_sets_out, _mean_of(schema, test_sets_out), score, blend)
+    return UnitStackResult(fitted, oof, test_sets_out, mean_predictions(schema, test_sets_out), score, blend)
 
 
 def load_fold_model(stacker: str, features: list[str], raw: bytes, source: str):

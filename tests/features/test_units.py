@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from features.units import unit_feature_table
+from features.units import DEFAULT_STATS, STATS, unit_feature_table
 from stackkit.contract.tasks import RSNA2023_ABDOMINAL
 from stackkit.errors import ContractError
 
@@ -34,9 +34,9 @@ def _predictions(scale: float = 1.0) -> pd.DataFrame:
     return frame
 
 
-def _table(schema=SCHEMA, slices=SLICES, predictions=None):
+def _table(schema=SCHEMA, slices=SLICES, predictions=None, stats=STATS):
     predictions = {"m1": _predictions(), "m2": _predictions(0.5)} if predictions is None else predictions
-    return unit_feature_table(slices, predictions, schema).set_index("patient_id")
+    return unit_feature_table(slices, predictions, schema, stats=stats).set_index("patient_id")
 
 
 S1_STD = np.sqrt(np.mean((np.array([0.1, 0.9, 0.3]) - 1.3 / 3) ** 2))
@@ -72,6 +72,15 @@ def test_cross_model_and_unit_features():
     np.testing.assert_allclose(table["models__liver_low__mean"], [0.05, 0.05], rtol=1e-6)
     assert table["unit__n_series"].tolist() == [2, 1] and table["unit__n_slices"].tolist() == [5, 6]
     assert (table.dtypes == np.float32).all()
+
+
+def test_the_default_stats_are_a_subset():
+    table = unit_feature_table(SLICES, {"m1": _predictions()}, SCHEMA)
+    assert set(DEFAULT_STATS) < set(STATS)
+    assert [c.rsplit("__", 1)[-1] for c in table.columns if c.startswith("m1__bowel_injury__")] == list(DEFAULT_STATS)
+    pd.testing.assert_frame_equal(table.set_index("patient_id")[["m1__liver_high__roll3"]], _table()[["m1__liver_high__roll3"]])
+    with pytest.raises(ContractError, match=r"^unit features: unknown stat 'median'; expected some of max, mean"):
+        unit_feature_table(SLICES, {"m1": _predictions()}, SCHEMA, stats=("max", "median"))
 
 
 def test_max_rollup_takes_the_larger_series():

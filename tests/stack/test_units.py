@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -127,8 +128,9 @@ def test_the_blend_is_not_worse_in_cv_than_its_best_stacker(case):
 
 def test_apply_unit_blend_reproduces_the_blended_test_sets(case):
     bench, _, _, result = case
+    record = json.loads(json.dumps(result.blend))  # what blend.json holds
     for i, expected in enumerate(result.test_sets):
-        got = apply_unit_blend(bench.schema, result.blend, {n: s.test_sets[i] for n, s in result.stackers.items()})
+        got = apply_unit_blend(bench.schema, record, {n: s.test_sets[i] for n, s in result.stackers.items()})
         pd.testing.assert_frame_equal(got, expected)
     with pytest.raises(StackkitError, match="stacker 'logreg' has no predictions"):
         apply_unit_blend(bench.schema, result.blend, {"lgbm": result.stackers["lgbm"].test_sets[0]})
