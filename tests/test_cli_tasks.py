@@ -217,3 +217,27 @@ def test_an_interrupted_fit_leaves_the_previous_stack(pipelines, tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         unit_fit.run_unit_fit(wd, stackers=["logreg"])
     assert snapshot(wd.root) == before and not [p for p in wd.root.iterdir() if p.name.startswith(".stack")]
+
+
+def _features_of_another_task(wd, _bench):
+    record = json.loads(wd.features_manifest.read_text())
+    wd.features_manifest.write_text(json.dumps({**record, "task": ABDOMINAL}))
+    return r"features/manifest\.json: built for task 'rsna2023-abdominal', data/task\.json says 'rsna2022-cspine'; rerun `stack features`"
+
+
+def _predictions_changed_after_the_features(wd, bench):
+    model = bench.models[0]
+    frame = pd.read_parquet(wd.oof(model))
+    write_parquet(frame.assign(C1=frame["C1"] * 0.5), wd.oof(model))
+    return rf"preds/{model}/oof\.parquet: sha256 .* differs from .* recorded in preds/{model}/model\.json"
+
+
+@pytest.mark.parametrize("corrupt", [_features_of_another_task, _predictions_changed_after_the_features])
+def test_stack_fit_refuses_stale_features_before_fitting(pipelines, tmp_path, corrupt):
+    bench, _wd, _outputs = pipelines[CSPINE]
+    wd = _copy(pipelines, CSPINE, tmp_path)
+    message = corrupt(wd, bench)
+    before = snapshot(wd.stack_root)
+    result = CliRunner().invoke(cli, ["stack", "fit", "--workdir", str(wd.root), "--stackers", "lgbm"])
+    assert result.exit_code == 2 and re.search(message, one_line_error(result)), one_line_error(result)
+    assert snapshot(wd.stack_root) == before
