@@ -1,4 +1,4 @@
-"""The stackkit contract (v4): label order, metric weights and the work-directory layout.
+"""The stackkit contract (v5): label order, metric weights and the work-directory layout.
 
 See ``docs/contract.md`` for the formats themselves; this package
 is the single place in the code that names files and columns.
@@ -17,7 +17,7 @@ import numpy as np
 
 from stackkit.contract.hashing import file_sha256  # noqa: F401 - re-exported: the contract's file hash
 
-CONTRACT_VERSION = 4  # v2: v1 plus optional embeddings; v3: optional per-fold test predictions; v4: `base import` needs `fold` or --folds-from-data (docs/contract.md)
+CONTRACT_VERSION = 5  # v2: v1 plus optional embeddings; v3: optional per-fold test predictions; v4: `base import` needs `fold` or --folds-from-data; v5: task work directories (data/task.json, labels at the unit; docs/contract.md)
 # Every --seed: what numpy's and the libraries' seeds accept.
 SEED_RANGE = (0, 2**32 - 1)
 
@@ -63,6 +63,7 @@ STACKER_RECORD = "meta.json"  # stack/<stacker>/meta.json
 FOLD_MODEL_RECORD = "stacker.json"  # stack/<stacker>/fold<k>/stacker.json
 BLEND_RECORD = "blend.json"  # stack/blend.json
 TASK_RECORD = "task.json"  # data/task.json (v5): the work directory's task
+SLICE_LABELS_FILE = "slice_labels.parquet"  # data/slice_labels.parquet (v5, optional): slice-level labels of a task
 IMPORTANCE_FILE = "importance.parquet"  # stack/<stacker>/importance.parquet (GBDT stackers)
 PROJECTION_FILE = "projection.npz"  # a GBDT fold model's PCA of the base models' embeddings
 SCALER_FILE = "scaler.npz"  # a neural fold model's feature scaler
@@ -170,6 +171,11 @@ class Workdir:
     @property
     def folds(self) -> Path:
         return self.data_dir / "folds.parquet"
+
+    @property
+    def slice_labels(self) -> Path:
+        """A task work directory's optional slice-level labels (v5): image_id + some of the task's prediction columns."""
+        return self.data_dir / SLICE_LABELS_FILE
 
     @property
     def task_record(self) -> Path:

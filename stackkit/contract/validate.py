@@ -15,14 +15,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from stackkit.contract import LABELS, METADATA_REQUIRED, SPLITS, Workdir
-from stackkit.errors import ContractError, LeakageError
+from stackkit.errors import ContractError, LeakageError, StackkitError
 from stackkit.contract.io import read_json, read_table, verify_set
-from stackkit.contract.records import read_model_record
+from stackkit.contract.records import read_model_record, read_task_record
 
 
-def _row_ref(frame: pd.DataFrame, position: int) -> str:
-    """``row N (image_id X)``: the 1-based data row, with the row's id (``ID`` in the RSNA long format)."""
-    key = next((c for c in ("image_id", "ID") if c in frame.columns), None)
+def row_ref(frame: pd.DataFrame, position: int) -> str:
+    """``row N (image_id X)``: the 1-based data row, with the row's id (``ID`` in the RSNA long format, the unit's id
+    in a task's unit-level table)."""
+    key = next((c for c in ("image_id", "ID", "study_id", "patient_id") if c in frame.columns), None)
     return f"row {position + 1}" + (f" ({key} {frame[key].iloc[position]})" if key is not None else "")
 
 
@@ -40,7 +41,7 @@ def check_ids(frame: pd.DataFrame, source, column: str = "image_id") -> pd.DataF
     ids = frame[column]
     null = ids.isna().to_numpy()
     if null.any():
-        raise ContractError(f"{source}: column '{column}' is empty at {_row_ref(frame, int(np.argmax(null)))}")
+        raise ContractError(f"{source}: column '{column}' is empty at {row_ref(frame, int(np.argmax(null)))}")
     frame = frame.copy()
     frame[column] = ids.astype(str)
     dup = frame[column].duplicated().to_numpy()
@@ -57,13 +58,13 @@ def check_numeric(frame: pd.DataFrame, columns, source, *, finite: bool = True) 
         bad = values.isna().to_numpy() & frame[col].notna().to_numpy()
         if bad.any():
             pos = int(np.argmax(bad))
-            raise ContractError(f"{source}: column '{col}' has non-numeric value {frame[col].iloc[pos]!r} at {_row_ref(frame, pos)}")
+            raise ContractError(f"{source}: column '{col}' has non-numeric value {frame[col].iloc[pos]!r} at {row_ref(frame, pos)}")
         arr = values.to_numpy(dtype=np.float64)
         if finite:
             nonfinite = ~np.isfinite(arr)
             if nonfinite.any():
                 pos = int(np.argmax(nonfinite))
-                raise ContractError(f"{source}: column '{col}' has {arr[pos]} at {_row_ref(frame, pos)}; expected a finite number")
+                raise ContractError(f"{source}: column '{col}' has {arr[pos]} at {row_ref(frame, pos)}; expected a finite number")
         frame[col] = arr
     return frame
 
@@ -96,7 +97,7 @@ def check_probabilities(frame: pd.DataFrame, source, *, logits_hint: bool = Fals
         else:
             hint = f"; {int(bad.sum())} of {bad.size} values are outside [0, 1]: fix or remove them"
         raise ContractError(
-            f"{source}: column '{columns[col]}' has {values[row, col]:.6g} at {_row_ref(frame, int(row))}; "
+            f"{source}: column '{columns[col]}' has {values[row, col]:.6g} at {row_ref(frame, int(row))}; "
             f"expected a probability in [0, 1]{hint}"
         )
     for col in columns:
@@ -118,17 +119,19 @@ def ids_in(values, allowed) -> np.ndarray:
     return pc.fill_null(found, False).to_numpy(zero_copy_only=False).astype(bool)
 
 
-def check_id_coverage(ids: pd.Series, expected: pd.Series | np.ndarray, source, what: str) -> None:
-    """``ids`` must equal ``expected`` as sets: no unknown id, none missing."""
+def check_id_coverage(ids: pd.Series, expected: pd.Series | np.ndarray, source, what: str, *, column: str = "image_id",
+                      unit: str = "image") -> None:
+    """``ids`` must equal ``expected`` as sets: no unknown id, none missing. ``column``/``unit``: how the ids are
+    named (a task's unit-level tables: ``study_id``/``study``, ``patient_id``/``patient``)."""
     known = ids_in(ids, expected)
     if not known.all():
         pos = int(np.argmax(~known))
-        raise ContractError(f"{source}: image_id '{ids.iloc[pos]}' at row {pos + 1} is not a {what} image in data/metadata.parquet")
+        raise ContractError(f"{source}: {column} '{ids.iloc[pos]}' at row {pos + 1} is not a {what} {unit} in data/metadata.parquet")
     present = ids_in(expected, ids)
     if not present.all():
         missing = pd.Index(np.asarray(expected, dtype=object))[~present]
         raise ContractError(
-            f"{source}: {len(missing)} {what} image(s) missing, e.g. image_id '{missing[0]}'; every {what} image must appear exactly once"
+            f"{source}: {len(missing)} {what} {unit}(s) missing, e.g. {column} '{missing[0]}'; every {what} {unit} must appear exactly once"
         )
 
 
@@ -141,13 +144,13 @@ def validate_metadata(frame: pd.DataFrame, source) -> pd.DataFrame:
     for col in ("patient_id", "study_id"):
         null = frame[col].isna().to_numpy()
         if null.any():
-            raise ContractError(f"{source}: column '{col}' is empty at {_row_ref(frame, int(np.argmax(null)))}")
+            raise ContractError(f"{source}: column '{col}' is empty at {row_ref(frame, int(np.argmax(null)))}")
         frame[col] = frame[col].astype(str)
     split = frame["split"].astype(str)
     bad = ~split.isin(SPLITS).to_numpy()
     if bad.any():
         pos = int(np.argmax(bad))
-        raise ContractError(f"{source}: column 'split' has {split.iloc[pos]!r} at {_row_ref(frame, pos)}; expected 'train' or 'test'")
+        raise ContractError(f"{source}: column 'split' has {split.iloc[pos]!r} at {row_ref(frame, pos)}; expected 'train' or 'test'")
     frame["split"] = split
     frame = check_numeric(frame, ["z"], source)
     # a study belongs to one patient and one split
@@ -161,17 +164,22 @@ def validate_metadata(frame: pd.DataFrame, source) -> pd.DataFrame:
     return frame
 
 
-def validate_labels(frame: pd.DataFrame, source, metadata: pd.DataFrame | None = None) -> pd.DataFrame:
-    require_columns(frame, ("image_id", *LABELS), source, "expected image_id plus the six label columns")
-    frame = check_ids(frame[["image_id", *LABELS]], source)
-    frame = check_numeric(frame, LABELS, source)
-    for col in LABELS:
+def check_zero_one(frame: pd.DataFrame, columns, source) -> pd.DataFrame:
+    """``columns`` as int8 in {0, 1} (labels); one line naming the column and the first bad row otherwise."""
+    frame = check_numeric(frame, columns, source)
+    for col in columns:
         arr = frame[col].to_numpy()
         bad = (arr != 0) & (arr != 1)
         if bad.any():
             pos = int(np.argmax(bad))
-            raise ContractError(f"{source}: column '{col}' has {arr[pos]:g} at {_row_ref(frame, pos)}; labels must be 0 or 1")
+            raise ContractError(f"{source}: column '{col}' has {arr[pos]:g} at {row_ref(frame, pos)}; labels must be 0 or 1")
         frame[col] = arr.astype(np.int8)
+    return frame
+
+
+def validate_labels(frame: pd.DataFrame, source, metadata: pd.DataFrame | None = None) -> pd.DataFrame:
+    require_columns(frame, ("image_id", *LABELS), source, "expected image_id plus the six label columns")
+    frame = check_zero_one(check_ids(frame[["image_id", *LABELS]], source), LABELS, source)
     if metadata is not None:
         train_ids = metadata.loc[metadata["split"] == "train", "image_id"]
         check_id_coverage(frame["image_id"], train_ids, source, "train")
@@ -186,7 +194,7 @@ def validate_folds(frame: pd.DataFrame, source, metadata: pd.DataFrame | None = 
     bad = (fold != np.round(fold)) | (fold < 0) | (fold > 127)
     if bad.any():
         pos = int(np.argmax(bad))
-        raise ContractError(f"{source}: column 'fold' has {fold[pos]:g} at {_row_ref(frame, pos)}; expected an integer 0..K-1")
+        raise ContractError(f"{source}: column 'fold' has {fold[pos]:g} at {row_ref(frame, pos)}; expected an integer 0..K-1")
     frame["fold"] = fold.astype(np.int8)
     k = int(frame["fold"].max()) + 1
     present = np.unique(frame["fold"].to_numpy())
@@ -217,20 +225,24 @@ def validate_predictions(
     what: str,
     folds: pd.DataFrame | None = None,
     logits_hint: bool = False,
+    columns=LABELS,
 ) -> pd.DataFrame:
     """Check a prediction table (oof when ``folds`` is given, else test) and return it clean.
 
-    Returns image_id (+ fold) + the six labels as float32, in the input's row order. ``logits_hint``:
-    see :func:`check_probabilities` (for files given to `base import`).
+    Returns image_id (+ fold) + ``columns`` as float32, in the input's row order. ``columns``: the six
+    labels, or a task work directory's ``schema.prediction_columns`` (v5). ``logits_hint``: see
+    :func:`check_probabilities` (for files given to `base import`).
     """
-    require_columns(frame, ("image_id", *LABELS), source, "expected image_id plus the six label columns")
-    keep = ["image_id", *(["fold"] if folds is not None and "fold" in frame.columns else []), *LABELS]
+    columns = list(columns)
+    hint = "expected image_id plus the six label columns" if columns == list(LABELS) else f"expected image_id plus {', '.join(columns)}"
+    require_columns(frame, ("image_id", *columns), source, hint)
+    keep = ["image_id", *(["fold"] if folds is not None and "fold" in frame.columns else []), *columns]
     frame = check_ids(frame[keep], source)
-    frame = check_probabilities(frame, source, logits_hint=logits_hint)
+    frame = check_probabilities(frame, source, logits_hint=logits_hint, columns=columns)
     check_id_coverage(frame["image_id"], expected_ids, source, what)
     if folds is not None:
         frame = attach_folds(frame, folds, source)
-        frame = frame[["image_id", "fold", *LABELS]]
+        frame = frame[["image_id", "fold", *columns]]
     return frame.reset_index(drop=True)
 
 
@@ -248,7 +260,7 @@ def attach_folds(frame: pd.DataFrame, folds: pd.DataFrame, source) -> pd.DataFra
     if bad.any():
         pos = int(np.argmax(bad))
         raise LeakageError(
-            f"{source}: fold {given[pos]:g} at {_row_ref(frame, pos)} disagrees with data/folds.parquet (fold {expected[pos]}); "
+            f"{source}: fold {given[pos]:g} at {row_ref(frame, pos)} disagrees with data/folds.parquet (fold {expected[pos]}); "
             "predictions made on other folds would leak labels into stacking: retrain on data/folds.parquet"
         )
     frame["fold"] = given.astype(np.int8)
@@ -305,21 +317,24 @@ def read_folds(workdir: Workdir, metadata: pd.DataFrame | None = None, labels: p
     return validate_folds(read_table(workdir.folds, what="folds file"), _source(workdir.folds, workdir), metadata, labels)
 
 
-def read_oof(path: os.PathLike, folds: pd.DataFrame, workdir: Workdir | None = None) -> pd.DataFrame:
+def read_oof(path: os.PathLike, folds: pd.DataFrame, workdir: Workdir | None = None, columns=LABELS) -> pd.DataFrame:
+    """A model's oof.parquet: image_id, fold + ``columns`` (the six labels, or a task's prediction columns)."""
     _require_file(Path(path), "write it with `base train` or `base import`")
     source = _source(Path(path), workdir)
-    return validate_predictions(read_table(path, what="OOF prediction file"), source, expected_ids=folds["image_id"], what="labeled", folds=folds)
+    return validate_predictions(read_table(path, what="OOF prediction file"), source, expected_ids=folds["image_id"], what="labeled",
+                                folds=folds, columns=columns)
 
 
-def read_test(path: os.PathLike, metadata: pd.DataFrame, workdir: Workdir | None = None) -> pd.DataFrame:
+def read_test(path: os.PathLike, metadata: pd.DataFrame, workdir: Workdir | None = None, columns=LABELS) -> pd.DataFrame:
+    """A model's test.parquet (or test_fold<k>.parquet): image_id + ``columns``, every test image once."""
     _require_file(Path(path), "write it with `base train` or `base import`")
     source = _source(Path(path), workdir)
     test_ids = metadata.loc[metadata["split"] == "test", "image_id"]
-    return validate_predictions(read_table(path, what="test prediction file"), source, expected_ids=test_ids, what="test")
+    return validate_predictions(read_table(path, what="test prediction file"), source, expected_ids=test_ids, what="test", columns=columns)
 
 
 def read_test_folds(workdir: Workdir, model: str, metadata: pd.DataFrame, n_folds: int,
-                    test: pd.DataFrame | None = None) -> list[pd.DataFrame] | None:
+                    test: pd.DataFrame | None = None, columns=LABELS) -> list[pd.DataFrame] | None:
     """preds/<model>/test_fold<k>.parquet (v3) for k = 0..K-1, each validated like test.parquet and
     put in its row order; None for a model with only an averaged test.parquet. ``test``: the model's
     test.parquet as ``read_test`` returned it, when the caller has read it already.
@@ -338,11 +353,11 @@ def read_test_folds(workdir: Workdir, model: str, metadata: pd.DataFrame, n_fold
         )
     found = [workdir.test_fold(model, k) for k in range(n_folds)]
     if test is None:
-        test = read_test(workdir.test(model), metadata, workdir)
+        test = read_test(workdir.test(model), metadata, workdir, columns)
     order = test["image_id"]
     frames = []
     for path in found:
-        frame = read_test(path, metadata, workdir)
+        frame = read_test(path, metadata, workdir, columns)
         frames.append(frame.set_index("image_id").reindex(order).reset_index())
     return frames
 
@@ -370,7 +385,12 @@ def verify_model_files(workdir: Workdir, model: str, names=None) -> None:
 
 
 def load_core(workdir: Workdir) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """metadata, labels, folds: read and cross-checked."""
+    """metadata, labels, folds: read and cross-checked. An RSNA 2019 (per-slice) work directory's: a study- or
+    patient-level task's data/ (v5) is read by ``stackkit.contract.task_files.load_task_core``, and refused here."""
+    record = read_task_record(workdir.data_dir)
+    if record is not None and record.schema.unit != "slice":
+        raise StackkitError(f"{workdir.task_record}: task {record.task!r} is scored per {record.schema.unit}, and this step reads "
+                            "per-slice (RSNA 2019) work directories only")
     metadata = read_metadata(workdir)
     labels = read_labels(workdir, metadata)
     folds = read_folds(workdir, metadata, labels)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pandas as pd
 
+from stackkit.contract.task_files import unit_columns_to_labels
 from stackkit.contract.tasks import TaskSchema, get_task
 from stackkit.testing.latent import distinct_ids
 from stackkit.testing.task_latent import (MODEL_NAMES, SLICE_COLUMNS, TASK_DIALS, TaskDials, _abdominal_layout, _cspine_layout, _folds,
@@ -151,23 +152,8 @@ def to_schema_columns(schema: TaskSchema, maxima: pd.DataFrame) -> pd.DataFrame:
     labels: a binary group its column; a softmax group's injury classes their columns and the
     healthy class 1 - their max, normalised to sum 1; a predicted derived label its column where
     the slice models predict it (a fracture head's ``patient_overall``), else the max over its
-    groups' injury probabilities."""
-    out, injury = {}, {}
-    for group in schema.groups:
-        if group.kind == "binary":
-            out[group.name] = injury[group.name] = maxima[group.name].to_numpy(np.float64)
-            continue
-        sick = maxima[list(group.classes[1:])].to_numpy(np.float64)
-        classes = np.column_stack([np.clip(1.0 - sick.max(axis=1), 1e-6, 1.0), sick])
-        classes /= classes.sum(axis=1, keepdims=True)
-        out.update(zip(group.classes, classes.T))
-        injury[group.name] = 1.0 - classes[:, 0]
-    for derived in (d for d in schema.derived if d.predicted):
-        out[derived.name] = (maxima[derived.name].to_numpy(np.float64) if derived.name in maxima.columns
-                             else np.max([injury[m] for m in derived.of], axis=0))
-    frame = pd.DataFrame({c: out[c] for c in schema.labels})
-    frame.insert(0, schema.unit_column, maxima.index.to_numpy())
-    return frame
+    groups' injury probabilities (the contract's ``unit_columns_to_labels``)."""
+    return unit_columns_to_labels(schema, maxima)
 
 
 def unit_aggregates(unit: np.ndarray, values: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from stackkit.cli import cli
-from stackkit.contract import LABELS
+from stackkit.contract import CONTRACT_VERSION, LABELS
 from stackkit.contract.io import read_json, read_table, write_parquet
 from stackkit.contract.validate import load_core, read_oof, read_test
 
@@ -48,7 +48,7 @@ def test_import_wide_parquet_with_folds_from_data_fills_fold_and_scores(contract
     assert written["fold"].tolist() == folds.set_index("image_id").loc[written["image_id"], "fold"].tolist()
     assert len(read_test(contract_workdir.test("m1"), metadata, contract_workdir)) == len(test)
     record = read_json(contract_workdir.model_json("m1"))
-    assert record["source"] == "imported" and record["contract_version"] == 4
+    assert record["source"] == "imported" and record["contract_version"] == CONTRACT_VERSION
     assert record["parameters"]["folds_from_data"] is True  # the record says the folds were taken on trust
     assert record["oof_logloss"]["overall"] < record["prior_logloss"]
     assert set(record["oof_logloss"]["per_label"]) == set(LABELS)
