@@ -319,17 +319,31 @@ def stack():
 
 @stack.command("features")
 @workdir_option
-@click.option("--lags", default=2, show_default=True, type=click.IntRange(0, 64), help="Neighbor distances 1..L along z.")
-@click.option("--dicom-meta", is_flag=True, help="Add DICOM metadata columns (slice thickness, spacing, window).")
-@click.option("--feature-set", type=click.Choice(["basic", "wide"]), default="basic", show_default=True,
+@click.option("--lags", default=None, type=click.IntRange(0, 64), help="Neighbor distances 1..L along z [default: 2; per-slice tasks only].")
+@click.option("--dicom-meta", is_flag=True, help="Add DICOM metadata columns (slice thickness, spacing, window; per-slice tasks only).")
+@click.option("--feature-set", type=click.Choice(["basic", "wide"]), default=None,
               help="'wide' adds per model and label study_min, minus_study_mean (pred - study mean), minus_study_max "
-                   "(pred - study max), roll7_mean and roll9_mean, and per label models__<label>__max/min across models.")
+                   "(pred - study max), roll7_mean and roll9_mean, and per label models__<label>__max/min across models "
+                   "[default: basic; per-slice tasks only].")
 @progress_option
 def stack_features(wd, lags, dicom_meta, feature_set, quiet):
-    """Build study-aware features from every model under preds/."""
+    """Build study-aware features from every model under preds/.
+
+    A study- or patient-level task (data/task.json) gets one row per unit: every model's slice
+    predictions aggregated along each series and rolled up to the unit (--lags, --dicom-meta and
+    --feature-set are refused there).
+    """
+    schema = _task(wd)
+    if schema.unit != "slice":
+        from features.task_features import run_unit_features
+
+        result = run_unit_features(wd, schema, lags=lags, dicom_meta=dicom_meta, feature_set=feature_set, progress=not quiet)
+        _echo(render.unit_features_lines(result))
+        return
     from features.api import run_stack_features
 
-    result = run_stack_features(wd, lags=lags, dicom_meta=dicom_meta, progress=not quiet, feature_set=feature_set)
+    result = run_stack_features(wd, lags=2 if lags is None else lags, dicom_meta=dicom_meta, progress=not quiet,
+                                feature_set=feature_set or "basic")
     _echo(render.features_lines(result))
 
 
@@ -366,14 +380,26 @@ def stack_fit(wd, stackers, tune, trials, timeout, storage, study_name, heartbea
 
     stack/ is replaced as one set: interrupted (Ctrl-C), the previous stack/ stays as it was.
     Stackers of an earlier run that --stackers leaves out are kept unchanged (not in the new blend).
+
+    A study- or patient-level task (data/task.json) fits the unit stackers on one row per unit and
+    blends them per target; options without meaning there (--tune, sequence stackers, --base-in-blend,
+    --shared-weights, --no-any-consistency, --device cuda) are refused.
     """
+    from stackkit.stack.fit import StackFitOptions
+
+    options = StackFitOptions(stackers=_str_list(stackers), tune=tune, trials=trials, timeout=timeout, storage=storage,
+                              study_name=study_name, blend_base_models=base_in_blend, per_label_weights=not shared_weights,
+                              any_consistency=not no_any_consistency, seed=seed, progress=not quiet, heartbeat_interval=heartbeat,
+                              device=device, use_embeddings=embeddings)
+    schema = _task(wd)
+    if schema.unit != "slice":
+        from stackkit.stack.unit_fit import run_unit_fit
+
+        _echo(render.unit_fit_lines(run_unit_fit(wd, schema, options)))
+        return
     from stackkit.stack.fit import run_stack_fit
 
-    result = run_stack_fit(wd, stackers=_str_list(stackers), tune=tune, trials=trials, timeout=timeout,
-                           storage=storage, study_name=study_name, blend_base_models=base_in_blend,
-                           per_label_weights=not shared_weights, any_consistency=not no_any_consistency,
-                           seed=seed, progress=not quiet, heartbeat_interval=heartbeat, device=device, use_embeddings=embeddings)
-    _echo(render.fit_lines(result))
+    _echo(render.fit_lines(run_stack_fit(wd, options)))
 
 
 # --- submit, demo ----------------------------------------------------------------------------
@@ -386,15 +412,25 @@ def stack_fit(wd, stackers, tune, trials, timeout, storage, study_name, heartbea
 @click.option("--sample-submission", default=None, type=click.Path(), help="Check that every image of this Kaggle sample submission has its rows.")
 @click.option("--allow-incomplete", is_flag=True, help="Write a submission that lacks test images (skipped by data prepare or absent).")
 def submit(wd, out, test_dicom_dir, sample_submission, allow_incomplete):
-    """Write the blended test predictions as a Kaggle submission (ID,Label).
+    """Write the blended test predictions as a Kaggle submission (RSNA 2019: ID,Label).
 
     A submission short of the real test set is refused: checked against --test-dicom-dir or
-    --sample-submission when given, else against the test files data prepare skipped.
+    --sample-submission when given, else against the test files data prepare skipped. A study- or
+    patient-level task (data/task.json) writes its competition's format (RSNA 2022: row_id,fractured;
+    RSNA 2023: patient_id + 13 columns), checked against --sample-submission when given.
     """
-    from stackkit.submit import write_submission
-
     if test_dicom_dir and sample_submission:
         raise click.UsageError("pass --test-dicom-dir or --sample-submission, not both")
+    schema = _task(wd)
+    if schema.unit != "slice":
+        from stackkit.unit_submit import write_unit_submission
+
+        result = write_unit_submission(wd, out, schema=schema, test_dicom_dir=test_dicom_dir, sample_submission=sample_submission,
+                                       allow_incomplete=allow_incomplete)
+        _echo(render.unit_submit_lines(result))
+        return
+    from stackkit.submit import write_submission
+
     result = write_submission(wd, out, test_dicom_dir=test_dicom_dir, sample_submission=sample_submission,
                               allow_incomplete=allow_incomplete)
     _echo(render.submit_lines(result))
@@ -419,6 +455,13 @@ def demo(wd, patients, trials, epochs, seed, fresh, quiet):
     result = run_demo(wd, patients=patients, trials=trials, epochs=epochs, seed=seed, fresh=fresh,
                       progress=not quiet, on_step=None if quiet else lambda title: click.echo(f"== demo: {title}"))
     _echo(render.demo_lines(result))
+
+
+def _task(wd):
+    """The work directory's task (data/task.json; rsna2019 without one), read once per command."""
+    from stackkit.contract.records import read_task
+
+    return read_task(wd)
 
 
 def _echo(lines: list[str]) -> None:

@@ -113,7 +113,14 @@ def fit_lines(result) -> list[str]:
                      f"{t.trials_run} trials now, {t.trials_total} in study")
     if result.storage is not None:
         lines.append(f"optuna storage: {result.storage}; time budget {result.budget_s:.0f} s (--timeout)")
-    lines.append(test_sets_note(result.test_sets, result.models_without_test_folds))
+    return lines + _closing_lines(result)
+
+
+def _closing_lines(result) -> list[str]:
+    """How a fit's blend meets the test set, the stackers kept from an earlier run and the files written."""
+    from stackkit.stack.report import test_sets_note
+
+    lines = [test_sets_note(result.test_sets, result.models_without_test_folds)]
     if result.stackers_kept:
         lines.append("kept unchanged from an earlier run (not in this blend): " + ", ".join(f"stack/{n}" for n in result.stackers_kept))
     lines.append(f"wrote {result.blend} and {result.report} in {result.seconds:.1f} s")
@@ -123,6 +130,52 @@ def fit_lines(result) -> list[str]:
 def submit_lines(result) -> list[str]:
     """`submit`."""
     return [f"submission: {result.path} ({result.images} test images, {result.rows} rows; blend of {', '.join(result.sources)})"]
+
+
+def unit_features_lines(result) -> list[str]:
+    """`stack features` on a study- or patient-level task."""
+    lines = [f"stack features ({result.task}): {result.columns} feature columns per {result.unit} from {len(result.models)} model(s) "
+             f"({', '.join(result.models)})",
+             f"  train {result.rows_train:,} {_plural(result.unit)} -> {result.train}",
+             f"  test  {result.rows_test:,} {_plural(result.unit)} -> {result.test}",
+             f"  manifest -> {result.manifest}",
+             f"  {result.seconds:.1f}s"]
+    if result.test_fold_sets:
+        without = result.models_without_test_folds
+        lines.insert(3, f"  test_fold0..{result.test_fold_sets - 1}: the test features once per base fold model"
+                        + (f" (averaged test.parquet for {', '.join(without)})" if without else ""))
+    return lines
+
+
+def _plural(unit: str) -> str:
+    return "studies" if unit == "study" else f"{unit}s"
+
+
+def unit_fit_lines(result) -> list[str]:
+    """`stack fit` on a study- or patient-level task: the score table (the task's metric), the blend's weights, the files."""
+    parts = list(result.cv.parts)
+    rows = ([(f"preds/{m} (max)", "base", s) for m, s in result.base_scores.items()]
+            + [(f"stack/{n}", "stacker", s) for n, s in result.stacker_scores.items()] + [("blend-cv", "blend-cv", result.cv)])
+    width = max(12, *(len(name) for name, _kind, _score in rows))
+    widths = {p: max(8, len(p)) for p in parts}
+    header = f"{'source':<{width}}  {'kind':<8}  {'overall':>8}  " + "  ".join(f"{p:>{widths[p]}}" for p in parts)
+    best = min(rows, key=lambda r: r[2].overall)
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        name, kind, score = row
+        lines.append(f"{name:<{width}}  {kind:<8}  {score.overall:>8.5f}{'*' if row is best else ' '} "
+                     + "  ".join(f"{score.parts.get(p, float('nan')):>{widths[p]}.5f}" for p in parts))
+    lines.append(f"task {result.task}'s metric per {result.unit} (lower is better); base: the max over the {result.unit}'s slices, "
+                 "out-of-fold; * = best")
+    for target, weights in result.weights.items():
+        shown = ", ".join(f"{n} {w:.2f}" for n, w in weights.items() if w >= MIN_SHOWN_WEIGHT)
+        lines.append(f"blend weights {target}: {shown or 'none'}")
+    return lines + _closing_lines(result)
+
+
+def unit_submit_lines(result) -> list[str]:
+    """`submit` on a study- or patient-level task."""
+    return [f"submission ({result.task}): {result.path} ({result.units} test {_plural(result.unit)}, {result.rows} rows; blend of {', '.join(result.sources)})"]
 
 
 def demo_lines(result) -> list[str]:

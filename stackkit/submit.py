@@ -19,7 +19,7 @@ from stackkit.stack.blend import BlendParams
 from stackkit.contract import LABELS, Workdir, file_sha256
 from stackkit.errors import ContractError, StackkitError, one_line
 from stackkit.contract.io import atomic_path, read_json
-from stackkit.contract.records import read_blend_record
+from stackkit.contract.records import read_blend_record, read_task
 from stackkit.contract.validate import ids_in
 
 ID_PATTERN = re.compile(r"^(ID_[0-9A-Za-z]+)_(" + "|".join(LABELS) + r")$")
@@ -39,6 +39,16 @@ def load_blend(workdir: Workdir) -> tuple[dict, list[dict], BlendParams]:
     return record, list(blend.sources), params
 
 
+def recorded_file(workdir: Workdir, source: str, relative: str, expected: str | None) -> Path:
+    """A blend source's file as blend.json names it: present, and unchanged since `stack fit` when its sha256 is recorded."""
+    path = workdir.root / relative
+    if not path.is_file():
+        raise StackkitError(f"{workdir.blend}: source '{source}' refers to {path}, which does not exist; rerun `stack fit`")
+    if expected and file_sha256(path) != expected:
+        raise StackkitError(f"{path}: changed since stack/blend.json was fitted (sha256 differs); rerun `stack fit` before submitting")
+    return path
+
+
 def blended_test_predictions(workdir: Workdir) -> tuple[pd.DataFrame, dict]:
     """(image_id + six labels) for every test image, blended as recorded in blend.json."""
     from stackkit.contract.validate import read_metadata, read_test
@@ -49,13 +59,7 @@ def blended_test_predictions(workdir: Workdir) -> tuple[pd.DataFrame, dict]:
     if len(test_ids) == 0:
         raise ContractError(f"{workdir.metadata}: no test images (split == 'test'); nothing to submit")
     def read_source_file(source: dict, relative: str, expected: str | None) -> np.ndarray:
-        path = workdir.root / relative
-        if not path.is_file():
-            raise StackkitError(f"{workdir.blend}: source '{source['name']}' refers to {path}, which does not exist; rerun `stack fit`")
-        if expected and file_sha256(path) != expected:
-            raise StackkitError(
-                f"{path}: changed since stack/blend.json was fitted (sha256 differs); rerun `stack fit` before submitting"
-            )
+        path = recorded_file(workdir, source["name"], relative, expected)
         frame = read_test(path, metadata, workdir)  # every test image exactly once, finite probabilities
         return frame.set_index("image_id").reindex(test_ids)[list(LABELS)].to_numpy(dtype=np.float64)
 
@@ -179,29 +183,45 @@ class SubmitResult:
     sources: tuple[str, ...]  # the blend's sources
 
 
-def write_submission(workdir: Workdir, out: str | None = None, *, test_dicom_dir=None, sample_submission=None,
-                     allow_incomplete: bool = False) -> SubmitResult:
-    """Write the Kaggle submission (default ``WORKDIR/submission.csv``; ``.gz`` -> gzip). Atomic; refuses bad input before writing.
-
-    A submission short of the real test set is refused (see :func:`check_coverage`)."""
+def submission_target(workdir: Workdir, out: str | None) -> tuple[Path, bool]:
+    """(the submission's path: ``out`` or WORKDIR/submission.csv, gzip or not), refused unless a .csv or .csv.gz file name."""
     target = Path(out) if out else workdir.submission
     if target.is_dir():
         raise StackkitError(f"{target}: is a directory; pass --out with a file name such as submission.csv")
     name = target.name.lower()
     if not (name.endswith(".csv") or name.endswith(".csv.gz")):
         raise StackkitError(f"{target}: expected a .csv or .csv.gz file name")
-    wide, record = blended_test_predictions(workdir)
-    _check_wide(wide, str(workdir.blend))
-    check_coverage(workdir, wide["image_id"], test_dicom_dir=test_dicom_dir, sample_submission=sample_submission,
-                   allow_incomplete=allow_incomplete)
-    long = to_long(wide)
-    compressed = name.endswith(".gz")
-    data = long.to_csv(index=False, float_format=FLOAT_FORMAT, lineterminator="\n").encode("ascii")
+    return target, name.endswith(".gz")
+
+
+def submission_bytes(frame: pd.DataFrame, compressed: bool) -> bytes:
+    """The CSV bytes of a submission frame (probabilities as %.7g), gzip-compressed reproducibly when ``compressed``."""
+    data = frame.to_csv(index=False, float_format=FLOAT_FORMAT, lineterminator="\n").encode("ascii")
     if compressed:
         import gzip
 
         # no file name and mtime 0 in the gzip header: the same predictions give the same bytes
         data = gzip.compress(data, compresslevel=6, mtime=0)
+    return data
+
+
+def write_submission(workdir: Workdir, out: str | None = None, *, test_dicom_dir=None, sample_submission=None,
+                     allow_incomplete: bool = False) -> SubmitResult:
+    """Write the Kaggle submission (default ``WORKDIR/submission.csv``; ``.gz`` -> gzip). Atomic; refuses bad input before writing.
+
+    A submission short of the real test set is refused (see :func:`check_coverage`). RSNA 2019's: a study- or
+    patient-level task's is written by ``stackkit.unit_submit.write_unit_submission``."""
+    schema = read_task(workdir)
+    if schema.unit != "slice":
+        raise StackkitError(f"{workdir.task_record}: task {schema.name!r} submits one entry per {schema.unit}: "
+                            "use stackkit.unit_submit.write_unit_submission (the `submit` command does)")
+    target, compressed = submission_target(workdir, out)
+    wide, record = blended_test_predictions(workdir)
+    _check_wide(wide, str(workdir.blend))
+    check_coverage(workdir, wide["image_id"], test_dicom_dir=test_dicom_dir, sample_submission=sample_submission,
+                   allow_incomplete=allow_incomplete)
+    long = to_long(wide)
+    data = submission_bytes(long, compressed)
     with atomic_path(target) as tmp:
         tmp.write_bytes(data)
         # checked before the rename: a file that fails the format never replaces a good one

@@ -8,6 +8,7 @@ image) id, as there.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ import pandas as pd
 from stackkit.contract import Workdir
 from stackkit.contract.io import read_table
 from stackkit.contract.records.task import read_task
-from stackkit.contract.tasks import TaskSchema
+from stackkit.contract.tasks import TaskSchema, normalized_predictions
 from stackkit.contract.validate import (check_id_coverage, check_ids, check_numeric, check_probabilities, check_zero_one, ids_in,
                                         read_metadata, require_columns, row_ref, validate_folds, verify_data_file)
 from stackkit.errors import ContractError, LeakageError, StackkitError
@@ -72,15 +73,13 @@ def validate_slice_labels(frame: pd.DataFrame, source, schema: TaskSchema, metad
     return frame.reset_index(drop=True)
 
 
-def validate_unit_predictions(frame: pd.DataFrame, source, schema: TaskSchema, *, expected_units, folds: pd.DataFrame | None = None) -> pd.DataFrame:
-    """A unit-level prediction table (stack/<stacker>/oof.parquet, test.parquet): the unit id (+ ``fold`` with
-    ``folds``, the units' folds, checked) + ``schema.labels`` probabilities, every expected unit once; sorted by unit."""
-    unit, columns = schema.unit_column, list(schema.labels)
-    require_columns(frame, (unit, *columns), source, f"expected {unit} + {', '.join(columns)}")
-    keep = [unit, *(["fold"] if folds is not None else []), *columns]
-    if folds is not None:
-        require_columns(frame, ("fold",), source)
-    frame = check_probabilities(check_ids(frame[keep], source, column=unit), source, columns=columns)
+def check_unit_rows(frame: pd.DataFrame, source, schema: TaskSchema, *, expected_units, folds: pd.DataFrame | None = None,
+                    remedy: str = "refit with `stack fit`") -> pd.DataFrame:
+    """The keys of a unit-level table: every expected unit once and no other; with ``folds`` (the units'
+    folds) a ``fold`` column that agrees with data/folds.parquet (a LeakageError naming ``remedy`` otherwise)."""
+    unit = schema.unit_column
+    require_columns(frame, (unit, *(["fold"] if folds is not None else [])), source)
+    frame = check_ids(frame, source, column=unit)
     _check_unit_coverage(frame[unit], expected_units, source, schema, "train" if folds is not None else "test")
     if folds is not None:
         frame = check_numeric(frame, ["fold"], source)
@@ -89,8 +88,19 @@ def validate_unit_predictions(frame: pd.DataFrame, source, schema: TaskSchema, *
         if bad.any():
             pos = int(np.argmax(bad))
             raise LeakageError(f"{source}: fold {frame['fold'].iloc[pos]:g} at {row_ref(frame, pos)} disagrees with data/folds.parquet "
-                               f"(fold {expected[pos]}); refit with `stack fit`")
+                               f"(fold {expected[pos]}); {remedy}")
         frame["fold"] = expected.astype(np.int8)
+    return frame
+
+
+def validate_unit_predictions(frame: pd.DataFrame, source, schema: TaskSchema, *, expected_units, folds: pd.DataFrame | None = None) -> pd.DataFrame:
+    """A unit-level prediction table (stack/<stacker>/oof.parquet, test.parquet): the unit id (+ ``fold`` with
+    ``folds``, the units' folds, checked) + ``schema.labels`` probabilities, every expected unit once; sorted by unit."""
+    unit, columns = schema.unit_column, list(schema.labels)
+    require_columns(frame, (unit, *columns), source, f"expected {unit} + {', '.join(columns)}")
+    keep = [unit, *(["fold"] if folds is not None and "fold" in frame.columns else []), *columns]
+    frame = check_unit_rows(frame[keep], source, schema, expected_units=expected_units, folds=folds)
+    frame = check_probabilities(frame, source, columns=columns)
     return frame.sort_values(unit, kind="stable").reset_index(drop=True)
 
 
@@ -109,7 +119,7 @@ class TaskCore:
     def n_folds(self) -> int:
         return int(self.folds["fold"].max()) + 1
 
-    @property
+    @functools.cached_property
     def unit_folds(self) -> pd.DataFrame:
         """The unit id and its fold (all slices of a patient share one), one row per train unit, sorted by unit."""
         unit = self.schema.unit_column
@@ -214,3 +224,15 @@ def write_task_data(workdir, schema: TaskSchema, metadata: pd.DataFrame, labels:
             write_parquet(table, folder / name)
         write_task_record(folder, TaskRecord(schema.name))
     return wd
+
+
+def mean_unit_predictions(schema: TaskSchema, frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """The mean of unit-level predictions of the same units, softmax groups renormalised, sorted by unit."""
+    unit, labels = schema.unit_column, list(schema.labels)
+    aligned = [f.assign(**{unit: f[unit].astype(str)}).set_index(unit).sort_index()[labels] for f in frames]
+    mean = pd.DataFrame(np.mean([a.to_numpy(np.float64) for a in aligned], axis=0), columns=labels,
+                        index=pd.Index(aligned[0].index.to_numpy(dtype=object), name=unit))
+    probabilities = normalized_predictions(schema, mean, "the stacker's test sets")
+    out = pd.DataFrame({c: probabilities[c].astype(np.float32) for c in labels})
+    out.insert(0, unit, mean.index.to_numpy(dtype=object))
+    return out

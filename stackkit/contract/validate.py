@@ -15,9 +15,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from stackkit.contract import LABELS, METADATA_REQUIRED, SPLITS, Workdir
-from stackkit.errors import ContractError, LeakageError
+from stackkit.errors import ContractError, LeakageError, StackkitError
 from stackkit.contract.io import read_json, read_table, verify_set
-from stackkit.contract.records import read_model_record
+from stackkit.contract.records import read_model_record, read_task_record
 
 
 def row_ref(frame: pd.DataFrame, position: int) -> str:
@@ -385,7 +385,12 @@ def verify_model_files(workdir: Workdir, model: str, names=None) -> None:
 
 
 def load_core(workdir: Workdir) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """metadata, labels, folds: read and cross-checked."""
+    """metadata, labels, folds: read and cross-checked. An RSNA 2019 (per-slice) work directory's: a study- or
+    patient-level task's data/ (v5) is read by ``stackkit.contract.task_files.load_task_core``, and refused here."""
+    record = read_task_record(workdir.data_dir)
+    if record is not None and record.schema.unit != "slice":
+        raise StackkitError(f"{workdir.task_record}: task {record.task!r} is scored per {record.schema.unit}, and this step reads "
+                            "per-slice (RSNA 2019) work directories only")
     metadata = read_metadata(workdir)
     labels = read_labels(workdir, metadata)
     folds = read_folds(workdir, metadata, labels)

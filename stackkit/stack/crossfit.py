@@ -134,19 +134,20 @@ class StackerResult:
     test_folds: list = field(default_factory=list)
 
 
-def _features_frame(path: Path, key_columns, feature_columns, wd: Workdir) -> pd.DataFrame:
+def features_frame(path: Path, key_columns, feature_columns, wd: Workdir, id_column: str = "image_id") -> pd.DataFrame:
+    """A features table: its key columns, each ``id_column`` once (a unit task's: the unit's), the manifest's numeric features."""
     source = wd.relative(path)
     frame = read_table(path, what="features file")
     require_columns(frame, key_columns, source, RERUN_FEATURES)
     require_columns(frame, feature_columns, source, f"features/manifest.json lists them; {RERUN_FEATURES}")
-    frame = check_ids(frame, source)
+    frame = check_ids(frame, source, column=id_column)
     for column in feature_columns:
         if not (pd.api.types.is_numeric_dtype(frame[column]) or pd.api.types.is_bool_dtype(frame[column])):
             raise ContractError(f"{source}: feature column '{column}' has dtype {frame[column].dtype}; expected float32: {RERUN_FEATURES}")
     return frame
 
 
-def _checked_manifest(wd: Workdir, folds: pd.DataFrame) -> tuple[FeaturesManifest, str, list]:
+def checked_features_manifest(wd: Workdir, folds: pd.DataFrame) -> tuple[FeaturesManifest, str, list]:
     """The features manifest, the current folds hash and its feature columns, once the set is checked against data/."""
     recover_set(wd.features_dir, clean=False)
     for path in (wd.features_manifest, wd.features_train, wd.features_test):
@@ -255,10 +256,10 @@ def load_stack_inputs(workdir, *, use_embeddings: bool = True, core=None) -> Sta
     """
     wd = Workdir.of(workdir)
     metadata, labels, folds = load_core(wd) if core is None else core
-    manifest, current_hash, feature_columns = _checked_manifest(wd, folds)
+    manifest, current_hash, feature_columns = checked_features_manifest(wd, folds)
 
-    train = _features_frame(wd.features_train, TRAIN_KEY_COLUMNS, feature_columns, wd)
-    test = _features_frame(wd.features_test, TEST_KEY_COLUMNS, feature_columns, wd)
+    train = features_frame(wd.features_train, TRAIN_KEY_COLUMNS, feature_columns, wd)
+    test = features_frame(wd.features_test, TEST_KEY_COLUMNS, feature_columns, wd)
     if manifest.sha256 is not None:  # written by `stack features` as a set: the tables must be the ones this manifest lists
         verify_set(wd.features_dir, wd.relative(wd.features_manifest), manifest.sha256, remedy=RERUN_FEATURES)
     check_id_coverage(train["image_id"], folds["image_id"], wd.relative(wd.features_train), "labeled")

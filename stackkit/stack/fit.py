@@ -213,11 +213,17 @@ def _check_options(stackers, *, trials, timeout, seed, device) -> list[str]:
         raise StackkitError(f"--trials: expected a positive integer, got {trials!r}")
     if timeout is not None and not timeout > 0:
         raise StackkitError(f"--timeout: expected a positive number of seconds, got {timeout!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
-        raise StackkitError(f"--seed: expected an integer in {SEED_RANGE[0]}..{SEED_RANGE[1]}, got {seed!r}")
+    check_seed(seed)
     if device not in DEVICES:
         raise StackkitError(f"--device: expected one of {', '.join(DEVICES)}, got {device!r}")
     return names
+
+
+def check_seed(seed) -> int:
+    """``--seed``: an integer in SEED_RANGE, else one line."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise StackkitError(f"--seed: expected an integer in {SEED_RANGE[0]}..{SEED_RANGE[1]}, got {seed!r}")
+    return int(seed)
 
 
 def _cuda_visible() -> bool:

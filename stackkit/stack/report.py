@@ -286,3 +286,33 @@ def _write_page(workdir: Workdir, sections: list[str]) -> Path:
 
 def _img(png_base64: str, alt: str) -> str:
     return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{png_base64}'>"
+
+
+def unit_score_rows(record: dict) -> list[dict]:
+    """A unit task's blend.json as score rows: base models' plain aggregation, the stackers' OOF, the blend's CV."""
+    def row(name: str, kind: str, score: dict) -> dict:
+        return {"source": name, "kind": kind, "overall": float(score["overall"]), **{p: float(v) for p, v in score["parts"].items()}}
+
+    rows = [row(f"preds/{m} (max)", "base", s) for m, s in record["base_oof_scores"].items()]
+    rows += [row(s["name"], "stacker", s["oof_score"]) for s in record["sources"]]
+    return rows + [row("blend-cv", "blend-cv", record["scores"]["cv"])]
+
+
+def unit_fit_report(workdir: Workdir, record: dict) -> Path:
+    """stack/report.html of a unit task's `stack fit` (record: its blend.json): scores, the blend's weights per target, per-fold scores."""
+    rows = unit_score_rows(record)
+    best = min(range(len(rows)), key=lambda i: rows[i]["overall"])
+    weights = pd.DataFrame([{"target": target, **{n: float(w) for n, w in (part.get("weights") or {}).items()}}
+                            for target, part in record["blend"]["parts"].items()])
+    per_fold = pd.DataFrame([{"fold": str(f["fold"]), "overall": f["overall"], **f["parts"]} for f in record["scores"]["cv"]["per_fold"]])
+    sections = [
+        f"<h2>Task {html.escape(record['task'])}: one row per {html.escape(record['unit'])}</h2>",
+        "<h2>Scores (the task's metric, lower is better)</h2>",
+        html_table(pd.DataFrame(rows), highlight=best),
+        "<p>base rows: each model's plain aggregation (the max over the unit's slices), out-of-fold; stacker rows: out-of-fold; "
+        "blend-cv: the blend refitted per fold and scored on the fold it was not fitted on.</p>",
+        "<h2>Blend weights per target</h2>", html_table(weights, digits=3),
+        "<h2>The blend's cross-validated score per fold</h2>", html_table(per_fold),
+        f"<p>{html.escape(record.get('test_sets_method') or '')} ({record['test_sets']} test set(s)).</p>",
+    ]
+    return _write_page(workdir, sections)

@@ -21,7 +21,7 @@ OWNER = "stackkit/contract/"
 # the contract's file names (stackkit/contract/__init__.py), written out here on purpose: the test
 # must not trust the module it checks
 NAMES = (
-    "metadata.parquet", "labels.parquet", "folds.parquet", "prepare.json",
+    "metadata.parquet", "labels.parquet", "folds.parquet", "prepare.json", "task.json", "slice_labels.parquet",
     "oof.parquet", "test.parquet", "model.json",
     "train.parquet", "manifest.json",
     "meta.json", "stacker.json", "blend.json", "report.html", "importance.parquet",

@@ -84,7 +84,8 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _check_sources(record: dict, path) -> set[str]:
+def check_sources(record: dict, path) -> set[str]:
+    """Every source of a blend record (name, test file, its sha256 and per-fold test files, test_sets): their names."""
     names = set()
     for i, source in enumerate(record["sources"]):
         if not isinstance(source, dict) or not isinstance(source.get("name"), str) or not source["name"]:
@@ -113,7 +114,7 @@ def _check_sources(record: dict, path) -> set[str]:
 
 def check_blend_record(record: dict, path) -> None:
     """Every field `submit` uses, checked with the range `stack fit` writes: one line naming the first bad field."""
-    names = _check_sources(record, path)
+    names = check_sources(record, path)
     clip = record.get("clip")
     if not _number(clip) or not 0.0 <= clip < 0.5:
         raise field_error(path, "clip", clip, "a number in [0, 0.5)", RERUN)

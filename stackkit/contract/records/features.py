@@ -1,6 +1,6 @@
 """``features/manifest.json``: what every feature column means and what the features were built from.
 
-In the order written (docs/contract.md, "features/"): ``contract_version``, ``folds_hash``,
+In the order written (docs/contract.md, "features/"): ``contract_version``, ``task`` (v5: a unit task's features only), ``folds_hash``,
 ``lags``, ``feature_set``, ``dicom_meta``, ``models``, ``key_columns``, ``feature_columns``,
 ``columns`` (their definitions), ``rows``, ``test_folds`` / ``test_fold_files`` /
 ``models_without_test_folds`` (v3), ``inputs`` (the sha256 of every input file, by path relative
@@ -38,10 +38,12 @@ class FeaturesManifest:
     inputs: dict = field(default_factory=dict)
     sha256: dict | None = None
     contract_version: int | None = CONTRACT_VERSION
+    task: str | None = None  # v5: the task of a unit task's features (absent for RSNA 2019's)
 
     def to_json(self) -> dict:
         """The record as written (``sha256`` left to the set writer)."""
-        return {"contract_version": self.contract_version, "folds_hash": self.folds_hash, "lags": self.lags,
+        task = {} if self.task is None else {"task": self.task}
+        return {"contract_version": self.contract_version, **task, "folds_hash": self.folds_hash, "lags": self.lags,
                 "feature_set": self.feature_set, "dicom_meta": self.dicom_meta, "models": self.models,
                 "key_columns": self.key_columns, "feature_columns": self.feature_columns, "columns": self.columns,
                 "rows": self.rows, "test_folds": self.test_folds, "test_fold_files": self.test_fold_files,
