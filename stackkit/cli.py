@@ -443,17 +443,24 @@ def submit(wd, out, test_dicom_dir, sample_submission, allow_incomplete):
 @click.option("--epochs", default=9, show_default=True, type=click.IntRange(1, None), help="Epochs per base CNN.")
 @click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--fresh/--reuse", default=True, show_default=True, help="Start from an empty work directory.")
+@click.option("--task", default=None, help="rsna2022-cspine or rsna2023-abdominal: that competition's pipeline (no --tune: --trials unused).")
 @progress_option
-def demo(wd, patients, trials, epochs, seed, fresh, quiet):
+def demo(wd, patients, trials, epochs, seed, fresh, task, quiet):
     """The whole pipeline on synthetic data: synth, prepare, two CNNs, features, fit --tune, submit.
 
     Closes with the submission, every stacker and every base model scored on the test split's
     held-back labels, and what the stack gained over the best base model there and on CV.
     """
+    on_step = None if quiet else lambda title: click.echo(f"== demo: {title}")
+    if task not in (None, "rsna2019"):
+        from stackkit.task_demo import run_task_demo, task_demo_lines
+
+        _echo(task_demo_lines(run_task_demo(wd, task, patients=patients, epochs=epochs, seed=seed, fresh=fresh, progress=not quiet,
+                                            on_step=on_step)))
+        return
     from stackkit.demo import run_demo
 
-    result = run_demo(wd, patients=patients, trials=trials, epochs=epochs, seed=seed, fresh=fresh,
-                      progress=not quiet, on_step=None if quiet else lambda title: click.echo(f"== demo: {title}"))
+    result = run_demo(wd, patients=patients, trials=trials, epochs=epochs, seed=seed, fresh=fresh, progress=not quiet, on_step=on_step)
     _echo(render.demo_lines(result))
 
 

@@ -31,7 +31,7 @@ DEMO_MARKER = ".stackkit-demo"
 DEMO_EMBEDDING_STACKERS = ("seq_emb",)
 
 
-def _fresh_workdir(wd: Workdir) -> None:
+def start_demo_workdir(wd: Workdir) -> None:
     root = wd.root
     if root.exists() and any(root.iterdir()):
         if not (root / DEMO_MARKER).is_file():
@@ -42,6 +42,23 @@ def _fresh_workdir(wd: Workdir) -> None:
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     (root / DEMO_MARKER).write_text("made by `demo`; the demo may delete this folder\n")
+
+
+class Steps:
+    """Runs the demo's steps in order, timing each: ``step(title, func, *args, **kwargs)`` calls
+    ``on_step(title)`` first (the CLI prints it) and records the seconds in ``timings``."""
+
+    def __init__(self, on_step=None):
+        self.on_step = on_step
+        self.timings: dict[str, float] = {}
+
+    def __call__(self, title: str, func, *args, **kwargs):
+        if self.on_step is not None:
+            self.on_step(title)
+        start = time.perf_counter()
+        result = func(*args, **kwargs)
+        self.timings[title] = time.perf_counter() - start
+        return result
 
 
 @dataclass(frozen=True)
@@ -67,16 +84,8 @@ def run_demo(wd: Workdir, *, patients: int = 40, trials: int = 8, seed: int = 0,
     from stackkit.data.synth import synthesize
 
     if fresh:
-        _fresh_workdir(wd)
-    timings: dict[str, float] = {}
-
-    def step(title, func, *args, **kwargs):
-        if on_step is not None:
-            on_step(title)
-        start = time.perf_counter()
-        result = func(*args, **kwargs)
-        timings[title] = time.perf_counter() - start
-        return result
+        start_demo_workdir(wd)
+    step = Steps(on_step)
 
     dicom_root = wd.root / "dicom"
     synthesized = step("synth", synthesize, dicom_root, patients=patients, seed=seed, progress=progress)
@@ -95,4 +104,4 @@ def run_demo(wd: Workdir, *, patients: int = 40, trials: int = 8, seed: int = 0,
     from stackkit.holdout import held_out_verdict
 
     verdict = step("held-out score", held_out_verdict, wd, synthesized.held_out_labels_csv)
-    return DemoResult(fit=fit, submission=submitted.path, report=wd.report_html, timings=timings, verdict=verdict)
+    return DemoResult(fit=fit, submission=submitted.path, report=wd.report_html, timings=step.timings, verdict=verdict)
