@@ -14,6 +14,7 @@ and the training labels' rates, and closes with what the stack gained over the b
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,10 +52,22 @@ class TaskDemoResult:
     labels_file: Path
 
 
-def run_task_demo(wd: Workdir, task: str, *, patients: int = 40, epochs: int = 9, seed: int = 0, fresh: bool = True,
-                  progress: bool = True, on_step=None, size: int = 64) -> TaskDemoResult:
+@dataclass(frozen=True)
+class TaskDemoOptions:
+    """What `demo --task` is asked for: :func:`run_task_demo`'s keywords. ``size``: the synthetic images'
+    pixels and the CNNs' input size."""
+
+    patients: int = 40
+    epochs: int = 9
+    seed: int = 0
+    fresh: bool = True
+    size: int = 64
+
+
+def run_task_demo(wd: Workdir, task: str, options: TaskDemoOptions | None = None, *, progress: bool = True, on_step=None,
+                  **fields) -> TaskDemoResult:
     """The pipeline's library calls in order; ``on_step(title)`` is called before each step (the CLI prints it).
-    ``size``: the synthetic images' pixels and the CNNs' input size."""
+    The keywords are :class:`TaskDemoOptions`' fields: pass them, or ``options`` (then ``fields`` override it)."""
     from base_models.train import train_base
     from features.task_features import run_unit_features
 
@@ -64,11 +77,13 @@ def run_task_demo(wd: Workdir, task: str, *, patients: int = 40, epochs: int = 9
     from stackkit.stack.unit_fit import run_unit_fit
     from stackkit.unit_submit import write_unit_submission
 
+    o = TaskDemoOptions(**fields) if options is None else dataclasses.replace(options, **fields)
+    patients, epochs, seed, size = o.patients, o.epochs, o.seed, o.size
     schema = get_task(task)
     if task not in SYNTHESIZERS:
         raise StackkitError(f"demo --task {task}: no synthetic dataset of it; choose one of {', '.join(SYNTHESIZERS)} "
                             "(RSNA 2019: demo without --task)")
-    if fresh:
+    if o.fresh:
         start_demo_workdir(wd)
     step = Steps(on_step)
 
