@@ -143,8 +143,8 @@ def data_synth(wd, out_dir, patients, size, slices, test_fraction, seed, task, q
     ID,Label format): real CT DICOM files with head-like anatomy and 3D hemorrhages of the five
     subtypes (a bleed's faint edge slices labeled from their neighbours). The test split's labels
     are held back in OUT/stage_2_test_labels.csv, which no step reads (the demo scores on it).
-    rsna2022-cspine and rsna2023-abdominal: the layouts of docs/synthetic_tasks.md (their
-    `data prepare` and demo are not wired yet).
+    rsna2022-cspine and rsna2023-abdominal: the layouts of docs/synthetic_tasks.md (read by
+    `data prepare --task`; `demo --task` runs their pipeline).
     """
     bounds = None if slices is None else _int_list(slices)
     if bounds is not None and (not bounds or len(bounds) != 2 or bounds[0] < 1 or bounds[0] > bounds[1]):
