@@ -277,7 +277,7 @@ def _import_target(wd: Workdir) -> _ImportTarget:
     schema = read_task(wd)
     if is_unit_task(schema):
         core = load_task_core(wd, schema)
-        return _ImportTarget(core.metadata, core.folds, schema.prediction_columns, lambda oof: _unit_score(core, oof))
+        return _ImportTarget(core.metadata, core.folds, schema.prediction_columns, lambda oof: unit_model_score(core, oof))
     metadata, labels, folds = load_core(wd)
 
     def score(oof: pd.DataFrame) -> tuple[dict, float, float]:
@@ -288,7 +288,7 @@ def _import_target(wd: Workdir) -> _ImportTarget:
     return _ImportTarget(metadata, folds, LABELS, score)
 
 
-def _unit_score(core, oof: pd.DataFrame) -> tuple[dict, float, float]:
+def unit_model_score(core, oof: pd.DataFrame) -> tuple[dict, float, float]:
     """A unit task's model score: the task's metric of its plain aggregation (the max over each unit's slices),
     beside the metric of the train labels' rates (the floor)."""
     from stackkit.contract.task_files import unit_max_predictions

@@ -267,9 +267,9 @@ def _finish(run: TrainRun, samples: _Samples, work, fhash: str, cache) -> TrainR
     score, prior = run.targets.score(y, aligned), run.targets.prior(y)
     recorded, unit = (score.as_dict(), prior.overall), (None, None)
     if run.targets.core is not None:
-        from base_models.importer import _unit_score  # the score `base import` records for a unit task's model
+        from base_models.importer import unit_model_score  # the score `base import` records for a unit task's model
 
-        scored, *unit = _unit_score(run.targets.core, oof)
+        scored, *unit = unit_model_score(run.targets.core, oof)
         recorded = ({**scored, "slice": score.as_dict()}, unit[1])
 
     tables = (oof, test, test_folds)

@@ -198,13 +198,13 @@ def verdict_lines(verdict) -> list[str]:
     return [
         *lines,
         f"held-out: {verdict.images} test images whose labels no step saw ({verdict.labels_file}); weighted log loss, lower is better",
-        f"the stack vs the best base model ({best.name}, best on CV): {_gain(stack.held_out, best.held_out)} "
+        f"the stack vs the best base model ({best.name}, best on CV): {gain_text(stack.held_out, best.held_out)} "
         f"on the held-out labels ({stack.held_out:.5f} against {best.held_out:.5f}), "
-        f"{_gain(stack.cv, best.cv)} on CV ({stack.cv:.5f} against {best.cv:.5f})",
+        f"{gain_text(stack.cv, best.cv)} on CV ({stack.cv:.5f} against {best.cv:.5f})",
     ]
 
 
-def _gain(stack: float, base: float) -> str:
+def gain_text(stack: float, base: float) -> str:
     change = 1.0 - stack / base
     return f"{change:.1%} lower" if change >= 0 else f"{-change:.1%} higher (worse)"
 

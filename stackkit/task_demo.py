@@ -153,7 +153,7 @@ def held_out_task_rows(wd: Workdir, schema: TaskSchema, fit, submission: Path, l
 
 def task_demo_lines(result: TaskDemoResult) -> list[str]:
     """The fit's table, each step's time, the files, then the held-out table and the stack's gain over the best base model."""
-    from stackkit.render import _gain, unit_fit_lines
+    from stackkit.render import gain_text, unit_fit_lines
 
     lines = [*unit_fit_lines(result.fit)]
     lines += [f"{name:>22}: {seconds:7.1f} s" for name, seconds in result.timings.items()]
@@ -167,7 +167,7 @@ def task_demo_lines(result: TaskDemoResult) -> list[str]:
     best = min(bases, key=lambda r: r.cv)
     lines.append(f"held-out: {result.units} test units whose labels no step saw ({result.labels_file}); task {result.task}'s metric, "
                  "lower is better")
-    lines.append(f"the stack vs the best base model ({best.name}, best on CV): {_gain(stack.held_out.overall, best.held_out.overall)} "
+    lines.append(f"the stack vs the best base model ({best.name}, best on CV): {gain_text(stack.held_out.overall, best.held_out.overall)} "
                  f"on the held-out labels ({stack.held_out.overall:.5f} against {best.held_out.overall:.5f}), "
-                 f"{_gain(stack.cv, best.cv)} on CV ({stack.cv:.5f} against {best.cv:.5f})")
+                 f"{gain_text(stack.cv, best.cv)} on CV ({stack.cv:.5f} against {best.cv:.5f})")
     return lines
