@@ -20,6 +20,7 @@ from stackkit.contract import LABELS, Workdir, file_sha256
 from stackkit.errors import ContractError, StackkitError, one_line
 from stackkit.contract.io import atomic_path, read_json
 from stackkit.contract.records import read_blend_record, read_task
+from stackkit.contract.tasks import long_row_ids
 from stackkit.contract.validate import ids_in
 
 ID_PATTERN = re.compile(r"^(ID_[0-9A-Za-z]+)_(" + "|".join(LABELS) + r")$")
@@ -86,9 +87,7 @@ def blended_test_predictions(workdir: Workdir) -> tuple[pd.DataFrame, dict]:
 
 def to_long(frame: pd.DataFrame) -> pd.DataFrame:
     """Wide (image_id + six labels) -> Kaggle long ``ID,Label``, six rows per image in LABELS order."""
-    ids = frame["image_id"].to_numpy(dtype=object).astype(str)
-    n = len(ids)
-    id_column = np.char.add(np.char.add(np.repeat(ids, len(LABELS)), "_"), np.tile(np.array(LABELS), n))
+    id_column = long_row_ids(frame["image_id"].to_numpy(dtype=object), LABELS)
     values = frame[list(LABELS)].to_numpy(dtype=np.float64).reshape(-1)  # row-major: image by image, labels in order
     return pd.DataFrame({"ID": id_column.astype(object), "Label": values})
 

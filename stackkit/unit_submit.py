@@ -18,7 +18,7 @@ from stackkit.contract import Workdir
 from stackkit.contract.io import atomic_path, read_table
 from stackkit.contract.records import read_task, read_unit_blend_record
 from stackkit.contract.task_files import mean_unit_predictions, units_of, validate_unit_predictions
-from stackkit.contract.tasks import TaskSchema, write_submission as schema_submission
+from stackkit.contract.tasks import TaskSchema, long_row_ids, write_submission as schema_submission
 from stackkit.errors import ContractError, StackkitError, one_line
 from stackkit.submit import recorded_file, submission_bytes, submission_target
 
@@ -114,8 +114,7 @@ def validate_unit_submission(path, schema: TaskSchema, units, *, compressed: boo
     if list(frame.columns) != header:
         raise ContractError(f"{path}: header is {list(frame.columns)}; expected exactly {','.join(header)}")
     units = np.asarray(units, dtype=object).astype(str)
-    ids = (np.char.add(np.char.add(np.repeat(units, len(sub.columns)), "_"), np.tile(np.array(sub.columns), len(units)))
-           if sub.layout == "long" else units)
+    ids = long_row_ids(units, sub.columns) if sub.layout == "long" else units
     if len(frame) != len(ids) or set(frame[sub.id_column]) != set(ids.tolist()):
         raise ContractError(f"{path}: {len(frame)} rows of {frame[sub.id_column].nunique()} distinct ids; expected the {len(ids)} ids "
                             f"of the {len(units)} test {schema.unit}s, each once")

@@ -431,8 +431,13 @@ def write_submission(schema: TaskSchema, predictions: pd.DataFrame, source: str 
         out = pd.DataFrame(values, columns=list(sub.columns))
         out.insert(0, sub.id_column, ids.astype(object))
         return out
-    row_ids = np.char.add(np.char.add(np.repeat(ids, len(sub.columns)), "_"), np.tile(np.array(sub.columns), len(ids)))
-    return pd.DataFrame({sub.id_column: row_ids.astype(object), sub.value_column: values.reshape(-1)})
+    return pd.DataFrame({sub.id_column: long_row_ids(ids, sub.columns).astype(object), sub.value_column: values.reshape(-1)})
+
+
+def long_row_ids(ids, columns) -> np.ndarray:
+    """A long submission's row ids: ``<id>_<column>`` for every id, its columns in order (row-major)."""
+    ids = np.asarray(ids, dtype=object).astype(str)
+    return np.char.add(np.char.add(np.repeat(ids, len(columns)), "_"), np.tile(np.array(columns), len(ids)))
 
 
 _SUBTYPES = LABELS[:-1]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from stackkit.contract import CONTRACT_VERSION
 from stackkit.contract.io import write_json
-from stackkit.contract.records._common import field_error, read_object
+from stackkit.contract.records._common import field_error, known_fields, read_object
 from stackkit.contract.records.blend import RERUN, check_sources
 from stackkit.contract.tasks import TaskSchema
 from stackkit.errors import ContractError
@@ -75,5 +75,4 @@ def read_unit_blend_record(path: str | os.PathLike, schema: TaskSchema) -> UnitB
     absent = [n for n in stackers if f"{STACKER_PREFIX}{n}" not in names]
     if absent:
         raise ContractError(f"{path}: blend.stackers lists {absent[0]!r}, which is not among the sources; {RERUN}")
-    fields = {name: record[name] for name in UnitBlendRecord.__dataclass_fields__ if name in record}
-    return UnitBlendRecord(**fields)
+    return UnitBlendRecord(**known_fields(UnitBlendRecord, record))
