@@ -309,3 +309,36 @@ def test_early_stopping_splits_over_the_patient_codes_are_those_over_the_patient
             by_codes = early_stopping_split(inputs.folds, inputs.groups, k, seed)
             by_ids = early_stopping_split(inputs.folds, ids, k, seed)
             assert all(np.array_equal(a, b) for a, b in zip(by_codes, by_ids))
+
+
+def test_seq_network_is_a_packed_bidirectional_gru_and_loads_its_weights():
+    """`seq` runs its bidirectional GRU as two one-way GRUs over dense padded batches, the reverse one on
+    each study reversed: the same outputs as torch's packed bidirectional GRU, and a state_dict saved
+    with one bidirectional GRU (before the split) loads into it."""
+    import torch
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    from stackkit.stack.stackers.seq import _seq_module, reversed_slots
+
+    params = {**get_stacker("seq").default_params(), "hidden": 8}
+    torch.manual_seed(0)
+    net = _seq_module(5, params).eval()
+    torch.manual_seed(0)
+    legacy_gru = torch.nn.GRU(8, 8, batch_first=True, bidirectional=True)
+    legacy_state = {k: v for k, v in net.state_dict().items() if not k.startswith(("gru.", "gru_reverse."))}
+    legacy_state.update({f"gru.{k}": v for k, v in legacy_gru.state_dict().items()})
+    net.load_state_dict(legacy_state)
+
+    lengths = torch.tensor([4, 1, 3])
+    mask = torch.arange(4).unsqueeze(0) < lengths.unsqueeze(1)
+    slots = torch.nonzero(mask.flatten()).squeeze(1)
+    rows = torch.randn(len(slots), 5)
+    with torch.no_grad():
+        logits = net(rows, slots, lengths, mask)
+        flat = torch.zeros((mask.numel(), 8)).index_copy(0, slots, torch.relu(net.project(rows))).view(3, 4, 8)
+        local = torch.relu(net.conv(flat.transpose(1, 2))).transpose(1, 2) * mask.unsqueeze(-1)
+        packed, _ = legacy_gru(pack_padded_sequence(local, lengths, batch_first=True, enforce_sorted=False))
+        context, _ = pad_packed_sequence(packed, batch_first=True, total_length=4)
+        expected = net.head(torch.cat([local, context], dim=-1))
+    assert torch.allclose(logits[mask], expected[mask], atol=1e-6)
+    assert reversed_slots(lengths, 4).tolist() == [[3, 2, 1, 0], [0, 1, 2, 3], [2, 1, 0, 3]]

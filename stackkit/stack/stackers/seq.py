@@ -21,10 +21,21 @@ from stackkit.stack.inputs import StackData
 from stackkit.stack.stackers.neural import NeuralStacker, to_device
 
 
+def reversed_slots(lengths, width: int):
+    """(studies, width) index: slot t of a study of length L -> slot L-1-t for t < L, padding slots unchanged.
+
+    Gathering a padded batch along the slices with it reads every study from its last slice,
+    padding still last; the map is its own inverse."""
+    import torch
+
+    slots = torch.arange(width, device=lengths.device).unsqueeze(0)
+    last = (lengths - 1).unsqueeze(1)
+    return torch.where(slots <= last, last - slots, slots)
+
+
 def _seq_module(n_inputs: int, params: dict):
     import torch
     from torch import nn
-    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
     hidden = int(params["hidden"])
     kernel = int(params["kernel_size"])
@@ -34,19 +45,34 @@ def _seq_module(n_inputs: int, params: dict):
             super().__init__()
             self.project = nn.Linear(n_inputs, hidden)
             self.conv = nn.Conv1d(hidden, hidden, kernel, padding=kernel // 2)
-            self.gru = nn.GRU(hidden, hidden, batch_first=True, bidirectional=True)
+            # a bidirectional GRU as two one-way GRUs over dense padded batches: the reverse one reads each
+            # study reversed (padding still last), so padding never enters a real slice's state, as with a
+            # packed sequence, but both run torch's dense CPU kernel, ~1.6x faster than the packed one.
+            # Created in this order, they draw the same initial weights as nn.GRU(bidirectional=True).
+            self.gru = nn.GRU(hidden, hidden, batch_first=True)
+            self.gru_reverse = nn.GRU(hidden, hidden, batch_first=True)
             self.dropout = nn.Dropout(float(params["dropout"]))
             self.head = nn.Linear(3 * hidden, 6)
 
-        def forward(self, x, lengths, mask):
-            keep = mask.unsqueeze(-1).to(x.dtype)
-            projected = torch.relu(self.project(x)) * keep
-            # zeroed padding acts as the convolution's zero padding at the study's end
+        def forward(self, rows, slots, lengths, mask):
+            """``rows``: the batch's real slices' features, one row each; ``slots``: where each sits in the
+            flattened (studies, width) batch that ``mask`` shapes. Only real slices are projected."""
+            keep = mask.unsqueeze(-1).to(rows.dtype)
+            flat = torch.zeros((mask.numel(), hidden), dtype=rows.dtype, device=rows.device)
+            # zero padding rows act as the convolution's zero padding at the study's end
+            projected = flat.index_copy(0, slots, torch.relu(self.project(rows))).view(*mask.shape, hidden)
             local = torch.relu(self.conv(projected.transpose(1, 2))).transpose(1, 2) * keep
-            packed = pack_padded_sequence(local, lengths, batch_first=True, enforce_sorted=False)
-            context, _ = self.gru(packed)
-            context, _ = pad_packed_sequence(context, batch_first=True, total_length=x.shape[1])
+            reverse = reversed_slots(lengths.to(rows.device), mask.shape[1]).unsqueeze(-1).expand(-1, -1, hidden)
+            forward_context, _ = self.gru(local)
+            backward_context, _ = self.gru_reverse(local.gather(1, reverse))
+            context = torch.cat([forward_context, backward_context.gather(1, reverse)], dim=-1) * keep
             return self.head(self.dropout(torch.cat([local, context], dim=-1)))
+
+        def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+            # models saved before the split hold one bidirectional GRU: its reverse weights are gru_reverse's
+            for key in [k for k in state_dict if k.startswith(prefix + "gru.") and k.endswith("_reverse")]:
+                state_dict[prefix + "gru_reverse." + key[len(prefix + "gru."):-len("_reverse")]] = state_dict.pop(key)
+            super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     return StudySequenceNet()
 
@@ -186,6 +212,26 @@ class SeqStacker(SequenceStacker):
 
         return torch.arange(width, device=device).unsqueeze(0) < lengths.to(device).unsqueeze(1)
 
+    @staticmethod
+    def _batch_rows(prepared, studies, lengths, flip):
+        """The batch's real slices as (features, slots in the flattened batch, mask): a study read forward
+        takes its rows from the standardized features, a flipped one (read bottom-up) from their reversed
+        copy in reversed order. Only real slices are gathered: padding costs no feature copy."""
+        import torch
+
+        width = int(lengths.max())
+        mask = SeqStacker._batch_mask(lengths, width, studies.device)
+        slots = torch.nonzero(mask.flatten()).squeeze(1)
+        row_of_slot = torch.where(flip.unsqueeze(1), prepared["backward_rows"][studies, :width],
+                                  prepared["forward_rows"][studies, :width]).flatten()[slots]
+        flipped = flip[slots // width]
+        ids_forward, ids_flipped = row_of_slot[~flipped], row_of_slot[flipped]
+        features = prepared["features"]
+        rows = torch.empty((len(slots), features.shape[1]), dtype=features.dtype, device=features.device)
+        torch.index_select(features, 0, ids_forward, out=rows[: len(ids_forward)])
+        torch.index_select(prepared["reversed"], 0, ids_flipped, out=rows[len(ids_forward):])
+        return rows, torch.cat([slots[~flipped], slots[flipped]]), mask
+
     def _train_batches(self, module, prepared, params, generator):
         import torch
 
@@ -195,16 +241,13 @@ class SeqStacker(SequenceStacker):
         flip_all = torch.rand(len(lengths_all), generator=generator) < 0.5
         for studies in torch.split(order, int(params["batch_size"])):
             lengths = lengths_all[studies]
-            width = int(lengths.max())
             flip = flip_all[studies].to(device)
             on_device = studies.to(device)
-            # a flipped study is read bottom-up: its reversed features, its rows in reversed order
-            rows = torch.where(flip.unsqueeze(1), prepared["backward_rows"][on_device, :width], prepared["forward_rows"][on_device, :width])
-            x = torch.empty((len(studies), width, prepared["features"].shape[1]), device=device)
-            x[~flip] = prepared["features"][rows[~flip]]
-            x[flip] = prepared["reversed"][rows[flip]]
-            mask = self._batch_mask(lengths, width, device)
-            yield module(x, lengths, mask), prepared["targets"][rows], mask
+            rows, slots, mask = self._batch_rows(prepared, on_device, lengths, flip)
+            # a flipped study is read bottom-up: its targets in reversed order too
+            width = mask.shape[1]
+            targets = torch.where(flip.unsqueeze(1), prepared["backward_rows"][on_device, :width], prepared["forward_rows"][on_device, :width])
+            yield module(rows, slots, lengths, mask), prepared["targets"][targets], mask
 
     def _predict_logits(self, module, prepared, params, tta):
         import torch
@@ -218,14 +261,15 @@ class SeqStacker(SequenceStacker):
         # longer batches at prediction time: no gradients to hold
         step = max(1, 4 * int(params["batch_size"]))
         for start in range(0, n_studies, step):
-            studies = torch.arange(start, min(start + step, n_studies))
-            lengths = lengths_all[studies]
+            studies = torch.arange(start, min(start + step, n_studies), device=device)
+            lengths = lengths_all[studies.cpu()]
             w = int(lengths.max())
-            mask = self._batch_mask(lengths, w, device)
-            studies = studies.to(device)
-            logits_forward[studies, :w] = module(prepared["features"][prepared["forward_rows"][studies, :w]], lengths, mask)
-            if tta:
-                logits_backward[studies, :w] = module(prepared["reversed"][prepared["backward_rows"][studies, :w]], lengths, mask)
+            for flipped, logits in ((False, logits_forward), (True, logits_backward)):
+                if flipped and not tta:
+                    continue
+                flip = torch.full((len(studies),), flipped, device=device)
+                rows, slots, mask = self._batch_rows(prepared, studies, lengths, flip)
+                logits[studies, :w] = module(rows, slots, lengths, mask)
         rows_forward = logits_forward[prepared["row_study"], prepared["row_position"]]
         if not tta:
             return rows_forward
