@@ -1,7 +1,8 @@
 """Sequence stacker: each whole study is one sequence of slices ordered by ``slice_index``.
 
 Per-slice standardized features -> linear projection -> 1-D convolution along the slices ->
-bidirectional GRU (packed, so padding never enters the recurrence) -> six logits per slice.
+bidirectional GRU (two one-way GRUs, the reverse one reading each study reversed, so padding never
+enters a real slice's state) -> six logits per slice. Only real slices are gathered and projected.
 Studies are padded to the longest one in a batch; the loss is masked to real slices.
 Training reverses half of the studies (a study read bottom-up is as valid as top-down) and
 prediction averages the forward and the reversed study (test-time augmentation); early stopping
