@@ -99,6 +99,8 @@ class PseudoRound:
 
 @dataclass(frozen=True)
 class DemoOptions:
+    """`demo`'s settings (the CLI's options of the same names)."""
+
     patients: int = 40
     trials: int = 8
     seed: int = 0
