@@ -2,8 +2,10 @@
 added to the training rows of one fold model each.
 
 File k (fold 0 first, one per fold of data/folds.parquet) trains fold model k only, so it must be
-made without fold k's labels (e.g. the stacker's fold model k's predictions): one file made from
-every fold's labels would leak fold k's labels into fold k's OOF predictions, and is refused.
+made without fold k's labels (e.g. a trained base model's fold model k test predictions,
+preds/<model>/test_fold<k>.parquet, as `demo --pseudo-labels` does; not a stacker's: its inputs
+come from base fold models trained on fold k): one file made from every fold's labels would leak
+fold k's labels into fold k's OOF predictions, and is refused.
 Pseudo-labelled images must be prepared images (in data/metadata.parquet, for the pixel cache)
 of studies without any label: the test split's, or external studies prepared as test images.
 They never enter a fold's validation rows or the OOF file (those hold labeled images only).

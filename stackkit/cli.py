@@ -444,14 +444,21 @@ def submit(wd, out, test_dicom_dir, sample_submission, allow_incomplete):
 @click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--fresh/--reuse", default=True, show_default=True, help="Start from an empty work directory.")
 @click.option("--task", default=None, help="rsna2022-cspine or rsna2023-abdominal: that competition's pipeline (no --tune: --trials unused).")
+@click.option("--pseudo-labels", "pseudo_labels", is_flag=True,
+              help="Then train cnn_plain again with pseudo-labels for the test images (fold k's from the CNNs' fold model k) and compare.")
 @progress_option
-def demo(wd, patients, trials, epochs, seed, fresh, task, quiet):
+def demo(wd, patients, trials, epochs, seed, fresh, task, pseudo_labels, quiet):
     """The whole pipeline on synthetic data: synth, prepare, two CNNs, features, fit --tune, submit.
 
     Closes with the submission, every stacker and every base model scored on the test split's
     held-back labels, and what the stack gained over the best base model there and on CV.
+    --pseudo-labels adds a round after it: cnn_plain trained again with soft labels for the test
+    images, file k made by the two CNNs' fold model k (never trained on fold k's rows), and its
+    CV and held-out loss beside cnn_plain's.
     """
     on_step = None if quiet else lambda title: click.echo(f"== demo: {title}")
+    if pseudo_labels and task not in (None, "rsna2019"):
+        raise StackkitCliError(f"--pseudo-labels: soft labels are RSNA 2019's six per image; task {task} has none")
     if task not in (None, "rsna2019"):
         from stackkit.task_demo import run_task_demo, task_demo_lines
 
@@ -460,7 +467,8 @@ def demo(wd, patients, trials, epochs, seed, fresh, task, quiet):
         return
     from stackkit.demo import run_demo
 
-    result = run_demo(wd, patients=patients, trials=trials, epochs=epochs, seed=seed, fresh=fresh, progress=not quiet, on_step=on_step)
+    result = run_demo(wd, patients=patients, trials=trials, epochs=epochs, seed=seed, fresh=fresh, progress=not quiet, on_step=on_step,
+                      pseudo_labels=pseudo_labels)
     _echo(render.demo_lines(result))
 
 

@@ -185,18 +185,36 @@ def demo_lines(result) -> list[str]:
     lines.append(f"{'total':>18}: {sum(result.timings.values()):7.1f} s")
     lines.append(f"submission: {result.submission}")
     lines.append(f"report: {result.report}")
-    return [*lines, "", *verdict_lines(result.verdict)]
+    lines = [*lines, "", *verdict_lines(result.verdict)]
+    return lines if result.pseudo is None else [*lines, "", *pseudo_lines(result.pseudo)]
+
+
+def held_out_table(rows) -> list[str]:
+    """:class:`stackkit.holdout.HeldOutRow` rows: name, kind, CV (OOF) and held-out loss."""
+    width = max(len(r.name) for r in rows)
+    lines = [f"{'source':<{width}}  {'kind':<7}  {'CV (OOF)':>9}  {'held-out':>9}", "-" * (width + 31)]
+    return lines + [f"{r.name:<{width}}  {r.kind:<7}  {r.cv:>9.5f}  {r.held_out:>9.5f}" for r in rows]
+
+
+def pseudo_lines(pseudo) -> list[str]:
+    """`demo --pseudo-labels`: the CNN without and with the pseudo-labels, and what they changed, on CV and held out."""
+    without, with_ = pseudo.rows
+    return [
+        f"pseudo-labels: {len(pseudo.files)} files (fold k: the mean of {' and '.join(pseudo.teachers)}'s fold model k "
+        f"test predictions, made without fold k's labels), e.g. {pseudo.files[0]}",
+        *held_out_table(pseudo.rows),
+        f"pseudo-labels ({with_.name} vs {without.name}): {gain_text(with_.held_out, without.held_out)} on the held-out "
+        f"labels ({with_.held_out:.5f} against {without.held_out:.5f}), {gain_text(with_.cv, without.cv)} on CV "
+        f"({with_.cv:.5f} against {without.cv:.5f}); the held-out images were its pseudo-labelled training images "
+        "(their pixels, never their labels)",
+    ]
 
 
 def verdict_lines(verdict) -> list[str]:
     """The held-out scores table, then what the stack gained over the best base model (chosen on CV) there and on CV."""
-    rows = verdict.rows
-    width = max(len(r.name) for r in rows)
-    lines = [f"{'source':<{width}}  {'kind':<7}  {'CV (OOF)':>9}  {'held-out':>9}", "-" * (width + 31)]
-    lines += [f"{r.name:<{width}}  {r.kind:<7}  {r.cv:>9.5f}  {r.held_out:>9.5f}" for r in rows]
     stack, best = verdict.submission, verdict.best_base
     return [
-        *lines,
+        *held_out_table(verdict.rows),
         f"held-out: {verdict.images} test images whose labels no step saw ({verdict.labels_file}); weighted log loss, lower is better",
         f"the stack vs the best base model ({best.name}, best on CV): {gain_text(stack.held_out, best.held_out)} "
         f"on the held-out labels ({stack.held_out:.5f} against {best.held_out:.5f}), "
