@@ -62,8 +62,6 @@ def early_stopping_split(
 # (595 features, a fold's rows 63 MiB): 792 MiB at most, 290 MiB of it the interpreter.
 WORKER_ROW_COPIES = 8
 WORKER_BASE_BYTES = 300 << 20
-# A GBDT fit in this process beside them: its fold's rows, a label's columns of them, the binned dataset.
-PARENT_ROW_COPIES = 3
 
 
 def available_memory_bytes() -> int | None:
@@ -78,12 +76,12 @@ def available_memory_bytes() -> int | None:
     return None
 
 
-def fold_processes(stacker: Stacker, params: dict, n_folds: int, fold_bytes: int = 0, reserved_bytes: int = 0) -> int:
+def fold_processes(stacker: Stacker, params: dict, n_folds: int, fold_bytes: int = 0) -> int:
     """How many processes fit the folds: one (in this process) unless the stacker runs single-threaded
     on the CPU. Else one per core ($STACKKIT_THREADS caps the cores), plus one when the folds do not
     divide evenly over the cores: 5 folds on 2 cores in 3 processes take the time of 2.5 folds (the
     system shares the cores), in 2 processes that of 3. Never more than the folds, nor than the
-    memory available holds (``fold_bytes``: one fold's training features) once ``reserved_bytes`` are set aside."""
+    memory available holds (``fold_bytes``: one fold's training features)."""
     if n_folds < 2 or not stacker.fits_folds_apart(params):
         return 1
     cores = default_threads()
@@ -92,7 +90,6 @@ def fold_processes(stacker: Stacker, params: dict, n_folds: int, fold_bytes: int
     wanted = min(n_folds, cores if n_folds % cores == 0 else cores + 1)
     available = available_memory_bytes()
     if available is not None:
-        available -= int(reserved_bytes)
         per_worker = WORKER_ROW_COPIES * int(fold_bytes) + WORKER_BASE_BYTES
         wanted = min(wanted, int(0.8 * available) // per_worker)
     return max(1, wanted)
@@ -195,9 +192,6 @@ def stacker_apart(names: list[str], params_of, job: FoldJobs) -> str | None:
     for name in names:
         stacker = get_stacker(name)
         params = stacker.resolve_params(params_of(name))
-        processes = fold_processes(stacker, params, job.inputs.n_folds, job.fold_bytes)
-        # the memory must also hold what the others' fits hold meanwhile in this process
-        beside = fold_processes(stacker, params, job.inputs.n_folds, job.fold_bytes, reserved_bytes=PARENT_ROW_COPIES * job.fold_bytes)
-        if processes > 1 and beside == processes:
+        if fold_processes(stacker, params, job.inputs.n_folds, job.fold_bytes) > 1:
             return name
     return None

@@ -361,18 +361,3 @@ def test_stackers_fitted_side_by_side_are_the_stackers_fitted_one_after_another(
     assert fit_side_by_side(inputs, ["seq"], "cpu", 0, False, params=params) is None
     monkeypatch.setenv("STACKKIT_THREADS", "1")
     assert fit_side_by_side(inputs, ["lgbm", "seq"], "cpu", 0, False, params=params) is None
-
-
-def test_stackers_fit_side_by_side_only_where_the_memory_holds_both(inputs, monkeypatch):
-    from stackkit.stack import folds
-
-    monkeypatch.setenv("STACKKIT_THREADS", "2")
-    job = folds.FoldJobs(inputs, 0, None)
-    per_worker = folds.WORKER_ROW_COPIES * job.fold_bytes + folds.WORKER_BASE_BYTES
-    parent = folds.PARENT_ROW_COPIES * job.fold_bytes
-    monkeypatch.setattr(folds, "available_memory_bytes", lambda: int((3 * per_worker + parent) / 0.8) + 1)
-    assert folds.stacker_apart(["lgbm", "seq"], lambda name: {}, job) == "seq"
-    # three workers fit, but not beside the parent's fit: one stacker after the other, as before
-    monkeypatch.setattr(folds, "available_memory_bytes", lambda: int(3 * per_worker / 0.8) + 1)
-    assert folds.fold_processes(get_stacker("seq"), get_stacker("seq").resolve_params({}), inputs.n_folds, job.fold_bytes) == 3
-    assert folds.stacker_apart(["lgbm", "seq"], lambda name: {}, job) is None
