@@ -285,7 +285,6 @@ def _fit_stackers(wd, core, names, search: _Search, *, device, use_embeddings=Tr
 
     inputs = load_stack_inputs(wd, use_embeddings=use_embeddings, core=core)  # data/ read and checked once per call
     fitted, studies = {}, {}
-    plain = None if tune else fit_side_by_side(inputs, names, device, seed, progress)
     for position, name in enumerate(names):
         overrides = device_overrides(name, device)
         tuned = None
@@ -302,42 +301,10 @@ def _fit_stackers(wd, core, names, search: _Search, *, device, use_embeddings=Tr
             result = tuned.result
             studies[name] = tuned.info
         else:
-            result = plain[name] if plain is not None else fit_stacker(name, overrides, inputs, seed=seed, progress=progress)
+            result = fit_stacker(name, overrides, inputs, seed=seed, progress=progress)
         save_stacker_result(wd, result, core)
         fitted[name] = (result, tuned)
     return fitted, studies
-
-
-def fit_side_by_side(inputs, names: list[str], device: str, seed: int, progress: bool, params: dict | None = None) -> dict | None:
-    """{name: StackerResult} of every stacker (its defaults, updated by ``params[name]``), one stacker's folds in
-    processes (``seq``'s) and meanwhile the others in this process on one thread each; None when no
-    stacker fits its folds apart.
-
-    A single-threaded stacker's fold processes keep the cores busy but leave each fold's wait, its
-    start-up and its share of the last round of folds; a threaded GBDT beside them would spin-wait
-    (OpenMP), one thread does not. LightGBM grows the same trees on 1 thread as on 2 (deterministic,
-    row-wise; tested), so this changes the time only."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from stackkit.stack.crossfit import fit_stacker
-    from stackkit.stack.folds import FoldJobs, stacker_apart
-    from stackkit.stack.stackers.neural import torch_threads
-    from stackkit.stack.stackers import get_stacker
-
-    overrides = {name: {**(params or {}).get(name, {}), **device_overrides(name, device)} for name in names}
-    apart = stacker_apart(names, overrides.get, FoldJobs(inputs, seed, None))
-    if apart is None:
-        return None
-    results = {}
-    # torch's thread count is process-wide: one for every torch model fitted or predicting here meanwhile
-    with torch_threads(1), ThreadPoolExecutor(1, thread_name_prefix=f"stackkit-{apart}") as pool:
-        in_processes = pool.submit(fit_stacker, apart, overrides[apart], inputs, seed=seed, progress=progress)
-        for name in names:
-            if name != apart:
-                one_thread = {"num_threads": 1} if "num_threads" in get_stacker(name).default_params() else {}
-                results[name] = fit_stacker(name, {**overrides[name], **one_thread}, inputs, seed=seed, progress=progress)
-        results[apart] = in_processes.result()
-    return results
 
 
 def base_oof_scores(wd, core, sources: Sources) -> dict:

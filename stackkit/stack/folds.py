@@ -180,18 +180,3 @@ def fold_models(name: str, resolved: dict, wanted: list[int], job: FoldJobs, cac
             cache = None if caches is None else caches.setdefault(k, {})
             yield k, get_stacker(name).fit(train, valid, resolved, seed=fold_seed, cache=cache)
             bar.update()
-
-
-def stacker_apart(names: list[str], params_of, job: FoldJobs) -> str | None:
-    """The stacker of ``names`` (the first such) whose folds fit in processes, when there are others to fit
-    beside it: ``stack fit`` then runs them at once, the others on one thread each (see
-    :func:`stackkit.stack.fit.fit_side_by_side`). None for one stacker, or when none fits its folds apart
-    (a GPU, several threads, or too little memory for a second copy of the rows: RSNA size)."""
-    if len(names) < 2:
-        return None
-    for name in names:
-        stacker = get_stacker(name)
-        params = stacker.resolve_params(params_of(name))
-        if fold_processes(stacker, params, job.inputs.n_folds, job.fold_bytes) > 1:
-            return name
-    return None

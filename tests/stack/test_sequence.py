@@ -343,21 +343,3 @@ def test_seq_network_is_a_packed_bidirectional_gru_and_loads_its_weights():
     assert torch.allclose(logits[mask], expected[mask], atol=1e-6)
     assert reversed_slots(lengths, 4).tolist() == [[3, 2, 1, 0], [0, 1, 2, 3], [2, 1, 0, 3]]
 
-
-def test_stackers_fitted_side_by_side_are_the_stackers_fitted_one_after_another(inputs, monkeypatch):
-    """`stack fit` runs seq's fold processes and meanwhile lgbm in its own process on one thread: the same
-    models as each fitted alone (lgbm alone on two threads), only sooner."""
-    from stackkit.stack.fit import fit_side_by_side
-
-    params = {"lgbm": {**FAST_PARAMS["lgbm"], "num_threads": 2}, "seq": FAST_PARAMS["seq"]}
-    monkeypatch.setenv("STACKKIT_THREADS", "2")
-    together = fit_side_by_side(inputs, ["lgbm", "seq"], "cpu", 0, False, params=params)
-    assert together["lgbm"].params["num_threads"] == 1
-    for name in ("lgbm", "seq"):
-        alone = fit_stacker(name, params[name], inputs, progress=False)
-        pd.testing.assert_frame_equal(together[name].oof, alone.oof, check_exact=True)
-        pd.testing.assert_frame_equal(together[name].test, alone.test, check_exact=True)
-    # one core, or one stacker: nothing to run beside the folds
-    assert fit_side_by_side(inputs, ["seq"], "cpu", 0, False, params=params) is None
-    monkeypatch.setenv("STACKKIT_THREADS", "1")
-    assert fit_side_by_side(inputs, ["lgbm", "seq"], "cpu", 0, False, params=params) is None
