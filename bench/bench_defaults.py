@@ -50,35 +50,6 @@ def _truth(bench) -> pd.DataFrame:
     return pd.read_parquet(bench.heldout_test_labels)
 
 
-def prepared_bench(scenario: str, seed: int, out: Path, n_patients: int, env: dict):
-    """The generated benchmark with `base import` + `stack features` done (reused when already there)."""
-    from stackkit.testing.exported import write_exported_benchmark
-
-    root = out / f"{scenario}-{seed}"
-    done = root / "prepared.json"
-    if done.is_file():
-        return reopen(root)
-    bench = write_exported_benchmark(root, n_patients=n_patients, seed=seed, scenario=scenario)
-    args = argparse.Namespace(test_folds=bench_stack.import_supports_test_folds(env), embeddings=False)
-    logs = root / "logs"
-    logs.mkdir(exist_ok=True)
-    bench_stack.prepare_imports(args, f"{scenario}-{seed}", bench, logs, env)
-    done.write_text(json.dumps({"models": list(bench.models)}))
-    return bench
-
-
-def reopen(root: Path):
-    """Handles of an already written benchmark (paths only; nothing is regenerated)."""
-    models = json.loads((root / "prepared.json").read_text())["models"]
-    exports = root / "exports"
-    wd = Workdir(root / "work")
-    return argparse.Namespace(
-        root=root, workdir=wd, heldout_test_labels=root / "heldout_test_labels.parquet", models=tuple(models),
-        oof_files={m: exports / f"{m}_oof.parquet" for m in models}, test_files={m: exports / f"{m}_test.parquet" for m in models},
-        latent_evidence=root / "latent_evidence.parquet",
-    )
-
-
 def references(bench, seed: int, cache: Path) -> dict:
     """Held-out scores of the best base model, the plain study LightGBM (timed) and the floor."""
     if cache.is_file():
@@ -243,7 +214,7 @@ def main(argv=None) -> pd.DataFrame:
     rows = []
     for scenario in scenarios:
         for seed in seeds:
-            bench = prepared_bench(scenario, seed, args.out, args.patients, env)
+            bench = bench_stack.prepared_bench(scenario, seed, args.out, args.patients, env)
             for variant in filter(None, args.features.split(";")):
                 name, _, features_args = variant.partition("=")
                 wd = feature_variant(bench, name, features_args, env)

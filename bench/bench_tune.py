@@ -63,8 +63,6 @@ def tune_run(name: str, bench, trials: int, seed: int) -> dict:
 
 
 def main(argv=None) -> pd.DataFrame:
-    import bench_defaults
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stackers", default="lgbm", help="comma-separated (default lgbm)")
     parser.add_argument("--scenarios", default="realistic,persistent")
@@ -85,7 +83,7 @@ def main(argv=None) -> pd.DataFrame:
     rows = []
     for scenario in args.scenarios.split(","):
         for data_seed in bench_stack.parse_seeds(args.seeds):
-            bench = bench_defaults.prepared_bench(scenario, data_seed, args.out, args.patients, env)
+            bench = bench_stack.prepared_bench(scenario, data_seed, args.out, args.patients, env)
             for name in args.stackers.split(","):
                 row = {"scenario": scenario, "seed": data_seed, **tune_run(name, bench, args.trials, args.seed)}
                 rows.append(row)
@@ -107,7 +105,4 @@ def main(argv=None) -> pd.DataFrame:
 
 
 if __name__ == "__main__":
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     main()

@@ -13,6 +13,7 @@ choose anything.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shlex
@@ -403,3 +404,30 @@ def run_benchmark(args) -> dict:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     return report
+
+
+def prepared_bench(scenario: str, seed: int, out: Path, n_patients: int, env: dict):
+    """The generated benchmark with `base import` + `stack features` done (reused when already there)."""
+    root = out / f"{scenario}-{seed}"
+    done = root / "prepared.json"
+    if done.is_file():
+        return reopen(root)
+    bench = write_exported_benchmark(root, n_patients=n_patients, seed=seed, scenario=scenario)
+    args = argparse.Namespace(test_folds=import_supports_test_folds(env), embeddings=False)
+    logs = root / "logs"
+    logs.mkdir(exist_ok=True)
+    prepare_imports(args, f"{scenario}-{seed}", bench, logs, env)
+    done.write_text(json.dumps({"models": list(bench.models)}))
+    return bench
+
+
+def reopen(root: Path):
+    """Handles of an already written benchmark (paths only; nothing is regenerated)."""
+    models = json.loads((root / "prepared.json").read_text())["models"]
+    exports = root / "exports"
+    wd = Workdir(root / "work")
+    return argparse.Namespace(
+        root=root, workdir=wd, heldout_test_labels=root / "heldout_test_labels.parquet", models=tuple(models),
+        oof_files={m: exports / f"{m}_oof.parquet" for m in models}, test_files={m: exports / f"{m}_test.parquet" for m in models},
+        latent_evidence=root / "latent_evidence.parquet",
+    )
