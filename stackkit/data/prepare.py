@@ -198,19 +198,25 @@ def _dicom_files(folder, option: str) -> list[str]:
     return paths
 
 
-@dataclass(frozen=True)
-class PrepareOptions:
-    """What `data prepare` is asked for: :func:`prepare_data`'s keywords."""
+@dataclass(frozen=True, kw_only=True)
+class ScanOptions:
+    """How a `data prepare` reads its DICOM headers and splits the folds (shared by the RSNA 2019 and task layouts)."""
 
-    dicom_dir: str | os.PathLike
-    test_dicom_dir: str | os.PathLike
-    labels_csv: str | os.PathLike
     n_folds: int = 5
     seed: int = 0
     strict: bool = False
     workers: int | None = None
     progress: bool = True
     modalities: object = None  # None (CT), a comma-separated string or a sequence of Modality values
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrepareOptions(ScanOptions):
+    """What `data prepare` is asked for: :func:`prepare_data`'s keywords."""
+
+    dicom_dir: str | os.PathLike
+    test_dicom_dir: str | os.PathLike
+    labels_csv: str | os.PathLike
     image_id: str = "sop"
 
 

@@ -31,7 +31,7 @@ from stackkit.contract.tasks import TaskSchema, get_task
 from stackkit.contract.validate import validate_folds
 from stackkit.data import synth_abdominal as abdominal
 from stackkit.data import synth_cspine as cspine
-from stackkit.data.prepare import grouped_folds, metadata_from_headers, modalities_option, report_skipped, write_data_set
+from stackkit.data.prepare import ScanOptions, grouped_folds, metadata_from_headers, modalities_option, report_skipped, write_data_set
 from stackkit.data.synth_ct import TEST_IMAGES, TRAIN_IMAGES
 from stackkit.data.task_labels import TaskLabels, image_files, read_task_labels
 from stackkit.errors import ContractError, StackkitError
@@ -40,18 +40,12 @@ from stackkit.errors import ContractError, StackkitError
 DEPTH = {cspine.TASK: 1, abdominal.TASK: 2}
 
 
-@dataclass(frozen=True)
-class TaskPrepareOptions:
+@dataclass(frozen=True, kw_only=True)
+class TaskPrepareOptions(ScanOptions):
     """What `data prepare --task` is asked for: :func:`prepare_task_data`'s keywords."""
 
     task: str
     root: str | os.PathLike
-    n_folds: int = 5
-    seed: int = 0
-    strict: bool = False
-    workers: int | None = None
-    progress: bool = True
-    modalities: object = None  # None (CT), a comma-separated string or a sequence of Modality values
 
 
 @dataclass(frozen=True)

@@ -204,7 +204,7 @@ class SeqStacker(SequenceStacker):
         return prepared
 
     def _to_device(self, prepared, device):
-        # the lengths stay on the CPU: pack_padded_sequence takes them there
+        # the lengths stay on the CPU: each batch's width is read from them
         return {key: value if key == "lengths" else to_device(value, device) for key, value in prepared.items()}
 
     @staticmethod
@@ -215,23 +215,23 @@ class SeqStacker(SequenceStacker):
 
     @staticmethod
     def _batch_rows(prepared, studies, lengths, flip):
-        """The batch's real slices as (features, slots in the flattened batch, mask): a study read forward
-        takes its rows from the standardized features, a flipped one (read bottom-up) from their reversed
-        copy in reversed order. Only real slices are gathered: padding costs no feature copy."""
+        """The batch's real slices as (features, slots in the flattened batch, mask, row of each slot): a study
+        read forward takes its rows from the standardized features, a flipped one (read bottom-up) from their
+        reversed copy in reversed order. Only real slices are gathered: padding costs no feature copy."""
         import torch
 
         width = int(lengths.max())
         mask = SeqStacker._batch_mask(lengths, width, studies.device)
         slots = torch.nonzero(mask.flatten()).squeeze(1)
-        row_of_slot = torch.where(flip.unsqueeze(1), prepared["backward_rows"][studies, :width],
-                                  prepared["forward_rows"][studies, :width]).flatten()[slots]
+        slot_rows = torch.where(flip.unsqueeze(1), prepared["backward_rows"][studies, :width], prepared["forward_rows"][studies, :width])
+        row_of_slot = slot_rows.flatten()[slots]
         flipped = flip[slots // width]
         ids_forward, ids_flipped = row_of_slot[~flipped], row_of_slot[flipped]
         features = prepared["features"]
         rows = torch.empty((len(slots), features.shape[1]), dtype=features.dtype, device=features.device)
         torch.index_select(features, 0, ids_forward, out=rows[: len(ids_forward)])
         torch.index_select(prepared["reversed"], 0, ids_flipped, out=rows[len(ids_forward):])
-        return rows, torch.cat([slots[~flipped], slots[flipped]]), mask
+        return rows, torch.cat([slots[~flipped], slots[flipped]]), mask, slot_rows
 
     def _train_batches(self, module, prepared, params, generator):
         import torch
@@ -243,12 +243,9 @@ class SeqStacker(SequenceStacker):
         for studies in torch.split(order, int(params["batch_size"])):
             lengths = lengths_all[studies]
             flip = flip_all[studies].to(device)
-            on_device = studies.to(device)
-            rows, slots, mask = self._batch_rows(prepared, on_device, lengths, flip)
+            rows, slots, mask, slot_rows = self._batch_rows(prepared, studies.to(device), lengths, flip)
             # a flipped study is read bottom-up: its targets in reversed order too
-            width = mask.shape[1]
-            targets = torch.where(flip.unsqueeze(1), prepared["backward_rows"][on_device, :width], prepared["forward_rows"][on_device, :width])
-            yield module(rows, slots, lengths, mask), prepared["targets"][targets], mask
+            yield module(rows, slots, lengths, mask), prepared["targets"][slot_rows], mask
 
     def _predict_logits(self, module, prepared, params, tta):
         import torch
@@ -269,7 +266,7 @@ class SeqStacker(SequenceStacker):
                 if flipped and not tta:
                     continue
                 flip = torch.full((len(studies),), flipped, device=device)
-                rows, slots, mask = self._batch_rows(prepared, studies, lengths, flip)
+                rows, slots, mask, _ = self._batch_rows(prepared, studies, lengths, flip)
                 logits[studies, :w] = module(rows, slots, lengths, mask)
         rows_forward = logits_forward[prepared["row_study"], prepared["row_position"]]
         if not tta:
