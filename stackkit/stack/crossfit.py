@@ -70,6 +70,7 @@ class StackInputs:
     embedding_models: tuple[str, ...] = ()  # base models whose embeddings train/test carry (contract v2)
     # v3: features/test_fold<k>.parquet, the test features once per base fold model (empty: only test.parquet)
     test_fold_paths: tuple[Path, ...] = ()
+    _early_stopping: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def folds(self) -> np.ndarray:
@@ -86,6 +87,14 @@ class StackInputs:
     @property
     def n_folds(self) -> int:
         return int(self.folds.max()) + 1
+
+    def early_stopping_rows(self, held_out_fold: int, seed: int, exclude_fold: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`early_stopping_split` of these rows, made once per (fold, seed, excluded fold): every
+        stacker and trial of a `stack fit` splits alike, and a split is not redrawn for each."""
+        key = (int(held_out_fold), int(seed), None if exclude_fold is None else int(exclude_fold))
+        if key not in self._early_stopping:
+            self._early_stopping[key] = early_stopping_split(self.folds, self.groups, *key[:2], exclude_fold=key[2])
+        return self._early_stopping[key]
 
     @property
     def n_test_sets(self) -> int:

@@ -280,9 +280,12 @@ class _Search:
 def _fit_stackers(wd, core, names, search: _Search, *, device, use_embeddings=True):
     """{name: (StackerResult, TunedStacker | None)} saved to stack/<name>/, and {name: StudyInfo}."""
     from stackkit.stack.crossfit import fit_stacker, load_stack_inputs, save_stacker_result
+    from stackkit.stack.folds import start_fold_workers
 
     tune, trials, deadline, seed, progress = search.tune, search.trials, search.deadline, search.seed, search.progress
 
+    if not tune:  # a tuning trial fits its folds one after the other
+        start_fold_workers({name: device_overrides(name, device) for name in names})
     inputs = load_stack_inputs(wd, use_embeddings=use_embeddings, core=core)  # data/ read and checked once per call
     fitted, studies = {}, {}
     for position, name in enumerate(names):

@@ -267,6 +267,23 @@ def test_folds_fitted_in_processes_are_the_models_fitted_one_after_another(name,
     assert side_by_side.fold_scores == one_after_another.fold_scores
 
 
+def test_fold_workers_have_this_process_environment_of_now_not_the_fork_servers(monkeypatch):
+    import os
+    from multiprocessing import forkserver
+
+    from stackkit.stack import folds
+
+    monkeypatch.setenv("STACKKIT_THREADS", "2")
+    monkeypatch.delenv("STACKKIT_PROBE", raising=False)
+    folds.start_fold_workers({"lgbm": None})  # no stacker of this set fits folds apart: nothing is started for it
+    folds.start_fold_workers({"lgbm": None, "seq": None})
+    if folds._worker_context().get_start_method() == "forkserver":
+        forkserver.ensure_running()  # started before the variable below is set: its environment lacks it
+    monkeypatch.setenv("STACKKIT_PROBE", "set after the fork server started")
+    with folds.fold_worker_pool(1) as pool:
+        assert pool.submit(os.getenv, "STACKKIT_PROBE").result() == "set after the fork server started"
+
+
 def test_threaded_or_gpu_stackers_fit_their_folds_in_this_process():
     from stackkit.stack.folds import fold_processes
 
@@ -309,6 +326,10 @@ def test_early_stopping_splits_over_the_patient_codes_are_those_over_the_patient
             by_codes = early_stopping_split(inputs.folds, inputs.groups, k, seed)
             by_ids = early_stopping_split(inputs.folds, ids, k, seed)
             assert all(np.array_equal(a, b) for a, b in zip(by_codes, by_ids))
+            # every stacker of a `stack fit` gets this split, drawn once
+            kept = inputs.early_stopping_rows(k, seed)
+            assert all(np.array_equal(a, b) for a, b in zip(kept, by_codes)) and inputs.early_stopping_rows(k, seed) is kept
+    assert not np.array_equal(inputs.early_stopping_rows(1, 0, exclude_fold=0)[0], inputs.early_stopping_rows(1, 0)[0])
 
 
 def test_seq_network_is_a_packed_bidirectional_gru_and_loads_its_weights():
