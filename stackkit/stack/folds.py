@@ -97,8 +97,9 @@ def fold_processes(stacker: Stacker, params: dict, n_folds: int, fold_bytes: int
     return max(1, wanted)
 
 
-# what every fold worker imports: once, in the fork server, instead of once per worker (~3 s of CPU each)
-WORKER_PRELOAD = ("torch", "stackkit.stack.folds")
+# what every fold worker imports: once, in the fork server, instead of once per worker (~3 s of CPU
+# each, and 1.5 s more for torch._dynamo, which torch.optim's optimizers import when first built)
+WORKER_PRELOAD = ("torch", "torch._dynamo", "stackkit.stack.folds")
 
 
 def _worker_context():
