@@ -34,33 +34,63 @@ class Step:
                 "returncode": self.returncode}
 
 
-def _tree_rss_kib(pid: int) -> int:
-    """Resident KiB of ``pid`` and all its descendants now (Linux /proc; 0 where it cannot be read)."""
-    total, stack = 0, [pid]
+def _tree_pids(pid: int) -> list[int]:
+    """``pid`` and all its descendants now (Linux /proc; those that cannot be read are left out)."""
+    found, stack = [], [pid]
     while stack:
         current = stack.pop()
         try:
-            with open(f"/proc/{current}/status") as status:
-                total += next((int(line.split()[1]) for line in status if line.startswith("VmRSS:")), 0)
             for task in os.listdir(f"/proc/{current}/task"):
                 with open(f"/proc/{current}/task/{task}/children") as children:
                     stack.extend(int(child) for child in children.read().split())
         except (OSError, ValueError):
             continue
+        found.append(current)
+    return found
+
+
+def _tree_rss_kib(pid: int) -> int:
+    """Resident KiB of ``pid`` and all its descendants now (Linux /proc; 0 where it cannot be read)."""
+    total = 0
+    for current in _tree_pids(pid):
+        try:
+            with open(f"/proc/{current}/status") as status:
+                total += next((int(line.split()[1]) for line in status if line.startswith("VmRSS:")), 0)
+        except (OSError, ValueError):
+            continue
     return total
+
+
+def _own_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` itself (not its children), from /proc (0 where it cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 class _TreePeak(threading.Thread):
     """The largest summed RSS of a process tree, sampled every 0.2 s: a step whose work runs in worker
-    processes (seq's folds) holds the sum of them at once, which no single ru_maxrss shows."""
+    processes (seq's folds) holds the sum of them at once, which no single ru_maxrss shows. And the CPU
+    of every process seen in the tree: seq's fold workers are children of a fork server, which the
+    step's process never waits for, so wait4's rusage leaves them out."""
 
     def __init__(self, pid: int):
         super().__init__(daemon=True)
         self.pid, self.peak_kib, self.done = pid, 0, threading.Event()
+        self.cpu_by_pid: dict[int, float] = {}
 
     def run(self) -> None:
         while not self.done.wait(0.2):
             self.peak_kib = max(self.peak_kib, _tree_rss_kib(self.pid))
+            for pid in _tree_pids(self.pid):
+                self.cpu_by_pid[pid] = max(self.cpu_by_pid.get(pid, 0.0), _own_cpu_s(pid))
+
+    @property
+    def cpu_s(self) -> float:
+        return sum(self.cpu_by_pid.values())
 
 
 def run_step(name: str, args: list, log_dir: Path, env: dict) -> Step:
@@ -76,9 +106,12 @@ def run_step(name: str, args: list, log_dir: Path, env: dict) -> Step:
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - started
         sampler.done.set()
+        sampler.join()
     proc.returncode = os.waitstatus_to_exitcode(status)
     # ru_maxrss is in KiB on Linux
-    return Step(name, wall, max(usage.ru_maxrss, sampler.peak_kib) / 1024.0, proc.returncode, log, usage.ru_utime + usage.ru_stime)
+    # the tree's CPU as sampled misses at most a sample's worth of each process; wait4's misses the fork server's workers
+    cpu = max(usage.ru_utime + usage.ru_stime, sampler.cpu_s)
+    return Step(name, wall, max(usage.ru_maxrss, sampler.peak_kib) / 1024.0, proc.returncode, log, cpu)
 
 
 def child_env(threads: int | None) -> dict:
