@@ -41,6 +41,10 @@ class StackkitGroup(click.Group):
             debug = (ctx.find_root().obj or {}).get("debug")
             if debug:
                 raise
+            if _interrupted(exc):
+                # Ctrl-C while a C extension module initializes surfaces as ImportError("initialization
+                # failed") with the KeyboardInterrupt as its context: still the user's Ctrl-C
+                raise click.Abort() from exc
             if isinstance(exc, StackkitError):
                 raise StackkitCliError(str(exc)) from exc
             if isinstance(exc, OSError):
@@ -51,6 +55,17 @@ class StackkitGroup(click.Group):
                 where = exc.filename or "(a file stackkit was reading or writing)"
                 raise StackkitCliError(f"{where}: {os_error_reason(exc, 'read or write')}") from exc
             raise
+
+
+def _interrupted(exc: BaseException | None) -> bool:
+    """Whether ``exc`` or an exception it was raised from or while handling is a KeyboardInterrupt."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 class StackkitCliError(click.ClickException):

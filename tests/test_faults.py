@@ -371,3 +371,31 @@ def test_a_stacker_fold_mixed_from_two_runs_is_refused(pipeline_workdir, tmp_pat
         shutil.copyfile(fold1 / file, fold0 / file)
     with pytest.raises(ContractError, match=rf"lgbm/fold0/{name}: sha256 \w+\.\.\. differs .*/meta\.json .*refit with `stack fit --stackers lgbm`"):
         load_stacker_models(wd, "lgbm")
+
+
+
+def test_ctrl_c_inside_a_c_extension_import_is_an_interrupt_not_a_traceback():
+    """Ctrl-C while a compiled module initializes reaches the command as ImportError("initialization
+    failed") with the KeyboardInterrupt as its context: the user still gets click's "Aborted!"."""
+    import click
+    from click.testing import CliRunner
+
+    from stackkit.cli import StackkitGroup
+
+    group = StackkitGroup()
+
+    @group.command()
+    def importing():
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise ImportError("initialization failed")
+
+    @group.command()
+    def failing():
+        raise ImportError("no module named nothing")
+
+    result = CliRunner().invoke(group, ["importing"])
+    assert result.exit_code == 1 and "Aborted!" in result.output and isinstance(result.exception, SystemExit)
+    result = CliRunner().invoke(group, ["failing"])  # a real import error stays one
+    assert isinstance(result.exception, ImportError) and not isinstance(result.exception, click.Abort)

@@ -118,21 +118,43 @@ def start_fold_workers(stackers: dict[str, dict | None]) -> None:
     processes: it imports torch while this process reads its inputs and fits the others."""
     if default_threads() < 2 or not any(get_stacker(n).fits_folds_apart(get_stacker(n).resolve_params(p)) for n, p in stackers.items()):
         return
-    if _worker_context().get_start_method() == "forkserver":
-        from multiprocessing import forkserver
+    _ensure_fork_server()
 
+
+def _ensure_fork_server() -> None:
+    """Start the fork server (if that is the context) with Ctrl-C ignored: it shares the terminal's
+    process group, and a Ctrl-C during its imports would print their traceback under the user's
+    command. (It ignores Ctrl-C by itself once they are done; its workers take it back.)"""
+    import signal
+    import threading
+    from multiprocessing import forkserver
+
+    if _worker_context().get_start_method() != "forkserver":
+        return
+    if threading.current_thread() is not threading.main_thread():
         forkserver.ensure_running()
+        return
+    # the server inherits the ignored signal through exec; a Ctrl-C in this instant is not lost, only late
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def fold_worker_pool(processes: int) -> ProcessPoolExecutor:
     """``processes`` workers from the fork server, each with this process's environment of now."""
+    _ensure_fork_server()
     return ProcessPoolExecutor(max_workers=processes, mp_context=_worker_context(), initializer=_start_worker, initargs=(dict(os.environ),))
 
 
 def _start_worker(environment: dict) -> None:
+    import signal
+
     # a forked worker has the fork server's environment, from when it started: use the parent's now, as a spawned one would
     os.environ.clear()
     os.environ.update(environment)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # the server ignores Ctrl-C; a fold being fitted stops on it
 
 
 def _fit_and_save(name: str, params: dict, train: StackData, valid: StackData, seed: int, folder: str) -> None:

@@ -269,6 +269,7 @@ def test_folds_fitted_in_processes_are_the_models_fitted_one_after_another(name,
 
 def test_fold_workers_have_this_process_environment_of_now_not_the_fork_servers(monkeypatch):
     import os
+    import signal
     from multiprocessing import forkserver
 
     from stackkit.stack import folds
@@ -282,6 +283,8 @@ def test_fold_workers_have_this_process_environment_of_now_not_the_fork_servers(
     monkeypatch.setenv("STACKKIT_PROBE", "set after the fork server started")
     with folds.fold_worker_pool(1) as pool:
         assert pool.submit(os.getenv, "STACKKIT_PROBE").result() == "set after the fork server started"
+        # the server ignores Ctrl-C (it shares the terminal's process group); a worker stops on it
+        assert pool.submit(signal.getsignal, signal.SIGINT).result() is signal.default_int_handler
 
 
 def test_threaded_or_gpu_stackers_fit_their_folds_in_this_process():

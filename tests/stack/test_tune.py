@@ -12,8 +12,7 @@ import pytest
 from stackkit.contract import LABEL_WEIGHTS, LABELS
 from stackkit.errors import StackkitError
 from stackkit.metric import weighted_log_loss
-from stackkit.stack import folds
-from stackkit.stack.crossfit import early_stopping_split, fit_stacker, load_stack_inputs
+from stackkit.stack.crossfit import StackInputs, early_stopping_split, fit_stacker, load_stack_inputs
 from stackkit.stack.stackers import STACKERS, Stacker
 from stackkit.stack.storage import make_storage
 from stackkit.stack.tune import outer_fold_of, tune_stacker
@@ -172,14 +171,14 @@ def test_saved_predictions_are_one_recipe_refitted_over_all_folds(inputs, tmp_pa
 def test_the_outer_fold_is_never_fitted_during_the_study(inputs, tmp_path, monkeypatch):
     """Every fit of every trial holds out an inner fold and trains without the outer fold's rows; only the final fits touch it."""
     fits = []
-    original = folds.early_stopping_split
+    original = StackInputs.early_stopping_rows
 
-    def recording(folds, groups, held_out_fold, seed=0, **kwargs):
-        fit_rows, valid_rows = original(folds, groups, held_out_fold, seed, **kwargs)
-        fits.append((int(held_out_fold), set(np.unique(np.asarray(folds)[np.concatenate([fit_rows, valid_rows])]).tolist())))
+    def recording(self, held_out_fold, seed, exclude_fold=None):
+        fit_rows, valid_rows = original(self, held_out_fold, seed, exclude_fold)
+        fits.append((int(held_out_fold), set(np.unique(self.folds[np.concatenate([fit_rows, valid_rows])]).tolist())))
         return fit_rows, valid_rows
 
-    monkeypatch.setattr(folds, "early_stopping_split", recording)  # where the fold jobs call it
+    monkeypatch.setattr(StackInputs, "early_stopping_rows", recording)  # what every fold job calls, once per fit
     tuned, storage = _tune(inputs, tmp_path, trials=8, seed=6)
     outer = tuned.outer_fold
     assert outer == outer_fold_of(6, inputs.n_folds) == 2
