@@ -36,12 +36,12 @@ class StackkitGroup(click.Group):
         except click.Abort:
             raise
         except Exception as exc:  # noqa: BLE001 - mapped below, re-raised otherwise
-            from stackkit.errors import StackkitError
+            from stackkit.errors import StackkitError, raised_by_interrupt
 
             debug = (ctx.find_root().obj or {}).get("debug")
             if debug:
                 raise
-            if _interrupted(exc):
+            if raised_by_interrupt(exc):
                 # Ctrl-C while a C extension module initializes surfaces as ImportError("initialization
                 # failed") with the KeyboardInterrupt as its context: still the user's Ctrl-C
                 raise click.Abort() from exc
@@ -55,17 +55,6 @@ class StackkitGroup(click.Group):
                 where = exc.filename or "(a file stackkit was reading or writing)"
                 raise StackkitCliError(f"{where}: {os_error_reason(exc, 'read or write')}") from exc
             raise
-
-
-def _interrupted(exc: BaseException | None) -> bool:
-    """Whether ``exc`` or an exception it was raised from or while handling is a KeyboardInterrupt."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, KeyboardInterrupt):
-            return True
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return False
 
 
 class StackkitCliError(click.ClickException):

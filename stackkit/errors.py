@@ -26,3 +26,15 @@ class ContractError(StackkitError):
 
 class LeakageError(ContractError):
     """Inputs whose folds disagree with data/folds.parquet; using them would leak labels."""
+
+
+def raised_by_interrupt(exc: BaseException | None) -> bool:
+    """Whether ``exc``, or an exception it was raised from or while handling, is a KeyboardInterrupt
+    (Ctrl-C while a compiled module initializes arrives as ImportError("initialization failed"))."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
