@@ -84,11 +84,9 @@ def fold_processes(stacker: Stacker, params: dict, n_folds: int, fold_bytes: int
     divide evenly over the cores: 5 folds on 2 cores in 3 processes take the time of 2.5 folds (the
     system shares the cores), in 2 processes that of 3. Never more than the folds, nor than the
     memory available holds (``fold_bytes``: one fold's training features)."""
-    if n_folds < 2 or not stacker.fits_folds_apart(params):
+    if n_folds < 2 or not _fits_apart(stacker, params):
         return 1
     cores = default_threads()
-    if cores < 2:
-        return 1
     wanted = min(n_folds, cores if n_folds % cores == 0 else cores + 1)
     available = available_memory_bytes()
     if available is not None:
@@ -113,23 +111,30 @@ def _worker_context():
     return context
 
 
+def _fits_apart(stacker: Stacker, params: dict) -> bool:
+    """Whether ``stacker`` fits its folds in processes on this machine (single-threaded, several cores)."""
+    return stacker.fits_folds_apart(params) and default_threads() >= 2
+
+
 def start_fold_workers(stackers: dict[str, dict | None]) -> None:
     """Start the fork server now if one of ``stackers`` (name -> parameters) fits its folds in
     processes: it imports torch while this process reads its inputs and fits the others."""
-    if default_threads() < 2 or not any(get_stacker(n).fits_folds_apart(get_stacker(n).resolve_params(p)) for n, p in stackers.items()):
-        return
-    _ensure_fork_server()
+    for name, params in stackers.items():
+        stacker = get_stacker(name)
+        if _fits_apart(stacker, stacker.resolve_params(params)):
+            _ensure_fork_server(_worker_context())
+            return
 
 
-def _ensure_fork_server() -> None:
-    """Start the fork server (if that is the context) with Ctrl-C ignored: it shares the terminal's
+def _ensure_fork_server(context) -> None:
+    """Start the fork server (if ``context`` is one) with Ctrl-C ignored: it shares the terminal's
     process group, and a Ctrl-C during its imports would print their traceback under the user's
     command. (It ignores Ctrl-C by itself once they are done; its workers take it back.)"""
     import signal
     import threading
     from multiprocessing import forkserver
 
-    if _worker_context().get_start_method() != "forkserver":
+    if context.get_start_method() != "forkserver":
         return
     if threading.current_thread() is not threading.main_thread():
         forkserver.ensure_running()
@@ -144,8 +149,9 @@ def _ensure_fork_server() -> None:
 
 def fold_worker_pool(processes: int) -> ProcessPoolExecutor:
     """``processes`` workers from the fork server, each with this process's environment of now."""
-    _ensure_fork_server()
-    return ProcessPoolExecutor(max_workers=processes, mp_context=_worker_context(), initializer=_start_worker, initargs=(dict(os.environ),))
+    context = _worker_context()
+    _ensure_fork_server(context)
+    return ProcessPoolExecutor(max_workers=processes, mp_context=context, initializer=_start_worker, initargs=(dict(os.environ),))
 
 
 def _start_worker(environment: dict) -> None:

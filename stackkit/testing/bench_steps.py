@@ -49,16 +49,13 @@ def _tree_pids(pid: int) -> list[int]:
     return found
 
 
-def _tree_rss_kib(pid: int) -> int:
-    """Resident KiB of ``pid`` and all its descendants now (Linux /proc; 0 where it cannot be read)."""
-    total = 0
-    for current in _tree_pids(pid):
-        try:
-            with open(f"/proc/{current}/status") as status:
-                total += next((int(line.split()[1]) for line in status if line.startswith("VmRSS:")), 0)
-        except (OSError, ValueError):
-            continue
-    return total
+def _rss_kib(pid: int) -> int:
+    """Resident KiB of ``pid`` now (Linux /proc; 0 where it cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return next((int(line.split()[1]) for line in status if line.startswith("VmRSS:")), 0)
+    except (OSError, ValueError):
+        return 0
 
 
 def _own_cpu_s(pid: int) -> float:
@@ -84,8 +81,9 @@ class _TreePeak(threading.Thread):
 
     def run(self) -> None:
         while not self.done.wait(0.2):
-            self.peak_kib = max(self.peak_kib, _tree_rss_kib(self.pid))
-            for pid in _tree_pids(self.pid):
+            tree = _tree_pids(self.pid)  # one walk per sample serves both figures
+            self.peak_kib = max(self.peak_kib, sum(_rss_kib(pid) for pid in tree))
+            for pid in tree:
                 self.cpu_by_pid[pid] = max(self.cpu_by_pid.get(pid, 0.0), _own_cpu_s(pid))
 
     @property
