@@ -135,6 +135,7 @@ class StackFitResult:
     weights: tuple[tuple[str, float], ...]  # (source, mean weight over labels), largest first
     score_rows: tuple[ScoreRow, ...]  # the terminal table: base models, stackers, the blend in-sample and on CV
     tuned: tuple[TunedScores, ...]
+    nested: dict | None  # --tune: the submission's pipeline, tuned and defaults, on the outer fold (stack.nested)
     studies: dict[str, StudyInfo]  # per stacker and "blend": the Optuna study (with --tune)
     storage: str | None  # the Optuna storage, password hidden; None without --tune
     budget_s: float | None
@@ -184,6 +185,11 @@ def run_stack_fit(workdir: Workdir, options: StackFitOptions | None = None, **fi
             studies["blend"] = blend_info
         blend = _blend_record(swd, sources, choice, fitted, studies,
                               BlendRun(tune, seed, storage, per_label_weights, resolved_device, budget))
+        if tune:
+            from stackkit.stack.nested import nested_submission
+
+            nested = nested_submission(sources, fitted, per_label=per_label_weights, any_consistency=o.any_consistency)
+            blend = replace(blend, optuna={**blend.optuna, "nested": nested})
         blend = replace(blend, base_oof_scores=base_oof_scores(wd, core, sources), stackers_kept=kept)
         write_blend_record(blend, swd.blend)
         record = blend.to_json()  # the report and the summary read the record as written
@@ -447,7 +453,7 @@ def _result(wd, record, rows, sources: Sources, choice, fitted, studies, seconds
                               t.info.trials_run, t.info.trials_total)
                   for name, (_result, t) in fitted.items() if t is not None)
     optuna = record["optuna"] or {}
-    return StackFitResult(
+    return StackFitResult(nested=optuna.get("nested"),
         chosen=choice.chosen.name, cv=choice.cv, in_sample=choice.in_sample, best_source=best.name, best_source_cv=best.cv.overall,
         sources=tuple(sources.names),
         source_scores={n: weighted_log_loss(sources.y, sources.preds[s]) for s, n in enumerate(sources.names)},

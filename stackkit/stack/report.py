@@ -263,10 +263,16 @@ def _tuning_section(record: dict) -> list[str]:
             for s in record["sources"] if s["kind"] == "stacker" and (t := s.get("tuning"))]
     if not rows:
         return []
-    return ["<h2>Tuning</h2>", html_table(pd.DataFrame(rows)),
-            "<p>The study never saw the outer fold: trials were cross-validated on the other folds, and the selected parameters were "
-            "refitted over all folds. The outer fold's score is honest (no label of it took part in the choice); the defaults are "
-            "scored on the same rows.</p>"]
+    section = ["<h2>Tuning</h2>", html_table(pd.DataFrame(rows)),
+               "<p>The study never saw the outer fold: trials were cross-validated on the other folds, and the selected parameters were "
+               "refitted over all folds. The outer fold's score is honest (no label of it took part in the choice); the defaults are "
+               "scored on the same rows.</p>"]
+    nested = (record.get("optuna") or {}).get("nested")
+    if nested:
+        section.append(f"<p>The submission, nested on outer fold {nested['outer_fold']} (its blend chosen and fitted on the other folds): "
+                       f"tuned {nested['tuned']['overall']:.5f} ({html.escape(nested['tuned_choice'])}), "
+                       f"defaults {nested['defaults']['overall']:.5f} ({html.escape(nested['defaults_choice'])}).</p>")
+    return section
 
 
 CANDIDATE_NOTE = ("Every candidate is scored on predictions it was not fitted on: a source on its OOF file, a blend refitted on the other "

@@ -189,6 +189,9 @@ class TunedStacker:
     defaults_outer: object  # metric.Score on the outer fold
     selected_score: object  # metric.Score: the selected trial's CV over the inner folds
     info: StudyInfo
+    # the defaults fitted over all K folds (no test predictions; ``result`` itself when they were selected):
+    # what the untuned `stack fit` would blend, for the submission's nested comparison (stack.nested)
+    defaults_result: object = None
 
     def as_dict(self) -> dict:
         return {**self.result.tuning, "study": self.info.as_dict()}
@@ -279,7 +282,8 @@ class _Tuning:
         # a final fit trains on K-1 folds where a trial's fits train on K-2: scale their measured time
         growth = (self.n_folds - 1) / (self.n_folds - 2)
         per_fit = self.fit_seconds[self.best_here["number"]]
-        return growth * (self.n_folds * per_fit + self.fit_seconds.get("defaults", per_fit))
+        # the selected recipe and the defaults are each fitted over all K folds
+        return growth * self.n_folds * (per_fit + self.fit_seconds.get("defaults", per_fit))
 
     def out_of_time(self) -> bool:
         return self.deadline is not None and bool(self.best_here) and time.monotonic() > self.deadline - self.reserve()
@@ -339,11 +343,12 @@ class _Tuning:
         labels = list(LABELS)
         honest = weighted_log_loss(inputs.train.Y[rows], result.oof[labels].to_numpy()[rows])
         if _same_params(params, self.default_params):
-            defaults_outer = honest
+            defaults_result, defaults_outer = result, honest
         else:
-            plain = fit_stacker(name, self.default_params, inputs, seed=seed, progress=False, folds=[outer], caches=full_caches,
-                                predict_test=False)
-            defaults_outer = weighted_log_loss(inputs.train.Y[rows], plain.oof[labels].to_numpy()[rows])
+            # over every fold, not only the outer one: the submission's nested score blends the defaults' OOF
+            defaults_result = fit_stacker(name, self.default_params, inputs, seed=seed, progress=False, caches=full_caches,
+                                          predict_test=False)
+            defaults_outer = weighted_log_loss(inputs.train.Y[rows], defaults_result.oof[labels].to_numpy()[rows])
         selected = Score(float(best.user_attrs["score"]["overall"]), dict(best.user_attrs["score"]["per_label"]))
         states = [t.state for t in study.get_trials(deepcopy=False) if t.user_attrs.get("inputs_key") == self.key]
         info = StudyInfo(self.options.study_name, len(study.get_trials(deepcopy=False)), ran, float(best.value), best.number,
@@ -360,7 +365,7 @@ class _Tuning:
                        "pruned": states.count(optuna.trial.TrialState.PRUNED), "inputs_key": self.key},
             "method": TUNING_METHOD,
         }
-        return TunedStacker(result, outer, honest, defaults_outer, selected, info)
+        return TunedStacker(result, outer, honest, defaults_outer, selected, info, defaults_result)
 
 
 def tune_stacker(name: str, inputs, options: TuneOptions | None = None, **fields) -> TunedStacker:
@@ -376,9 +381,10 @@ def tune_stacker(name: str, inputs, options: TuneOptions | None = None, **fields
     count) is refitted over all K folds with ``fit_stacker(name, params, inputs)``: its OOF, test
     predictions and fold models are what is saved. Its loss on fold o is the honest estimate
     (fold o's model trained on the other folds, and no label of fold o took part in choosing
-    the trial); the defaults are fitted on fold o too (one fit, shared binned datasets) for the
-    comparison. ``inputs_key`` is mixed with o, so a continued study never mixes trials of
-    another outer fold. The time budget ``timeout`` includes the refit: the study stops early
+    the trial); the defaults are fitted over all K folds too (sharing the binned datasets): their
+    loss on fold o for the comparison, their OOF for the submission's nested score
+    (``stack.nested``). ``inputs_key`` is mixed with o, so a continued study never mixes trials
+    of another outer fold. The time budget ``timeout`` includes the refit: the study stops early
     enough to leave the time the final fits are expected to take.
     """
     import optuna

@@ -200,6 +200,13 @@ def _variant_scores(wd: Workdir, truth: pd.DataFrame) -> dict:
     return scores
 
 
+def _nested(wd: Workdir) -> dict | None:
+    """With --tune: blend.json's nested scores of the submission (tuned and defaults, on the outer fold)."""
+    from stackkit.contract.io import read_json
+
+    return (read_json(wd.blend).get("optuna") or {}).get("nested")
+
+
 def _reference_scores(bench, truth: pd.DataFrame) -> dict:
     """Held-out scores of every base model and of the train-rate prior."""
     scores = {f"base {model}": score(pd.read_parquet(bench.test_files[model]), truth) for model in bench.models}
@@ -282,7 +289,7 @@ def run_scenario_seed(args, scenario: str, seed: int, root: Path, env: dict) -> 
         steps = _fit_and_submit(f"{label} variant {name}", wd, fit_args, variant_logs, env)
         scores = _variant_scores(wd, truth)
         variants[name] = {"fit_args": fit_args, "timings": step_timings(steps), "scores": scores,
-                          "compare": compare(reference, scores)}
+                          "compare": compare(reference, scores), "nested": _nested(wd)}
         if wd.root != bench.workdir.root and not args.keep:
             shutil.rmtree(wd.root)  # features are copied per variant: free the disk
 
@@ -336,6 +343,10 @@ def print_result(result: dict) -> None:
         print(f"--- variant {name}: stack fit {variant['fit_args'] or '(defaults)'}")
         print_timings(variant["timings"])
         print_compare(variant["compare"])
+        if variant.get("nested"):
+            n = variant["nested"]
+            print(f"nested on outer fold {n['outer_fold']} (blend.json): tuned {n['tuned']['overall']:.5f} ({n['tuned_choice']}), "
+                  f"defaults {n['defaults']['overall']:.5f} ({n['defaults_choice']}), x {n['tuned']['overall'] / n['defaults']['overall']:.3f}")
 
 
 def summarize(results: list[dict]) -> dict:

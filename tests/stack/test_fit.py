@@ -124,6 +124,39 @@ def test_fit_tune_records_studies_and_a_rerun_continues_them(wd):
     assert again[FAST]["trials_total"] == 3 and again["blend"]["trials_total"] == 3
 
 
+def test_fit_tune_records_the_submissions_nested_score_beside_the_defaults(wd):
+    """optuna.nested: the tuned and the untuned pipelines (stackers, then the blend chosen and fitted on the
+    other folds) scored on the outer fold; recomputed here from the saved OOF files and a defaults fit."""
+    from stackkit.stack.crossfit import fit_stacker, load_stack_inputs
+    from stackkit.stack.nested import pipeline_outer_predictions, pipeline_outer_score
+
+    summary = run_stack_fit(wd, stackers=[FAST], tune=True, trials=3, study_name="n", progress=False, blend_base_models=True, seed=1)
+    record = read_json(wd.blend)
+    nested = record["optuna"]["nested"]
+    assert nested["outer_fold"] == record["sources"][0]["tuning"]["outer_fold"] == 1  # seed 1 % 4 folds
+    _, labels, folds = load_core(wd)
+    ids = folds["image_id"].to_numpy(dtype=object)
+    y = labels.set_index("image_id").reindex(ids)[list(LABELS)].to_numpy(dtype=np.float64)
+    saved = np.stack([pd.read_parquet(wd.root / s["oof"]).set_index("image_id").reindex(ids)[list(LABELS)].to_numpy(dtype=np.float64)
+                      for s in record["sources"]])
+    names = [s["name"] for s in record["sources"]]
+    fold_of_row = folds["fold"].to_numpy()
+    tuned, tuned_choice = pipeline_outer_score(saved, y, fold_of_row, names, 1, per_label=True, any_consistency=True)
+    assert nested["tuned"]["overall"] == pytest.approx(tuned.overall) and nested["tuned_choice"] == tuned_choice
+    defaults = fit_stacker(FAST, None, load_stack_inputs(wd), seed=1, progress=False, predict_test=False)
+    saved[0] = defaults.oof.set_index("image_id").reindex(ids)[list(LABELS)].to_numpy(dtype=np.float64)
+    plain, _ = pipeline_outer_score(saved, y, fold_of_row, names, 1, per_label=True, any_consistency=True)
+    assert nested["defaults"]["overall"] == pytest.approx(plain.overall)
+    # the kept blend is chosen and fitted without fold 1's labels: other labels there blend it the same
+    y_swapped = y.copy()
+    y_swapped[fold_of_row == 1] = 1 - y_swapped[fold_of_row == 1]
+    blended, chosen = pipeline_outer_predictions(saved, y, fold_of_row, names, 1, per_label=True, any_consistency=True)
+    assert np.array_equal(pipeline_outer_predictions(saved, y_swapped, fold_of_row, names, 1, per_label=True, any_consistency=True)[0], blended)
+    assert weighted_log_loss(y[fold_of_row == 1], blended).overall == pytest.approx(plain.overall)
+    assert summary.nested == nested and any(line.startswith("submission, nested on outer fold 1: tuned") for line in fit_lines(summary))
+    assert "The submission, nested on outer fold 1" in wd.report_html.read_text()
+
+
 def test_changed_labels_start_a_fresh_tuning_history(wd):
     """A continued study keeps its old trials, but trials scored on other labels never count or show."""
     run_stack_fit(wd, stackers=[FAST], tune=True, trials=2, study_name="k", progress=False)
