@@ -259,3 +259,31 @@ def test_an_excluded_fold_is_neither_trained_nor_predicted(inputs):
     assert np.isnan(oof[inputs.folds == 0]).all() and np.isfinite(oof[inputs.folds != 0]).all()
     with pytest.raises(StackkitError, match="excluded from training"):
         fit_stacker("lgbm", LGBM_FAST, inputs, progress=False, exclude_fold=0)
+
+
+def test_a_tuned_seq_fits_its_folds_in_processes_with_the_same_models(inputs, tmp_path, monkeypatch):
+    """A stacker whose folds fit side by side (seq) fits each trial's inner folds and the final fits in fold
+    processes, not one fold after another in this process; each trial still records its running fold losses,
+    and the recipe's OOF is the one an in-process fit gives, bit for bit."""
+    from stackkit.stack import folds as fold_module
+
+    monkeypatch.setenv("STACKKIT_THREADS", "2")
+    in_processes = []
+    original = fold_module.fit_folds_in_processes
+
+    def recording(name, params, wanted, job, processes, on_done=None):
+        in_processes.append((name, list(wanted), processes))
+        return original(name, params, wanted, job, processes, on_done=on_done)
+
+    monkeypatch.setattr(fold_module, "fit_folds_in_processes", recording)
+    quick = {"max_epochs": 4, "patience": 2, "hidden": 16}
+    tuned, storage = _tune(inputs, tmp_path, name="seq", trials=2, overrides=quick)
+    n_folds, inner = inputs.n_folds, tuned.result.tuning["inner_folds"]
+    fits = 1 if tuned.result.tuning["selected_is_defaults"] else 2  # the recipe, then the defaults
+    # each trial's 3 inner folds in 3 processes, the final fits' 4 folds in 2 (2 cores)
+    assert in_processes == [("seq", inner, 3)] * 2 + [("seq", list(range(n_folds)), 2)] * fits
+    for trial in _trials(storage):
+        assert sorted(trial.intermediate_values) == inner and trial.state == optuna.trial.TrialState.COMPLETE
+    monkeypatch.setenv("STACKKIT_THREADS", "1")  # one core: every fold in this process
+    alone = fit_stacker("seq", tuned.result.params, inputs, seed=0, progress=False, predict_test=False)
+    assert np.array_equal(alone.oof[list(LABELS)].to_numpy(), tuned.result.oof[list(LABELS)].to_numpy())
