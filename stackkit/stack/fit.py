@@ -19,7 +19,7 @@ Order of work (each artifact written atomically):
    single source is kept (bench/bench_defaults.py: the plain lowest-CV rule picked blends with the
    base models that were worse on held-out labels). Base models enter only through fitted weights;
 4. stack/blend.json (the chosen blend, every candidate's CV score, the reason, how the test set is
-   met), then stack/report.html.
+   met; with ``--tune`` the submission's nested score, ``stack.nested``), then stack/report.html.
 
 Test predictions (contract v3): where base models have per-fold test files, every stacker predicts
 each base fold model's test feature set (features/test_fold<k>.parquet) and writes the per-set
