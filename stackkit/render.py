@@ -112,10 +112,9 @@ def fit_lines(result) -> list[str]:
                      f"selected trial {t.selected_trial}: inner CV {t.selected:.5f} (optimistic); "
                      f"{t.trials_run} trials now, {t.trials_total} in study")
     if result.nested:
-        n = result.nested
-        tuned, defaults = n["tuned"]["overall"], n["defaults"]["overall"]
-        lines.append(f"submission, nested on outer fold {n['outer_fold']}: tuned {tuned:.5f} ({n['tuned_choice']}), "
-                     f"defaults {defaults:.5f} ({n['defaults_choice']}): {(tuned / defaults - 1) * 100:+.1f}% (held out of every study)")
+        from stackkit.stack.nested import describe_nested
+
+        lines.append(f"submission, {describe_nested(result.nested)} (held out of every study)")
     if result.storage is not None:
         lines.append(f"optuna storage: {result.storage}; time budget {result.budget_s:.0f} s (--timeout)")
     return lines + _closing_lines(result)

@@ -42,6 +42,7 @@ from stackkit.contract.io import check_set_target, replace_dir
 from stackkit.contract.records import BlendRecord, write_blend_record
 from stackkit.errors import StackkitError
 from stackkit.metric import Score, weighted_log_loss
+from stackkit.stack.inputs import label_array
 
 if TYPE_CHECKING:
     from stackkit.stack.report import ScoreRow
@@ -328,7 +329,7 @@ def base_oof_scores(wd, core, sources: Sources) -> dict:
             preds = sources.preds[sources.names.index(name)]
         else:
             oof = read_oof(wd.oof(model), folds, wd)  # LeakageError when its folds disagree with data/folds.parquet
-            preds = oof.set_index("image_id").reindex(sources.image_ids)[list(LABELS)].to_numpy(dtype=np.float64)
+            preds = label_array(oof, sources.image_ids)
         scores[model] = weighted_log_loss(sources.y, preds).as_dict()
     return scores
 
@@ -348,7 +349,7 @@ def _collect_sources(wd, core, fitted: dict, base_models: list[str]) -> Sources:
         oof_paths.append(files.oof)
         test_paths.append(files.test)
         fold_paths.append([files.test_fold(k) for k in range(len(result.test_folds))])
-        arrays.append(result.oof.set_index("image_id").reindex(image_ids)[list(LABELS)].to_numpy(dtype=np.float64))
+        arrays.append(label_array(result.oof, image_ids))
     for model in base_models:
         oof = read_oof(wd.oof(model), folds, wd)  # LeakageError when its folds disagree with data/folds.parquet
         test = read_test(wd.test(model), metadata, wd)  # submit needs it: refuse a bad one now
@@ -358,8 +359,8 @@ def _collect_sources(wd, core, fitted: dict, base_models: list[str]) -> Sources:
         oof_paths.append(wd.oof(model))
         test_paths.append(wd.test(model))
         fold_paths.append(wd.test_fold_files(model) if per_fold is not None else [])
-        arrays.append(oof.set_index("image_id").reindex(image_ids)[list(LABELS)].to_numpy(dtype=np.float64))
-    y = labels.set_index("image_id").reindex(image_ids)[list(LABELS)].to_numpy(dtype=np.float64)
+        arrays.append(label_array(oof, image_ids))
+    y = label_array(labels, image_ids)
     return Sources(names, kinds, oof_paths, test_paths, fold_paths, np.stack(arrays), y, folds["fold"].to_numpy(), image_ids)
 
 
@@ -453,13 +454,14 @@ def _result(wd, record, rows, sources: Sources, choice, fitted, studies, seconds
                               t.info.trials_run, t.info.trials_total)
                   for name, (_result, t) in fitted.items() if t is not None)
     optuna = record["optuna"] or {}
-    return StackFitResult(nested=optuna.get("nested"),
+    return StackFitResult(
         chosen=choice.chosen.name, cv=choice.cv, in_sample=choice.in_sample, best_source=best.name, best_source_cv=best.cv.overall,
         sources=tuple(sources.names),
         source_scores={n: weighted_log_loss(sources.y, sources.preds[s]) for s, n in enumerate(sources.names)},
         base_oof_scores={m: Score(**score) for m, score in record["base_oof_scores"].items()},
         weights=tuple((w["name"], w["mean_weight"]) for w in record["choice"]["weights_summary"]),
-        score_rows=tuple(rows), tuned=tuned, studies=dict(studies), storage=optuna.get("storage"), budget_s=optuna.get("budget_s"),
+        score_rows=tuple(rows), tuned=tuned, nested=optuna.get("nested"), studies=dict(studies), storage=optuna.get("storage"),
+        budget_s=optuna.get("budget_s"),
         test_sets=record["test_sets"], models_without_test_folds=tuple(record["models_without_test_folds"]),
         stackers_kept=tuple(record["stackers_kept"]), blend=wd.blend, report=wd.report_html,
         stack_dirs={n: wd.stack_dir(n) for n in fitted}, seconds=seconds,

@@ -84,7 +84,7 @@ def fold_processes(stacker: Stacker, params: dict, n_folds: int, fold_bytes: int
     divide evenly over the cores: 5 folds on 2 cores in 3 processes take the time of 2.5 folds (the
     system shares the cores), in 2 processes that of 3. Never more than the folds, nor than the
     memory available holds (``fold_bytes``: one fold's training features)."""
-    if n_folds < 2 or not _fits_apart(stacker, params):
+    if n_folds < 2 or not fits_apart(stacker, params):
         return 1
     cores = default_threads()
     wanted = min(n_folds, cores if n_folds % cores == 0 else cores + 1)
@@ -111,7 +111,7 @@ def _worker_context():
     return context
 
 
-def _fits_apart(stacker: Stacker, params: dict) -> bool:
+def fits_apart(stacker: Stacker, params: dict) -> bool:
     """Whether ``stacker`` fits its folds in processes on this machine (single-threaded, several cores)."""
     return stacker.fits_folds_apart(params) and default_threads() >= 2
 
@@ -121,7 +121,7 @@ def start_fold_workers(stackers: dict[str, dict | None]) -> None:
     processes: it imports torch while this process reads its inputs and fits the others."""
     for name, params in stackers.items():
         stacker = get_stacker(name)
-        if _fits_apart(stacker, stacker.resolve_params(params)):
+        if fits_apart(stacker, stacker.resolve_params(params)):
             _ensure_fork_server(_worker_context())
             return
 

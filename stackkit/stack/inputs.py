@@ -187,3 +187,8 @@ def check_features(data: StackData, n_features: int | None = None, what: str = "
         row, col = map(int, np.argwhere(inf)[0])
         raise StackkitError(f"{what} feature column {col} is {X[row, col]} at {_row_name(data, row)}; expected a finite number or NaN")
     return X
+
+
+def label_array(frame, image_ids: np.ndarray) -> np.ndarray:
+    """(n, 6) float64: ``frame``'s six label columns (labels or probabilities) in the order of ``image_ids``."""
+    return frame.set_index("image_id").reindex(image_ids)[list(LABELS)].to_numpy(dtype=np.float64)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from stackkit.contract import LABELS
 from stackkit.errors import StackkitError
 from stackkit.metric import weighted_log_loss
 
@@ -60,15 +59,23 @@ def nested_submission(sources, fitted: dict, *, per_label: bool, any_consistency
     tuned = {name: t for name, (_result, t) in fitted.items() if t is not None}
     if not tuned:
         return None
+    from stackkit.stack.inputs import label_array
+
     outer = outer_fold_of_run(tuned)
     defaults = np.array(sources.preds, copy=True)
     for s, name in enumerate(sources.names):
         stacker = name.removeprefix("stack/") if sources.kinds[s] == "stacker" else None
         if stacker in tuned:
-            oof = tuned[stacker].defaults_result.oof.set_index("image_id").reindex(sources.image_ids)[list(LABELS)]
-            defaults[s] = oof.to_numpy(dtype=np.float64)
+            defaults[s] = label_array(tuned[stacker].defaults_result.oof, sources.image_ids)
     options = dict(per_label=per_label, any_consistency=any_consistency)
     tuned_score, tuned_choice = pipeline_outer_score(sources.preds, sources.y, sources.folds, sources.names, outer, **options)
     defaults_score, defaults_choice = pipeline_outer_score(defaults, sources.y, sources.folds, sources.names, outer, **options)
     return {"outer_fold": int(outer), "tuned": tuned_score.as_dict(), "defaults": defaults_score.as_dict(),
             "tuned_choice": tuned_choice, "defaults_choice": defaults_choice, "method": NESTED_METHOD}
+
+
+def describe_nested(nested: dict) -> str:
+    """One line of blend.json's ``optuna.nested`` (the summary, the report and bench_stack print it)."""
+    tuned, defaults = nested["tuned"]["overall"], nested["defaults"]["overall"]
+    return (f"nested on outer fold {nested['outer_fold']}: tuned {tuned:.5f} ({nested['tuned_choice']}), "
+            f"defaults {defaults:.5f} ({nested['defaults_choice']}): {(tuned / defaults - 1) * 100:+.1f}%")

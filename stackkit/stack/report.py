@@ -269,9 +269,9 @@ def _tuning_section(record: dict) -> list[str]:
                "scored on the same rows.</p>"]
     nested = (record.get("optuna") or {}).get("nested")
     if nested:
-        section.append(f"<p>The submission, nested on outer fold {nested['outer_fold']} (its blend chosen and fitted on the other folds): "
-                       f"tuned {nested['tuned']['overall']:.5f} ({html.escape(nested['tuned_choice'])}), "
-                       f"defaults {nested['defaults']['overall']:.5f} ({html.escape(nested['defaults_choice'])}).</p>")
+        from stackkit.stack.nested import describe_nested
+
+        section.append(f"<p>The submission, {html.escape(describe_nested(nested))} (its blend chosen and fitted on the other folds).</p>")
     return section
 
 

@@ -292,6 +292,7 @@ class _Tuning:
         import optuna
 
         from stackkit.stack.crossfit import FoldPruned, fit_stacker
+        from stackkit.stack.folds import fits_apart
 
         params = {**self.stacker.suggest_params(trial), **self.overrides}
         trial.set_user_attr("inputs_key", self.key)
@@ -313,7 +314,7 @@ class _Tuning:
 
         # a stacker that fits its folds side by side in processes (seq, one thread each) fits a trial's folds
         # so too: twice the trials in the budget on 2 cores, for no pruning inside a trial
-        apart = self.stacker.fits_folds_apart(params)
+        apart = fits_apart(self.stacker, params)
         try:
             result = fit_stacker(self.name, params, self.inputs, seed=self.options.seed, progress=False, folds=inner,
                                  exclude_fold=self.outer, on_fold=None if apart else on_fold,
@@ -339,6 +340,7 @@ class _Tuning:
 
         from stackkit.metric import Score, weighted_log_loss
         from stackkit.stack.crossfit import fit_stacker
+        from stackkit.stack.folds import fits_apart
 
         name, inputs, seed, outer = self.name, self.inputs, self.options.seed, self.outer
         candidates = [t for t in completed_trials(study, self.key) if len(t.user_attrs.get("fold_losses", [])) == len(self.inner)]
@@ -350,7 +352,7 @@ class _Tuning:
         # per fold, all other folds' rows (binned datasets): shared by the refit and the defaults' fit. A stacker
         # whose folds fit side by side in processes (seq) keeps none: caches live in this process, and its two
         # full fits take half the time in processes
-        full_caches: dict | None = None if self.stacker.fits_folds_apart(params) else {}
+        full_caches: dict | None = None if fits_apart(self.stacker, params) else {}
         result = fit_stacker(name, params, inputs, seed=seed, progress=self.options.progress, caches=full_caches)
         rows = inputs.folds == outer
         labels = list(LABELS)

@@ -344,9 +344,9 @@ def print_result(result: dict) -> None:
         print_timings(variant["timings"])
         print_compare(variant["compare"])
         if variant.get("nested"):
-            n = variant["nested"]
-            print(f"nested on outer fold {n['outer_fold']} (blend.json): tuned {n['tuned']['overall']:.5f} ({n['tuned_choice']}), "
-                  f"defaults {n['defaults']['overall']:.5f} ({n['defaults_choice']}), x {n['tuned']['overall'] / n['defaults']['overall']:.3f}")
+            from stackkit.stack.nested import describe_nested
+
+            print(f"submission (blend.json): {describe_nested(variant['nested'])}")
 
 
 def summarize(results: list[dict]) -> dict:
