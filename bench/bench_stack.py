@@ -68,6 +68,9 @@ def parse_args(argv=None):
     parser.add_argument("--baseline-threads", type=int, default=2, help="LightGBM threads of the baseline (default 2)")
     parser.add_argument("--baseline-rounds", type=int, default=2000, help="most boosting rounds per label of the baseline (default 2000)")
     parser.add_argument("--threads", type=int, default=None, help="$STACKKIT_THREADS for the CLI steps (default: unset)")
+    parser.add_argument("--timing-repeats", type=int, default=1,
+                        help="time the plain LightGBM and each variant's `stack fit` N times, interleaved, and report the "
+                             "medians (default 1)")
     parser.add_argument("--keep", default=None, help="write everything under this folder and keep it (default: a temporary one)")
     parser.add_argument("--json", default=None, help="write every figure to this JSON file")
     args = parser.parse_args(argv)
@@ -79,6 +82,8 @@ def parse_args(argv=None):
     unknown = [s for s in args.scenarios if s not in SCENARIOS]
     if unknown:
         parser.error(f"--scenario: unknown {', '.join(unknown)} (known: {', '.join(SCENARIOS)})")
+    if args.timing_repeats < 1:
+        parser.error(f"--timing-repeats: expected at least 1, got {args.timing_repeats}")
     args.seed_list = parse_seeds(args.seeds)
     args.variant_list = parse_variants(args.variants, args.fit_args)
     return args

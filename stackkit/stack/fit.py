@@ -108,7 +108,8 @@ class StackFitOptions:
 @dataclass(frozen=True)
 class TunedScores:
     """A tuned stacker's numbers: its refitted recipe on the outer fold (honest) beside the defaults
-    there, and the selected trial's inner CV (optimistic: it was chosen on it)."""
+    there, and the selected trial's inner CV (optimistic when it was chosen on it, not when no trial
+    was clearly better and the defaults stayed)."""
 
     name: str
     honest: float
@@ -118,6 +119,7 @@ class TunedScores:
     selected: float
     trials_run: int
     trials_total: int
+    selected_is_defaults: bool = False
 
 
 @dataclass(frozen=True)
@@ -450,8 +452,8 @@ def test_sets_record(wd: Workdir, sources: Sources) -> dict:
 
 def _result(wd, record, rows, sources: Sources, choice, fitted, studies, seconds) -> StackFitResult:
     best = min((c for c in choice.candidates if c.kind == "source"), key=lambda c: c.cv.overall)
-    tuned = tuple(TunedScores(name, t.honest.overall, t.outer_fold, t.defaults_outer.overall, t.info.best_trial, t.selected_score.overall,
-                              t.info.trials_run, t.info.trials_total)
+    tuned = tuple(TunedScores(name, t.honest.overall, t.outer_fold, t.defaults_outer.overall, t.result.tuning["selected_trial"], t.selected_score.overall,
+                              t.info.trials_run, t.info.trials_total, bool(t.result.tuning["selected_is_defaults"]))
                   for name, (_result, t) in fitted.items() if t is not None)
     optuna = record["optuna"] or {}
     return StackFitResult(

@@ -21,6 +21,7 @@ import pandas as pd
 from stackkit.contract import LABELS, Workdir
 from stackkit.contract.io import write_text
 from stackkit.stack.blend import MIN_BLEND_GAIN
+from stackkit.stack.tune import MIN_TUNED_GAIN
 
 TOP_FEATURES = 20
 
@@ -257,22 +258,29 @@ def test_sets_note(test_sets: int, without) -> str:
 def _tuning_section(record: dict) -> list[str]:
     """Per tuned stacker: the outer fold's scores (selected recipe, defaults) beside the selected trial's inner CV."""
     rows = [{"stacker": s["name"], "outer fold": str(t["outer_fold"]), "honest (outer fold)": t["honest"]["overall"],
-             "defaults (outer fold)": t["defaults_outer"]["overall"], "selected trial": str(t["selected_trial"]),
-             "its inner CV (optimistic)": t["selected"]["overall"],
+             "defaults (outer fold)": t["defaults_outer"]["overall"],
+             "selected trial": str(t["selected_trial"]) + (" (the defaults)" if t.get("selected_is_defaults") else ""),
+             "its inner CV": t["selected"]["overall"], "lowest inner CV (trial)": _lowest(t),
              "trials now / complete / pruned": f"{t['trials']['run_now']} / {t['trials']['complete']} / {t['trials']['pruned']}"}
             for s in record["sources"] if s["kind"] == "stacker" and (t := s.get("tuning"))]
     if not rows:
         return []
     section = ["<h2>Tuning</h2>", html_table(pd.DataFrame(rows)),
                "<p>The study never saw the outer fold: trials were cross-validated on the other folds, and the selected parameters were "
-               "refitted over all folds. The outer fold's score is honest (no label of it took part in the choice); the defaults are "
-               "scored on the same rows.</p>"]
+               "refitted over all folds. A trial is selected only when it is below the defaults' trial on every inner fold and at least "
+               f"{MIN_TUNED_GAIN:.1%} below it overall (the lowest such trial); else the defaults stay. The inner CV of a selected trial "
+               "is optimistic (it was chosen on it); the outer fold's score is honest (no label of it took part in the choice); the "
+               "defaults are scored on the same rows.</p>"]
     nested = (record.get("optuna") or {}).get("nested")
     if nested:
         from stackkit.stack.nested import describe_nested
 
         section.append(f"<p>The submission, {html.escape(describe_nested(nested))} (its blend chosen and fitted on the other folds).</p>")
     return section
+
+
+def _lowest(tuning: dict) -> str:
+    return f"{tuning['best']:.5f} ({tuning['best_trial']})" if "best" in tuning else ""
 
 
 CANDIDATE_NOTE = ("Every candidate is scored on predictions it was not fitted on: a source on its OOF file, a blend refitted on the other "

@@ -163,10 +163,18 @@ class StudyInfo:
 # --- stackers ------------------------------------------------------------------------------------
 
 
+# A trial replaces the defaults only when it is clearly better on the inner CV: the blend's rule for
+# a blend over the best single source (stack.blend.MIN_BLEND_GAIN), for the same reason. Inner-CV gains of
+# a few percent that are uneven over the folds did not carry over to held-out labels (bench_stack,
+# tuning seeds): a trial that loses one inner fold is kept out, and the defaults stay.
+MIN_TUNED_GAIN = 0.005
+SELECTION_RULE = (f"the lowest inner-CV trial among those below the defaults' trial on every inner fold and at least "
+                  f"{MIN_TUNED_GAIN:.1%} below it overall; the defaults when no trial is")
 TUNING_METHOD = ("outer fold o (seed % K) held out of the study: trials are scored, pruned and proposed on CV over the other "
-                 "folds (each inner fit trains on K-2 folds); the best trial's parameters are refitted as one recipe over all "
-                 "K folds (OOF, test predictions, fold models); honest = that recipe's loss on fold o, defaults_outer = the "
-                 "defaults' loss on fold o, selected = the best trial's inner-CV loss (optimistic: chosen on it)")
+                 "folds (each inner fit trains on K-2 folds); the selected trial (" + SELECTION_RULE + ") is refitted as one "
+                 "recipe over all K folds (OOF, test predictions, fold models); honest = that recipe's loss on fold o, "
+                 "defaults_outer = the defaults' loss on fold o, selected = the selected trial's inner-CV loss (optimistic "
+                 "when it was chosen on it), best = the lowest inner-CV trial")
 
 
 def outer_fold_of(seed: int, n_folds: int) -> int:
@@ -348,7 +356,8 @@ class _Tuning:
             raise StackkitError(f"study '{self.options.study_name}': no trial of stacker '{name}' completed; "
                                 "see the errors above or rerun with more --trials")
         best = min(candidates, key=lambda t: t.value)
-        params = dict(best.user_attrs["params"])
+        chosen = select_trial(candidates, self.default_params)
+        params = dict(chosen.user_attrs["params"])
         # per fold, all other folds' rows (binned datasets): shared by the refit and the defaults' fit. A stacker
         # whose folds fit side by side in processes (seq) keeps none: caches live in this process, and its two
         # full fits take half the time in processes
@@ -364,7 +373,7 @@ class _Tuning:
             defaults_result = fit_stacker(name, self.default_params, inputs, seed=seed, progress=False, caches=full_caches,
                                           predict_test=False)
             defaults_outer = weighted_log_loss(inputs.train.Y[rows], defaults_result.oof[labels].to_numpy()[rows])
-        selected = Score(float(best.user_attrs["score"]["overall"]), dict(best.user_attrs["score"]["per_label"]))
+        selected = Score(float(chosen.user_attrs["score"]["overall"]), dict(chosen.user_attrs["score"]["per_label"]))
         states = [t.state for t in study.get_trials(deepcopy=False) if t.user_attrs.get("inputs_key") == self.key]
         info = StudyInfo(self.options.study_name, len(study.get_trials(deepcopy=False)), ran, float(best.value), best.number,
                          study_history(study, self.key))
@@ -374,8 +383,11 @@ class _Tuning:
             "honest": honest.as_dict(),
             "defaults_outer": defaults_outer.as_dict(),
             "selected": selected.as_dict(),
-            "selected_trial": int(best.number),
+            "selected_trial": int(chosen.number),
             "selected_is_defaults": _same_params(params, self.default_params),
+            "best_trial": int(best.number),
+            "best": float(best.value),
+            "rule": SELECTION_RULE,
             "trials": {"run_now": ran, "complete": states.count(optuna.trial.TrialState.COMPLETE),
                        "pruned": states.count(optuna.trial.TrialState.PRUNED), "inputs_key": self.key},
             "method": TUNING_METHOD,
@@ -391,10 +403,12 @@ def tune_stacker(name: str, inputs, options: TuneOptions | None = None, **fields
     every trial is a cross-validation over the other K-1 folds (each fit trains and early-stops
     on K-2 of them, ``fit_stacker(..., exclude_fold=o)``), reports its running loss after each
     fold (Optuna's median pruner stops clearly worse trials) and is scored by its pooled inner
-    OOF loss; TPE only ever sees those scores. Trial 0 is the stacker's defaults. The trial best
-    on the inner CV (among every trial of this key in the study: earlier runs and other workers
-    count) is refitted over all K folds with ``fit_stacker(name, params, inputs)``: its OOF, test
-    predictions and fold models are what is saved. Its loss on fold o is the honest estimate
+    OOF loss; TPE only ever sees those scores. Trial 0 is the stacker's defaults. Among every
+    trial of this key in the study (earlier runs and other workers count), :func:`select_trial`
+    picks the lowest inner-CV trial that is clearly better than the defaults (below them on every
+    inner fold and by :data:`MIN_TUNED_GAIN`), else the defaults; that recipe is refitted over all
+    K folds with ``fit_stacker(name, params, inputs)``: its OOF, test predictions and fold models
+    are what is saved. Its loss on fold o is the honest estimate
     (fold o's model trained on the other folds, and no label of fold o took part in choosing
     the trial); the defaults are fitted over all K folds too (sharing the binned datasets): their
     loss on fold o for the comparison, their OOF for the submission's nested score
@@ -417,6 +431,18 @@ def tune_stacker(name: str, inputs, options: TuneOptions | None = None, **fields
         ran = run_trials(study, run.objective, trials=options.trials, timeout=remaining, progress=options.progress,
                          desc=f"tune {name}", inputs_key=run.key, stop=run.out_of_time)
         return run.refit_best(study, ran)
+
+
+def select_trial(candidates: list, default_params: dict, min_gain: float = MIN_TUNED_GAIN):
+    """The trial whose parameters are refitted (:data:`SELECTION_RULE`), among complete trials of one key
+    (each with ``fold_losses`` over the same inner folds); the lowest one when the defaults' trial is absent."""
+    defaults = next((t for t in candidates if _same_params(t.user_attrs["params"], default_params)), None)
+    if defaults is None:
+        return min(candidates, key=lambda t: t.value)
+    defaults_folds = np.asarray(defaults.user_attrs["fold_losses"], dtype=np.float64)
+    clearly_better = [t for t in candidates if t.value <= defaults.value * (1.0 - min_gain)
+                      and bool(np.all(np.asarray(t.user_attrs["fold_losses"], dtype=np.float64) < defaults_folds))]
+    return min(clearly_better, key=lambda t: t.value) if clearly_better else defaults
 
 
 def _same_params(a: dict, b: dict) -> bool:

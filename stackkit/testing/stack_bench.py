@@ -293,6 +293,9 @@ def run_scenario_seed(args, scenario: str, seed: int, root: Path, env: dict) -> 
         if wd.root != bench.workdir.root and not args.keep:
             shutil.rmtree(wd.root)  # features are copied per variant: free the disk
 
+    for repeat in range(1, args.timing_repeats):
+        _time_again(args, bench, seed, root / f"retime{repeat}", env, timings, variants)
+    _take_medians([timings["baseline lightgbm"]] if "baseline lightgbm" in timings else [], [v["timings"]["stack fit"] for v in variants.values()])
     return {
         "scenario": scenario,
         "seed": seed,
@@ -303,6 +306,42 @@ def run_scenario_seed(args, scenario: str, seed: int, root: Path, env: dict) -> 
         "reference_scores": reference,
         "variants": variants,
     }
+
+
+def _time_again(args, bench, seed: int, out: Path, env: dict, timings: dict, variants: dict) -> None:
+    """One more timing of the plain LightGBM and of every variant's `stack fit`, one after the other
+    (each alone), on fresh copies of the imported work dir; appended to ``wall_s_runs``. Wall times
+    on a shared machine drift by minutes: repeated, interleaved runs and their medians compare like
+    with like."""
+    if "baseline lightgbm" in timings:
+        started = time.perf_counter()
+        lightgbm_baseline(bench, seed, threads=args.baseline_threads, max_rounds=args.baseline_rounds)
+        _runs(timings["baseline lightgbm"]).append(round(time.perf_counter() - started, 3))
+    for name, fit_args in args.variant_list:
+        wd = Workdir(out / name)
+        shutil.copytree(bench.workdir.root, wd.root, ignore=shutil.ignore_patterns("stack", "optuna", "submission.csv"))
+        logs = out / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        steps: list[Step] = []
+        step_runner(f"{name} again", logs, env, steps)("stack fit", "stack", "fit", "--workdir", wd.root, "--quiet", *shlex.split(fit_args))
+        _runs(variants[name]["timings"]["stack fit"]).append(round(steps[0].wall_s, 3))
+        shutil.rmtree(wd.root)
+
+
+def _runs(timing: dict) -> list:
+    return timing.setdefault("wall_s_runs", [timing["wall_s"]])
+
+
+def _take_medians(*groups) -> None:
+    for timing in (t for group in groups for t in group):
+        if len(timing.get("wall_s_runs", [])) > 1:
+            timing["wall_s"] = round(float(np.median(timing["wall_s_runs"])), 3)
+
+
+def time_ratio(result: dict, variant: str) -> float:
+    """The variant's `stack fit` wall time over the plain LightGBM's, same run (medians when repeated)."""
+    baseline = result["timings"].get("baseline lightgbm")
+    return result["variants"][variant]["timings"]["stack fit"]["wall_s"] / baseline["wall_s"] if baseline else float("nan")
 
 
 # --- printing ----------------------------------------------------------------------------------
@@ -342,11 +381,20 @@ def print_result(result: dict) -> None:
     for name, variant in result["variants"].items():
         print(f"--- variant {name}: stack fit {variant['fit_args'] or '(defaults)'}")
         print_timings(variant["timings"])
+        print(f"stack fit / plain LightGBM wall time: {time_ratio(result, name):.2f}x" + _runs_text(result, name))
         print_compare(variant["compare"])
         if variant.get("nested"):
             from stackkit.stack.nested import describe_nested
 
             print(f"submission (blend.json): {describe_nested(variant['nested'])}")
+
+
+def _runs_text(result: dict, variant: str) -> str:
+    fit, baseline = result["variants"][variant]["timings"]["stack fit"], result["timings"].get("baseline lightgbm", {})
+    if len(fit.get("wall_s_runs", [])) < 2:
+        return ""
+    show = lambda runs: "/".join(f"{w:.1f}" for w in runs)
+    return f" (medians of stack fit {show(fit['wall_s_runs'])} s, LightGBM {show(baseline.get('wall_s_runs', []))} s)"
 
 
 def summarize(results: list[dict]) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import optuna
@@ -15,7 +16,7 @@ from stackkit.metric import weighted_log_loss
 from stackkit.stack.crossfit import StackInputs, early_stopping_split, fit_stacker, load_stack_inputs
 from stackkit.stack.stackers import STACKERS, Stacker
 from stackkit.stack.storage import make_storage
-from stackkit.stack.tune import outer_fold_of, tune_stacker
+from stackkit.stack.tune import MIN_TUNED_GAIN, outer_fold_of, select_trial, tune_stacker
 from stackkit.testing.stack import FAST_PARAMS, write_stack_workdir
 
 LGBM_FAST = {k: v for k, v in FAST_PARAMS["lgbm"].items() if k != "num_boost_round"} | {"num_boost_round": 60}
@@ -120,7 +121,7 @@ def _expected_inner_cv(inputs, outer: int, seed: int, sigma: float) -> tuple[flo
 
 
 def test_the_outer_fold_removes_the_selection_bias_of_many_equal_trials(inputs, monkeypatch):
-    """40 trials that differ only by noise: the selected trial's inner CV is biased low, the outer fold's score is not.
+    """40 trials that differ only by noise: the lowest trial's inner CV is biased low, the outer fold's score is not.
 
     One run per outer fold (seeds 0..3 -> folds 0..3); scores are compared with their exact
     expectation over the noise (and its spread), computed from the labels.
@@ -136,9 +137,10 @@ def test_the_outer_fold_removes_the_selection_bias_of_many_equal_trials(inputs, 
         rows = inputs.folds == outer
         true_outer, spread_outer = _expected_loss(inputs.train.Y[rows], tuned.result.models[outer].prior, sigma)
         true_inner, spread_inner = _expected_inner_cv(inputs, outer, seed, sigma)
-        selected_z.append((tuned.selected_score.overall - true_inner) / spread_inner)
+        lowest = tuned.result.tuning["best"]
+        selected_z.append((lowest - true_inner) / spread_inner)
         honest_z.append((tuned.honest.overall - true_outer) / spread_outer)
-        assert tuned.selected_score.overall < true_inner - spread_inner  # the best of many noisy trials: optimistic
+        assert lowest < true_inner - spread_inner  # the best of many noisy trials: optimistic
         assert abs(tuned.honest.overall - true_outer) < 3.5 * spread_outer  # an ordinary draw around the true loss
         assert selected_z[-1] < honest_z[-1]
     assert np.mean(selected_z) < -1.5  # the expected minimum of ~40 standard normals is about -2.2
@@ -154,8 +156,14 @@ def test_saved_predictions_are_one_recipe_refitted_over_all_folds(inputs, tmp_pa
     assert 0 in done and done[0].params["num_leaves"] == 15  # trial 0 is the defaults
     best = min(done.values(), key=lambda t: t.value)
     tuning = tuned.result.tuning
-    assert tuning["selected_trial"] == best.number and tuning["selected"]["overall"] == pytest.approx(best.value)
-    plain = fit_stacker("lgbm", best.user_attrs["params"], inputs, seed=0, progress=False)
+    assert tuning["best_trial"] == best.number and tuning["best"] == pytest.approx(best.value)
+    # the selection rule, restated: the lowest trial below the defaults on every inner fold and by MIN_TUNED_GAIN overall
+    clearly = [t for t in done.values() if t.value <= done[0].value * (1 - MIN_TUNED_GAIN)
+               and all(a < b for a, b in zip(t.user_attrs["fold_losses"], done[0].user_attrs["fold_losses"]))]
+    chosen = min(clearly, key=lambda t: t.value) if clearly else done[0]
+    assert tuning["selected_trial"] == chosen.number and tuning["selected"]["overall"] == pytest.approx(chosen.value)
+    assert tuning["selected_is_defaults"] == (chosen.number == 0)
+    plain = fit_stacker("lgbm", chosen.user_attrs["params"], inputs, seed=0, progress=False)
     assert np.array_equal(tuned.result.oof[list(LABELS)].to_numpy(), plain.oof[list(LABELS)].to_numpy())
     assert np.array_equal(tuned.result.test[list(LABELS)].to_numpy(), plain.test[list(LABELS)].to_numpy())
     assert len(tuned.result.models) == inputs.n_folds and tuned.result.params == plain.params
@@ -166,6 +174,29 @@ def test_saved_predictions_are_one_recipe_refitted_over_all_folds(inputs, tmp_pa
     assert tuning["defaults_outer"]["overall"] == pytest.approx(defaults_loss)
     assert tuning["trials"]["run_now"] == 8 and tuning["trials"]["complete"] + tuning["trials"]["pruned"] == 8
     assert tuned.as_dict()["study"]["best_trial"] == best.number
+
+
+def _trial(number, fold_losses, params=None):
+    return SimpleNamespace(number=number, value=float(np.mean(fold_losses)), user_attrs={"fold_losses": fold_losses, "params": params or {"lr": number}})
+
+
+DEFAULTS = {"lr": 0}
+
+
+@pytest.mark.parametrize("others, expected", [
+    ([], 0),  # only the defaults
+    ([_trial(1, [0.05, 0.05, 0.11])], 0),  # 4 % lower overall, but worse on one fold
+    ([_trial(1, [0.0998, 0.0997, 0.0998])], 0),  # below on every fold, by less than MIN_TUNED_GAIN
+    ([_trial(1, [0.09, 0.09, 0.09]), _trial(2, [0.095, 0.094, 0.095])], 1),  # the lowest of the clearly better ones
+    ([_trial(1, [0.05, 0.05, 0.101]), _trial(2, [0.095, 0.094, 0.095])], 2),  # the lowest overall is not clearly better
+])
+def test_a_trial_replaces_the_defaults_only_when_clearly_better_on_every_inner_fold(others, expected):
+    defaults = _trial(0, [0.1, 0.1, 0.1], DEFAULTS)
+    assert select_trial([defaults, *others], DEFAULTS).number == expected
+
+
+def test_without_the_defaults_trial_the_lowest_trial_is_selected():
+    assert select_trial([_trial(3, [0.2, 0.2]), _trial(4, [0.1, 0.3]), _trial(5, [0.19, 0.19])], DEFAULTS).number == 5
 
 
 def test_the_outer_fold_is_never_fitted_during_the_study(inputs, tmp_path, monkeypatch):

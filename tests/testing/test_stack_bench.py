@@ -21,7 +21,7 @@ def _options(tmp_path, **changes) -> argparse.Namespace:
     fields = dict(scenarios=["persistent"], seed_list=bench.parse_seeds("3"), patients=30, models=2,
                   variant_list=bench.parse_variants("lgbm=--stackers lgbm;again=--stackers lgbm", ""), embeddings=False,
                   embedding_dim=0, no_test_folds=False, no_baseline=False, baseline_ablation=False, baseline_threads=2,
-                  baseline_rounds=40, threads=None, keep=str(tmp_path / "runs"), json=str(tmp_path / "out.json"))
+                  baseline_rounds=40, threads=None, timing_repeats=2, keep=str(tmp_path / "runs"), json=str(tmp_path / "out.json"))
     return argparse.Namespace(**{**fields, **changes})
 
 
@@ -39,7 +39,7 @@ def test_seed_sets_and_variants_parse():
 
 @pytest.mark.timeout(300)
 def test_bench_stack_runs_end_to_end_and_prints_a_loss(tmp_path, capsys):
-    """The benchmark on ~30 patients: real CLI steps, two variants, a short baseline (~60 s on 2 cores)."""
+    """The benchmark on ~30 patients: real CLI steps, two variants, a short baseline, every timing twice (~90 s on 2 cores)."""
     report = bench.run_benchmark(_options(tmp_path))
     printed = capsys.readouterr().out
     assert "submission" in printed and "plain lightgbm" in printed and "gap closed" in printed
@@ -56,6 +56,14 @@ def test_bench_stack_runs_end_to_end_and_prints_a_loss(tmp_path, capsys):
     # the same fit args on the same inputs: the same submission (variants start from identical copies)
     assert result["variants"]["lgbm"]["scores"]["submission"]["overall"] == pytest.approx(
         result["variants"]["again"]["scores"]["submission"]["overall"], rel=1e-9)
+    # --timing-repeats 2: the baseline and each `stack fit` timed twice, interleaved; the medians are reported
+    baseline = result["timings"]["baseline lightgbm"]
+    for timing in [baseline] + [v["timings"]["stack fit"] for v in result["variants"].values()]:
+        assert len(timing["wall_s_runs"]) == 2 and all(w > 0 for w in timing["wall_s_runs"])
+        assert timing["wall_s"] == pytest.approx(sum(timing["wall_s_runs"]) / 2, abs=1e-3)
+    assert bench.time_ratio(result, "lgbm") == pytest.approx(result["variants"]["lgbm"]["timings"]["stack fit"]["wall_s"] / baseline["wall_s"])
+    assert "stack fit / plain LightGBM wall time" in printed and "medians of stack fit" in printed
+    assert not (tmp_path / "runs" / "persistent" / "seed3" / "retime1" / "lgbm").exists()  # each re-timed copy is removed
     assert report["summary"]["persistent"]["baseline_wall_s"] > 0
     assert (tmp_path / "out.json").is_file()
 
