@@ -319,7 +319,10 @@ def _time_again(args, bench, seed: int, out: Path, env: dict, timings: dict, var
         _runs(timings["baseline lightgbm"]).append(round(time.perf_counter() - started, 3))
     for name, fit_args in args.variant_list:
         wd = Workdir(out / name)
-        shutil.copytree(bench.workdir.root, wd.root, ignore=shutil.ignore_patterns("stack", "optuna", "submission.csv"))
+        source = bench.workdir
+        # a fresh fit: none of the first run's outputs (stack/, its Optuna journal, the submission)
+        outputs = [source.stack_root, source.optuna_journal.parent, source.submission]
+        shutil.copytree(source.root, wd.root, ignore=shutil.ignore_patterns(*(p.relative_to(source.root).parts[0] for p in outputs)))
         logs = out / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         steps: list[Step] = []
