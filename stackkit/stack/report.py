@@ -21,7 +21,7 @@ import pandas as pd
 from stackkit.contract import LABELS, Workdir
 from stackkit.contract.io import write_text
 from stackkit.stack.blend import MIN_BLEND_GAIN
-from stackkit.stack.tune import MIN_TUNED_GAIN
+from stackkit.stack.tune import SELECTION_RULE
 
 TOP_FEATURES = 20
 
@@ -267,8 +267,7 @@ def _tuning_section(record: dict) -> list[str]:
         return []
     section = ["<h2>Tuning</h2>", html_table(pd.DataFrame(rows)),
                "<p>The study never saw the outer fold: trials were cross-validated on the other folds, and the selected parameters were "
-               "refitted over all folds. A trial is selected only when it is below the defaults' trial on every inner fold and at least "
-               f"{MIN_TUNED_GAIN:.1%} below it overall (the lowest such trial); else the defaults stay. The inner CV of a selected trial "
+               f"refitted over all folds. The selected trial is {html.escape(SELECTION_RULE)}. The inner CV of a selected trial "
                "is optimistic (it was chosen on it); the outer fold's score is honest (no label of it took part in the choice); the "
                "defaults are scored on the same rows.</p>"]
     nested = (record.get("optuna") or {}).get("nested")

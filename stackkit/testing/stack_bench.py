@@ -186,9 +186,13 @@ def prepare_imports(args, label: str, bench, logs: Path, env: dict) -> list[Step
 def _fit_and_submit(label: str, wd: Workdir, fit_args: str, logs: Path, env: dict) -> list[Step]:
     steps: list[Step] = []
     step = step_runner(label, logs, env, steps)
-    step("stack fit", "stack", "fit", "--workdir", wd.root, "--quiet", *shlex.split(fit_args))
+    _fit_step(step, wd, fit_args)
     step("submit", "submit", "--workdir", wd.root)
     return steps
+
+
+def _fit_step(step, wd: Workdir, fit_args: str):
+    return step("stack fit", "stack", "fit", "--workdir", wd.root, "--quiet", *shlex.split(fit_args))
 
 
 def _variant_scores(wd: Workdir, truth: pd.DataFrame) -> dict:
@@ -218,12 +222,17 @@ def _reference_scores(bench, truth: pd.DataFrame) -> dict:
 
 
 def _timed_lightgbm(args, bench, seed: int, truth: pd.DataFrame, name: str, **kwargs) -> tuple[dict, dict]:
+    timing, predictions = _time_lightgbm(args, bench, seed, **kwargs)
+    return timing, score(predictions, truth)
+
+
+def _time_lightgbm(args, bench, seed: int, **kwargs) -> tuple[dict, pd.DataFrame]:
     started = time.perf_counter()
     with PeakRSS() as peak:
         predictions = lightgbm_baseline(bench, seed, threads=args.baseline_threads, max_rounds=args.baseline_rounds, **kwargs)
     timing = {"wall_s": round(time.perf_counter() - started, 3), "peak_mib": round(peak.peak_mib, 1),
               "threads": args.baseline_threads, "returncode": 0}
-    return timing, score(predictions, truth)
+    return timing, predictions
 
 
 def _baseline_results(args, bench, seed: int, truth: pd.DataFrame) -> tuple[dict, dict]:
@@ -295,7 +304,7 @@ def run_scenario_seed(args, scenario: str, seed: int, root: Path, env: dict) -> 
 
     for repeat in range(1, args.timing_repeats):
         _time_again(args, bench, seed, root / f"retime{repeat}", env, timings, variants)
-    _take_medians([timings["baseline lightgbm"]] if "baseline lightgbm" in timings else [], [v["timings"]["stack fit"] for v in variants.values()])
+    _take_medians([timings.get("baseline lightgbm", {}), *(v["timings"]["stack fit"] for v in variants.values())])
     return {
         "scenario": scenario,
         "seed": seed,
@@ -309,14 +318,11 @@ def run_scenario_seed(args, scenario: str, seed: int, root: Path, env: dict) -> 
 
 
 def _time_again(args, bench, seed: int, out: Path, env: dict, timings: dict, variants: dict) -> None:
-    """One more timing of the plain LightGBM and of every variant's `stack fit`, one after the other
-    (each alone), on fresh copies of the imported work dir; appended to ``wall_s_runs``. Wall times
-    on a shared machine drift by minutes: repeated, interleaved runs and their medians compare like
-    with like."""
+    """One more timing of the plain LightGBM and of every variant's `stack fit` (each alone, on a fresh copy
+    of the imported work dir), appended to ``wall_s_runs``: wall times drift by minutes on a shared
+    machine, so repeated, interleaved runs and their medians compare like with like."""
     if "baseline lightgbm" in timings:
-        started = time.perf_counter()
-        lightgbm_baseline(bench, seed, threads=args.baseline_threads, max_rounds=args.baseline_rounds)
-        _runs(timings["baseline lightgbm"]).append(round(time.perf_counter() - started, 3))
+        _runs(timings["baseline lightgbm"]).append(_time_lightgbm(args, bench, seed)[0]["wall_s"])
     for name, fit_args in args.variant_list:
         wd = Workdir(out / name)
         source = bench.workdir
@@ -325,9 +331,8 @@ def _time_again(args, bench, seed: int, out: Path, env: dict, timings: dict, var
         shutil.copytree(source.root, wd.root, ignore=shutil.ignore_patterns(*(p.relative_to(source.root).parts[0] for p in outputs)))
         logs = out / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        steps: list[Step] = []
-        step_runner(f"{name} again", logs, env, steps)("stack fit", "stack", "fit", "--workdir", wd.root, "--quiet", *shlex.split(fit_args))
-        _runs(variants[name]["timings"]["stack fit"]).append(round(steps[0].wall_s, 3))
+        fit = _fit_step(step_runner(f"{name} again", logs, env, []), wd, fit_args)
+        _runs(variants[name]["timings"]["stack fit"]).append(round(fit.wall_s, 3))
         shutil.rmtree(wd.root)
 
 
@@ -335,8 +340,8 @@ def _runs(timing: dict) -> list:
     return timing.setdefault("wall_s_runs", [timing["wall_s"]])
 
 
-def _take_medians(*groups) -> None:
-    for timing in (t for group in groups for t in group):
+def _take_medians(timings: list[dict]) -> None:
+    for timing in timings:
         if len(timing.get("wall_s_runs", [])) > 1:
             timing["wall_s"] = round(float(np.median(timing["wall_s_runs"])), 3)
 
