@@ -110,7 +110,7 @@ def fit_lines(result) -> list[str]:
     for t in result.tuned:
         lines.append(f"tuned {t.name}: honest {t.honest:.5f} on outer fold {t.outer_fold} (defaults {t.defaults_outer:.5f}); "
                      f"selected trial {t.selected_trial}: inner CV {t.selected:.5f} "
-                     f"{'(the defaults: no trial clearly better)' if t.selected_is_defaults else '(optimistic)'}; "
+                     f"{'(the defaults: no trial clearly better)' if t.selected_is_defaults else '(optimistic), bagged with the defaults'}; "
                      f"{t.trials_run} trials now, {t.trials_total} in study")
     if result.nested:
         from stackkit.stack.nested import describe_nested

@@ -60,6 +60,7 @@ TEST_FILE = "test.parquet"
 MODEL_RECORD = "model.json"  # preds/<model>/model.json
 FEATURES_MANIFEST = "manifest.json"  # features/manifest.json
 STACKER_RECORD = "meta.json"  # stack/<stacker>/meta.json
+DEFAULTS_DIR = "defaults"  # stack/<stacker>/defaults/fold<k>/: a tuned stacker's bagged defaults
 FOLD_MODEL_RECORD = "stacker.json"  # stack/<stacker>/fold<k>/stacker.json
 BLEND_RECORD = "blend.json"  # stack/blend.json
 TASK_RECORD = "task.json"  # data/task.json (v5): the work directory's task
@@ -377,6 +378,10 @@ class PredictionFolder:
     def fold_model(self, fold: int) -> "FoldModelFiles":
         """A stacker's fold model k: stack/<stacker>/fold<k>/."""
         return FoldModelFiles(self.path / f"fold{int(fold)}")
+
+    def defaults_fold_model(self, fold: int) -> "FoldModelFiles":
+        """A tuned stacker's bagged defaults, fold model k: stack/<stacker>/defaults/fold<k>/."""
+        return FoldModelFiles(self.path / DEFAULTS_DIR / f"fold{int(fold)}")
 
 
 @dataclass(frozen=True)

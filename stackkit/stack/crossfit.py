@@ -141,6 +141,9 @@ class StackerResult:
     tuning: dict | None = None  # with --tune: outer fold, its honest and the defaults' scores, the selected trial's inner CV
     # v3: per base fold model's test set, the mean over the fold models (empty: one averaged test set)
     test_folds: list = field(default_factory=list)
+    # a tuned stacker bagged with its defaults (tune.tune_stacker): the defaults' fold models, whose predictions
+    # are averaged with those of ``models`` (saved in stack/<name>/defaults/fold<k>/); empty otherwise
+    defaults_models: list = field(default_factory=list)
 
 
 def features_frame(path: Path, key_columns, feature_columns, wd: Workdir, id_column: str = "image_id") -> pd.DataFrame:
@@ -368,6 +371,37 @@ def fit_stacker(name: str, params: dict | None, inputs: StackInputs, options: Cr
     )
 
 
+def bag_results(selected: StackerResult, defaults: StackerResult, inputs: StackInputs) -> StackerResult:
+    """``selected`` bagged with ``defaults`` (both fitted over every fold of ``inputs``, test sets predicted):
+    every prediction the mean of the two recipes', its scores recomputed; ``selected``'s parameters and
+    fold models, ``defaults``' fold models kept beside them (``defaults_models``)."""
+    labels = list(LABELS)
+
+    def mean_of(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
+        if not np.array_equal(a["image_id"].to_numpy(), b["image_id"].to_numpy()):
+            raise StackkitError(f"stacker '{selected.name}': the two recipes predicted other rows; they cannot be bagged")
+        mean = a.copy()
+        mean[labels] = (a[labels].to_numpy(np.float64) + b[labels].to_numpy(np.float64)) / 2.0
+        mean[labels] = mean[labels].astype(np.float32)
+        return mean
+
+    if len(selected.test_folds) != len(defaults.test_folds) or len(selected.models) != len(defaults.models):
+        raise StackkitError(f"stacker '{selected.name}': the two recipes have other fold models or test sets; they cannot be bagged")
+    oof = mean_of(selected.oof, defaults.oof)
+    probabilities, fold_of_row = oof[labels].to_numpy(), inputs.folds
+    fold_scores = [weighted_log_loss(inputs.train.Y[fold_of_row == k], probabilities[fold_of_row == k]).overall
+                   for k in range(inputs.n_folds) if np.any(fold_of_row == k)]
+    importance = selected.importance
+    if importance is not None and defaults.importance is not None:
+        importance = importance.copy()
+        importance[labels] = (selected.importance[labels].to_numpy() + defaults.importance[labels].to_numpy()) / 2.0
+    return dataclasses.replace(
+        selected, oof=oof, test=mean_of(selected.test, defaults.test),
+        test_folds=[mean_of(a, b) for a, b in zip(selected.test_folds, defaults.test_folds)],
+        score=weighted_log_loss(inputs.train.Y, probabilities), fold_scores=fold_scores, importance=importance,
+        seconds=selected.seconds + defaults.seconds, defaults_models=list(defaults.models))
+
+
 def predict_test_sets(models: list[Stacker], inputs: StackInputs) -> list[np.ndarray]:
     """Per test set (one per base fold model, or the averaged one), the mean of the stacker's fold models' predictions."""
     from concurrent.futures import ThreadPoolExecutor
@@ -418,6 +452,8 @@ def save_stacker_result(workdir, result: StackerResult, core=None) -> None:
         files = PredictionFolder(folder)
         for k, model in enumerate(result.models):
             model.save(files.fold_model(k).path)
+        for k, model in enumerate(result.defaults_models):
+            model.save(files.defaults_fold_model(k).path)
         write_parquet(oof, files.oof)
         write_parquet(test, files.test)
         for k, fold_test in enumerate(result.test_folds):
@@ -428,12 +464,18 @@ def save_stacker_result(workdir, result: StackerResult, core=None) -> None:
         write_stacker_record(folder, record)
 
 
-def load_stacker_models(workdir, name: str) -> list[Stacker]:
-    """The fold models of stack/<name>/, each verified against its sha256 sidecars."""
+def load_stacker_models(workdir, name: str, *, defaults: bool = False) -> list[Stacker]:
+    """The fold models of stack/<name>/, each verified against its sha256 sidecars; ``defaults``: those of the
+    defaults bagged with a tuned recipe (stack/<name>/defaults/fold<k>/), whose predictions are averaged with them."""
     wd = Workdir.of(workdir)
     if name not in STACKERS:
         get_stacker(name)  # raises the one-line "unknown stacker" error
     files = wd.stacker_folder(name)
     recover_set(files.path, clean=False)
     record = read_stacker_record(files.path, name)
-    return [STACKERS[name].load(files.fold_model(k).path) for k in range(record.n_folds)]
+    if not defaults:
+        return [STACKERS[name].load(files.fold_model(k).path) for k in range(record.n_folds)]
+    if not (record.tuning or {}).get("bagged"):
+        raise StackkitError(f"{wd.relative(files.record)}: stacker '{name}' holds no bagged defaults (a `stack fit --tune` bags "
+                            "them only when a trial other than the defaults was selected); load its fold models without defaults")
+    return [STACKERS[name].load(files.defaults_fold_model(k).path) for k in range(record.n_folds)]

@@ -21,7 +21,7 @@ import pandas as pd
 from stackkit.contract import LABELS, Workdir
 from stackkit.contract.io import write_text
 from stackkit.stack.blend import MIN_BLEND_GAIN
-from stackkit.stack.tune import SELECTION_RULE
+from stackkit.stack.tune import BAG_RULE, SELECTION_RULE
 
 TOP_FEATURES = 20
 
@@ -259,7 +259,9 @@ def _tuning_section(record: dict) -> list[str]:
     """Per tuned stacker: the outer fold's scores (selected recipe, defaults) beside the selected trial's inner CV."""
     rows = [{"stacker": s["name"], "outer fold": str(t["outer_fold"]), "honest (outer fold)": t["honest"]["overall"],
              "defaults (outer fold)": t["defaults_outer"]["overall"],
-             "selected trial": str(t["selected_trial"]) + (" (the defaults)" if t.get("selected_is_defaults") else ""),
+             "selected alone (outer fold)": t.get("selected_outer", t["honest"])["overall"],
+             "selected trial": str(t["selected_trial"]) + (" (the defaults)" if t.get("selected_is_defaults") else
+                                                            " (bagged with the defaults)" if t.get("bagged") else ""),
              "its inner CV": t["selected"]["overall"], "lowest inner CV (trial)": _lowest(t),
              "trials now / complete / pruned": f"{t['trials']['run_now']} / {t['trials']['complete']} / {t['trials']['pruned']}"}
             for s in record["sources"] if s["kind"] == "stacker" and (t := s.get("tuning"))]
@@ -267,7 +269,7 @@ def _tuning_section(record: dict) -> list[str]:
         return []
     section = ["<h2>Tuning</h2>", html_table(pd.DataFrame(rows)),
                "<p>The study never saw the outer fold: trials were cross-validated on the other folds, and the selected parameters were "
-               f"refitted over all folds. The selected trial is {html.escape(SELECTION_RULE)}. The inner CV of a selected trial "
+               f"refitted over all folds. The selected trial is {html.escape(SELECTION_RULE)}; {html.escape(BAG_RULE)}. The inner CV of a selected trial "
                "is optimistic (it was chosen on it); the outer fold's score is honest (no label of it took part in the choice); the "
                "defaults are scored on the same rows.</p>"]
     nested = (record.get("optuna") or {}).get("nested")

@@ -176,6 +176,59 @@ def test_saved_predictions_are_one_recipe_refitted_over_all_folds(inputs, tmp_pa
     assert tuned.as_dict()["study"]["best_trial"] == best.number
 
 
+def test_a_selected_trial_is_bagged_with_the_defaults(tune_workdir, inputs, tmp_path, monkeypatch):
+    """A trial other than the defaults is saved as the mean of the two recipes, each refitted over all folds:
+    OOF, test sets, scores; both sets of fold models are saved and reproduce the test predictions."""
+    from stackkit.stack.crossfit import load_stacker_models, save_stacker_result
+    from stackkit.stack.stackers.lgbm import LGBMStacker
+
+    slow = {**LGBMStacker().default_params(), "learning_rate": 0.02, "num_leaves": 4, "min_data_in_leaf": 100}
+    monkeypatch.setattr(LGBMStacker, "default_params", lambda self: dict(slow))  # 60 rounds at 0.02: every trial beats it
+    tuned, storage = _tune(inputs, tmp_path, trials=4)
+    tuning, labels = tuned.result.tuning, list(LABELS)
+    assert not tuning["selected_is_defaults"] and tuning["bagged"]
+    chosen = next(t for t in _trials(storage) if t.number == tuning["selected_trial"])
+    selected = fit_stacker("lgbm", chosen.user_attrs["params"], inputs, seed=0, progress=False)
+    defaults = fit_stacker("lgbm", {**slow, **LGBM_FAST}, inputs, seed=0, progress=False)
+    assert tuned.result.params == selected.params != defaults.params
+    for part in ("oof", "test"):
+        mean = (getattr(selected, part)[labels].to_numpy(np.float64) + getattr(defaults, part)[labels].to_numpy(np.float64)) / 2
+        np.testing.assert_allclose(getattr(tuned.result, part)[labels].to_numpy(), mean, rtol=1e-6)
+    assert len(tuned.result.test_folds) == len(selected.test_folds)  # none here: one averaged test set
+    for bagged, a, b in zip(tuned.result.test_folds, selected.test_folds, defaults.test_folds):
+        np.testing.assert_allclose(bagged[labels].to_numpy(), (a[labels].to_numpy(np.float64) + b[labels].to_numpy(np.float64)) / 2, rtol=1e-6)
+    oof = tuned.result.oof[labels].to_numpy()
+    assert tuned.result.score.overall == pytest.approx(weighted_log_loss(inputs.train.Y, oof).overall)
+    rows = inputs.folds == tuning["outer_fold"]
+    outer_loss = lambda p: weighted_log_loss(inputs.train.Y[rows], p[rows]).overall  # noqa: E731
+    assert tuning["honest"]["overall"] == pytest.approx(outer_loss(oof))
+    assert tuning["selected_outer"]["overall"] == pytest.approx(outer_loss(selected.oof[labels].to_numpy()))
+    assert tuning["defaults_outer"]["overall"] == pytest.approx(outer_loss(defaults.oof[labels].to_numpy()))
+    np.testing.assert_array_equal(tuned.defaults_result.oof[labels].to_numpy(), defaults.oof[labels].to_numpy())
+
+    save_stacker_result(tune_workdir, tuned.result)
+    models, defaults_models = load_stacker_models(tune_workdir, "lgbm"), load_stacker_models(tune_workdir, "lgbm", defaults=True)
+    assert len(models) == len(defaults_models) == inputs.n_folds
+    data = next(iter(inputs.test_sets()))
+    again = np.mean([m.predict(data) for m in models + defaults_models], axis=0)
+    np.testing.assert_allclose(again, tuned.result.test[labels].to_numpy(), rtol=1e-5)
+    save_stacker_result(tune_workdir, selected)  # a plain fit: no defaults beside its fold models
+    with pytest.raises(StackkitError, match="holds no bagged defaults"):
+        load_stacker_models(tune_workdir, "lgbm", defaults=True)
+
+    # with per-fold test sets (v3), each set is bagged on its own
+    import dataclasses
+
+    from stackkit.stack.crossfit import bag_results
+
+    two_sets = lambda r, shift: dataclasses.replace(r, test_folds=[r.test, r.test.assign(any=r.test["any"] * shift)])  # noqa: E731
+    bagged = bag_results(two_sets(selected, 0.5), two_sets(defaults, 0.25), inputs)
+    expected = (selected.test["any"].to_numpy(np.float64) * 0.5 + defaults.test["any"].to_numpy(np.float64) * 0.25) / 2
+    np.testing.assert_allclose(bagged.test_folds[1]["any"].to_numpy(), expected, rtol=1e-6)
+    with pytest.raises(StackkitError, match="cannot be bagged"):
+        bag_results(two_sets(selected, 0.5), defaults, inputs)
+
+
 def _trial(number, fold_losses, params=None):
     return SimpleNamespace(number=number, value=float(np.mean(fold_losses)), user_attrs={"fold_losses": fold_losses, "params": params or {"lr": number}})
 
