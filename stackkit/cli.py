@@ -354,7 +354,7 @@ def stack_features(wd, lags, dicom_meta, feature_set, quiet):
 @stack.command("fit")
 @workdir_option
 @click.option("--stackers", default=None, help="Comma-separated stackers (default: the registry's default set, see stackkit/stack/stackers).")
-@click.option("--tune", is_flag=True, help="Tune stacker parameters and blend weights with Optuna.")
+@click.option("--tune", is_flag=True, help="Tune stacker parameters (a clearly better trial is bagged with the defaults) and blend weights with Optuna.")
 @click.option("--trials", default=20, show_default=True, type=click.IntRange(1, None), help="Optuna trials per study.")
 @click.option("--timeout", default=None, type=click.FloatRange(0, None, min_open=True),
               help="One time budget in seconds for the whole --tune (shared by the stackers' studies and the blend; default 420).")

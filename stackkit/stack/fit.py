@@ -5,9 +5,10 @@ Order of work (each artifact written atomically):
 1. every stacker is fitted over data/folds.parquet, with its default parameters or (``--tune``)
    by an Optuna study ``<study>-<stacker>`` (trial 0 = the defaults, per-fold pruning, one time
    budget for the whole call) that never sees one outer fold (``seed % K``): trials are
-   cross-validated on the other folds, the best one's parameters are refitted as one recipe over
-   all folds (its OOF, test predictions and fold models are saved) and its loss on the outer
-   fold is the honest score, shown beside the defaults' (``tune.tune_stacker``);
+   cross-validated on the other folds, the selected trial (``tune.SELECTION_RULE``) is refitted
+   over all folds and bagged with the defaults as one recipe (its OOF, test predictions and fold
+   models are saved) and its loss on the outer fold is the honest score, shown beside the
+   defaults' (``tune.tune_stacker``);
 2. the blend sources: every stacker's OOF and, unless disabled, every base model's
    preds/<m>/oof.parquet (a fold that disagrees with data/folds.parquet is refused: it would leak);
 3. the blend is *chosen* on honest numbers (``blend.choose_blend``): every recipe (non-negative
