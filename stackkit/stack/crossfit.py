@@ -381,8 +381,7 @@ def bag_results(selected: StackerResult, defaults: StackerResult, inputs: StackI
         if not np.array_equal(a["image_id"].to_numpy(), b["image_id"].to_numpy()):
             raise StackkitError(f"stacker '{selected.name}': the two recipes predicted other rows; they cannot be bagged")
         mean = a.copy()
-        mean[labels] = (a[labels].to_numpy(np.float64) + b[labels].to_numpy(np.float64)) / 2.0
-        mean[labels] = mean[labels].astype(np.float32)
+        mean[labels] = ((a[labels].to_numpy(np.float64) + b[labels].to_numpy(np.float64)) / 2.0).astype(np.float32)
         return mean
 
     if len(selected.test_folds) != len(defaults.test_folds) or len(selected.models) != len(defaults.models):
